@@ -1,0 +1,101 @@
+"""Device selection: cuda -> nccl, npu (torch_npu) -> hccl, cpu -> gloo; autocast dtype; seeding."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+@lru_cache(maxsize=1)
+def npu_available() -> bool:
+    """True when torch_npu imports and sees a device. Never imported at module top level: without
+    CANN, a torch_npu install breaks imports (ImportError/OSError/RuntimeError), so guard all three."""
+    try:
+        import torch_npu  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # "cuda" | "npu" | "cpu"
+
+    @property
+    def backend(self) -> str:
+        return BACKENDS[self.type]
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self.type != "cpu"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        """bf16 on accelerators (upstream recipe), fp32 on CPU (exact tests)."""
+        return torch.bfloat16 if self.is_accelerator else torch.float32
+
+    def torch_device(self, local_rank: int | None = None) -> torch.device:
+        if self.type == "cpu":
+            return torch.device("cpu")
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(self.type, local_rank)
+
+    def set_current(self, local_rank: int | None = None) -> torch.device:
+        dev = self.torch_device(local_rank)
+        if self.type == "cuda":
+            torch.cuda.set_device(dev)
+        elif self.type == "npu":
+            torch.npu.set_device(dev)
+        return dev
+
+    def synchronize(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.synchronize()
+        elif self.type == "npu":
+            torch.npu.synchronize()
+
+    def max_memory_allocated(self) -> int:
+        if self.type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        if self.type == "npu":
+            return torch.npu.max_memory_allocated()
+        return 0
+
+
+def pick_device(prefer: str | None = None) -> Device:
+    """Pick the device: `prefer` ("cuda", "npu", "cpu" or "auto"/None; env OSP_DEVICE) else the best
+    available. Asking for an accelerator that is absent is an error, not a silent CPU fallback."""
+    prefer = (prefer or os.environ.get("OSP_DEVICE") or "auto").lower()
+    if prefer == "auto":
+        if torch.cuda.is_available():
+            return Device("cuda")
+        if npu_available():
+            return Device("npu")
+        return Device("cpu")
+    if prefer not in BACKENDS:
+        raise ValueError(f"unknown device {prefer!r}; use one of auto, cuda, npu, cpu")
+    if prefer == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
+    if prefer == "npu" and not npu_available():
+        raise RuntimeError("--device npu requested but torch_npu is not usable; pip install 'osp[npu]' with CANN, or use --device cpu")
+    return Device(prefer)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds cuda/npu generators
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
