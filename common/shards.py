@@ -1,0 +1,707 @@
+"""Shard contract v1: the on-disk format between stage 1 (encode) and stage 2 (train).
+
+A shard directory holds (full description in shards/README.md):
+
+    shard-000000.tar            WebDataset tar: per sample `<key>.safetensors` + `<key>.json`
+    shard-000000.rows.json      sidecar: the shard's index rows and error rows (published with the tar)
+    index.zarr/                 one row per sample (merge_index): key, shard, member offsets/sizes, ...
+    errors.jsonl                every skipped input with its reason (merge_index)
+    manifest.json               schema version, encoder identity, geometry, dtypes, counts
+    uncond.safetensors          mT5 output for the empty caption (CFG dropout)
+
+Publishing: a writer fills `<name>.tmp-<pid>` files, fsyncs them, renames the sidecar, then the tar
+(last). A visible tar whose sidecar records its exact size is a published shard; anything else is
+invisible and redone. Checksum: zlib CRC-32 of the safetensors member bytes followed by the json
+member bytes, stored as "crc32:%08x" (fast, stdlib; it detects corruption, not tampering).
+
+Nothing here unpickles: safetensors and json are the only decoded members, anything else is skipped
+with a warning naming it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tarfile
+import warnings
+import zlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+
+SCHEMA_VERSION = 1
+SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.tar$")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
+MEMBER_EXTS = ("safetensors", "json")
+INDEX_NAME, ERRORS_NAME, MANIFEST_NAME, UNCOND_NAME = "index.zarr", "errors.jsonl", "manifest.json", "uncond.safetensors"
+INDEX_COLUMNS = {  # name -> numpy dtype ("str" = variable-length UTF-8)
+    "key": "str",
+    "shard": "int32",
+    "st_offset": "int64",
+    "st_size": "int64",
+    "json_offset": "int64",
+    "json_size": "int64",
+    "latent_t": "int32",
+    "latent_h": "int32",
+    "latent_w": "int32",
+    "text_len": "int32",
+    "checksum": "str",
+}
+LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# Fixed tar header fields: same inputs -> same bytes, whoever writes them.
+_TAR_MTIME, _TAR_MODE = 0, 0o644
+_INDEX_CHUNK = 1 << 16
+
+
+class ShardError(ValueError):
+    """A shard directory or member that breaks the contract (message names file and key)."""
+
+
+# --- paths ------------------------------------------------------------------------------------------
+
+
+def shard_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
+    return Path(out_dir) / f"shard-{int(shard_id):06d}.tar"
+
+
+def rows_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
+    return Path(out_dir) / f"shard-{int(shard_id):06d}.rows.json"
+
+
+def _read_rows(out_dir: Path, shard_id: int) -> dict | None:
+    """The sidecar of a published shard, or None when the shard is absent, partial or inconsistent."""
+    tar, rows = shard_path(out_dir, shard_id), rows_path(out_dir, shard_id)
+    try:
+        side = json.loads(rows.read_bytes())
+        size = tar.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if side.get("schema_version") != SCHEMA_VERSION or side.get("shard") != shard_id or side.get("tar_size") != size:
+        return None
+    return side
+
+
+def published_shards(out_dir: str | os.PathLike) -> set[int]:
+    """Ids of shards whose tar and rows sidecar are both present and agree on the tar's size."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return set()
+    ids = {int(m.group(1)) for p in out.iterdir() if (m := SHARD_PATTERN.match(p.name))}
+    return {i for i in ids if _read_rows(out, i) is not None}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _dump_json(obj: Any, where: str) -> bytes:
+    try:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise ShardError(f"{where}: not JSON/UTF-8 serialisable ({e}); pass plain str/int/float/list/dict values") from None
+
+
+def validate_key(key: str) -> str:
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise ShardError(f"bad sample key {key!r}: use 1-200 characters of [A-Za-z0-9_-] (no dots, no slashes)")
+    return key
+
+
+def checksum(st_bytes: bytes | memoryview, json_bytes: bytes | memoryview) -> str:
+    """CRC-32 (zlib) of the safetensors member bytes followed by the json member bytes."""
+    return f"crc32:{zlib.crc32(json_bytes, zlib.crc32(st_bytes)):08x}"
+
+
+# --- writer ------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes one shard: `write()` samples, `add_error()` skipped inputs, then `publish()` or `abort()`.
+
+    latent [8, T, H, W] (posterior moments) or [4, T, H, W] (one sample) is cast to `latent_dtype`
+    (float16 by default); text [L, D] keeps its dtype. Use as a context manager to abort on errors.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, shard_id: int, *, latent_dtype: str | torch.dtype = "float16"):
+        self.out_dir = Path(out_dir)
+        self.shard_id = int(shard_id)
+        if not 0 <= self.shard_id <= 999_999:
+            raise ShardError(f"shard id {shard_id} out of range 0..999999")
+        if isinstance(latent_dtype, str):
+            if latent_dtype not in LATENT_DTYPES:
+                raise ShardError(f"latent_dtype {latent_dtype!r} unknown; choose one of {sorted(LATENT_DTYPES)}")
+            latent_dtype = LATENT_DTYPES[latent_dtype]
+        self.latent_dtype = latent_dtype
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.final_tar = shard_path(self.out_dir, self.shard_id)
+        self.final_rows = rows_path(self.out_dir, self.shard_id)
+        # Leftovers of a killed writer of this shard are never visible; remove them now.
+        for stale in self.out_dir.glob(f"shard-{self.shard_id:06d}.*.tmp*"):
+            stale.unlink(missing_ok=True)
+        self._tmp_tar = self.final_tar.with_name(f"{self.final_tar.name}.tmp-{os.getpid()}")
+        self._tmp_rows = self.final_rows.with_name(f"{self.final_rows.name}.tmp-{os.getpid()}")
+        self._file = open(self._tmp_tar, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self._rows: list[dict] = []
+        self._errors: list[dict] = []
+        self._keys: set[str] = set()
+        self._done = False
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Tar bytes written so far (for callers that cut shards by size)."""
+        return self._tar.offset
+
+    def _add_member(self, name: str, data: bytes) -> int:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime, info.mode, info.type = _TAR_MTIME, _TAR_MODE, tarfile.REGTYPE
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        return self._tar.offset - math.ceil(len(data) / tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data offset
+
+    def write(self, key: str, latent: torch.Tensor, text: torch.Tensor, meta: dict) -> dict:
+        """Append one sample; returns its index row."""
+        if self._done:
+            raise ShardError(f"{self.final_tar.name}: writer already published or aborted")
+        validate_key(key)
+        if key in self._keys:
+            raise ShardError(f"{self.final_tar.name}: duplicate key {key!r} in one shard; keys must be unique")
+        if latent.ndim != 4 or latent.shape[0] not in (8, 4):
+            raise ShardError(f"{key}: latent must be [8|4, T, H, W], got {tuple(latent.shape)}")
+        if text.ndim != 2 or text.shape[0] < 1:
+            raise ShardError(f"{key}: text must be unpadded [L>=1, D], got {tuple(text.shape)}")
+        if not isinstance(meta, dict):
+            raise ShardError(f"{key}: meta must be a dict, got {type(meta).__name__}")
+        st_bytes = st_save({
+            "latent": latent.detach().to("cpu", self.latent_dtype).contiguous(),
+            "text": text.detach().to("cpu").contiguous(),
+        })
+        json_bytes = _dump_json(meta, f"{self.final_tar.name}: meta of {key}")
+        row = {
+            "key": key,
+            "st_offset": self._add_member(f"{key}.safetensors", st_bytes),
+            "st_size": len(st_bytes),
+            "json_offset": self._add_member(f"{key}.json", json_bytes),
+            "json_size": len(json_bytes),
+            "latent_t": int(latent.shape[1]),
+            "latent_h": int(latent.shape[2]),
+            "latent_w": int(latent.shape[3]),
+            "text_len": int(text.shape[0]),
+            "checksum": checksum(st_bytes, json_bytes),
+        }
+        self._keys.add(key)
+        self._rows.append(row)
+        return row
+
+    def add_error(self, record: dict) -> None:
+        """Record an input that was skipped (e.g. {"path": ..., "reason": ...})."""
+        if not isinstance(record, dict):
+            raise ShardError(f"{self.final_tar.name}: error record must be a dict, got {type(record).__name__}")
+        _dump_json(record, f"{self.final_tar.name}: error record")
+        self._errors.append(dict(record))
+
+    def publish(self) -> list[dict]:
+        """Make tar + rows visible atomically (sidecar renamed first, tar last); returns the index rows."""
+        if self._done:
+            raise ShardError(f"{self.final_tar.name}: writer already published or aborted")
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        side = {
+            "schema_version": SCHEMA_VERSION,
+            "shard": self.shard_id,
+            "tar": self.final_tar.name,
+            "tar_size": self._tmp_tar.stat().st_size,
+            "latent_dtype": str(self.latent_dtype).removeprefix("torch."),
+            "rows": self._rows,
+            "errors": self._errors,
+        }
+        with open(self._tmp_rows, "wb") as f:
+            f.write(_dump_json(side, self.final_rows.name))
+            f.flush()
+            os.fsync(f.fileno())
+        self.final_tar.unlink(missing_ok=True)  # a redone shard is invisible until the new tar lands
+        os.replace(self._tmp_rows, self.final_rows)
+        os.replace(self._tmp_tar, self.final_tar)
+        _fsync_dir(self.out_dir)
+        self._done = True
+        return [{"shard": self.shard_id, **r} for r in self._rows]
+
+    def abort(self) -> None:
+        """Drop everything written; the shard stays as it was (absent or previously published)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._tar.close()
+        except Exception:
+            pass
+        self._file.close()
+        self._tmp_tar.unlink(missing_ok=True)
+        self._tmp_rows.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # no-op after publish()
+
+
+# --- index -------------------------------------------------------------------------------------------
+
+
+def merge_index(out_dir: str | os.PathLike) -> int:
+    """Merge the published shards' rows into index.zarr (shard order, then insertion order) and their
+    error rows into errors.jsonl (same order, each with its shard id). Updates manifest counts when a
+    manifest exists. Returns the number of samples."""
+    import zarr
+
+    out = Path(out_dir)
+    cols: dict[str, list] = {c: [] for c in INDEX_COLUMNS}
+    errors: list[bytes] = []
+    seen: dict[str, int] = {}
+    shards = sorted(published_shards(out))
+    for sid in shards:
+        side = _read_rows(out, sid)
+        for r in side["rows"]:
+            if r["key"] in seen:
+                raise ShardError(
+                    f"{shard_path(out, sid).name}: key {r['key']!r} also in shard {seen[r['key']]}; keys must be unique"
+                )
+            seen[r["key"]] = sid
+            r = {**r, "shard": sid}
+            for c in INDEX_COLUMNS:
+                cols[c].append(r[c])
+        errors += [_dump_json({**e, "shard": sid}, ERRORS_NAME) for e in side["errors"]]
+
+    tmp = out / f"{INDEX_NAME}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = len(cols["key"])
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    for c, dt in INDEX_COLUMNS.items():
+        arr = group.create_array(c, shape=(n,), chunks=(_INDEX_CHUNK,), dtype=str if dt == "str" else dt)
+        if n:
+            arr[:] = np.array(cols[c]) if dt == "str" else np.asarray(cols[c], dtype=dt)
+    group.attrs.update({"schema_version": SCHEMA_VERSION, "samples": n, "shards": shards})
+    final = out / INDEX_NAME
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_bytes(out / ERRORS_NAME, b"".join(e + b"\n" for e in errors))
+
+    if (out / MANIFEST_NAME).exists():
+        manifest = read_manifest(out)
+        counts = dict(manifest.get("counts", {}))
+        counts.update(samples=n, errors=len(errors), shards=len(shards))
+        manifest["counts"] = counts
+        write_manifest(out, manifest)
+    return n
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    key: str
+    shard: int
+    st_offset: int
+    st_size: int
+    json_offset: int
+    json_size: int
+    latent_t: int
+    latent_h: int
+    latent_w: int
+    text_len: int
+    checksum: str
+
+    def __getitem__(self, name: str):  # row["key"] works as well as row.key
+        return getattr(self, name)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_t, self.latent_h, self.latent_w)
+
+
+class ShardIndex:
+    """index.zarr loaded into numpy columns (no zarr handle is kept, so it forks and pickles cleanly).
+
+    Columns: key, shard, st_offset, st_size, json_offset, json_size, latent_t, latent_h, latent_w,
+    text_len, checksum. Open it inside each worker process.
+    """
+
+    def __init__(self, columns: dict[str, np.ndarray], out_dir: Path | None = None):
+        self.columns = columns
+        self.out_dir = out_dir
+        for c, a in columns.items():
+            setattr(self, c, a)
+
+    @classmethod
+    def open(cls, out_dir: str | os.PathLike) -> "ShardIndex":
+        import zarr
+
+        out = Path(out_dir)
+        path = out / INDEX_NAME
+        if not (path / "zarr.json").exists():
+            raise ShardError(f"{path}: no index; run stage 1 to completion (it calls merge_index) or `python -c 'from osp.common.shards import merge_index; merge_index(\"{out}\")'`")
+        group = zarr.open_group(str(path), mode="r")
+        version = group.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ShardError(f"{path}: schema version {version}, this osp reads {SCHEMA_VERSION}; re-encode with this osp")
+        cols = {c: group[c][:] for c in INDEX_COLUMNS}
+        return cls(cols, out)
+
+    def __len__(self) -> int:
+        return len(self.columns["key"])
+
+    def row(self, i: int) -> IndexRow:
+        return IndexRow(**{f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i]) for f in fields(IndexRow)})
+
+
+# --- readers -----------------------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def load_safetensors_bytes(buf: bytearray | bytes | memoryview, where: str = "safetensors member") -> dict[str, torch.Tensor]:
+    """Parse a safetensors blob; tensors are zero-copy views of a writable `buf` (copied otherwise)."""
+    mv = memoryview(buf)
+    if mv.readonly:
+        mv = memoryview(bytearray(mv))
+    try:
+        if len(mv) < 8:
+            raise ValueError("shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", mv[:8])
+        if 8 + n > len(mv):
+            raise ValueError("header runs past the end")
+        header = json.loads(bytes(mv[8 : 8 + n]))
+        base = 8 + n
+        out = {}
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES[spec["dtype"]]
+            begin, end = spec["data_offsets"]
+            shape = [int(s) for s in spec["shape"]]
+            numel = math.prod(shape)
+            if not 0 <= begin <= end <= len(mv) - base or (end - begin) != numel * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} has bad offsets")
+            t = torch.frombuffer(mv, dtype=dtype, count=numel, offset=base + begin) if numel else torch.empty(0, dtype=dtype)
+            out[name] = t.reshape(shape)
+        return out
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise ShardError(f"{where}: not a valid safetensors blob ({e}); re-encode this shard") from None
+
+
+@dataclass
+class Sample:
+    key: str
+    latent: torch.Tensor  # [8, T, H, W] moments (or [4, T, H, W]), stored dtype
+    text: torch.Tensor  # [L, D] unpadded mT5 hidden states
+    meta: dict
+
+
+def _sample_from_members(key: str, st: bytearray | bytes | memoryview, js: bytes | memoryview, where: str) -> Sample:
+    tensors = load_safetensors_bytes(st, f"{where}: {key}.safetensors")
+    if "latent" not in tensors or "text" not in tensors:
+        raise ShardError(f"{where}: {key}.safetensors lacks 'latent' or 'text'; re-encode this shard")
+    try:
+        meta = json.loads(bytes(js))
+    except ValueError as e:
+        raise ShardError(f"{where}: {key}.json is not valid JSON ({e}); re-encode this shard") from None
+    return Sample(key, tensors["latent"], tensors["text"], meta)
+
+
+def read_sample(out_dir: str | os.PathLike, index: ShardIndex, i: int, *, verify: bool = True) -> Sample:
+    """Random access: one read spanning both members at their indexed offsets, checksum checked."""
+    r = index.row(i)
+    path = shard_path(out_dir, r.shard)
+    start, stop = r.st_offset, r.json_offset + r.json_size
+    buf = bytearray(stop - start)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        got = f.readinto(buf)
+    if got != len(buf):
+        raise ShardError(f"{path}: truncated at key {r.key} (wanted {len(buf)} bytes at {start}, got {got}); re-encode this shard")
+    mv = memoryview(buf)
+    st, js = mv[: r.st_size], mv[r.json_offset - start :]
+    if verify and checksum(st, js) != r.checksum:
+        raise ShardError(f"{path}: checksum mismatch for key {r.key}; the shard is corrupt, re-encode it (osp shards verify)")
+    return _sample_from_members(r.key, st, js, str(path))
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """'<key>.<ext>' -> (key, ext), splitting at the first dot of the basename (WebDataset rule)."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    prefix = name[: len(name) - len(base)]
+    return prefix + key, ext
+
+
+def decode_member(key: str, data: bytes):
+    """An explicit WebDataset decoder: safetensors and json only; anything else stays undecoded bytes.
+
+    Use `WebDataset(urls, shardshuffle=False).decode(decode_member)`; never the default decoders (they
+    include pickle)."""
+    ext = key.rsplit(".", 1)[-1].lower()
+    if ext == "safetensors":
+        return load_safetensors_bytes(data, key)
+    if ext == "json":
+        return json.loads(data)
+    return None
+
+
+def iter_shard(tar_path: str | os.PathLike) -> Iterator[Sample]:
+    """Stream the samples of one tar in order. Only `.safetensors` and `.json` members are decoded;
+    other members (.pyd, .pickle, .pth, links, ...) are skipped with a warning naming them."""
+    tar_path = Path(tar_path)
+    pending: dict[str, Any] = {}
+    current: str | None = None
+
+    def flush():
+        if current is None:
+            return None
+        if "safetensors" in pending and "json" in pending:
+            return _sample_from_members(current, pending["safetensors"], pending["json"], str(tar_path))
+        warnings.warn(f"{tar_path}: sample {current} lacks a .safetensors or .json member; skipped")
+        return None
+
+    try:
+        with tarfile.open(tar_path, mode="r|") as tar:
+            for info in tar:
+                key, ext = split_member_name(info.name)
+                if not info.isreg() or ext not in MEMBER_EXTS or not KEY_PATTERN.match(key):
+                    warnings.warn(f"{tar_path}: member {info.name!r} is not a safetensors/json sample member; skipped, never decoded")
+                    continue
+                if key != current:
+                    s = flush()
+                    if s is not None:
+                        yield s
+                    current, pending = key, {}
+                f = tar.extractfile(info)
+                pending[ext] = bytearray(f.read()) if ext == "safetensors" else f.read()
+    except tarfile.TarError as e:
+        raise ShardError(f"{tar_path}: unreadable or truncated tar ({e}); re-encode this shard") from None
+    s = flush()
+    if s is not None:
+        yield s
+
+
+# --- manifest, uncond --------------------------------------------------------------------------------
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
+    """Write manifest.json atomically; `schema_version` is added (or must equal SCHEMA_VERSION)."""
+    out = Path(out_dir)
+    version = manifest.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ShardError(f"{out / MANIFEST_NAME}: cannot write schema version {version}; this osp writes {SCHEMA_VERSION}")
+    out.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({**manifest, "schema_version": SCHEMA_VERSION}, sort_keys=True, indent=2, ensure_ascii=False)
+    _atomic_write_bytes(out / MANIFEST_NAME, body.encode("utf-8") + b"\n")
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing; this is not a finished shard directory (run osp encode)") from None
+    except ValueError as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); re-run osp encode") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema version {version}, this osp reads {SCHEMA_VERSION}; re-encode with this osp")
+    return manifest
+
+
+def write_uncond(out_dir: str | os.PathLike, text: torch.Tensor) -> None:
+    """Store the text encoder's output for the empty caption, [L, D] (dtype kept)."""
+    if text.ndim != 2:
+        raise ShardError(f"{Path(out_dir) / UNCOND_NAME}: uncond text must be [L, D], got {tuple(text.shape)}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(Path(out_dir) / UNCOND_NAME, st_save({"text": text.detach().to("cpu").contiguous()}))
+
+
+def read_uncond(out_dir: str | os.PathLike) -> torch.Tensor:
+    path = Path(out_dir) / UNCOND_NAME
+    if not path.exists():
+        raise ShardError(f"{path}: missing; stage 1 writes it (re-run osp encode)")
+    tensors = load_safetensors_bytes(bytearray(path.read_bytes()), str(path))
+    if "text" not in tensors:
+        raise ShardError(f"{path}: lacks the 'text' tensor; re-run osp encode")
+    return tensors["text"]
+
+
+# --- verify, inspect ---------------------------------------------------------------------------------
+
+
+def _scan_tar(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(member name, data offset, size) of every member, and the error that stopped the scan, if any."""
+    members = []
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                members.append((info.name, info.offset_data, info.size))
+            end = tar.offset
+            size = path.stat().st_size
+            for info in tar.getmembers():  # every member's data must lie inside the file
+                if info.offset_data + info.size > size:
+                    return members, f"member {info.name} runs past the end of the file (truncated)"
+            if end > size:
+                return members, "truncated"
+    except (tarfile.TarError, OSError) as e:
+        return members, f"unreadable or truncated tar ({e})"
+    return members, None
+
+
+def verify(out_dir: str | os.PathLike) -> list[str]:
+    """Check index rows against the tars (member names, offsets, sizes, checksums), tars against their
+    sidecars (truncation, foreign members), and the manifest counts. Returns the problems found."""
+    out = Path(out_dir)
+    problems: list[str] = []
+    if not out.is_dir():
+        return [f"{out}: not a directory"]
+    manifest = None
+    try:
+        manifest = read_manifest(out)
+    except ShardError as e:
+        problems.append(str(e))
+    try:
+        index = ShardIndex.open(out)
+    except ShardError as e:
+        return problems + [str(e)]
+    if not (out / UNCOND_NAME).exists():
+        problems.append(f"{out / UNCOND_NAME}: missing; stage 1 writes it (re-run osp encode)")
+
+    tar_names = sorted(p.name for p in out.iterdir() if SHARD_PATTERN.match(p.name))
+    on_disk = {int(SHARD_PATTERN.match(n).group(1)) for n in tar_names}
+    published = published_shards(out)
+    for sid in sorted(on_disk - published):
+        tar = shard_path(out, sid)
+        side = None
+        try:
+            side = json.loads(rows_path(out, sid).read_bytes())
+        except (OSError, ValueError):
+            problems.append(f"{tar}: no valid {rows_path(out, sid).name} sidecar; re-encode this shard")
+        if side is not None:
+            problems.append(f"{tar}: size {tar.stat().st_size} != {side.get('tar_size')} recorded at publish (truncated or modified); re-encode this shard")
+    index_shards = set(int(s) for s in np.unique(index.shard)) if len(index) else set()
+    for sid in sorted(published - index_shards):
+        side = _read_rows(out, sid)
+        if side and side["rows"]:
+            problems.append(f"{shard_path(out, sid)}: published but not in {INDEX_NAME}; run merge_index")
+
+    rows_by_shard: dict[int, list[int]] = {}
+    for i in range(len(index)):
+        rows_by_shard.setdefault(int(index.shard[i]), []).append(i)
+    for sid, rows in sorted(rows_by_shard.items()):
+        path = shard_path(out, sid)
+        if not path.exists():
+            problems.append(f"{path}: missing but {len(rows)} index rows point at it (first key {index.key[rows[0]]})")
+            continue
+        members, err = _scan_tar(path)
+        if err:
+            problems.append(f"{path}: {err}")
+        by_name = {name: (off, size) for name, off, size in members}
+        expected = set()
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            for i in rows:
+                r = index.row(i)
+                expected |= {f"{r.key}.safetensors", f"{r.key}.json"}
+                for ext, off, sz in (("safetensors", r.st_offset, r.st_size), ("json", r.json_offset, r.json_size)):
+                    name = f"{r.key}.{ext}"
+                    if off + sz > size:
+                        problems.append(f"{path}: key {r.key}: {name} at {off}+{sz} lies past the end of the tar ({size} bytes; truncated)")
+                    elif name in by_name and by_name[name] != (off, sz):
+                        problems.append(f"{path}: key {r.key}: {name} is at {by_name[name]} in the tar, index says ({off}, {sz})")
+                    elif name not in by_name and not err:
+                        problems.append(f"{path}: key {r.key}: member {name} not in the tar")
+                if r.json_offset + r.json_size > size:
+                    continue
+                f.seek(r.st_offset)
+                st = f.read(r.st_size)
+                f.seek(r.json_offset)
+                js = f.read(r.json_size)
+                if checksum(st, js) != r.checksum:
+                    problems.append(f"{path}: key {r.key}: checksum mismatch (stored {r.checksum}, actual {checksum(st, js)})")
+        for name in sorted(set(by_name) - expected):
+            problems.append(f"{path}: member {name} is not in the index (foreign member; never decoded)")
+
+    if manifest is not None:
+        counts = manifest.get("counts", {})
+        n_err = sum(1 for line in (out / ERRORS_NAME).read_text("utf-8").splitlines() if line.strip()) if (out / ERRORS_NAME).exists() else 0
+        if "samples" in counts and counts["samples"] != len(index):
+            problems.append(f"{out / MANIFEST_NAME}: counts.samples {counts['samples']} != {len(index)} index rows")
+        if "errors" in counts and counts["errors"] != n_err:
+            problems.append(f"{out / MANIFEST_NAME}: counts.errors {counts['errors']} != {n_err} lines of {ERRORS_NAME}")
+        if "inputs" in counts and counts["inputs"] != len(index) + n_err:
+            problems.append(f"{out / MANIFEST_NAME}: counts.inputs {counts['inputs']} != samples {len(index)} + errors {n_err}")
+    return problems
+
+
+def inspect(out_dir: str | os.PathLike) -> dict:
+    """Summary of a shard directory: counts, latent-shape histogram, bytes per sample, text lengths."""
+    out = Path(out_dir)
+    index = ShardIndex.open(out)
+    n = len(index)
+    shards = sorted(set(int(s) for s in np.unique(index.shard))) if n else []
+    tar_bytes = sum(shard_path(out, s).stat().st_size for s in shards if shard_path(out, s).exists())
+    shapes: dict[str, int] = {}
+    for t, h, w in zip(index.latent_t.tolist(), index.latent_h.tolist(), index.latent_w.tolist()):
+        k = f"{t}x{h}x{w}"
+        shapes[k] = shapes.get(k, 0) + 1
+    tl = index.text_len
+    errors = 0
+    if (out / ERRORS_NAME).exists():
+        errors = sum(1 for line in (out / ERRORS_NAME).read_text("utf-8").splitlines() if line.strip())
+    try:
+        manifest = read_manifest(out)
+    except ShardError:
+        manifest = None
+    return {
+        "dir": str(out),
+        "samples": n,
+        "shards": len(shards),
+        "errors": errors,
+        "latent_shapes": dict(sorted(shapes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "tar_bytes": tar_bytes,
+        "bytes_per_sample": tar_bytes / n if n else 0.0,
+        "member_bytes_per_sample": float((index.st_size + index.json_size).mean()) if n else 0.0,
+        "text_len": {"min": int(tl.min()), "mean": float(tl.mean()), "max": int(tl.max())} if n else {"min": 0, "mean": 0.0, "max": 0},
+        "manifest": manifest,
+    }
