@@ -49,6 +49,69 @@ def demo_data(
     typer.echo(summary)
 
 
+@shards_app.command("inspect")
+def shards_inspect(
+    dir: Path = typer.Argument(..., help="Shard directory (written by osp encode)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Samples, shards, latent-shape histogram, bytes per sample, text-length stats.
+
+    Example: osp shards inspect shards/demo
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .shards import ShardError, inspect
+
+    try:
+        info = inspect(dir)
+    except ShardError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    console = Console()
+    table = Table(title=f"shards: {info['dir']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    tl = info["text_len"]
+    table.add_row("samples", str(info["samples"]))
+    table.add_row("shards", str(info["shards"]))
+    table.add_row("errors (skipped inputs)", str(info["errors"]))
+    table.add_row("tar bytes", f"{info['tar_bytes']:,}")
+    table.add_row("bytes / sample", f"{info['bytes_per_sample']:,.0f}")
+    table.add_row("text length min / mean / max", f"{tl['min']} / {tl['mean']:.1f} / {tl['max']}")
+    manifest = info["manifest"] or {}
+    for k in ("latent_dtype", "text_dtype", "preset"):
+        if k in manifest:
+            table.add_row(k, str(manifest[k]))
+    console.print(table)
+    hist = Table(title="latent shapes")
+    hist.add_column("T x H x W")
+    hist.add_column("samples", justify="right")
+    for shape, count in info["latent_shapes"].items():
+        hist.add_row(shape, str(count))
+    console.print(hist)
+
+
+@shards_app.command("verify")
+def shards_verify(dir: Path = typer.Argument(..., help="Shard directory (written by osp encode).")) -> None:
+    """Check every index row and checksum against the tars; exit 1 on any problem.
+
+    Example: osp shards verify shards/demo
+    """
+    from .shards import verify
+
+    problems = verify(dir)
+    for p in problems:
+        typer.secho(p, fg=typer.colors.RED, err=True)
+    if problems:
+        fail(f"{len(problems)} problem(s) in {dir}")
+    typer.echo(f"ok: {dir}")
+
+
 def main() -> None:
     app()
 
