@@ -112,6 +112,87 @@ def shards_verify(dir: Path = typer.Argument(..., help="Shard directory (written
     typer.echo(f"ok: {dir}")
 
 
+@app.command("demo-models")
+def demo_models(
+    out: Path = typer.Argument(..., help="Output folder: OUT/vae and OUT/text_encoder are written."),
+    seed: int = typer.Option(0, help="Seed of the random tiny weights; same seed gives the same bytes."),
+) -> None:
+    """Write the demo's tiny CausalVAE and tiny mT5 text encoder (random weights, real tokenizer).
+
+    Example: osp demo-models models/demo
+    """
+    from .demo_models import write_demo_models
+
+    info = write_demo_models(out, seed=seed)
+    typer.echo(f"vae: {info['vae']}\ntext encoder: {info['text_encoder']}\nwritten: {info['written'] or 'none'}; kept: {info['kept'] or 'none'}")
+
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
+
+
+@app.command("sample")
+def sample(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="osp run dir (latest checkpoint), an osp checkpoint dir or a released diffusers DiT folder."),
+    vae: Path = typer.Option(..., "--vae", help="CausalVAE folder (config.json + weights), e.g. the released vae/ or models/demo/vae."),
+    text_encoder: Path = typer.Option(..., "--text-encoder", help="Local mT5 folder (google/mt5-xxl, or models/demo/text_encoder)."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Text file, one prompt per line."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Default: the upstream negative prompt."),
+    steps: int = typer.Option(100, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="CFG scale; 1.0 = conditional only (no negative pass)."),
+    scheduler: str = typer.Option("euler-ancestral", "--scheduler", help="euler-ancestral, euler, ddim, ddpm, dpm-solver, dpm-solver-single, pndm, heun, deis, kdpm2-ancestral."),
+    seed: int = typer.Option(42, "--seed", help="Seed of prompt i is seed + i."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Default: the checkpoint's trained length (1 + 4k)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Default: the checkpoint's trained height (multiple of 16)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Default: the checkpoint's trained width (multiple of 16)."),
+    allow_untrained_size: bool = typer.Option(False, "--allow-untrained-size", help="Warn instead of refusing sizes the weights were not trained for."),
+    template: bool = typer.Option(True, "--template/--no-template", help="Wrap prompts in the upstream prompt template."),
+    tiling: bool = typer.Option(True, "--tiling/--no-tiling", help="Tiled VAE decode (upstream sampling tiles)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights of an osp checkpoint when present."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, npu or cpu."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32; default bf16 on accelerators, fp32 on CPU."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Output folder for the mp4s and JSON sidecars."),
+    fps: int = typer.Option(24, "--fps", help="Frames per second of the mp4."),
+) -> None:
+    """Prompts -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4 + JSON sidecar.
+
+    Example: osp sample --checkpoint runs/demo --vae models/demo/vae --text-encoder models/demo/text_encoder --prompt 'a red ball' --out samples/demo
+    """
+    import warnings
+
+    import torch
+
+    from .sampling import SampleSettings, load_models, read_prompt_file, sample_videos
+
+    try:
+        prompts = list(prompt or [])
+        if prompt_file is not None:
+            prompts += read_prompt_file(prompt_file)
+        if not prompts:
+            fail("no prompts given: pass --prompt TEXT (repeatable) or --prompt-file FILE")
+        if dtype is not None and dtype.lower() not in _DTYPES:
+            fail(f"--dtype {dtype!r} is unknown; use bf16, fp16 or fp32")
+        settings = SampleSettings(
+            prompts=prompts, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+            frames=frames, height=height, width=width, template=template, tiling=tiling, fps=fps,
+            allow_untrained_size=allow_untrained_size,
+        )
+        if negative_prompt is not None:
+            settings.negative_prompt = negative_prompt
+        torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
+        models = load_models(checkpoint, vae, text_encoder, device=device, dtype=torch_dtype, prefer_ema=ema)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = sample_videos(models, settings, out_dir=out)
+        for w in caught:
+            typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    for rec in records:
+        typer.echo(f"wrote {rec['video']} ({rec['frames']}x{rec['height']}x{rec['width']}, seed {rec['seed']}, "
+                   f"denoise {rec['seconds']['denoise']:.1f} s, decode {rec['seconds']['decode']:.1f} s)")
+
+
 def main() -> None:
     app()
 

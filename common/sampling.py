@@ -1,0 +1,434 @@
+"""Text-to-video sampling: prompt -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4.
+
+Upstream defaults (spec §7): EulerAncestral, 100 steps, guidance 7.5, the upstream negative prompt,
+prompt template, both prompts cleaned twice by the IF caption cleaner, text padded to 512 tokens,
+CFG batch [negative, positive] with eps = eps_neg + g * (eps_pos - eps_neg), latents / 0.18215 ->
+tiled VAE decode (512/64 px, 29/8 frames, overlap 0.125) -> uint8 = trunc(clamp(v/2 + 0.5) * 255)
+-> mp4 at 24 fps.
+
+osp's deliberate differences (all reproducibility/precision, none change the model):
+* initial latents are drawn on the CPU in fp32 from a generator seeded with `seed + i` for the
+  i-th prompt (upstream draws bf16 on the device from one unseeded stream), so a video depends only
+  on its own seed and prompt, on every device;
+* the scheduler state (latents) is kept in fp32; only the DiT runs in the sampling dtype;
+* guidance 1.0 skips the negative prompt entirely (the conditional-only path), as diffusers does.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from osp.common.config import (
+    DDPM_BETA_END,
+    DDPM_BETA_SCHEDULE,
+    DDPM_BETA_START,
+    DDPM_NUM_TRAIN_TIMESTEPS,
+    GUIDANCE_SCALE,
+    NEGATIVE_PROMPT,
+    PREDICTION_TYPE,
+    PROMPT_TEMPLATE,
+    SAMPLE_FPS,
+    SAMPLE_STEPS,
+    TILING_SAMPLE,
+    VAE_SCALE_FACTOR,
+    VAE_STRIDE_H,
+    VAE_STRIDE_T,
+    VAE_STRIDE_W,
+    latent_frames,
+)
+
+# --------------------------------------------------------------------------------------------------
+# schedulers: diffusers classes configured exactly as training (linear beta 1e-4..0.02, 1000, eps)
+# --------------------------------------------------------------------------------------------------
+
+# name -> (diffusers class, extra kwargs beyond the training schedule; everything else = class defaults)
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {}),
+    "dpm-solver-single": ("DPMSolverSinglestepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+}
+DEFAULT_SCHEDULER = "euler-ancestral"
+
+
+def make_scheduler(name: str = DEFAULT_SCHEDULER):
+    """A fresh diffusers scheduler `name` (see SCHEDULERS) with the training noise schedule."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    return cls(
+        num_train_timesteps=DDPM_NUM_TRAIN_TIMESTEPS,
+        beta_start=DDPM_BETA_START,
+        beta_end=DDPM_BETA_END,
+        beta_schedule=DDPM_BETA_SCHEDULE,
+        prediction_type=PREDICTION_TYPE,
+        **extra,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry: which sizes a checkpoint was trained for, and which sizes are possible at all
+# --------------------------------------------------------------------------------------------------
+
+
+def trained_size(dit_config) -> tuple[int, int, int]:
+    """(frames, height, width) in pixels that the DiT config's sample_size(_t) describe."""
+    lat_t = int(dit_config.sample_size_t)
+    lat_h, lat_w = (int(v) for v in dit_config.sample_size)
+    return (lat_t - 1) * VAE_STRIDE_T + 1, lat_h * VAE_STRIDE_H, lat_w * VAE_STRIDE_W
+
+
+def check_size(dit_config, frames: int, height: int, width: int, allow_untrained: bool = False) -> list[str]:
+    """Raise ValueError on a size the pipeline cannot produce; refuse (or, with allow_untrained, return
+    warnings for) a size the weights were not trained for (upstream issue #356: pure noise)."""
+    spatial = VAE_STRIDE_H * dit_config.patch_size
+    if frames < 1 or (frames - 1) % VAE_STRIDE_T:
+        raise ValueError(f"--frames {frames} is impossible: use 1 + {VAE_STRIDE_T}k frames (1, 5, 9, ..., 29, ..., 93)")
+    for flag, v in (("--height", height), ("--width", width)):
+        if v < spatial or v % spatial:
+            raise ValueError(f"{flag} {v} is impossible: use a positive multiple of {spatial} px (VAE x{VAE_STRIDE_H}, patch {dit_config.patch_size})")
+    tf, th, tw = trained_size(dit_config)
+    if (frames, height, width) == (tf, th, tw):
+        return []
+    msg = (
+        f"the checkpoint was trained for {tf}x{th}x{tw} (frames x height x width) but {frames}x{height}x{width} "
+        f"was requested; released v1.2 weights give noise at other sizes (upstream issue #356)"
+    )
+    if not allow_untrained:
+        raise ValueError(msg + f"; drop --frames/--height/--width or pass --allow-untrained-size")
+    return [msg]
+
+
+# --------------------------------------------------------------------------------------------------
+# model loading
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An osp run dir (runs/<name>: its latest checkpoint), a checkpoints/ dir, one osp checkpoint dir
+    or a released diffusers folder -> the folder holding the DiT weights."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder")
+    for ckdir in (path / "checkpoints", path):
+        latest = ckdir / "latest"
+        if latest.is_file():
+            name = latest.read_text().strip()
+            target = ckdir / name
+            if not target.is_dir():
+                raise FileNotFoundError(f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir")
+            return target
+        steps = sorted(p for p in ckdir.glob("step-*") if p.is_dir()) if ckdir.is_dir() else []
+        if steps:
+            return steps[-1]
+    return path
+
+
+def _sha256_weight_files(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt"):
+            h.update(str(p.relative_to(folder)).encode())
+            with open(p, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, prefer_ema: bool = True):
+    """(model, config, identity) from any checkpoint form accepted by resolve_checkpoint."""
+    from osp.common.convert import is_osp_checkpoint, read_checkpoint_meta
+    from osp.common.convert import load_dit as load_dit_weights
+    from osp.common.models.dit import DiTConfig
+
+    folder = resolve_checkpoint(checkpoint)
+    config = DiTConfig.from_json(folder / "config.json")
+    model = load_dit_weights(folder, prefer_ema=prefer_ema, device=device, dtype=dtype)
+    model = model.eval().requires_grad_(False)
+    identity = {
+        "path": str(Path(checkpoint).resolve()),
+        "resolved": str(folder.resolve()),
+        "weights_sha256": _sha256_weight_files(folder),
+        "prefer_ema": prefer_ema,
+        "meta": read_checkpoint_meta(folder) if is_osp_checkpoint(folder) else None,
+        "config": config.to_dict(),
+    }
+    return model, config, identity
+
+
+@dataclass
+class Models:
+    """The three models of the pipeline, loaded once (the CLI loads them; tests build tiny ones)."""
+
+    dit: torch.nn.Module
+    dit_config: object
+    vae: torch.nn.Module
+    text_encoder: object  # osp.common.models.text.TextEncoder
+    device: torch.device
+    dtype: torch.dtype
+    identity: dict = field(default_factory=dict)
+
+
+def load_models(
+    checkpoint: str | Path,
+    vae: str | Path,
+    text_encoder: str | Path,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    prefer_ema: bool = True,
+) -> Models:
+    from osp.common.device import pick_device
+    from osp.common.models.text import TextEncoder
+    from osp.common.models.vae import load_vae, vae_identity
+
+    dev = pick_device(device)
+    tdev = dev.set_current() if dev.is_accelerator else dev.torch_device()
+    dtype = dtype or dev.autocast_dtype
+    dit, dit_config, dit_id = load_dit(checkpoint, tdev, dtype, prefer_ema=prefer_ema)
+    te = TextEncoder.from_pretrained(text_encoder, device=tdev, dtype=dtype)
+    if te.dim != dit_config.caption_channels:
+        raise ValueError(
+            f"text encoder {text_encoder} outputs {te.dim}-d states but the DiT expects caption_channels="
+            f"{dit_config.caption_channels}; pass the text encoder the checkpoint was trained with"
+        )
+    vae_model = load_vae(vae).to(device=tdev, dtype=dtype).eval().requires_grad_(False)
+    identity = {"dit": dit_id, "vae": vae_identity(vae), "text_encoder": te.identity()}
+    return Models(dit, dit_config, vae_model, te, tdev, dtype, identity)
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_prompt(prompt: str, template: bool = True, clean: bool = True) -> str:
+    """Upstream: the user prompt goes into the template, then through the caption cleaner (twice)."""
+    from osp.common.models.text import clean_caption
+
+    text = PROMPT_TEMPLATE.format(prompt) if template else prompt
+    return clean_caption(text) if clean else text.lower().strip()
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal latents drawn on the CPU in fp32 (identical on every device)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float32)
+
+
+def guided_eps(dit, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, guidance: float,
+               dtype: torch.dtype) -> torch.Tensor:
+    """One CFG prediction. `text`/`mask` hold [negative, positive] rows when guidance != 1, else the
+    positive row only (the conditional-only path). Returns eps [1, C, T, H, W] in fp32."""
+    cfg = text.shape[0] == 2
+    x_in = torch.cat([x, x]) if cfg else x
+    t_in = t.reshape(1).expand(x_in.shape[0]).to(x.device)
+    eps = dit(x_in.to(dtype), t_in, text, mask).float()
+    if not cfg:
+        return eps
+    eps_neg, eps_pos = eps.chunk(2)
+    return eps_neg + guidance * (eps_pos - eps_neg)
+
+
+def denoise(
+    dit,
+    scheduler,
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    guidance: float,
+    seed: int,
+    dtype: torch.dtype,
+    progress=None,
+) -> torch.Tensor:
+    """The scheduler loop. noise: [1, C, T, H, W] fp32 standard normal (on the target device).
+    Returns the final latents (DiT space, i.e. scaled by VAE_SCALE_FACTOR), fp32."""
+    device = noise.device
+    scheduler.set_timesteps(steps, device=device)
+    latents = noise * scheduler.init_noise_sigma
+    step_kwargs = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:  # ancestral / DDPM noise
+        g = torch.Generator(device="cpu")  # CPU stream: the same noise on every device
+        g.manual_seed(seed + 1)
+        step_kwargs["generator"] = g
+    task = progress.add_task("denoise", total=len(scheduler.timesteps)) if progress is not None else None
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(latents, t)
+        eps = guided_eps(dit, x_in, t, text, mask, guidance, dtype)
+        latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
+        if progress is not None:
+            progress.advance(task)
+    if progress is not None:
+        progress.remove_task(task)
+    return latents
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8 = trunc(clamp(v/2 + 0.5, 0, 1) * 255) (upstream)."""
+    v = (video.float() / 2 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)  # to(uint8) truncates
+    return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, tiling: bool = True) -> torch.Tensor:
+    """DiT latents [1, 4, t, h, w] -> video [1, 3, T, H, W] (in [-1, 1], unclamped)."""
+    z = latents / VAE_SCALE_FACTOR
+    dtype = next(vae.parameters()).dtype
+    return vae.decode(z.to(dtype), tiling=TILING_SAMPLE if tiling else None)
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int = SAMPLE_FPS, crf: int = 18) -> None:
+    """[T, H, W, 3] uint8 -> H.264 (libx264, yuv420p) mp4 via PyAV; written to a temp name, then renamed."""
+    import av
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    t, h, w, _ = frames.shape
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleSettings:
+    prompts: list[str]
+    negative_prompt: str = NEGATIVE_PROMPT
+    steps: int = SAMPLE_STEPS
+    guidance: float = GUIDANCE_SCALE
+    scheduler: str = DEFAULT_SCHEDULER
+    seed: int = 42
+    frames: int | None = None  # None = the checkpoint's trained size
+    height: int | None = None
+    width: int | None = None
+    template: bool = True
+    clean: bool = True
+    tiling: bool = True
+    fps: int = SAMPLE_FPS
+    allow_untrained_size: bool = False
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s[:n].strip("-") or "prompt"
+
+
+def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Run the pipeline for every prompt. Returns one record per video: the settings, the uint8
+    frames [T, H, W, 3] (key "frames_uint8") and, when out_dir is given, the mp4 and sidecar paths."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    s = settings
+    if not s.prompts:
+        raise ValueError("no prompts given: pass --prompt TEXT or a --prompt-file with one prompt per line")
+    if s.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {s.steps}")
+    tf, th, tw = trained_size(models.dit_config)
+    frames, height, width = s.frames or tf, s.height or th, s.width or tw
+    warns = check_size(models.dit_config, frames, height, width, s.allow_untrained_size)
+    for w in warns:
+        warnings.warn(w, stacklevel=2)
+    make_scheduler(s.scheduler)  # validate the name before any work
+
+    # latent geometry (ceil for sizes that are not multiples: the video is cropped after decoding)
+    shape = (1, models.dit_config.in_channels, latent_frames(frames),
+             math.ceil(height / VAE_STRIDE_H), math.ceil(width / VAE_STRIDE_W))
+    use_cfg = s.guidance != 1.0
+    positives = [prepare_prompt(p, s.template, s.clean) for p in s.prompts]
+    negative = prepare_prompt(s.negative_prompt, template=False, clean=s.clean) if use_cfg else None
+    captions = ([negative] if use_cfg else []) + positives
+    emb, mask = models.text_encoder.encode(captions)  # [N, 512, D], [N, 512]
+    emb = emb.to(models.dtype)
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    records = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        for i, (raw, pos) in enumerate(zip(s.prompts, positives)):
+            seed = s.seed + i
+            k = i + 1 if use_cfg else i
+            rows = [0, k] if use_cfg else [k]
+            text, tmask = emb[rows], mask[rows]
+            noise = initial_noise(shape, seed).to(models.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                latents = denoise(models.dit, make_scheduler(s.scheduler), noise, text, tmask, s.steps,
+                                  s.guidance, seed, models.dtype, progress=bar if progress else None)
+            t1 = time.perf_counter()
+            video = decode_latents(models.vae, latents, s.tiling)[0]
+            video = video[:, :frames, :height, :width]
+            pixels = to_uint8(video)
+            t2 = time.perf_counter()
+            rec = {
+                "prompt": raw,
+                "prompt_used": pos,
+                "negative_prompt_used": negative,
+                "seed": seed,
+                "frames": frames,
+                "height": height,
+                "width": width,
+                "latent_shape": list(shape[1:]),
+                "settings": {**asdict(s), "prompts": None},
+                "scheduler_config": dict(make_scheduler(s.scheduler).config),
+                "device": str(models.device),
+                "dtype": str(models.dtype).removeprefix("torch."),
+                "seconds": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
+                "identity": models.identity,
+            }
+            if out is not None:
+                stem = f"{i:03d}-{_slug(raw)}"
+                write_mp4(out / f"{stem}.mp4", pixels, fps=s.fps)
+                rec["video"] = str(out / f"{stem}.mp4")
+                sidecar = out / f"{stem}.json"
+                sidecar.write_text(json.dumps(rec, indent=2, default=str) + "\n")
+                rec["sidecar"] = str(sidecar)
+            rec["frames_uint8"] = pixels
+            records.append(rec)
+    return records
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line (lines starting with # are comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts: write one prompt per line")
+    return prompts
