@@ -472,16 +472,33 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def decode_member(key: str, data: bytes):
-    """An explicit WebDataset decoder: safetensors and json only; anything else stays undecoded bytes.
+    """An explicit WebDataset handler: decodes `.safetensors` and `.json` only; returns None (leave
+    the bytes alone) for anything else, with a warning naming the member.
 
-    Use `WebDataset(urls, shardshuffle=False).decode(decode_member)`; never the default decoders (they
-    include pickle)."""
+    webdataset appends its default handlers (pickle, torch.load) after yours unless told not to, so
+    always pass `pre=[], post=[]`:  `WebDataset(urls, shardshuffle=False).decode(decode_member,
+    pre=[], post=[])`, or use `.map(wds_decode)`.
+    """
     ext = key.rsplit(".", 1)[-1].lower()
     if ext == "safetensors":
         return load_safetensors_bytes(data, key)
     if ext == "json":
         return json.loads(data)
+    warnings.warn(f"member {key!r} is not a safetensors/json sample member; left undecoded")
     return None
+
+
+def wds_decode(sample: dict) -> dict:
+    """Decode one WebDataset sample dict safely: `WebDataset(urls, shardshuffle=False).map(wds_decode)`.
+    Non-sample members stay raw bytes (never unpickled)."""
+    out = {}
+    for k, v in sample.items():
+        if k.startswith("__") or not isinstance(v, (bytes, bytearray)):
+            out[k] = v
+            continue
+        d = decode_member(f"{sample.get('__key__', '')}.{k}", v)
+        out[k] = v if d is None else d
+    return out
 
 
 def iter_shard(tar_path: str | os.PathLike) -> Iterator[Sample]:
