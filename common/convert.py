@@ -1,0 +1,310 @@
+"""DiT checkpoints: the tensor-parallel key rule table, TP split/merge, and the osp checkpoint layout.
+
+Key rule table (the one place; `osp.stage2_train.parallel` uses it too). Names are the released
+diffusers keys, which are also the parameter names of OpenSoraT2V at any TP size:
+
+    column-parallel (split dim 0):  transformer_blocks.*.attn{1,2}.to_{q,k,v}.{weight,bias}
+                                    transformer_blocks.*.ff.net.0.proj.{weight,bias}
+    row-parallel    (split dim 1):  transformer_blocks.*.attn{1,2}.to_out.0.weight
+                                    transformer_blocks.*.ff.net.2.weight
+    replicated:                     everything else (row biases, tables, pos_embed, adaln_single,
+                                    caption_projection, proj_out)
+
+Rank r of TP size N holds the contiguous piece r of torch.chunk(N) along the split dim; since q/k/v
+are separate linears, that is exactly heads [r*h/N, (r+1)*h/N).
+
+osp DiT checkpoint folder (format "osp-dit", version 1):
+
+    <dir>/config.json                        DiTConfig (diffusers field names)
+    <dir>/osp_checkpoint.json                {"format": "osp-dit", "version": 1, "tp": N,
+                                              "ema": true|false, "dtype": "...", "extra": {...}}
+    <dir>/model-tp{r:02d}-of-{N:02d}.safetensors   rank r's tensors (names = released keys)
+    <dir>/ema-tp{r:02d}-of-{N:02d}.safetensors     optional EMA weights, same layout
+
+`osp_checkpoint.json` is written last, so a folder without it is incomplete. A released diffusers
+folder (config.json + diffusion_pytorch_model.safetensors, or a sharded .safetensors.index.json) is
+accepted wherever a checkpoint is read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from osp.common.models.dit import DiTConfig
+
+CHECKPOINT_FORMAT = "osp-dit"
+CHECKPOINT_VERSION = 1
+META_FILE = "osp_checkpoint.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+_COLUMN = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_[qkv]|ff\.net\.0\.proj)\.(weight|bias)$")
+_ROW = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_out\.0|ff\.net\.2)\.weight$")
+
+
+def tp_split_dim(key: str) -> int | None:
+    """0 = column-parallel, 1 = row-parallel, None = replicated on every TP rank."""
+    if _COLUMN.match(key):
+        return 0
+    if _ROW.match(key):
+        return 1
+    return None
+
+
+def shard_tensor(key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s piece of the full tensor `key` (a view; the full tensor itself if replicated)."""
+    dim = tp_split_dim(key)
+    if dim is None or tp == 1:
+        return full
+    if full.shape[dim] % tp:
+        raise ValueError(f"{key}: dim {dim} of shape {tuple(full.shape)} is not divisible by TP={tp}; choose a TP size dividing the head count")
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def check_tp(config: DiTConfig, tp: int) -> None:
+    if tp < 1 or config.num_attention_heads % tp:
+        raise ValueError(f"TP={tp} must divide num_attention_heads={config.num_attention_heads}; choose a divisor")
+
+
+def split_state_dict(sd: dict[str, torch.Tensor], tp: int, config: DiTConfig | None = None) -> list[dict[str, torch.Tensor]]:
+    """Full (TP=1) state dict -> one dict per TP rank (views into `sd`)."""
+    if config is not None:
+        check_tp(config, tp)
+    if tp < 1:
+        raise ValueError(f"TP size must be >= 1, got {tp}")
+    return [{k: shard_tensor(k, v, tp, r) for k, v in sd.items()} for r in range(tp)]
+
+
+def merge_state_dicts(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-rank state dicts -> full (TP=1) state dict. Replicated tensors must agree on every rank."""
+    if not sds:
+        raise ValueError("merge_state_dicts: empty list of shards")
+    keys = list(sds[0])
+    for r, sd in enumerate(sds[1:], 1):
+        if set(sd) != set(keys):
+            diff = sorted(set(sd) ^ set(keys))
+            raise ValueError(f"TP shard {r} has different keys than shard 0: {diff[:8]}{' ...' if len(diff) > 8 else ''}")
+    out = {}
+    for k in keys:
+        dim = tp_split_dim(k)
+        parts = [sd[k] for sd in sds]
+        if dim is None or len(sds) == 1:
+            for r, p in enumerate(parts[1:], 1):
+                if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
+                    raise ValueError(f"replicated tensor {k} differs between TP shard 0 and {r}; the checkpoint is corrupt")
+            out[k] = parts[0]
+        else:
+            out[k] = torch.cat(parts, dim=dim)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# strict loading with readable errors
+# ------------------------------------------------------------------------------------------------
+def check_keys(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one ValueError naming every missing / unexpected key and every shape mismatch."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k].shape))
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {', '.join(unexpected)}")
+    if shapes:
+        parts.append("shape mismatch: " + ", ".join(f"{k} expected {tuple(expected[k])} got {tuple(got[k].shape)}" for k in shapes))
+    raise ValueError(f"{source}: state dict does not match the DiT ({'; '.join(parts)}); check the config.json/preset and TP size")
+
+
+def tensor_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Name -> shape of the model's tensors (megatron layers' empty `_extra_state` entries left out)."""
+    return {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_into_model(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Strict load (names and shapes checked first, errors list the keys)."""
+    check_keys(tensor_shapes(model), sd, source)
+    model.load_state_dict(sd, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint folders
+# ------------------------------------------------------------------------------------------------
+def shard_file(kind: str, rank: int, tp: int) -> str:
+    return f"{kind}-tp{rank:02d}-of-{tp:02d}.safetensors"
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning its storage (safetensors refuses shared storage)."""
+    t = t.detach().cpu()
+    if t._base is not None or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.contiguous().clone()
+    return t
+
+
+def _save_tensors(sd: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: _own(v) for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def save_dit_checkpoint(
+    out_dir: str | Path,
+    per_rank_state_dicts: list[dict[str, torch.Tensor]],
+    config: DiTConfig,
+    ema_per_rank: list[dict[str, torch.Tensor]] | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write an osp DiT checkpoint (layout in the module docstring). len(per_rank_state_dicts) = TP."""
+    out = Path(out_dir)
+    tp = len(per_rank_state_dicts)
+    check_tp(config, tp)
+    if ema_per_rank is not None and len(ema_per_rank) != tp:
+        raise ValueError(f"ema_per_rank has {len(ema_per_rank)} shards, model has {tp}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # incomplete until the metadata is rewritten
+    config.to_json(out / "config.json")
+    for r, sd in enumerate(per_rank_state_dicts):
+        _save_tensors(sd, out / shard_file("model", r, tp))
+        if ema_per_rank is not None:
+            _save_tensors(ema_per_rank[r], out / shard_file("ema", r, tp))
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in per_rank_state_dicts[0].values()})
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "tp": tp,
+        "ema": ema_per_rank is not None,
+        "dtype": ",".join(dtypes),
+        "extra": extra or {},
+    }
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / META_FILE)
+    return out
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; the folder is not a (complete) osp DiT checkpoint") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}; convert it with `osp convert`")
+    return meta
+
+
+def is_osp_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and ((p / DIFFUSERS_WEIGHTS).is_file() or (p / DIFFUSERS_INDEX).is_file())
+
+
+def load_dit_shards(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, list[dict[str, torch.Tensor]], dict]:
+    """An osp checkpoint's per-rank state dicts (EMA if present and preferred) and its metadata."""
+    d = Path(ckpt_dir)
+    meta = read_checkpoint_meta(d)
+    config = DiTConfig.from_json(d / "config.json")
+    kind = "ema" if (prefer_ema and meta.get("ema")) else "model"
+    tp = int(meta["tp"])
+    shards = []
+    for r in range(tp):
+        f = d / shard_file(kind, r, tp)
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing TP shard {r} of {tp}; the checkpoint is incomplete")
+        shards.append(load_file(str(f)))
+    return config, shards, meta
+
+
+def load_diffusers_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    d = Path(folder)
+    if (d / DIFFUSERS_WEIGHTS).is_file():
+        return load_file(str(d / DIFFUSERS_WEIGHTS))
+    index = json.loads((d / DIFFUSERS_INDEX).read_text())
+    sd: dict[str, torch.Tensor] = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        with safe_open(str(d / fname), framework="pt") as f:
+            for k in f.keys():
+                sd[k] = f.get_tensor(k)
+    return sd
+
+
+def load_dit_checkpoint(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
+    """(config, full TP=1 state dict) from an osp checkpoint (TP shards merged) or a released
+    diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
+    d = Path(ckpt_dir)
+    if is_osp_checkpoint(d):
+        config, shards, _ = load_dit_shards(d, prefer_ema)
+        return config, merge_state_dicts(shards)
+    if is_diffusers_folder(d):
+        return DiTConfig.from_json(d / "config.json"), load_diffusers_state_dict(d)
+    raise FileNotFoundError(
+        f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder (config.json + {DIFFUSERS_WEIGHTS}); "
+        "pass the checkpoint folder itself"
+    )
+
+
+def load_dit(ckpt_dir: str | Path, prefer_ema: bool = True, device=None, dtype=None):
+    """Build an OpenSoraT2V from a checkpoint folder and load its weights strictly."""
+    from osp.common.models.dit import build_dit
+
+    config, sd = load_dit_checkpoint(ckpt_dir, prefer_ema)
+    model = build_dit(config, device="meta")
+    check_keys(tensor_shapes(model), sd, str(ckpt_dir))
+    model = model.to_empty(device=device or "cpu")
+    model.load_state_dict(sd, strict=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# `osp convert` operations
+# ------------------------------------------------------------------------------------------------
+def convert_import(src: str | Path, out: str | Path, tp: int = 1) -> Path:
+    """Released diffusers folder -> osp checkpoint sharded for TP `tp` (strict key check first)."""
+    if not is_diffusers_folder(src):
+        raise FileNotFoundError(f"{src}: not a diffusers DiT folder (config.json + {DIFFUSERS_WEIGHTS}); pass e.g. Open-Sora-Plan-v1.2.0/93x480p")
+    config = DiTConfig.from_json(Path(src) / "config.json")
+    sd = load_diffusers_state_dict(src)
+    _check_full(config, sd, str(src))
+    return save_dit_checkpoint(out, split_state_dict(sd, tp, config), config, extra={"source": str(src)})
+
+
+def convert_merge(src: str | Path, out: str | Path) -> Path:
+    """osp checkpoint at any TP -> osp checkpoint at TP 1 (model and EMA)."""
+    config, shards, meta = load_dit_shards(src, prefer_ema=False)
+    full = merge_state_dicts(shards)
+    _check_full(config, full, str(src))
+    ema = None
+    if meta.get("ema"):
+        ema = [merge_state_dicts(load_dit_shards(src, prefer_ema=True)[1])]
+    return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra=meta.get("extra"))
+
+
+def convert_export(src: str | Path, out: str | Path, prefer_ema: bool = True) -> Path:
+    """osp checkpoint -> diffusers layout (config.json + diffusion_pytorch_model.safetensors)."""
+    config, sd = load_dit_checkpoint(src, prefer_ema)
+    _check_full(config, sd, str(src))
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    config.to_json(o / "config.json")
+    _save_tensors(sd, o / DIFFUSERS_WEIGHTS)
+    return o
+
+
+def _check_full(config: DiTConfig, sd: dict[str, torch.Tensor], source: str) -> None:
+    from osp.common.models.dit import build_dit
+
+    check_keys(tensor_shapes(build_dit(config, device="meta")), sd, source)

@@ -1,0 +1,236 @@
+"""The megatron-core tensor + sequence parallel plan for OpenSoraT2V (applied in place).
+
+Layout per TP rank (N = TP size, S video tokens, L text tokens, D width, h heads):
+
+* column-parallel (ColumnParallelLinear, gather_output=False): attn1/attn2 to_q, to_k, to_v and
+  ff.net.0.proj -> each rank holds heads [r*h/N, (r+1)*h/N) / FFN columns; the attention module reads
+  the local head count from the projection width, so the model code is unchanged;
+* row-parallel (RowParallelLinear, input_is_parallel=True): attn1/attn2 to_out.0 and ff.net.2, full
+  bias added after the reduce;
+* replicated: pos_embed, adaln_single, caption_projection, block and final scale_shift_table,
+  proj_out (the final layer runs after the gather, identically on every rank).
+
+Sequence parallelism (megatron's SP: every mapping acts on dim 0, hence the sequence-first blocks):
+* `scatter_video` splits the [S, B, D] tokens into S/N shards (S % N == 0 required); the column
+  linears all-gather them (q/k/v hold the full sequence and the local heads, so attention and the
+  full-sequence RoPE table need nothing special) and the row linears reduce-scatter back;
+* text stays REPLICATED (no scatter, no L % N constraint): the cross-attention to_k/to_v are built
+  from a second config with sequence_parallel=False (identity forward, all-reduce backward);
+* `t6_hook` = copy_to_tensor_model_parallel_region: t6 feeds every shard, so its gradient is summed
+  over TP once at the activation (fixes all of adaln_single, whatever else uses embedded_t);
+* each block's scale_shift_table is tagged `sequence_parallel` (row biases are tagged by megatron):
+  `reduce_sequence_parallel_grads(model)` SUMs exactly those grads over the TP group after backward;
+* `gather_video` = gather_from_sequence_parallel_region(tensor_parallel_output_grad=False): the
+  backward is a plain split, correct because everything after it is replicated.
+Never tag adaln_single or the final table as well: that double counts (spec §8.3).
+
+Works on CUDA (nccl), NPU (hccl) and CPU (gloo, with `osp.common.megatron_cpu.apply()`).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes, tp_split_dim
+
+
+def _megatron():
+    from osp.common import megatron_cpu
+
+    megatron_cpu.apply()  # no-op with an accelerator
+    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+
+    return ModelParallelConfig, parallel_state, tensor_parallel
+
+
+def _noop_init(weight: torch.Tensor) -> None:  # weights are copied from the replicated module
+    return None
+
+
+@lru_cache(maxsize=None)
+def _column_cls():
+    _, _, tp = _megatron()
+
+    class ColumnLinear(tp.ColumnParallelLinear):
+        """ColumnParallelLinear returning only the output (parameter names stay weight / bias)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            out, _ = super().forward(x)
+            return out
+
+    return ColumnLinear
+
+
+@lru_cache(maxsize=None)
+def _row_cls():
+    _, _, tp = _megatron()
+
+    class RowLinear(tp.RowParallelLinear):
+        """RowParallelLinear (input_is_parallel) returning only the output, bias added after the reduce."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            out, _ = super().forward(x)
+            return out
+
+    return RowLinear
+
+
+def _make_config(tp: int, sp: bool, dtype: torch.dtype):
+    ModelParallelConfig, _, _ = _megatron()
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sp,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=dtype,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _swap(parent: nn.Module, name: str, new: nn.Module, old: nn.Linear, key_w: str, key_b: str, tp: int, rank: int) -> None:
+    with torch.no_grad():
+        new.weight.copy_(shard_tensor(key_w, old.weight, tp, rank))
+        if old.bias is not None:
+            new.bias.copy_(shard_tensor(key_b, old.bias, tp, rank))
+    new.to(old.weight.device)
+    if isinstance(parent, nn.ModuleList):
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+
+
+def _tp_state():
+    _, ps, _ = _megatron()
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("megatron parallel_state is not initialised; call parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP) first")
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+
+
+def parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
+    """Apply the TP(/SP) plan in place to an OpenSoraT2V holding the FULL weights (identical on every
+    TP rank), using megatron's global parallel_state. TP size 1 leaves the model unchanged."""
+    if getattr(model, "_osp_parallel", None) is not None:
+        raise RuntimeError("model is already parallelized")
+    tp, rank, group = _tp_state()
+    cfg = model.config
+    if tp == 1:
+        model._osp_parallel = {"tp": 1, "sp": False}
+        return model
+    check_tp(cfg, tp)
+    _, _, tensor_parallel = _megatron()
+    Column, Row = _column_cls(), _row_cls()
+    dtype = model.proj_out.weight.dtype
+    seq_cfg = _make_config(tp, sequence_parallel, dtype)
+    rep_cfg = _make_config(tp, False, dtype) if sequence_parallel else seq_cfg  # for the replicated text
+
+    def column(lin: nn.Linear, c) -> nn.Module:
+        return Column(lin.in_features, lin.out_features, config=c, init_method=_noop_init,
+                      bias=lin.bias is not None, gather_output=False, skip_bias_add=False, tp_group=group)
+
+    def row(lin: nn.Linear) -> nn.Module:
+        return Row(lin.in_features, lin.out_features, config=seq_cfg, init_method=_noop_init,
+                   bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=group)
+
+    for i, block in enumerate(model.transformer_blocks):
+        pre = f"transformer_blocks.{i}"
+        for an in ("attn1", "attn2"):
+            attn = getattr(block, an)
+            for ln in ("to_q", "to_k", "to_v"):
+                c = rep_cfg if (an == "attn2" and ln != "to_q") else seq_cfg
+                old = getattr(attn, ln)
+                _swap(attn, ln, column(old, c), old, f"{pre}.{an}.{ln}.weight", f"{pre}.{an}.{ln}.bias", tp, rank)
+            old = attn.to_out[0]
+            _swap(attn.to_out, "0", row(old), old, f"{pre}.{an}.to_out.0.weight", f"{pre}.{an}.to_out.0.bias", tp, rank)
+        old = block.ff.net[0].proj
+        _swap(block.ff.net[0], "proj", column(old, seq_cfg), old, f"{pre}.ff.net.0.proj.weight", f"{pre}.ff.net.0.proj.bias", tp, rank)
+        old = block.ff.net[2]
+        _swap(block.ff.net, "2", row(old), old, f"{pre}.ff.net.2.weight", f"{pre}.ff.net.2.bias", tp, rank)
+
+    if sequence_parallel:
+        def scatter_video(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] % tp:
+                raise ValueError(
+                    f"sequence parallelism needs the video token count T*H/2*W/2 = {x.shape[0]} to be a multiple of TP={tp}; "
+                    "change the clip size or run with sequence_parallel off"
+                )
+            return tensor_parallel.scatter_to_sequence_parallel_region(x, group=group)
+
+        def gather_video(x: torch.Tensor) -> torch.Tensor:
+            return tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
+
+        def t6_hook(x: torch.Tensor) -> torch.Tensor:
+            return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
+
+        model.scatter_video, model.gather_video, model.t6_hook = scatter_video, gather_video, t6_hook
+        for block in model.transformer_blocks:
+            block.scale_shift_table.sequence_parallel = True
+    model._osp_parallel = {"tp": tp, "sp": bool(sequence_parallel)}
+    return model
+
+
+def reduce_sequence_parallel_grads(model: nn.Module) -> None:
+    """After backward: SUM over the TP group the grads of parameters tagged `sequence_parallel`
+    (block scale_shift_tables, row-parallel biases). No-op without SP. One coalesced all-reduce."""
+    info = getattr(model, "_osp_parallel", None)
+    if not info or not info["sp"]:
+        return
+    _, _, group = _tp_state()
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(r)
+
+
+# ------------------------------------------------------------------------------------------------
+# full state dicts of a parallelized model (checkpointing, tests)
+# ------------------------------------------------------------------------------------------------
+def _gather(key: str, t: torch.Tensor, tp: int, group) -> torch.Tensor:
+    dim = tp_split_dim(key)
+    if dim is None or tp == 1:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _tp_info(model: nn.Module):
+    info = getattr(model, "_osp_parallel", None)
+    if not info or info["tp"] == 1:
+        return 1, 0, None
+    return _tp_state()
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The TP=1 state dict (released key names) of a parallelized model, on every TP rank.
+    Collective: every rank of the TP group must call it."""
+    tp, _, group = _tp_info(model)
+    return {k: _gather(k, v, tp, group) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def gather_full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full-size gradients by parameter name (zeros where a grad is None). Collective."""
+    tp, _, group = _tp_info(model)
+    out = {}
+    for k, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        out[k] = _gather(k, g, tp, group)
+    return out
+
+
+def local_state_dict(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
+    return {k: shard_tensor(k, v, tp, rank) for k, v in full.items()}
+
+
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Load a TP=1 state dict into a (possibly parallelized) model: each rank takes its shard.
+    Strict: missing / unexpected keys and shape mismatches are listed in one error."""
+    tp, rank, _ = _tp_info(model)
+    local = local_state_dict(full, tp, rank)
+    check_keys(tensor_shapes(model), local, source)
+    model.load_state_dict(local, strict=True)
