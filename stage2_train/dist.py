@@ -1,0 +1,152 @@
+"""Process group + megatron-core parallel state for stage 2.
+
+    world = tp * dp   (pipeline and context parallelism are not used)
+    ranks of one TP group are contiguous (megatron's default order tp-cp-ep-dp-pp):
+    world 4, tp 2 -> TP groups [0,1] [2,3], DP groups [0,2] [1,3]
+
+Launch: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment) or a
+plain `python -m osp.stage2_train.run` (one process, an in-memory store). The backend comes from the
+device layer (cuda -> nccl, npu -> hccl, cpu -> gloo). Reaching MASTER_ADDR is bounded by
+`parallel.init_timeout_s`; a failure is one line naming the address and the fix.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from osp.common.device import Device, pick_device
+
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world: int
+    local_rank: int
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+    sp: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_layout(world: int, tp: int, sp: bool, heads: int, tokens: int | None = None) -> None:
+    """Raise a LayoutError for an impossible (world, tp, sp) on a DiT with `heads` and `tokens` per sample."""
+    if tp < 1 or world % tp:
+        raise LayoutError(
+            f"world size {world} is not divisible by parallel.tp={tp}; launch a multiple of {tp} processes "
+            f"(NNODES x GPUS_PER_NODE) or change parallel.tp"
+        )
+    if heads % tp:
+        raise LayoutError(f"parallel.tp={tp} must divide the DiT's {heads} attention heads; choose a divisor of {heads}")
+    if sp and tp == 1:
+        raise LayoutError("parallel.sp=true needs parallel.tp > 1; set parallel.sp=false")
+    if sp and tokens is not None and tokens % tp:
+        raise LayoutError(
+            f"sequence parallelism splits the {tokens} video tokens per sample over tp={tp} ranks, which does not divide; "
+            "choose a tp dividing T*H/2*W/2, or set parallel.sp=false"
+        )
+
+
+def _check_master_reachable(addr: str, port: int, timeout: float) -> None:
+    try:
+        socket.getaddrinfo(addr, port)
+    except socket.gaierror as e:
+        raise RuntimeError(
+            f"MASTER_ADDR={addr!r} does not resolve ({e.strerror}); set MASTER_ADDR to the IP of the node with NODE_RANK=0"
+        ) from None
+
+
+def init_distributed(device: Device, timeout_s: float = 300.0) -> tuple[int, int, int]:
+    """Initialise torch.distributed once; returns (rank, world, local_rank)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        store = dist.HashStore()
+        dist.init_process_group(device.backend, store=store, rank=0, world_size=1, timeout=timeout)
+        return 0, 1, 0
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
+    _check_master_reachable(addr, port, timeout_s)
+    if device.is_accelerator:
+        device.set_current(local_rank)
+    try:
+        dist.init_process_group(device.backend, rank=rank, world_size=world, timeout=timeout)
+        # a first collective proves every rank is there (bounded by the same timeout)
+        t = torch.ones(1, device=device.torch_device(local_rank))
+        dist.all_reduce(t)
+    except (RuntimeError, TimeoutError, dist.DistError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"rank {rank}/{world}: could not join the process group at MASTER_ADDR={addr}:{port} within {timeout_s:.0f} s "
+            f"({first}); check MASTER_ADDR/MASTER_PORT point at the NODE_RANK=0 node and every node was started"
+        ) from None
+    return rank, world, local_rank
+
+
+def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: float = 300.0) -> Layout:
+    """(Re)initialise megatron-core's parallel state for this TP size (world must already be up)."""
+    from megatron.core import parallel_state as ps
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    check_layout(world, tp, sp, heads, tokens)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+        create_gloo_process_groups=dist.get_backend() != "gloo",
+    )
+    return Layout(
+        rank=rank,
+        world=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        tp=tp,
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        sp=sp,
+    )
+
+
+def tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+def dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_device(name: str) -> Device:
+    device = pick_device(name)
+    from osp.common import megatron_cpu
+
+    megatron_cpu.apply()
+    return device

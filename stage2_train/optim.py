@@ -1,0 +1,188 @@
+"""Optimisation pieces of the trainer: AdamW (optionally ZeRO-1 sharded over data parallelism),
+data-parallel gradient all-reduce, the global grad norm across TP shards, the LR schedule and EMA.
+
+Data parallelism is plain torch.distributed: after the last micro-step every gradient is summed over
+the DP group in ~64 MiB flat buckets and divided by the DP size (megatron's DDP needs its own
+optimizer, which is CUDA-only). ZeRO-1: parameter i is owned by one DP rank (greedy by size, a pure
+function of the parameter list), only the owner keeps AdamW state and updates it, then every owner
+broadcasts its updated parameters to the other DP ranks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+BUCKET_BYTES = 64 << 20
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES):
+    bucket, size = [], 0
+    for t in tensors:
+        if bucket and (size + t.numel() * t.element_size() > bucket_bytes or t.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    if bucket:
+        yield bucket
+
+
+def allreduce_grads(params: list[nn.Parameter], group, world: int) -> None:
+    """Average the gradients over `group` (SUM then divide; gloo has no AVG)."""
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for bucket in _buckets(grads):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        for g, r in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(r)
+
+
+def global_grad_norm(params: list[nn.Parameter], tp_group, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """L2 norm of all gradients of the (TP-sharded) model: sharded params summed over TP, replicated
+    params counted once (on TP rank 0). Identical on every rank. fp32 scalar tensor."""
+    device = params[0].device
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        if p.grad is None:
+            continue
+        if tp_size == 1 or getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            sq += p.grad.detach().float().pow(2).sum()
+    if tp_size > 1:
+        dist.all_reduce(sq, group=tp_group)
+    return sq.sqrt()
+
+
+def clip_grads(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_'s rule with a precomputed global norm."""
+    if max_norm <= 0:
+        return
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
+
+
+def lr_at(step: int, base: float, warmup: int, schedule: str, total: int, min_lr: float = 0.0) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup over `warmup` steps, then constant or cosine."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine":
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_lr + 0.5 * (base - min_lr) * (1.0 + math.cos(math.pi * progress))
+    return base
+
+
+class ZeroAdamW:
+    """ZeRO-1 AdamW: optimizer state of parameter i lives on DP rank owner[i] only."""
+
+    def __init__(self, params: list[nn.Parameter], dp_group, dp_rank: int, dp_size: int, **adamw):
+        self.params, self.group, self.dp_rank, self.dp_size = params, dp_group, dp_rank, dp_size
+        load = [0] * dp_size
+        self.owner = []
+        for p in params:  # greedy by size in parameter order: deterministic on every rank
+            o = min(range(dp_size), key=lambda r: (load[r], r))
+            self.owner.append(o)
+            load[o] += p.numel()
+        self.local = [p for p, o in zip(params, self.owner) if o == dp_rank]
+        self.optim = torch.optim.AdamW(self.local, **adamw) if self.local else None
+        self.param_groups = self.optim.param_groups if self.optim else [dict(adamw)]
+        self._src = [dist.get_global_rank(dp_group, r) if dp_size > 1 else dist.get_rank() for r in range(dp_size)]
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = lr
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.optim is not None:
+            self.optim.step()
+        if self.dp_size == 1:
+            return
+        for r in range(self.dp_size):
+            mine = [p.data for p, o in zip(self.params, self.owner) if o == r]
+            for bucket in _buckets(mine):
+                flat = _flatten_dense_tensors(bucket) if r == self.dp_rank else torch.empty(
+                    sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=bucket[0].device
+                )
+                dist.broadcast(flat, src=self._src[r], group=self.group)
+                if r != self.dp_rank:
+                    for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                        t.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"zero1": True, "dp_size": self.dp_size, "dp_rank": self.dp_rank,
+                "optim": self.optim.state_dict() if self.optim else {}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if not sd.get("zero1") or sd.get("dp_size") != self.dp_size or sd.get("dp_rank") != self.dp_rank:
+            raise ValueError("optimizer state was saved with another ZeRO-1 layout; resume with the same parallel.zero1 and data-parallel size")
+        if self.optim is not None:
+            self.optim.load_state_dict(sd["optim"])
+
+
+class PlainAdamW:
+    """torch AdamW with the same small interface as ZeroAdamW."""
+
+    def __init__(self, params: list[nn.Parameter], **adamw):
+        self.params = params
+        self.optim = torch.optim.AdamW(params, **adamw)
+        self.param_groups = self.optim.param_groups
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = lr
+
+    def zero_grad(self) -> None:
+        self.optim.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optim.step()
+
+    def state_dict(self) -> dict:
+        return {"zero1": False, "optim": self.optim.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("zero1"):
+            raise ValueError("optimizer state was saved with parallel.zero1=true; resume with the same setting")
+        self.optim.load_state_dict(sd["optim"])
+
+
+class EMA:
+    """EMA of the (local, TP-sharded) parameters with diffusers 0.28 EMAModel's rule: at the k-th update
+    decay = 0 for k = 1 (a copy), then min(max_decay, k / (k + 9))."""
+
+    def __init__(self, model: nn.Module, max_decay: float):
+        self.max_decay = max_decay
+        self.updates = 0
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+
+    def decay(self) -> float:
+        step = self.updates - 1
+        return 0.0 if step <= 0 else min(self.max_decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        one_minus = 1.0 - self.decay()
+        for n, p in model.named_parameters():
+            s = self.shadow[n]
+            s.sub_(one_minus * (s - p.detach().float()))
+
+    def load(self, shadow: dict[str, torch.Tensor], updates: int) -> None:
+        if set(shadow) != set(self.shadow):
+            raise ValueError("EMA weights in the checkpoint do not match the model's parameters")
+        for n, t in shadow.items():
+            self.shadow[n].copy_(t)
+        self.updates = int(updates)
