@@ -193,6 +193,64 @@ def sample(
                    f"denoise {rec['seconds']['denoise']:.1f} s, decode {rec['seconds']['decode']:.1f} s)")
 
 
+# ---- osp convert: DiT checkpoints (released diffusers folder <-> osp TP-sharded checkpoint) -------
+convert_app = typer.Typer(help="DiT checkpoint conversion: import released weights, merge TP shards, export.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("import")
+def convert_import_cmd(
+    src: Path = typer.Argument(..., help="Released diffusers folder (config.json + diffusion_pytorch_model.safetensors)."),
+    out: Path = typer.Argument(..., help="Output osp checkpoint folder."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size to shard for (must divide the head count)."),
+) -> None:
+    """Released weights -> osp checkpoint sharded for --tp N.
+
+    Example: osp convert import Open-Sora-Plan-v1.2.0/93x480p ckpt/93x480p-tp2 --tp 2
+    """
+    from .convert import convert_import
+
+    try:
+        typer.echo(f"wrote {convert_import(src, out, tp)} (TP={tp})")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+@convert_app.command("merge")
+def convert_merge_cmd(
+    src: Path = typer.Argument(..., help="osp checkpoint folder at any TP size."),
+    out: Path = typer.Argument(..., help="Output osp checkpoint folder (TP 1)."),
+) -> None:
+    """osp checkpoint at TP N -> TP 1 (model and EMA).
+
+    Example: osp convert merge runs/demo/checkpoints/step-000100 ckpt/merged
+    """
+    from .convert import convert_merge
+
+    try:
+        typer.echo(f"wrote {convert_merge(src, out)} (TP=1)")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+@convert_app.command("export")
+def convert_export_cmd(
+    src: Path = typer.Argument(..., help="osp checkpoint folder (any TP size)."),
+    out: Path = typer.Argument(..., help="Output diffusers folder."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights when the checkpoint has them."),
+) -> None:
+    """osp checkpoint -> diffusers layout (config.json + diffusion_pytorch_model.safetensors).
+
+    Example: osp convert export ckpt/merged export/93x480p
+    """
+    from .convert import convert_export
+
+    try:
+        typer.echo(f"wrote {convert_export(src, out, prefer_ema=ema)}")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
 def main() -> None:
     app()
 
