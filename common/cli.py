@@ -251,6 +251,82 @@ def convert_export_cmd(
         fail(str(e))
 
 
+@app.command("encode")
+def encode_cmd(
+    data: Path = typer.Option(..., "--data", help="Dataset root with annotation.json (pixabay_v2), an annotation .json, or a list file of DATA_ROOT,ANNOTATION_JSON lines."),
+    out: Path = typer.Option(..., "--out", "-o", help="Shard directory to write (resumes when it holds shards of the same plan)."),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | osp12-29x480p | osp12-93x480p | osp12-93x720p"),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder; default for the tiny preset: models/demo/vae (written when absent)."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Local mT5 folder (google/mt5-xxl layout); tiny default: models/demo/text_encoder."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Override the preset's frames (1 + 4k)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Override the preset's height (multiple of 8)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Override the preset's width (multiple of 8)."),
+    clips_per_video: int = typer.Option(1, "--clips-per-video", help="Up to N non-overlapping clips per video (centred block)."),
+    all_captions: bool = typer.Option(False, "--all-captions", help="One sample per caption instead of the first caption."),
+    drop_long: bool = typer.Option(False, "--drop-long", help="Apply upstream's filter: drop videos longer than 2 x frames / 24 s."),
+    samples_per_shard: int = typer.Option(256, "--samples-per-shard", help="Valid inputs per shard (fixes shard membership)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Clips per VAE/mT5 forward (equal shapes)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader decode processes (0 = decode in the main process)."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
+    latent_dtype: str = typer.Option("float16", "--latent-dtype", help="Stored moments dtype: float16 | float32."),
+    vae_dtype: str = typer.Option("float32", "--vae-dtype", help="VAE compute dtype (upstream: float32)."),
+    tiling: bool = typer.Option(True, "--tiling/--no-tiling", help="Tiled VAE encode with the training tile sizes (upstream)."),
+    merge_timeout: float = typer.Option(86400.0, "--merge-timeout", help="Seconds rank 0 waits for the other ranks' shards before merging."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress bar."),
+) -> None:
+    """Encode a video dataset once (CausalVAE moments + unpadded mT5 states) into WebDataset shards.
+
+    Resumable (published shards are skipped) and rank-parallel under torchrun (rank r takes shards
+    r, r+W, ...; rank 0 merges). Example: osp encode --data data/demo --out shards/demo --preset tiny
+    """
+    import json
+
+    from osp.stage1_encode.run import EncodeError, EncodeOptions, encode
+
+    opts = EncodeOptions(
+        data=str(data), out=str(out), preset=preset, vae=str(vae) if vae else None,
+        text_encoder=str(text_encoder) if text_encoder else None, frames=frames, height=height, width=width,
+        clips_per_video=clips_per_video, all_captions=all_captions, drop_long=drop_long,
+        samples_per_shard=samples_per_shard, batch_size=batch_size, workers=workers, device=device,
+        latent_dtype=latent_dtype, vae_dtype=vae_dtype, tiling=tiling, merge_timeout=merge_timeout, progress=progress,
+    )
+    try:
+        result = encode(opts)
+    except (EncodeError, ValueError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e))
+    manifest = result.pop("manifest", None)
+    typer.echo(json.dumps(result))
+    if manifest is not None:
+        c = manifest["counts"]
+        typer.echo(f"{out}: {c['samples']} samples + {c['errors']} errors = {c['inputs']} inputs in {c['shards']} shards (errors: {out}/errors.jsonl)")
+
+
+@shards_app.command("preview")
+def shards_preview(
+    dir: Path = typer.Argument(..., help="Shard directory (written by osp encode)."),
+    key: str = typer.Option(..., "--key", "-k", help="Sample key (see osp shards inspect / index.zarr)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output mp4."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder; default: the one recorded in manifest.json."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
+    tiling: bool = typer.Option(True, "--tiling/--no-tiling", help="Tiled decode (sampling tile sizes)."),
+    force: bool = typer.Option(False, "--force", help="Decode even if the VAE differs from the manifest's."),
+) -> None:
+    """Decode one cached latent (posterior mode) back to an mp4: an audit of the cache.
+
+    Example: osp shards preview shards/demo --key 00000003_clip --out clip.mp4
+    """
+    from osp.common.shards import ShardError
+    from osp.stage1_encode.preview import PreviewError, preview
+
+    try:
+        info = preview(dir, key, out, vae=vae, device=device, tiling=tiling, force=force)
+    except (PreviewError, ShardError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if info["vae_mismatch"]:
+        typer.secho("warning: decoded with a VAE that differs from the one that encoded these shards", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"{info['key']} -> {info['out']}: {info['frames']} frames {info['size'][0]}x{info['size'][1]}, latent {info['latent']}, caption {info['caption']!r}")
+
+
 def main() -> None:
     app()
 

@@ -70,6 +70,8 @@ class WorkItem:
     caption_index: int
     clip: int
     clips: int
+    annotation: str = ""
+    record: int = -1
 
 
 @dataclass
@@ -228,7 +230,8 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
                 if spec.clips_per_video > 1:
                     key += f"_k{c}"
                 entries.append(("item", dict(seq=seq, key=key, path=os.path.join(r.root, rel), rel=rel, root=r.root,
-                                             kind=kind, caption=cap, caption_index=j, clip=c, clips=clips)))
+                                             kind=kind, caption=cap, caption_index=j, clip=c, clips=clips,
+                                             annotation=r.annotation, record=r.index)))
                 seq += 1
 
     # Shard membership: consecutive valid inputs; errors join the shard of the next valid input.

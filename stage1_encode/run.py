@@ -1,0 +1,511 @@
+"""`osp encode`: the pipelined, resumable, rank-parallel encoder.
+
+One process per rank (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them: rank 0 of 1).
+Every rank builds the same plan (plan.py) and encodes the shards r, r + W, r + 2W, ... that are not
+published yet. Inside a rank, a DataLoader with `workers` processes decodes and crops clips in plan
+order while the main process runs batched CausalVAE + mT5 forwards: clips of one shard are grouped
+by shape into batches of `batch_size` in plan order (so batch composition, and therefore every byte,
+is independent of timing, of the number of workers and of the number of ranks), and samples and
+error rows are written in plan order. A shard becomes visible only by ShardWriter.publish(); a killed
+run leaves nothing visible of the shard it was writing and redoes it on restart.
+
+When all shards are published, rank 0 writes `uncond.safetensors` (the encoding of ""), merges the
+index (`index.zarr`, `errors.jsonl`) and writes `manifest.json`. Other ranks exit after their shards;
+rank 0 polls for theirs (a shared output folder is required across nodes) up to `merge_timeout`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from osp.common import shards as S
+from osp.common.config import (
+    LATENT_CHANNELS,
+    TILING_TRAIN,
+    VAE_SCALE_FACTOR,
+    get_preset,
+    latent_frames,
+)
+
+from .clips import ClipError, read_image, read_video_clip
+from .dataset import list_records, resolve_sources
+from .plan import Plan, ShardPlan, WorkItem, EncodeSpec, error_row, make_plan
+
+PLAN_NAME = "plan.json"
+TOOL = "osp.stage1_encode"
+DEFAULT_DEMO_MODELS = "models/demo"
+
+
+class EncodeError(RuntimeError):
+    """A problem with the encode arguments or the output folder (message says how to fix it)."""
+
+
+@dataclass
+class EncodeOptions:
+    data: str
+    out: str
+    preset: str = "tiny"
+    vae: str | None = None
+    text_encoder: str | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    clips_per_video: int = 1
+    all_captions: bool = False
+    drop_long: bool = False
+    samples_per_shard: int = 256
+    batch_size: int = 4
+    workers: int = 2
+    device: str = "auto"
+    latent_dtype: str = "float16"
+    vae_dtype: str = "float32"  # upstream encodes with the VAE in fp32
+    tiling: bool = True
+    text_pad_to_max: bool = True  # run mT5 on the exact upstream 512-token shape
+    merge_timeout: float = 24 * 3600.0
+    progress: bool = True
+    rank: int | None = None
+    world_size: int | None = None
+
+    def spec(self) -> EncodeSpec:
+        p = get_preset(self.preset)
+        return EncodeSpec(
+            num_frames=self.frames or p.num_frames,
+            height=self.height or p.height,
+            width=self.width or p.width,
+            fps=p.fps,
+            clips_per_video=self.clips_per_video,
+            all_captions=self.all_captions,
+            drop_long=self.drop_long,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding (runs in DataLoader workers)
+# --------------------------------------------------------------------------------------------------
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Work items -> decoded clips. Never raises for a bad input: returns an error reason instead."""
+
+    def __init__(self, items: list[WorkItem], spec: EncodeSpec):
+        self.items = items
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        sp = self.spec
+        try:
+            if it.kind == "image":
+                clip, info = read_image(it.path, sp.height, sp.width)
+            else:
+                clip, info = read_video_clip(it.path, sp.num_frames, sp.height, sp.width, it.clips, it.clip, sp.fps)
+        except ClipError as e:
+            return {"seq": it.seq, "error": str(e)}
+        except Exception as e:  # an unexpected decoder failure is still one error row, not a dead run
+            return {"seq": it.seq, "error": f"unexpected {type(e).__name__}: {e}"}
+        return {"seq": it.seq, "clip": clip, "info": info.as_meta()}
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def _identity(x):
+    return x
+
+
+def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int):
+    """Decoded clips in plan order; `workers` > 0 decodes ahead in background processes."""
+    ds = ClipDataset(items, spec)
+    if workers <= 0:
+        yield from (ds[i] for i in range(len(ds)))
+        return
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+        worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False,
+    )
+    yield from loader
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+
+
+class Encoders:
+    """CausalVAE + mT5 on one device; batched forward of clips and captions."""
+
+    def __init__(self, vae_dir: str, text_dir: str, device: str, vae_dtype: str, tiling: bool, text_pad_to_max: bool):
+        from osp.common.device import pick_device
+        from osp.common.models.text import TextEncoder
+        from osp.common.models.vae import load_vae, vae_identity
+
+        self.dev = pick_device(device)
+        self.device = self.dev.set_current()
+        self.vae_dtype = getattr(torch, vae_dtype)
+        self.vae = load_vae(vae_dir).to(self.device, self.vae_dtype).eval().requires_grad_(False)
+        self.vae_identity = vae_identity(vae_dir)
+        self.text = TextEncoder.from_pretrained(text_dir, device=self.device, dtype=self.dev.autocast_dtype)
+        self.tiling = TILING_TRAIN if tiling else None
+        self.text_pad_to_max = text_pad_to_max
+
+    @torch.no_grad()
+    def encode_clips(self, clips: list[torch.Tensor]) -> torch.Tensor:
+        """[3, T, H, W] clips of one shape -> moments [B, 8, t, h, w] on the CPU (float32)."""
+        x = torch.stack(clips).to(self.device, self.vae_dtype, non_blocking=True)
+        moments = self.vae.encode_moments(x, tiling=self.tiling)
+        return moments.float().cpu()
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> list[torch.Tensor]:
+        return [t.cpu() for t in self.text.encode_unpadded(captions, pad_to_max=self.text_pad_to_max)]
+
+
+# --------------------------------------------------------------------------------------------------
+# one shard
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_meta(it: WorkItem, caption_clean: str, spec: EncodeSpec, info: dict) -> dict:
+    return {
+        "key": it.key,
+        "input": it.seq,
+        "source": it.rel,
+        "kind": it.kind,
+        "caption": it.caption,
+        "caption_clean": caption_clean,
+        "caption_index": it.caption_index,
+        "clip": it.clip,
+        "clips": it.clips,
+        "num_frames": spec.num_frames if it.kind == "video" else 1,
+        "height": spec.height,
+        "width": spec.width,
+        "fps": spec.fps,
+        **info,
+    }
+
+
+def _decode_error(it: WorkItem, reason: str) -> dict:
+    return {
+        "input": it.seq, "key": it.key, "file": it.rel, "root": it.root, "annotation": it.annotation, "record": it.record,
+        "stage": "decode", "reason": reason,
+    }
+
+
+class ShardEncoder:
+    """Consumes the decoded clips of one shard in plan order, batches them, writes and publishes."""
+
+    def __init__(self, out: str, shard: ShardPlan, spec: EncodeSpec, enc: Encoders, batch_size: int,
+                 latent_dtype: str, on_done=None):
+        from osp.common.models.text import clean_caption
+
+        self.clean = clean_caption
+        self.shard, self.spec, self.enc, self.batch_size = shard, spec, enc, batch_size
+        self.writer = S.ShardWriter(out, shard.id, latent_dtype=latent_dtype)
+        self.items = {it.seq: it for it in shard.items}
+        # seq -> ("sample", latent, text, meta) | ("error", row) | None (waiting in a bucket)
+        self.pending: OrderedDict[int, tuple | None] = OrderedDict()
+        for e in shard.errors:
+            self.pending[e["input"]] = ("error", e)
+        self.buckets: dict[tuple, list[tuple[int, torch.Tensor, dict]]] = {}
+        self.on_done = on_done or (lambda n_samples, n_errors: None)
+        self.n_samples = self.n_errors = 0
+
+    def add(self, result: dict) -> None:
+        seq = result["seq"]
+        it = self.items[seq]
+        self._insert(seq)
+        if "error" in result:
+            self.pending[seq] = ("error", _decode_error(it, result["error"]))
+        else:
+            clip = result["clip"]
+            bucket = self.buckets.setdefault(tuple(clip.shape), [])
+            bucket.append((seq, clip, result["info"]))
+            if len(bucket) >= self.batch_size:
+                self._run(self.buckets.pop(tuple(clip.shape)))
+        self._emit()
+
+    def _insert(self, seq: int) -> None:
+        # keep `pending` ordered by seq (plan errors were inserted up front)
+        self.pending[seq] = None
+        later = [k for k in self.pending if k > seq]
+        for k in later:
+            self.pending.move_to_end(k)
+
+    def _run(self, batch: list[tuple[int, torch.Tensor, dict]]) -> None:
+        moments = self.enc.encode_clips([c for _, c, _ in batch])
+        captions = [self.clean(self.items[s].caption) for s, _, _ in batch]
+        texts = self.enc.encode_text(captions)
+        for (seq, _, info), m, t, cap in zip(batch, moments, texts, captions):
+            self.pending[seq] = ("sample", m, t, sample_meta(self.items[seq], cap, self.spec, info))
+
+    def _emit(self, final: bool = False) -> None:
+        while self.pending:
+            seq, entry = next(iter(self.pending.items()))
+            if entry is None:
+                if final:
+                    raise AssertionError(f"shard {self.shard.id}: input {seq} never encoded")
+                return
+            self.pending.popitem(last=False)
+            if entry[0] == "error":
+                self.writer.add_error(entry[1])
+                self.n_errors += 1
+                self.on_done(0, 1)
+            else:
+                _, m, t, meta = entry
+                self.writer.write(meta["key"], m, t, meta)
+                self.n_samples += 1
+                self.on_done(1, 0)
+
+    def finish(self) -> list[dict]:
+        for shape in list(self.buckets):
+            self._run(self.buckets.pop(shape))
+        self._emit(final=True)
+        return self.writer.publish()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+
+
+def _rank_world(opts: EncodeOptions) -> tuple[int, int]:
+    rank = opts.rank if opts.rank is not None else int(os.environ.get("RANK", 0))
+    world = opts.world_size if opts.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise EncodeError(f"rank {rank} outside world size {world}; check RANK / WORLD_SIZE")
+    return rank, world
+
+
+def _model_dirs(opts: EncodeOptions) -> tuple[str, str]:
+    vae, text = opts.vae, opts.text_encoder
+    if vae and text:
+        return vae, text
+    if get_preset(opts.preset).vae != "tiny":
+        raise EncodeError(f"preset {opts.preset} needs --vae DIR (the released vae/ folder) and --text-encoder DIR (a local google/mt5-xxl)")
+    demo = Path(DEFAULT_DEMO_MODELS)
+    if not ((demo / "vae").is_dir() and (demo / "text_encoder").is_dir()):
+        from osp.common.demo_models import write_demo_models
+
+        write_demo_models(demo)
+    return vae or str(demo / "vae"), text or str(demo / "text_encoder")
+
+
+def build_plan(opts: EncodeOptions) -> Plan:
+    try:
+        sources = resolve_sources(opts.data)
+    except ValueError as e:
+        raise EncodeError(str(e)) from None
+    return make_plan(list_records(sources), opts.spec(), opts.samples_per_shard)
+
+
+def _plan_summary(plan: Plan, opts: EncodeOptions) -> dict:
+    return {
+        "digest": plan.digest(),
+        "data": str(Path(opts.data).resolve()),
+        "spec": asdict(plan.spec),
+        "samples_per_shard": plan.samples_per_shard,
+        "shards": len(plan.shards),
+        "records": plan.n_records,
+        "inputs": plan.n_inputs,
+        "planned_samples": plan.n_valid,
+        "plan_errors": plan.n_plan_errors,
+        "latent_dtype": opts.latent_dtype,
+        "vae_dtype": opts.vae_dtype,
+        "tiling": opts.tiling,
+        "text_pad_to_max": opts.text_pad_to_max,
+        "vae": _vae_sha(opts.vae),
+        "text_encoder": str(Path(opts.text_encoder).resolve()) if opts.text_encoder else None,
+    }
+
+
+def _vae_sha(vae_dir: str | None) -> str | None:
+    from osp.common.models.vae import vae_identity
+
+    return vae_identity(vae_dir)["weights_sha256"] if vae_dir else None
+
+
+def _check_plan_file(out: Path, summary: dict, rank: int) -> None:
+    """The output folder belongs to one plan: refuse to mix shards of different plans/options."""
+    path = out / PLAN_NAME
+    body = json.dumps(summary, sort_keys=True, indent=2) + "\n"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != summary:
+            diff = sorted(k for k in summary if old.get(k) != summary[k])
+            raise EncodeError(
+                f"{out}: holds shards of a different plan (differs in {', '.join(diff)}); "
+                f"use a new --out or delete {out}"
+            )
+        return
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{PLAN_NAME}.tmp-{os.getpid()}")
+        tmp.write_text(body)
+        os.replace(tmp, path)
+
+
+def _progress(enabled: bool, rank: int, world: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(f"[bold]encode[/] r{rank}/{world}" if world > 1 else "[bold]encode[/]"),
+        BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]} clips/s"),
+        TextColumn("errors {task.fields[errors]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def encode(opts: EncodeOptions) -> dict:
+    """Run (or resume) the encode of this rank; rank 0 also merges. Returns a summary dict."""
+    rank, world = _rank_world(opts)
+    out = Path(opts.out)
+    if opts.batch_size < 1:
+        raise EncodeError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.latent_dtype not in ("float16", "float32"):
+        raise EncodeError(f"--latent-dtype must be float16 or float32, got {opts.latent_dtype}")
+    if opts.vae_dtype not in ("float32", "bfloat16", "float16"):
+        raise EncodeError(f"--vae-dtype must be float32, bfloat16 or float16, got {opts.vae_dtype}")
+    vae_dir, text_dir = _model_dirs(opts)
+    opts.vae, opts.text_encoder = vae_dir, text_dir
+    plan = build_plan(opts)
+    summary = _plan_summary(plan, opts)
+    _check_plan_file(out, summary, rank)
+
+    done = S.published_shards(out)
+    mine = [s for s in plan.shards if s.id % world == rank and s.id not in done]
+    t0 = time.perf_counter()
+    stats = {"samples": 0, "errors": 0, "shards": 0, "skipped_shards": sum(1 for s in plan.shards if s.id % world == rank) - len(mine)}
+    enc = None
+    if mine or rank == 0:
+        enc = Encoders(vae_dir, text_dir, opts.device, opts.vae_dtype, opts.tiling, opts.text_pad_to_max)
+    if mine:
+        _encode_shards(mine, plan.spec, enc, opts, rank, world, stats)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    result = {"rank": rank, "world_size": world, "out": str(out), "plan": summary["digest"], **stats}
+    if rank == 0:
+        _wait_for_shards(out, len(plan.shards), opts.merge_timeout, world)
+        result["manifest"] = finalize(out, plan, opts, enc)
+    return result
+
+
+def _encode_shards(mine: list[ShardPlan], spec: EncodeSpec, enc: Encoders, opts: EncodeOptions,
+                   rank: int, world: int, stats: dict) -> None:
+    items = [it for s in mine for it in s.items]
+    total = len(items) + sum(len(s.errors) for s in mine)
+    prog = _progress(opts.progress, rank, world)
+    t_start = time.perf_counter()
+    with prog:
+        task = prog.add_task("encode", total=total, speed="-", errors=0)
+
+        def on_done(n_samples: int, n_errors: int) -> None:
+            stats["samples"] += n_samples
+            stats["errors"] += n_errors
+            done = stats["samples"] + stats["errors"]
+            rate = stats["samples"] / max(time.perf_counter() - t_start, 1e-9)
+            prog.update(task, completed=done, speed=f"{rate:.2f}", errors=stats["errors"])
+
+        stream = iter(decoded_stream(items, spec, opts.workers))
+        for shard in mine:
+            se = ShardEncoder(opts.out, shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done)
+            try:
+                for _ in range(len(shard.items)):
+                    se.add(next(stream))
+                se.finish()
+            except BaseException:
+                se.abort()
+                raise
+            stats["shards"] += 1
+
+
+def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> None:
+    t0 = time.monotonic()
+    while True:
+        missing = sorted(set(range(n_shards)) - S.published_shards(out))
+        if not missing:
+            return
+        if time.monotonic() - t0 > timeout:
+            raise EncodeError(
+                f"{out}: after {timeout:.0f} s, shards {missing[:10]}{'...' if len(missing) > 10 else ''} are still "
+                f"missing (ranks {sorted({m % world for m in missing})}); rerun those ranks or rerun osp encode "
+                f"single-process (published shards are skipped)"
+            )
+        time.sleep(2.0)
+
+
+def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
+    """uncond + index + errors + manifest; idempotent (a rerun on a finished folder rewrites the same bytes)."""
+    uncond = enc.encode_text([""])[0]
+    S.write_uncond(out, uncond)
+    n_samples = S.merge_index(out)
+    n_errors = sum(1 for line in (out / S.ERRORS_NAME).read_bytes().splitlines() if line.strip())
+    if n_samples + n_errors != plan.n_inputs:
+        raise EncodeError(
+            f"{out}: {n_samples} samples + {n_errors} errors != {plan.n_inputs} inputs; "
+            f"the folder holds foreign shards, delete it and re-encode"
+        )
+    spec = plan.spec
+    manifest = {
+        "tool": TOOL,
+        "tool_version": _tool_version(),
+        "plan_digest": plan.digest(),
+        "vae": {
+            **enc.vae_identity,
+            "path": str(Path(opts.vae).resolve()),
+            "dtype": opts.vae_dtype,
+            "tiling": asdict(TILING_TRAIN) if opts.tiling else None,
+            "scale_factor": VAE_SCALE_FACTOR,
+        },
+        "text_encoder": {**enc.text.identity(), "pad_to_max": opts.text_pad_to_max},
+        "geometry": {
+            "num_frames": spec.num_frames,
+            "height": spec.height,
+            "width": spec.width,
+            "fps": spec.fps,
+            "clips_per_video": spec.clips_per_video,
+            "all_captions": spec.all_captions,
+            "drop_long": spec.drop_long,
+            "preset": opts.preset,
+        },
+        "latent": {
+            "kind": "moments",
+            "shape": [2 * LATENT_CHANNELS, latent_frames(spec.num_frames), spec.height // 8, spec.width // 8],
+            "image_shape": [2 * LATENT_CHANNELS, 1, spec.height // 8, spec.width // 8],
+            "dtype": opts.latent_dtype,
+            "scale_factor": VAE_SCALE_FACTOR,
+        },
+        "text": {"dtype": str(enc.text.dtype).removeprefix("torch."), "dim": enc.text.dim, "unpadded": True,
+                 "max_length": enc.text.max_length, "uncond_len": int(uncond.shape[0])},
+        "counts": {
+            "records": plan.n_records,
+            "inputs": plan.n_inputs,
+            "samples": n_samples,
+            "errors": n_errors,
+            "shards": len(plan.shards),
+        },
+    }
+    S.write_manifest(out, manifest)
+    return manifest
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("osp")
+    except Exception:
+        return "unknown"
