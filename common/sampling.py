@@ -362,6 +362,8 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
     for w in warns:
         warnings.warn(w, stacklevel=2)
     make_scheduler(s.scheduler)  # validate the name before any work
+    if s.scheduler == "pndm" and s.steps < 4:
+        raise ValueError(f"--scheduler pndm needs --steps >= 4 (its Runge-Kutta warm-up), got {s.steps}")
 
     # latent geometry (ceil for sizes that are not multiples: the video is cropped after decoding)
     shape = (1, models.dit_config.in_channels, latent_frames(frames),

@@ -1,0 +1,209 @@
+"""`osp sample` on tiny models: video output, reproducibility, CFG, schedulers, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from osp.common.cli import app
+from osp.common.config import NEGATIVE_PROMPT, VAE_SCALE_FACTOR
+from osp.common.sampling import (
+    SCHEDULERS,
+    SampleSettings,
+    denoise,
+    initial_noise,
+    load_models,
+    make_scheduler,
+    prepare_prompt,
+    resolve_checkpoint,
+    sample_videos,
+)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Demo models + a random tiny DiT saved as a TP=2 osp run (latest -> step-0000002, with EMA)."""
+    from osp.common.convert import save_dit_checkpoint, split_state_dict
+    from osp.common.demo_models import write_demo_models
+    from osp.common.models.dit import build_dit
+
+    root = tmp_path_factory.mktemp("sample")
+    info = write_demo_models(root / "models", seed=0)
+    torch.manual_seed(0)
+    dit = build_dit("tiny")
+    sd = dit.state_dict()
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in sd.items()}
+    run = root / "run"
+    for step in ("step-0000001", "step-0000002"):
+        save_dit_checkpoint(run / "checkpoints" / step, split_state_dict(sd, 2), dit.config,
+                            ema_per_rank=split_state_dict(ema, 2))
+    (run / "checkpoints" / "latest").write_text("step-0000002\n")
+    return {"root": root, "run": run, "vae": info["vae"], "text": info["text_encoder"], "info": info}
+
+
+@pytest.fixture(scope="module")
+def models(assets):
+    return load_models(assets["run"], assets["vae"], assets["text"], device="cpu")
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["sample", *map(str, args)])
+
+
+def test_demo_models_idempotent(assets):
+    from osp.common.demo_models import write_demo_models
+
+    again = write_demo_models(assets["root"] / "models", seed=0)
+    assert again["written"] == [] and sorted(again["kept"]) == ["text_encoder", "vae"]
+    assert again["vae_identity"] == assets["info"]["vae_identity"]
+
+
+def test_resolve_checkpoint(assets, tmp_path):
+    ck = assets["run"] / "checkpoints"
+    assert resolve_checkpoint(assets["run"]) == ck / "step-0000002"
+    assert resolve_checkpoint(ck / "step-0000001") == ck / "step-0000001"
+    (tmp_path / "checkpoints" / "step-0000003").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000010").mkdir()
+    assert resolve_checkpoint(tmp_path).name == "step-0000010"  # no latest file: the newest step
+
+
+def test_default_scheduler_matches_upstream():
+    s = make_scheduler()
+    assert type(s).__name__ == "EulerAncestralDiscreteScheduler"
+    c = s.config
+    assert (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule) == (1000, 1e-4, 0.02, "linear")
+    assert c.prediction_type == "epsilon" and c.timestep_spacing == "linspace"
+    s.set_timesteps(100)
+    np.testing.assert_allclose(s.timesteps.numpy(), np.linspace(0, 999, 100)[::-1], atol=1e-3)
+    # max sigma from the linear-beta schedule, computed by hand
+    acp = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    sigma_max = np.sqrt((1 - acp[-1]) / acp[-1])
+    assert float(s.init_noise_sigma) == pytest.approx(np.sqrt(sigma_max**2 + 1), rel=1e-4)
+    assert float(s.init_noise_sigma) == pytest.approx(157.4073, abs=1e-3)
+    assert make_scheduler("ddim").config.clip_sample is False
+    assert make_scheduler("ddpm").config.clip_sample is False
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs(models, name):
+    emb, mask = models.text_encoder.encode([prepare_prompt(NEGATIVE_PROMPT, template=False), prepare_prompt("a dog")])
+    noise = initial_noise((1, 4, 3, 8, 8), seed=1)
+    out = denoise(models.dit, make_scheduler(name), noise, emb, mask, steps=4, guidance=7.5, seed=1, dtype=torch.float32)
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, noise * make_scheduler(name).init_noise_sigma)
+
+
+def test_guidance_one_is_the_conditional_path(models):
+    """sample_videos(guidance=1) equals a hand-written DDIM loop with the DiT's conditional output."""
+    from diffusers import DDIMScheduler
+
+    prompt, seed, steps = "a red ball bouncing", 7, 4
+    rec = sample_videos(models, SampleSettings(prompts=[prompt], steps=steps, guidance=1.0, scheduler="ddim", seed=seed),
+                        progress=False)[0]
+    assert rec["negative_prompt_used"] is None
+
+    te = models.text_encoder
+    text = "(masterpiece), (best quality), (ultra-detailed), a red ball bouncing."
+    from osp.common.models.text import clean_caption
+
+    emb, mask = te.encode([clean_caption(text)])
+    sched = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, clip_sample=False)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = models.dit(x, t.reshape(1), emb, mask)
+            x = sched.step(eps, t, x).prev_sample
+        video = models.vae.decode(x / VAE_SCALE_FACTOR)[0]
+    expected = ((video / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    diff = np.abs(rec["frames_uint8"].astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+    # identical negative and positive prompts: CFG at any scale gives the conditional prediction
+    emb2, mask2 = emb.repeat(2, 1, 1), mask.repeat(2, 1)
+    noise = initial_noise((1, 4, 3, 8, 8), seed)
+    a = denoise(models.dit, make_scheduler("ddim"), noise, emb, mask, steps, 1.0, seed, torch.float32)
+    b = denoise(models.dit, make_scheduler("ddim"), noise, emb2, mask2, steps, 7.5, seed, torch.float32)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_writes_mp4_and_sidecar(assets, tmp_path):
+    import av
+
+    out = tmp_path / "out"
+    r = _cli("--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"],
+             "--prompt", "a red ball", "--prompt", "a green field", "--steps", 3, "--device", "cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    mp4s = sorted(out.glob("*.mp4"))
+    assert len(mp4s) == 2
+    with av.open(str(mp4s[0])) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        assert float(stream.average_rate) == 24
+    assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+    side = json.loads(mp4s[0].with_suffix(".json").read_text())
+    assert side["seed"] == 42 and side["settings"]["steps"] == 3 and side["settings"]["scheduler"] == "euler-ancestral"
+    assert side["identity"]["dit"]["meta"]["tp"] == 2 and side["identity"]["dit"]["resolved"].endswith("step-0000002")
+    assert set(side["identity"]) == {"dit", "vae", "text_encoder"}
+
+
+def test_seed_reproducibility(models):
+    s = SampleSettings(prompts=["a cat"], steps=3, seed=3)
+    a, b = (sample_videos(models, s, progress=False)[0]["frames_uint8"] for _ in range(2))
+    assert np.array_equal(a, b)
+    # a different seed changes the initial noise and the ancestral noise, hence the latents
+    emb, mask = models.text_encoder.encode(["a cat"])
+
+    def latents(seed):
+        return denoise(models.dit, make_scheduler(), initial_noise((1, 4, 3, 8, 8), seed), emb, mask, 3, 1.0, seed, torch.float32)
+
+    torch.testing.assert_close(latents(3), latents(3), atol=0, rtol=0)
+    assert not torch.allclose(latents(3), latents(4))
+
+
+def test_ema_is_preferred(assets, models):
+    plain = load_models(assets["run"], assets["vae"], assets["text"], device="cpu", prefer_ema=False)
+    x = initial_noise((1, 4, 3, 8, 8), 0)
+    emb, mask = models.text_encoder.encode(["a"])
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        assert not torch.allclose(models.dit(x, t, emb, mask), plain.dit(x, t, emb, mask))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--checkpoint", "/nonexistent/run"], "does not exist"),
+        (["--height", "100"], "impossible"),
+        (["--frames", "8"], "impossible"),
+        (["--frames", "5"], "--allow-untrained-size"),
+        (["--scheduler", "nope"], "unknown scheduler"),
+    ],
+)
+def test_cli_errors(assets, tmp_path, extra, message):
+    base = {"--checkpoint": assets["run"], "--vae": assets["vae"], "--text-encoder": assets["text"]}
+    for k in extra[::2]:
+        base.pop(k, None)
+    args = [x for kv in base.items() for x in kv] + extra + ["--prompt", "x", "--steps", 1, "--device", "cpu", "--out", tmp_path]
+    r = _cli(*args)
+    assert r.exit_code != 0
+    assert message in r.output and "error:" in r.output
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_cli_prompt_file_errors_and_untrained_size_warning(assets, tmp_path):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n# only a comment\n\n")
+    common = ["--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"], "--device", "cpu",
+              "--steps", 1, "--out", tmp_path / "o"]
+    r = _cli(*common, "--prompt-file", empty)
+    assert r.exit_code != 0 and "holds no prompts" in r.output
+    r = _cli(*common)
+    assert r.exit_code != 0 and "no prompts given" in r.output
+    r = _cli(*common, "--prompt", "x", "--frames", 5, "--allow-untrained-size", "--guidance", 1.0)
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.output and "#356" in r.output
