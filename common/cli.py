@@ -83,10 +83,9 @@ def shards_inspect(
     table.add_row("tar bytes", f"{info['tar_bytes']:,}")
     table.add_row("bytes / sample", f"{info['bytes_per_sample']:,.0f}")
     table.add_row("text length min / mean / max", f"{tl['min']} / {tl['mean']:.1f} / {tl['max']}")
-    manifest = info["manifest"] or {}
     for k in ("latent_dtype", "text_dtype", "preset"):
-        if k in manifest:
-            table.add_row(k, str(manifest[k]))
+        if info.get(k) is not None:
+            table.add_row(k.replace("_", " "), str(info[k]))
     console.print(table)
     hist = Table(title="latent shapes")
     hist.add_column("T x H x W")
