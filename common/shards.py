@@ -720,6 +720,8 @@ def inspect(out_dir: str | os.PathLike) -> dict:
         manifest = read_manifest(out)
     except ShardError:
         manifest = None
+    m = manifest or {}
+    side = _read_rows(out, shards[0]) if shards else None
     return {
         "dir": str(out),
         "samples": n,
@@ -730,5 +732,8 @@ def inspect(out_dir: str | os.PathLike) -> dict:
         "bytes_per_sample": tar_bytes / n if n else 0.0,
         "member_bytes_per_sample": float((index.st_size + index.json_size).mean()) if n else 0.0,
         "text_len": {"min": int(tl.min()), "mean": float(tl.mean()), "max": int(tl.max())} if n else {"min": 0, "mean": 0.0, "max": 0},
+        "latent_dtype": (side or {}).get("latent_dtype"),
+        "text_dtype": (m.get("text") or {}).get("dtype") if isinstance(m.get("text"), dict) else None,
+        "preset": (m.get("geometry") or {}).get("preset") if isinstance(m.get("geometry"), dict) else None,
         "manifest": manifest,
     }
