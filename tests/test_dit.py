@@ -189,3 +189,26 @@ def test_bf16_autocast_close_to_fp32(tiny):
             out = tiny(x, t, text, mask)
     assert out.shape == ref.shape
     assert float((out.float() - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_gpu_bench_dry_run(tmp_path, capsys):
+    """bench/gpu/bench_dit_gpu.py runs end to end at tiny sizes on CPU (so it cannot rot)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "bench_dit_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_dit_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_dit_gpu"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    assert mod.main(["--dry-run", "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["fwd_bwd_ms"] > 0 and r["matmul_peak_tflops"] > 0 and r["train_tflop"] > 0
+    assert 0 < r["bf16_vs_fp32"]["rel_max"] < 0.05 and r["bf16_vs_fp32"]["cosine"] > 0.999
+    assert "| card |" in capsys.readouterr().out
+    # analytic FLOPs of the real 93x480p model: 32 blocks at 28,800 + 512 tokens
+    s = mod.Shape(32, 24, 96, 4096, 24, 60, 80, 512, 1)
+    S, L, D = 28800, 512, 2304
+    block = 2 * S * D * D * (4 + 2 + 8) + 4 * L * D * D + 4 * S * S * D + 4 * S * L * D
+    assert abs(mod.model_flops(s)["forward"] / (32 * block) - 1) < 0.01

@@ -1,0 +1,278 @@
+"""OpenSoraT2V at real width on one H100/H200: bf16 forward+backward time, analytic FLOPs, TFLOP/s,
+MFU against a measured bf16 matmul peak, and bf16-vs-fp32 output agreement.
+
+Self-contained: needs only torch and the osp package (megatron-core is optional: with it,
+`torchrun --nproc_per_node N bench/gpu/bench_dit_gpu.py --tp N [--sp]` times the megatron TP/SP plan;
+without it only the single-GPU run is available). Runs in a few minutes. The model is the real
+OpenSoraT2V definition (D 2304, 24 heads x 96, FFN 9216, text 4096) with --blocks transformer blocks
+(default 4) at the 93x480p token count: latent 4 x 24 x 60 x 80 -> 28,800 video tokens, 512 text tokens.
+
+    python bench/gpu/bench_dit_gpu.py                 # single GPU
+    python bench/gpu/bench_dit_gpu.py --dry-run       # tiny sizes on CPU (what the test runs)
+
+It prints a markdown block ready to paste into bench/RESULTS.md (with torch.cuda.get_device_name).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+# the osp package (installed editable, or run from a checkout without installing)
+try:
+    from osp.common.models.dit import DiTConfig, build_dit
+except ImportError:  # pragma: no cover - a bare checkout: map the folders to osp.* by hand
+    import importlib.util
+    import types
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for name, folder in (("osp", None), ("osp.common", "common"), ("osp.common.models", "common/models"), ("osp.stage2_train", "stage2_train")):
+        mod = types.ModuleType(name)
+        mod.__path__ = [os.path.join(root, folder)] if folder else []
+        sys.modules[name] = mod
+    from osp.common.models.dit import DiTConfig, build_dit
+
+# Nominal dense bf16 peaks (TFLOP/s, no sparsity) for a second MFU column; the measured matmul peak
+# is the primary reference.
+NOMINAL_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.5, "H200": 989.4}
+
+
+@dataclass
+class Shape:
+    blocks: int
+    heads: int
+    head_dim: int
+    text_dim: int
+    frames: int
+    height: int  # latent
+    width: int
+    text_len: int
+    batch: int
+
+    @property
+    def d(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * (self.height // 2) * (self.width // 2)
+
+
+def model_flops(s: Shape) -> dict[str, float]:
+    """Forward FLOPs (2 per multiply-add) of OpenSoraT2V with s.blocks blocks, per batch."""
+    S, L, D, F, B = s.tokens, s.text_len, s.d, 4 * s.d, s.batch
+    self_proj = 4 * 2 * S * D * D  # q, k, v, out
+    self_attn = 2 * 2 * S * S * D  # q k^T and p v
+    cross_proj = 2 * 2 * S * D * D + 2 * 2 * L * D * D  # q, out on video; k, v on text
+    cross_attn = 2 * 2 * S * L * D
+    ffn = 2 * 2 * S * D * F
+    block = self_proj + self_attn + cross_proj + cross_attn + ffn
+    outer = 2 * S * D * 16 + 2 * L * (s.text_dim * D + D * D) + 2 * (256 * D + D * D + D * 6 * D) + 2 * S * D * 16
+    fwd = B * (s.blocks * block + outer)
+    return {"forward": fwd, "train": 3 * fwd, "attention_share": B * s.blocks * (self_attn + cross_attn) / fwd}
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev: torch.device, iters: int, warmup: int) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_peak(dev: torch.device, n: int, iters: int) -> float:
+    """Measured bf16 matmul TFLOP/s at n x n x n."""
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    reps = 10 if dev.type == "cuda" else 1
+
+    def f():
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return 2 * n**3 * reps / timed(f, dev, iters, 2) / 1e12
+
+
+def make_inputs(s: Shape, dev: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(s.batch, 4, s.frames, s.height, s.width, generator=g).to(dev)
+    t = torch.linspace(100, 900, s.batch).to(dev)
+    text = torch.randn(s.batch, s.text_len, s.text_dim, generator=g).to(dev)
+    mask = torch.ones(s.batch, s.text_len, device=dev)
+    mask[:, (3 * s.text_len) // 4:] = 0  # some padding, so the masked (efficient) kernel path is exercised
+    return x, t, text, mask
+
+
+def init_tp(args):
+    """Optional megatron TP(/SP) across torchrun ranks. Returns (tp, rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp == 1:
+        return 1, 0
+    if world != args.tp:
+        raise SystemExit(f"--tp {args.tp} needs torchrun --nproc_per_node {args.tp} (WORLD_SIZE={world})")
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        raise SystemExit("--tp > 1 needs megatron-core (pip install megatron-core==0.16.1); run without --tp for one GPU") from None
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    from osp.common import megatron_cpu
+
+    megatron_cpu.apply()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    return args.tp, dist.get_rank()
+
+
+def run(args) -> dict:
+    dev = torch.device("cpu") if args.dry_run else torch.device("cuda")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device; use --dry-run for the CPU smoke test")
+    if args.dry_run:
+        s = Shape(blocks=2, heads=2, head_dim=24, text_dim=64, frames=3, height=8, width=8, text_len=8, batch=1)
+        args.iters, args.warmup, peak_n = 2, 1, 128
+    else:
+        s = Shape(args.blocks, 24, 96, 4096, args.frames, args.height, args.width, args.text_len, args.batch)
+        peak_n = 8192
+    tp, rank = init_tp(args)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference must be true fp32
+    torch.backends.cudnn.allow_tf32 = False
+
+    cfg = DiTConfig(num_layers=s.blocks, num_attention_heads=s.heads, attention_head_dim=s.head_dim,
+                    caption_channels=s.text_dim, cross_attention_dim=s.d, sample_size=[s.height, s.width],
+                    sample_size_t=s.frames)
+    torch.manual_seed(0)
+    model = build_dit(cfg, device=dev)
+    with torch.no_grad():  # non-zero modulation tables and output layer (zero-init would hide numerics)
+        for name, p in model.named_parameters():
+            if "scale_shift_table" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    x, t, text, mask = make_inputs(s, dev)
+
+    # bf16 vs fp32 agreement of the same weights (forward, no grad)
+    with torch.no_grad():
+        ref = model(x, t, text, mask).float()
+        model_bf16 = model.to(torch.bfloat16)
+        out = model_bf16(x.bfloat16(), t, text.bfloat16(), mask).float()
+    rel_max = float((out - ref).abs().max() / ref.abs().max())
+    rel_rms = float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+    cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+    del ref, out
+
+    if tp > 1:
+        from osp.stage2_train.parallel import parallelize, reduce_sequence_parallel_grads
+
+        model_bf16 = parallelize(model_bf16, sequence_parallel=args.sp)
+    model_bf16.gradient_checkpointing = args.checkpoint
+    xb, textb = x.bfloat16(), text.bfloat16()
+    grad = torch.randn(s.batch, 4, s.frames, s.height, s.width, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        model_bf16.zero_grad(set_to_none=True)
+        model_bf16(xb, t, textb, mask).backward(grad)
+        if tp > 1:
+            reduce_sequence_parallel_grads(model_bf16)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    secs = timed(step, dev, args.iters, args.warmup)
+    peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+    with torch.no_grad():
+        fwd_secs = timed(lambda: model_bf16(xb, t, textb, mask), dev, args.iters, args.warmup)
+    peak = matmul_peak(dev, peak_n, args.iters)
+
+    fl = model_flops(s)
+    tflops = fl["train"] / tp / secs / 1e12  # per GPU
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
+    nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
+    return {
+        "card": name,
+        "torch": torch.__version__,
+        "shape": s.__dict__,
+        "tokens": s.tokens,
+        "tp": tp,
+        "sp": bool(args.sp and tp > 1),
+        "checkpointing": bool(args.checkpoint),
+        "fwd_bwd_ms": secs * 1e3,
+        "fwd_ms": fwd_secs * 1e3,
+        "fwd_bwd_ms_per_block": secs * 1e3 / s.blocks,
+        "train_tflop": fl["train"] / 1e12,
+        "attention_flop_share": fl["attention_share"],
+        "tflops_per_gpu": tflops,
+        "matmul_peak_tflops": peak,
+        "mfu_measured_peak": tflops / peak,
+        "mfu_nominal": (tflops / nominal) if nominal else None,
+        "peak_mem_gib": peak_mem,
+        "bf16_vs_fp32": {"rel_max": rel_max, "rel_rms": rel_rms, "cosine": cos},
+        "rank": rank,
+    }
+
+
+def markdown(r: dict) -> str:
+    s = r["shape"]
+    setting = (f"{s['blocks']} blocks D{s['heads'] * s['head_dim']} ({s['heads']}x{s['head_dim']}), "
+               f"{r['tokens']} video + {s['text_len']} text tokens, B{s['batch']}, bf16"
+               f"{', TP=%d' % r['tp'] if r['tp'] > 1 else ''}{'+SP' if r['sp'] else ''}{', ckpt' if r['checkpointing'] else ''}")
+    nominal = f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "n/a"
+    b = r["bf16_vs_fp32"]
+    lines = [
+        f"<!-- bench/gpu/bench_dit_gpu.py, torch {r['torch']} -->",
+        "| card | setting | fwd+bwd ms (per block) | fwd ms | TFLOP/s per GPU | matmul peak TFLOP/s | MFU (measured peak) | MFU (nominal) | peak mem GiB | bf16 vs fp32 (max rel / rms rel / cos) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {r['card']} | {setting} | {r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_per_block']:.1f}) | {r['fwd_ms']:.1f} | "
+        f"{r['tflops_per_gpu']:.1f} | {r['matmul_peak_tflops']:.1f} | {r['mfu_measured_peak']:.1%} | {nominal} | "
+        f"{r['peak_mem_gib']:.1f} | {b['rel_max']:.2e} / {b['rel_rms']:.2e} / {b['cosine']:.6f} |",
+        "",
+        f"FLOPs: {r['train_tflop']:.2f} TFLOP per fwd+bwd (3x forward, model FLOPs incl. attention; attention share {r['attention_flop_share']:.1%}).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (smoke test)")
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--frames", type=int, default=24, help="latent frames (93 px frames -> 24)")
+    p.add_argument("--height", type=int, default=60, help="latent height (480 px -> 60)")
+    p.add_argument("--width", type=int, default=80, help="latent width (640 px -> 80)")
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--checkpoint", action="store_true", help="per-block activation checkpointing")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node TP; needs megatron-core)")
+    p.add_argument("--sp", action="store_true", help="sequence parallelism with --tp > 1")
+    p.add_argument("--json", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    r = run(args)
+    if r["rank"] == 0:
+        print(markdown(r))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
