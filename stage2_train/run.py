@@ -365,7 +365,7 @@ class Trainer:
         tflops = flops / dt / L.world / 1e12
         m = {
             "step": self.step,
-            "loss": float(stats[0]) / L.dp,
+            "loss": None if skipped else float(stats[0]) / L.dp,
             "lr": lr,
             "grad_norm": float(norm) if math.isfinite(float(norm)) else None,
             "skipped": skipped,
@@ -406,12 +406,13 @@ class Trainer:
                             for k in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_device", "peak_mem_gb"):
                                 if m.get(k) is not None:
                                     self.tb.add_scalar(f"train/{k}", m[k], m["step"])
-                        info = f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm'] or float('nan'):.3f} {m['samples_per_s']:.1f} samples/s"
+                        loss_txt = f"{m['loss']:.5f}" if m["loss"] is not None else "skipped"
+                        info = f"loss {loss_txt} lr {m['lr']:.2e} gnorm {m['grad_norm'] or float('nan'):.3f} {m['samples_per_s']:.1f} samples/s"
                         progress.update(task, completed=self.step, info=info)
                         if cfg.run.log_every and self.step % cfg.run.log_every == 0:
                             mfu = f" mfu {m['mfu']:.1%}" if m["mfu"] is not None else ""
                             progress.console.print(
-                                f"step {m['step']:>6} loss {m['loss']:.5f} lr {m['lr']:.2e} gnorm {m['grad_norm'] or float('nan'):.4f} "
+                                f"step {m['step']:>6} loss {loss_txt} lr {m['lr']:.2e} gnorm {m['grad_norm'] or float('nan'):.4f} "
                                 f"{m['samples_per_s']:.2f} samples/s {m['tokens_per_s']:.0f} tok/s {m['tflops_per_device']:.4f} TFLOP/s{mfu} "
                                 f"data {m['data_wait_s'] / m['step_time_s']:.0%} mem {m['peak_mem_gb']:.2f} GB"
                             )
@@ -460,7 +461,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default="", help="'auto' (latest checkpoint of the run, if any) or a checkpoint folder")
     p.add_argument("--init", default="", help="converted released DiT checkpoint (or osp checkpoint) to start from")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.steps=10 parallel.tp=1")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, CorruptSampleError, NonFiniteError)
