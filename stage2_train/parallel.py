@@ -46,6 +46,18 @@ def _megatron():
     return ModelParallelConfig, parallel_state, tensor_parallel
 
 
+class _NoExtraState:
+    """Drops megatron's empty `_extra_state` entry, so that a parallelized model's state_dict has
+    exactly the released key names (TP shards of them): EMA, checkpoints and strict loads see one
+    key set at every TP size."""
+
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def _drop_extra_state_hook(self) -> None:
+        self._load_state_dict_pre_hooks.clear()  # megatron's hook only inserts `_extra_state`
+
+
 def _noop_init(weight: torch.Tensor) -> None:  # weights are copied from the replicated module
     return None
 
@@ -54,7 +66,7 @@ def _noop_init(weight: torch.Tensor) -> None:  # weights are copied from the rep
 def _column_cls():
     _, _, tp = _megatron()
 
-    class ColumnLinear(tp.ColumnParallelLinear):
+    class ColumnLinear(_NoExtraState, tp.ColumnParallelLinear):
         """ColumnParallelLinear returning only the output (parameter names stay weight / bias)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -68,7 +80,7 @@ def _column_cls():
 def _row_cls():
     _, _, tp = _megatron()
 
-    class RowLinear(tp.RowParallelLinear):
+    class RowLinear(_NoExtraState, tp.RowParallelLinear):
         """RowParallelLinear (input_is_parallel) returning only the output, bias added after the reduce."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -95,6 +107,7 @@ def _swap(parent: nn.Module, name: str, new: nn.Module, old: nn.Linear, key_w: s
         new.weight.copy_(shard_tensor(key_w, old.weight, tp, rank))
         if old.bias is not None:
             new.bias.copy_(shard_tensor(key_b, old.bias, tp, rank))
+    new._drop_extra_state_hook()
     new.to(old.weight.device)
     if isinstance(parent, nn.ModuleList):
         parent[int(name)] = new

@@ -49,7 +49,7 @@ def test_checkpointing_equal_grads(results, case):
 @pytest.mark.dist
 @pytest.mark.parametrize("case", CASES)
 def test_gathered_state_dict_is_exact(results, case):
-    assert results[f"{case}/state_dict_gather"] == {"equal": True, "n": 57}
+    assert results[f"{case}/state_dict_gather"] == {"equal": True, "n": 57, "same_keys": True}
 
 
 @pytest.mark.dist

@@ -104,7 +104,11 @@ def worker(rank: int, port: int, out_path: str) -> None:
             if vname == "tp2_sp":
                 full = gather_full_state_dict(m)
                 sd = base.state_dict()
-                results[f"{name}/state_dict_gather"] = {"equal": all(torch.equal(full[k], sd[k]) for k in sd), "n": len(full)}
+                results[f"{name}/state_dict_gather"] = {
+                    "equal": all(torch.equal(full[k], sd[k]) for k in sd),
+                    "n": len(full),
+                    "same_keys": list(m.state_dict()) == list(sd),  # released names at TP=2 too
+                }
                 m2 = parallelize(build_dit(cfg), sequence_parallel=True)
                 load_full_state_dict(m2, sd)
                 results[f"{name}/state_dict_load"] = compare(ref, run(m2, inputs, reduce=True))
