@@ -250,6 +250,64 @@ def convert_export_cmd(
         fail(str(e))
 
 
+@vae_app.command("roundtrip")
+def vae_roundtrip(
+    video: Path = typer.Argument(..., help="Input video (any container decord reads)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output mp4 of the reconstruction."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder (config.json + weights); default: a random model of --preset."),
+    preset: str = typer.Option("tiny", "--preset", help="VAE preset used when --vae is not given (tiny | osp12)."),
+    frames: int = typer.Option(17, "--frames", help="Read up to this many frames (cut to 1 + 4k)."),
+    size: int = typer.Option(256, "--size", help="Resize so the short side is at most SIZE, then centre-crop H and W to multiples of 8."),
+    tiled: bool = typer.Option(False, "--tiled", help="Tiled encode/decode with the sampling settings (512 px / 29 frames, overlap 0.125)."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
+) -> None:
+    """Encode a clip with the CausalVAE, decode the posterior mode, write the mp4 and print the PSNR.
+
+    Example: osp vae roundtrip clip.mp4 --out recon.mp4 --vae models/demo/vae --tiled
+    """
+    import math
+
+    import torch
+
+    from .config import TILING_SAMPLE
+    from .device import pick_device
+    from .models.vae import build_vae, load_vae, read_clip_for_vae
+    from .sampling import to_uint8, write_mp4
+
+    try:
+        clip = read_clip_for_vae(video, frames, size)  # [T, H, W, 3] uint8
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    try:
+        dev = pick_device(device).torch_device()
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    if vae is None:
+        typer.echo(f"no --vae given: using a RANDOMLY initialised {preset!r} CausalVAE (plumbing check only; expect a low PSNR)")
+        try:
+            torch.manual_seed(0)
+            model = build_vae(preset, device=dev)
+        except ValueError as e:
+            fail(str(e))
+    else:
+        try:
+            model = load_vae(vae, device=dev)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+    x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].to(dev, torch.float32) / 127.5 - 1  # [1, 3, T, H, W]
+    tiling = TILING_SAMPLE if tiled else None
+    with torch.inference_mode():
+        moments = model.encode_moments(x, tiling=tiling)
+        recon = model.decode(moments[:, : moments.shape[1] // 2], tiling=tiling)
+    rec = to_uint8(recon[0])
+    mse = float(((rec.astype("float64") - clip.astype("float64")) ** 2).mean())
+    psnr = float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(out, rec)
+    t, h, w, _ = clip.shape
+    typer.echo(f"{video} -> {out}: {t}x{h}x{w} -> latent {tuple(moments.shape[2:])}, tiled={tiled}, PSNR {psnr:.2f} dB")
+
+
 @app.command("encode")
 def encode_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset root with annotation.json (pixabay_v2), an annotation .json, or a list file of DATA_ROOT,ANNOTATION_JSON lines."),

@@ -691,6 +691,40 @@ def vae_identity(path: str | Path) -> dict:
     }
 
 
+def read_clip_for_vae(path: str | Path, max_frames: int = 17, max_side: int = 256):
+    """First frames of a video as uint8 [T, H, W, 3] ready for the VAE (for `osp vae roundtrip`):
+    T = the largest 1 + 4k <= min(max_frames, length); the short side resized to at most `max_side`
+    (bilinear, antialiased), then H and W centre-cropped to multiples of 8."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video file")
+    try:
+        import decord
+
+        vr = decord.VideoReader(str(path), num_threads=1)
+        n = min(max_frames, len(vr))
+        n = (n - 1) // 4 * 4 + 1 if n >= 1 else 0
+        if n < 1:
+            raise ValueError(f"{path}: the video has no frames")
+        frames = vr.get_batch(list(range(n))).asnumpy()  # [T, H, W, 3] uint8
+    except (RuntimeError, decord.DECORDError) as e:  # DECORDError is not a RuntimeError
+        raise ValueError(f"{path}: decord cannot read this video ({str(e).splitlines()[0][:200]}); re-encode it as H.264 mp4") from None
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    h, w = x.shape[2:]
+    scale = min(1.0, max_side / min(h, w))
+    if scale < 1.0:
+        h, w = max(8, round(h * scale)), max(8, round(w * scale))
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    h8, w8 = h // 8 * 8, w // 8 * 8
+    if h8 < 8 or w8 < 8:
+        raise ValueError(f"{path}: frames of {h}x{w} px are too small for the VAE (need at least 8x8)")
+    top, left = (h - h8) // 2, (w - w8) // 2
+    x = x[:, :, top : top + h8, left : left + w8]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -698,5 +732,5 @@ def count_parameters(model: nn.Module) -> int:
 __all__: Sequence[str] = [
     "CausalVAEConfig", "VAE_PRESETS", "build_vae", "CausalVAE", "DiagonalGaussian", "load_vae",
     "save_vae", "vae_identity", "weight_file", "Encoder", "Decoder", "CausalConv3d",
-    "AttnBlock3DFix", "AttnBlock3D", "count_parameters",
+    "AttnBlock3DFix", "AttnBlock3D", "count_parameters", "read_clip_for_vae",
 ]
