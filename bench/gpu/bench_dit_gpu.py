@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,6 @@ import torch
 try:
     from osp.common.models.dit import DiTConfig, build_dit
 except ImportError:  # pragma: no cover - a bare checkout: map the folders to osp.* by hand
-    import importlib.util
     import types
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
