@@ -3,7 +3,8 @@
 Accepted `--data` forms:
 * a folder with a root `annotation.json` (pixabay_v2): a JSON list of records whose `path` is relative
   to that folder. The root file is authoritative; the per-folder `annotation.json` files are only read
-  when the root file is absent (then each folder's records are relative to that folder).
+  when the root file is absent. Their paths are relative to the same root folder too (the layout
+  `osp demo-data` writes), so each folder file pairs with the root as its data root.
 * a `*.json` annotation file: records relative to the file's folder.
 * any other file: the upstream list file, one `DATA_ROOT,ANNOTATION_JSON` per line (blank lines and
   lines starting with `#` skipped; relative paths are taken relative to the current directory, as
@@ -62,7 +63,7 @@ def resolve_sources(data: str | os.PathLike) -> list[Source]:
         per_folder = sorted(p for p in data.glob(f"*/{ANNOTATION_NAME}") if p.is_file())
         if not per_folder:
             raise DataError(f"{data}: no {ANNOTATION_NAME} in the folder or its subfolders; pass a pixabay_v2 root")
-        return [Source(str(p.parent.resolve()), str(p.resolve())) for p in per_folder]
+        return [Source(str(data.resolve()), str(p.resolve())) for p in per_folder]
     if data.suffix.lower() == ".json":
         return [Source(str(data.parent.resolve()), str(data.resolve()))]
     sources = []

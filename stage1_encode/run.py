@@ -393,9 +393,12 @@ def encode(opts: EncodeOptions) -> dict:
     enc = None
     if mine or rank == 0:
         enc = Encoders(vae_dir, text_dir, opts.device, opts.vae_dtype, opts.tiling, opts.text_pad_to_max)
+    stats["load_seconds"] = round(time.perf_counter() - t0, 3)
+    t1 = time.perf_counter()
     if mine:
         _encode_shards(mine, plan.spec, enc, opts, rank, world, stats)
-    stats["seconds"] = round(time.perf_counter() - t0, 3)
+        enc.dev.synchronize()
+    stats["encode_seconds"] = round(time.perf_counter() - t1, 3)
     result = {"rank": rank, "world_size": world, "out": str(out), "plan": summary["digest"], **stats}
     if rank == 0:
         _wait_for_shards(out, len(plan.shards), opts.merge_timeout, world)

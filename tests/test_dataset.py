@@ -116,8 +116,9 @@ def _rec(path, cap="a cat", fps=24.0, duration=1.0, h=48, w=64, **kw):
 def test_listing_forms(tmp_path):
     root = tmp_path / "ds"
     (root / "f1").mkdir(parents=True)
-    (root / "f1" / "annotation.json").write_text(json.dumps([_rec("v.mp4")]))
-    assert [s.root for s in resolve_sources(root)] == [str((root / "f1").resolve())]  # per-folder fallback
+    (root / "f1" / "annotation.json").write_text(json.dumps([_rec("f1/v.mp4")]))
+    assert [(s.root, s.annotation) for s in resolve_sources(root)] == [  # per-folder fallback, paths from root
+        (str(root.resolve()), str((root / "f1" / "annotation.json").resolve()))]
     (root / "annotation.json").write_text(json.dumps([_rec("f1/v.mp4")]))
     assert resolve_sources(root)[0].annotation == str((root / "annotation.json").resolve())  # root wins
     lst = tmp_path / "merge.txt"
