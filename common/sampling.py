@@ -123,11 +123,13 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """An osp run dir (runs/<name>: its latest checkpoint), a checkpoints/ dir, one osp checkpoint dir
-    or a released diffusers folder -> the folder holding the DiT weights."""
+    """An osp run dir (runs/<name>: its latest checkpoint), a checkpoints/ dir, one training
+    checkpoint (step-XXXXXXX/, whose DiT lives in model/), an osp DiT checkpoint dir or a released
+    diffusers folder -> the folder holding the DiT weights (layout: osp.stage2_train.checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder")
+    target = path
     for ckdir in (path / "checkpoints", path):
         latest = ckdir / "latest"
         if latest.is_file():
@@ -135,11 +137,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
             target = ckdir / name
             if not target.is_dir():
                 raise FileNotFoundError(f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir")
-            return target
+            break
         steps = sorted(p for p in ckdir.glob("step-*") if p.is_dir()) if ckdir.is_dir() else []
         if steps:
-            return steps[-1]
-    return path
+            target = steps[-1]
+            break
+    if (target / "model" / "config.json").is_file():  # a training checkpoint: the DiT is in model/
+        target = target / "model"
+    return target
 
 
 def _sha256_weight_files(folder: Path) -> str:

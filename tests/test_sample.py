@@ -25,7 +25,8 @@ from osp.common.sampling import (
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """Demo models + a random tiny DiT saved as a TP=2 osp run (latest -> step-0000002, with EMA)."""
+    """Demo models + a random tiny DiT saved as a TP=2 osp run in stage 2's layout
+    (checkpoints/step-XXXXXXX/model/, latest -> step-0000002, with EMA)."""
     from osp.common.convert import save_dit_checkpoint, split_state_dict
     from osp.common.demo_models import write_demo_models
     from osp.common.models.dit import build_dit
@@ -38,7 +39,7 @@ def assets(tmp_path_factory):
     ema = {k: v + 0.01 * torch.randn_like(v) for k, v in sd.items()}
     run = root / "run"
     for step in ("step-0000001", "step-0000002"):
-        save_dit_checkpoint(run / "checkpoints" / step, split_state_dict(sd, 2), dit.config,
+        save_dit_checkpoint(run / "checkpoints" / step / "model", split_state_dict(sd, 2), dit.config,
                             ema_per_rank=split_state_dict(ema, 2))
     (run / "checkpoints" / "latest").write_text("step-0000002\n")
     return {"root": root, "run": run, "vae": info["vae"], "text": info["text_encoder"], "info": info}
@@ -63,8 +64,10 @@ def test_demo_models_idempotent(assets):
 
 def test_resolve_checkpoint(assets, tmp_path):
     ck = assets["run"] / "checkpoints"
-    assert resolve_checkpoint(assets["run"]) == ck / "step-0000002"
-    assert resolve_checkpoint(ck / "step-0000001") == ck / "step-0000001"
+    assert resolve_checkpoint(assets["run"]) == ck / "step-0000002" / "model"
+    assert resolve_checkpoint(ck) == ck / "step-0000002" / "model"
+    assert resolve_checkpoint(ck / "step-0000001") == ck / "step-0000001" / "model"
+    assert resolve_checkpoint(ck / "step-0000001" / "model") == ck / "step-0000001" / "model"
     (tmp_path / "checkpoints" / "step-0000003").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-0000010").mkdir()
     assert resolve_checkpoint(tmp_path).name == "step-0000010"  # no latest file: the newest step
@@ -87,9 +90,14 @@ def test_default_scheduler_matches_upstream():
     assert make_scheduler("ddpm").config.clip_sample is False
 
 
+@pytest.fixture(scope="module")
+def cfg_text(models):
+    return models.text_encoder.encode([prepare_prompt(NEGATIVE_PROMPT, template=False), prepare_prompt("a dog")])
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_every_scheduler_runs(models, name):
-    emb, mask = models.text_encoder.encode([prepare_prompt(NEGATIVE_PROMPT, template=False), prepare_prompt("a dog")])
+def test_every_scheduler_runs(models, cfg_text, name):
+    emb, mask = cfg_text
     noise = initial_noise((1, 4, 3, 8, 8), seed=1)
     out = denoise(models.dit, make_scheduler(name), noise, emb, mask, steps=4, guidance=7.5, seed=1, dtype=torch.float32)
     assert out.shape == noise.shape and torch.isfinite(out).all()
@@ -147,7 +155,7 @@ def test_cli_writes_mp4_and_sidecar(assets, tmp_path):
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
     side = json.loads(mp4s[0].with_suffix(".json").read_text())
     assert side["seed"] == 42 and side["settings"]["steps"] == 3 and side["settings"]["scheduler"] == "euler-ancestral"
-    assert side["identity"]["dit"]["meta"]["tp"] == 2 and side["identity"]["dit"]["resolved"].endswith("step-0000002")
+    assert side["identity"]["dit"]["meta"]["tp"] == 2 and side["identity"]["dit"]["resolved"].endswith("step-0000002/model")
     assert set(side["identity"]) == {"dit", "vae", "text_encoder"}
 
 
