@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,7 +131,7 @@ def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int):
         return
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False,
+        worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False,
     )
     yield from loader
 
@@ -194,10 +194,10 @@ def sample_meta(it: WorkItem, caption_clean: str, spec: EncodeSpec, info: dict) 
     }
 
 
-def _decode_error(it: WorkItem, reason: str) -> dict:
+def _decode_error(it: WorkItem, reason: str, stage: str = "decode") -> dict:
     return {
         "input": it.seq, "key": it.key, "file": it.rel, "root": it.root, "annotation": it.annotation, "record": it.record,
-        "stage": "decode", "reason": reason,
+        "stage": stage, "reason": reason,
     }
 
 
@@ -212,10 +212,10 @@ class ShardEncoder:
         self.shard, self.spec, self.enc, self.batch_size = shard, spec, enc, batch_size
         self.writer = S.ShardWriter(out, shard.id, latent_dtype=latent_dtype)
         self.items = {it.seq: it for it in shard.items}
-        # seq -> ("sample", latent, text, meta) | ("error", row) | None (waiting in a bucket)
+        self.latent_max = torch.finfo(getattr(torch, latent_dtype)).max
+        # seq -> ("sample", latent, text, meta) | ("error", row) | None (waiting in a bucket); in seq order
         self.pending: OrderedDict[int, tuple | None] = OrderedDict()
-        for e in shard.errors:
-            self.pending[e["input"]] = ("error", e)
+        self.plan_errors = deque(sorted(shard.errors, key=lambda e: e["input"]))
         self.buckets: dict[tuple, list[tuple[int, torch.Tensor, dict]]] = {}
         self.on_done = on_done or (lambda n_samples, n_errors: None)
         self.n_samples = self.n_errors = 0
@@ -234,19 +234,26 @@ class ShardEncoder:
                 self._run(self.buckets.pop(tuple(clip.shape)))
         self._emit()
 
-    def _insert(self, seq: int) -> None:
-        # keep `pending` ordered by seq (plan errors were inserted up front)
-        self.pending[seq] = None
-        later = [k for k in self.pending if k > seq]
-        for k in later:
-            self.pending.move_to_end(k)
+    def _insert(self, seq: int | None) -> None:
+        """Queue input `seq` (results arrive in seq order) after the plan errors that precede it."""
+        while self.plan_errors and (seq is None or self.plan_errors[0]["input"] < seq):
+            e = self.plan_errors.popleft()
+            self.pending[e["input"]] = ("error", e)
+        if seq is not None:
+            self.pending[seq] = None
 
     def _run(self, batch: list[tuple[int, torch.Tensor, dict]]) -> None:
         moments = self.enc.encode_clips([c for _, c, _ in batch])
         captions = [self.clean(self.items[s].caption) for s, _, _ in batch]
         texts = self.enc.encode_text(captions)
         for (seq, _, info), m, t, cap in zip(batch, moments, texts, captions):
-            self.pending[seq] = ("sample", m, t, sample_meta(self.items[seq], cap, self.spec, info))
+            if not torch.isfinite(m).all():
+                self.pending[seq] = ("error", _decode_error(self.items[seq], "VAE produced non-finite moments", "encode"))
+            elif m.abs().max() > self.latent_max:
+                self.pending[seq] = ("error", _decode_error(
+                    self.items[seq], "moments exceed the latent dtype's range; re-encode with --latent-dtype float32", "encode"))
+            else:
+                self.pending[seq] = ("sample", m, t, sample_meta(self.items[seq], cap, self.spec, info))
 
     def _emit(self, final: bool = False) -> None:
         while self.pending:
@@ -267,6 +274,7 @@ class ShardEncoder:
                 self.on_done(1, 0)
 
     def finish(self) -> list[dict]:
+        self._insert(None)  # trailing plan errors
         for shape in list(self.buckets):
             self._run(self.buckets.pop(shape))
         self._emit(final=True)
