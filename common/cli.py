@@ -132,8 +132,8 @@ _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float
 @app.command("sample")
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="osp run dir (latest checkpoint), an osp checkpoint dir or a released diffusers DiT folder."),
-    vae: Path = typer.Option(..., "--vae", help="CausalVAE folder (config.json + weights), e.g. the released vae/ or models/demo/vae."),
-    text_encoder: Path = typer.Option(..., "--text-encoder", help="Local mT5 folder (google/mt5-xxl, or models/demo/text_encoder)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder (config.json + weights). Default: the one that encoded the run's shards."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Local mT5 folder (google/mt5-xxl, models/demo/text_encoder). Default: the one that encoded the run's shards."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Text file, one prompt per line."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Default: the upstream negative prompt."),
@@ -155,7 +155,8 @@ def sample(
 ) -> None:
     """Prompts -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4 + JSON sidecar.
 
-    Example: osp sample --checkpoint runs/demo --vae models/demo/vae --text-encoder models/demo/text_encoder --prompt 'a red ball' --out samples/demo
+    Example: osp sample --checkpoint runs/demo --prompt 'a red ball' --out samples/demo
+    (the VAE and text encoder default to those recorded in the run's shard manifest)
     """
     import warnings
 

@@ -179,6 +179,26 @@ def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, p
     return model, config, identity
 
 
+def encoders_from_run(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
+    """(vae, text encoder) folders that encoded the training shards of an osp run: the checkpoint's
+    trainer.json names the shard dir (config.data.shards), whose manifest.json records both paths.
+    (None, None) where any link of that chain is missing."""
+    from osp.common.shards import ShardError, read_manifest
+
+    folder = resolve_checkpoint(checkpoint)
+    for d in (folder, folder.parent):
+        f = d / "trainer.json"
+        if not f.is_file():
+            continue
+        try:
+            manifest = read_manifest(json.loads(f.read_text())["config"]["data"]["shards"])
+        except (KeyError, TypeError, ValueError, ShardError):
+            return None, None
+        paths = [(manifest.get(k) or {}).get("path") for k in ("vae", "text_encoder")]
+        return tuple(Path(p) if p else None for p in paths)
+    return None, None
+
+
 @dataclass
 class Models:
     """The three models of the pipeline, loaded once (the CLI loads them; tests build tiny ones)."""
@@ -194,8 +214,8 @@ class Models:
 
 def load_models(
     checkpoint: str | Path,
-    vae: str | Path,
-    text_encoder: str | Path,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
     prefer_ema: bool = True,
@@ -204,6 +224,12 @@ def load_models(
     from osp.common.models.text import TextEncoder
     from osp.common.models.vae import load_vae, vae_identity
 
+    if vae is None or text_encoder is None:
+        run_vae, run_text = encoders_from_run(checkpoint)
+        vae, text_encoder = vae or run_vae, text_encoder or run_text
+        for flag, value in (("--vae", vae), ("--text-encoder", text_encoder)):
+            if value is None:
+                raise ValueError(f"{flag} not given and {checkpoint} does not record it (trainer.json -> shard manifest); pass {flag} DIR")
     dev = pick_device(device)
     tdev = dev.set_current() if dev.is_accelerator else dev.torch_device()
     dtype = dtype or dev.autocast_dtype

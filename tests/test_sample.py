@@ -42,6 +42,12 @@ def assets(tmp_path_factory):
         save_dit_checkpoint(run / "checkpoints" / step / "model", split_state_dict(sd, 2), dit.config,
                             ema_per_rank=split_state_dict(ema, 2))
     (run / "checkpoints" / "latest").write_text("step-0000002\n")
+    # the run records its shard dir, whose manifest records the encoders (VAE/text defaults of osp sample)
+    from osp.common.shards import write_manifest
+
+    write_manifest(root / "shards", {"vae": {"path": info["vae"]}, "text_encoder": {"path": info["text_encoder"]}})
+    trainer = {"step": 2, "config": {"data": {"shards": str(root / "shards")}}}
+    (run / "checkpoints" / "step-0000002" / "trainer.json").write_text(json.dumps(trainer))
     return {"root": root, "run": run, "vae": info["vae"], "text": info["text_encoder"], "info": info}
 
 
@@ -190,10 +196,14 @@ def test_ema_is_preferred(assets, models):
         (["--frames", "8"], "impossible"),
         (["--frames", "5"], "--allow-untrained-size"),
         (["--scheduler", "nope"], "unknown scheduler"),
+        (["--checkpoint", "STEP1"], "--vae not given"),  # step 1 has no trainer.json
     ],
 )
 def test_cli_errors(assets, tmp_path, extra, message):
     base = {"--checkpoint": assets["run"], "--vae": assets["vae"], "--text-encoder": assets["text"]}
+    if extra[1] == "STEP1":
+        extra = ["--checkpoint", assets["run"] / "checkpoints" / "step-0000001"]
+        base.pop("--vae")
     for k in extra[::2]:
         base.pop(k, None)
     args = [x for kv in base.items() for x in kv] + extra + ["--prompt", "x", "--steps", 1, "--device", "cpu", "--out", tmp_path]
@@ -206,8 +216,8 @@ def test_cli_errors(assets, tmp_path, extra, message):
 def test_cli_prompt_file_errors_and_untrained_size_warning(assets, tmp_path):
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n# only a comment\n\n")
-    common = ["--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"], "--device", "cpu",
-              "--steps", 1, "--out", tmp_path / "o"]
+    # no --vae / --text-encoder: taken from the run's shard manifest
+    common = ["--checkpoint", assets["run"], "--device", "cpu", "--steps", 1, "--out", tmp_path / "o"]
     r = _cli(*common, "--prompt-file", empty)
     assert r.exit_code != 0 and "holds no prompts" in r.output
     r = _cli(*common)
