@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
@@ -460,6 +461,9 @@ def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> No
 
 def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
     """uncond + index + errors + manifest; idempotent (a rerun on a finished folder rewrites the same bytes)."""
+    for p in out.iterdir():  # leftovers of a run killed while merging (all shards are published by now)
+        if ".tmp-" in p.name:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     uncond = enc.encode_text([""])[0]
     S.write_uncond(out, uncond)
     n_samples = S.merge_index(out)
