@@ -124,7 +124,7 @@ def _identity(x):
     return x
 
 
-def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int):
+def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int, pin_memory: bool = False):
     """Decoded clips in plan order; `workers` > 0 decodes ahead in background processes."""
     ds = ClipDataset(items, spec)
     if workers <= 0:
@@ -132,7 +132,7 @@ def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int):
         return
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False,
+        worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False, pin_memory=pin_memory,
     )
     yield from loader
 
@@ -389,9 +389,9 @@ def encode(opts: EncodeOptions) -> dict:
         raise EncodeError(f"--latent-dtype must be float16 or float32, got {opts.latent_dtype}")
     if opts.vae_dtype not in ("float32", "bfloat16", "float16"):
         raise EncodeError(f"--vae-dtype must be float32, bfloat16 or float16, got {opts.vae_dtype}")
+    plan = build_plan(opts)  # before the models: a bad --data fails fast
     vae_dir, text_dir = _model_dirs(opts)
     opts.vae, opts.text_encoder = vae_dir, text_dir
-    plan = build_plan(opts)
     summary = _plan_summary(plan, opts)
     _check_plan_file(out, summary, rank)
 
@@ -431,7 +431,7 @@ def _encode_shards(mine: list[ShardPlan], spec: EncodeSpec, enc: Encoders, opts:
             rate = stats["samples"] / max(time.perf_counter() - t_start, 1e-9)
             prog.update(task, completed=done, speed=f"{rate:.2f}", errors=stats["errors"])
 
-        stream = iter(decoded_stream(items, spec, opts.workers))
+        stream = iter(decoded_stream(items, spec, opts.workers, pin_memory=enc.dev.type == "cuda"))
         for shard in mine:
             se = ShardEncoder(opts.out, shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done)
             try:
