@@ -12,8 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 PRESET    ?= tiny
 DATA      ?= data/demo
 SHARDS    ?= shards/demo
-VAE       ?=
-TEXT_ENCODER ?=
+MODELS    ?= models/demo
+VAE       ?= $(MODELS)/vae
+TEXT_ENCODER ?= $(MODELS)/text_encoder
 RUN       ?= runs/demo
 CONFIG    ?= stage2_train/configs/demo.toml
 INIT      ?=
@@ -23,20 +24,33 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29512
 GPUS_PER_NODE ?=
 NPUS_PER_NODE ?=
-TP        ?= 2
-SP        ?= 1
+TP        ?=
+SP        ?=
 STEPS     ?=
+RESUME    ?= auto
+TRAIN_ARGS ?=
+ENCODE_ARGS ?=
+SAMPLE_ARGS ?=
 PROMPT    ?= a red ball bouncing on a green field
+SAMPLE_STEPS ?= 20
 SAMPLES   ?= samples/demo
-ENCODE_WORKERS ?= 1
+DEMO_DATA := data/demo
 PYTEST_ARGS ?=
 
 # Processes per node: GPUS_PER_NODE, else NPUS_PER_NODE, else 2 CPU processes (the demo's TP=2).
 NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),2)
 TORCHRUN_ARGS := --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
                  --master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT)
+# Encoding: one process unless GPUS_PER_NODE/NPUS_PER_NODE or NNODES > 1 ask for more.
+ENCODE_NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),1)
+ENCODE_DIST := $(if $(filter-out 1,$(NNODES) $(ENCODE_NPROC)),yes,)
+# Training overrides from make variables (any other key: TRAIN_ARGS="optim.lr=2e-5 run.ckpt_every=500").
+TRAIN_OVERRIDES := data.shards=$(SHARDS) run.name=$(notdir $(RUN)) run.root=$(patsubst %/,%,$(dir $(RUN))) \
+                   $(if $(filter-out tiny,$(PRESET)),model.preset=$(PRESET)) \
+                   $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true)) \
+                   $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
 
-.PHONY: setup demo demo-data encode train sample test bench clean help
+.PHONY: setup demo demo-data demo-models encode train sample test bench clean help
 
 help:
 	@echo "make demo    # demo data -> encode -> train -> sample, on CPU"
@@ -55,11 +69,40 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo-data: setup
-	$(OSP) demo-data $(DATA)
+	$(OSP) demo-data $(DEMO_DATA)
 
+demo-models: setup
+	$(OSP) demo-models $(MODELS)
+
+# The whole pipeline on the embedded defaults, on CPU: demo data -> encode -> train -> sample.
 demo: setup
-	$(OSP) demo-data $(DATA)
-	@echo "demo data written to $(DATA)"
+	$(MAKE) --no-print-directory encode
+	$(MAKE) --no-print-directory train
+	$(MAKE) --no-print-directory sample
+	@echo "demo video: $$(ls -1 $(SAMPLES)/*.mp4 | head -n 1)"
+
+# Stage 1. With the defaults it first writes the demo data and the tiny demo models.
+encode: setup
+	@if [ "$(PRESET)" != tiny ] && [ "$(VAE)" = models/demo/vae ]; then \
+	    echo "error: PRESET=$(PRESET) needs the released weights: set VAE=<Open-Sora-Plan-v1.2.0/vae> TEXT_ENCODER=<google/mt5-xxl folder>" >&2; exit 2; fi
+	@if [ "$(DATA)" = "$(DEMO_DATA)" ] && [ ! -f $(DATA)/annotation.json ]; then $(OSP) demo-data $(DATA); fi
+	@if [ "$(VAE)" = "$(MODELS)/vae" ] && [ "$(MODELS)" = "models/demo" ]; then $(OSP) demo-models $(MODELS); fi
+ifeq ($(ENCODE_DIST),yes)
+	$(TORCHRUN) --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(ENCODE_NPROC) \
+	    --master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) --no-python $(OSP) encode \
+	    --data $(DATA) --out $(SHARDS) --preset $(PRESET) --vae $(VAE) --text-encoder $(TEXT_ENCODER) $(ENCODE_ARGS)
+else
+	$(OSP) encode --data $(DATA) --out $(SHARDS) --preset $(PRESET) --vae $(VAE) --text-encoder $(TEXT_ENCODER) $(ENCODE_ARGS)
+endif
+
+# Stage 2: torchrun over NNODES x (GPUS_PER_NODE | NPUS_PER_NODE | 2 CPU processes); resumes automatically.
+train: setup
+	$(PY) -m osp.stage2_train.launch $(TORCHRUN_ARGS) -- --config $(CONFIG) --resume $(RESUME) \
+	    $(if $(INIT),--init $(INIT)) $(TRAIN_OVERRIDES)
+
+sample: setup
+	$(OSP) sample --checkpoint $(RUN) --prompt "$(PROMPT)" --steps $(SAMPLE_STEPS) --out $(SAMPLES) \
+	    $(if $(VAE),--vae $(VAE)) $(if $(TEXT_ENCODER),--text-encoder $(TEXT_ENCODER)) $(SAMPLE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -68,4 +111,4 @@ bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) data/demo shards/demo runs/demo samples/demo
+	rm -rf $(VENV) data/demo models/demo shards/demo runs/demo samples/demo
