@@ -343,22 +343,45 @@ def test_tiling_is_exact_for_local_maps():
     torch.testing.assert_close(tiled_encode(x, _local_encode, TILING_TRAIN), _local_encode(x), rtol=0, atol=1e-6)
 
 
+def test_blend_weights_follow_the_spec_formula():
+    """Maps that return one constant per tile (its top-left input value) make the blend visible:
+    with E = 4 the first E rows of a tile become a*(1 - y/E) + b*(y/E), a = the tile above
+    (spec 2.7), then each tile keeps R = 4 rows. Same along columns."""
+
+    def tile_constant(x):
+        t, h, w = (x.shape[2] - 1) // 4 + 1, x.shape[3] // 8, x.shape[4] // 8
+        return x[:, :1, :1, :1, :1].expand(x.shape[0], 8, t, h, w).clone()
+
+    tile = TileConfig(sample_size=64, latent_size=8, sample_size_t=5, latent_size_t=2, overlap=0.5)
+    rows = torch.arange(96.0).view(1, 1, 1, 96, 1).expand(1, 3, 1, 96, 16)  # value = pixel row
+    got = tiled_encode(rows, tile_constant, tile)[0, 0, 0, :, 0]  # tiles start at rows 0, 32, 64
+    ramp = [y / 4 for y in range(4)]
+    want = [0.0] * 4 + [0 + 32 * r for r in ramp] + [32 + 32 * r for r in ramp]
+    assert got.tolist() == want
+    cols = rows.transpose(3, 4)
+    assert tiled_encode(cols, tile_constant, tile)[0, 0, 0, 0, :].tolist() == want
+
+
 def _make_pointwise(model: CausalVAE) -> CausalVAE:
     """Reduce the real modules to position-wise maps: every conv keeps only its centre spatial tap
-    and its current-frame temporal tap, GroupNorms become their affine part, the attention output
+    and its current-frame temporal tap (redrawn with variance-preserving scale so the output still
+    varies strongly with the input), GroupNorms become their affine part, the attention output
     projection is zeroed (attention block = identity). The encoder is then local (latent (j, y, x)
     depends only on pixel (4j, 8y+7, 8x+7)), so tiled encoding must equal untiled encoding."""
+    g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 w = m.weight
                 keep = torch.zeros_like(w)
                 kh, kw = w.shape[-2] // 2, w.shape[-1] // 2
+                tap = torch.randn(w.shape[:2], generator=g) / w.shape[1] ** 0.5  # variance-preserving
                 if w.ndim == 4:
-                    keep[:, :, kh, kw] = w[:, :, kh, kw]
+                    keep[:, :, kh, kw] = tap
                 else:
-                    keep[:, :, -1, kh, kw] = w[:, :, -1, kh, kw]
+                    keep[:, :, -1, kh, kw] = tap
                 w.copy_(keep)
+        for m in model.modules():
             if isinstance(m, AttnBlock3DFix):
                 m.proj_out.conv.weight.zero_()
                 m.proj_out.conv.bias.zero_()
@@ -382,6 +405,7 @@ def test_tiled_encode_equals_untiled_on_the_real_modules_made_local():
     ref = model.encode_moments(x)
     got = model.encode_moments(x, tiling=tile)
     assert got.shape == ref.shape == (1, 8, 3, 5, 6)
+    assert ref.std(dim=(3, 4)).mean() > 0.1 * ref.abs().max()  # the output varies across positions
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     # whereas the real (non-local) model differs under such small tiles
     real, x1 = _seeded_tiny(0), x[:, :, :1]
