@@ -44,15 +44,16 @@ def allreduce_grads(params: list[nn.Parameter], group, world: int) -> None:
             g.copy_(r)
 
 
-def global_grad_norm(params: list[nn.Parameter], tp_group, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """L2 norm of all gradients of the (TP-sharded) model: sharded params summed over TP, replicated
-    params counted once (on TP rank 0). Identical on every rank. fp32 scalar tensor."""
+def global_grad_norm(params: list[nn.Parameter], sharded: list[bool], tp_group, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """L2 norm of all gradients of the (TP-sharded) model: TP-sharded params (`sharded[i]`, from the key
+    rule table `osp.common.convert.tp_split_dim`) summed over TP, replicated params counted once (on TP
+    rank 0). Identical on every rank. fp32 scalar tensor."""
     device = params[0].device
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:
+    for p, is_sharded in zip(params, sharded):
         if p.grad is None:
             continue
-        if tp_size == 1 or getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+        if tp_size == 1 or is_sharded or tp_rank == 0:
             sq += p.grad.detach().float().pow(2).sum()
     if tp_size > 1:
         dist.all_reduce(sq, group=tp_group)
@@ -93,11 +94,11 @@ class ZeroAdamW:
             load[o] += p.numel()
         self.local = [p for p, o in zip(params, self.owner) if o == dp_rank]
         self.optim = torch.optim.AdamW(self.local, **adamw) if self.local else None
-        self.param_groups = self.optim.param_groups if self.optim else [dict(adamw)]
         self._src = [dist.get_global_rank(dp_group, r) if dp_size > 1 else dist.get_rank() for r in range(dp_size)]
 
     def set_lr(self, lr: float) -> None:
-        for g in self.param_groups:
+        # optim.param_groups is re-read: load_state_dict replaces the list
+        for g in self.optim.param_groups if self.optim else []:
             g["lr"] = lr
 
     def zero_grad(self) -> None:
@@ -138,10 +139,9 @@ class PlainAdamW:
     def __init__(self, params: list[nn.Parameter], **adamw):
         self.params = params
         self.optim = torch.optim.AdamW(params, **adamw)
-        self.param_groups = self.optim.param_groups
 
     def set_lr(self, lr: float) -> None:
-        for g in self.param_groups:
+        for g in self.optim.param_groups:  # re-read: load_state_dict replaces the list
             g["lr"] = lr
 
     def zero_grad(self) -> None:

@@ -126,7 +126,11 @@ class Trainer:
         del full, init_sd
         model.gradient_checkpointing = cfg.model.grad_checkpointing
         self.model = model.to(self.device.torch_device(L.local_rank)).train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        from osp.common.convert import tp_split_dim
+
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.sharded = [tp_split_dim(n) is not None for n, _ in named]  # TP-sharded (not replicated)
 
         o = cfg.optim
         adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -327,7 +331,7 @@ class Trainer:
 
         reduce_sequence_parallel_grads(self.model)
         allreduce_grads(self.params, self.dp_group, L.dp)
-        norm = global_grad_norm(self.params, self.tp_group, L.tp_rank, L.tp)
+        norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
 
         # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere
         flags = torch.tensor([float(nonfinite or not bool(torch.isfinite(norm))), float(self.stop_requested)])
