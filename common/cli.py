@@ -385,6 +385,32 @@ def shards_preview(
     typer.echo(f"{info['key']} -> {info['out']}: {info['frames']} frames {info['size'][0]}x{info['size'][1]}, latent {info['latent']}, caption {info['caption']!r}")
 
 
+@app.command("train")
+def train_cmd(
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides, e.g. run.steps=10 parallel.tp=1"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config (stage2_train/configs/demo.toml)."),
+    resume: str = typer.Option("", "--resume", help="'auto' (the run's latest checkpoint, if any) or a checkpoint folder."),
+    init: str = typer.Option("", "--init", help="Converted released DiT checkpoint to start from (strict)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes on this machine; > 1 launches torchrun (TP/DP over processes)."),
+    master_port: int = typer.Option(29512, "--master-port", help="Rendezvous port when --nproc > 1."),
+) -> None:
+    """Train the DiT on cached shards. The resolved config is printed and saved in the run folder.
+
+    Example: osp train --config stage2_train/configs/demo.toml --nproc 2 run.steps=20
+    (multi-node: make train NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0 IP>)
+    """
+    args = (["--config", str(config)] if config else []) + (["--resume", resume] if resume else []) + (["--init", init] if init else [])
+    args += list(overrides or [])
+    if nproc > 1:
+        from osp.stage2_train.launch import main as launch
+
+        launch(["--nnodes", "1", "--node_rank", "0", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                "--master_port", str(master_port), "--", *args])  # replaces this process with torchrun
+    from osp.stage2_train.run import main as run_main
+
+    raise typer.Exit(run_main(args))
+
+
 def main() -> None:
     app()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def check_layout(world: int, tp: int, sp: bool, heads: int, tokens: int | None =
     if tp < 1 or world % tp:
         raise LayoutError(
             f"world size {world} is not divisible by parallel.tp={tp}; launch a multiple of {tp} processes "
-            f"(NNODES x GPUS_PER_NODE) or change parallel.tp"
+            f"(osp train --nproc {tp}, or NNODES x GPUS_PER_NODE with make train) or change parallel.tp"
         )
     if heads % tp:
         raise LayoutError(f"parallel.tp={tp} must divide the DiT's {heads} attention heads; choose a divisor of {heads}")
@@ -145,6 +146,8 @@ def shutdown() -> None:
 
 
 def setup_device(name: str) -> Device:
+    # megatron-core warns once per module that it falls back to torch kernels; that is the plan here
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     device = pick_device(name)
     from osp.common import megatron_cpu
 
