@@ -42,6 +42,8 @@ class DataConfig:
     batch_size: int = 1  # samples per data-parallel rank per micro-step
     num_workers: int = 2
     skip_corrupt: bool = False  # a checksum failure skips the sample (counted) instead of stopping
+    images: bool = False  # also train on single-frame samples (T = 1) as their own buckets (upstream v1.2
+    #                       trained images in separate stages, so video runs leave them out)
 
 
 @dataclass

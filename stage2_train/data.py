@@ -154,11 +154,15 @@ class ShardLoader:
         num_workers: int = 0,
         skip_corrupt: bool = False,
         pad_multiple: int = 1,
+        shapes: set[tuple[int, int, int]] | None = None,
     ):
+        """`shapes`: the latent (T, H, W) shapes to train on (None = all); other rows are left out."""
         self.root = Path(root)
         index = S.ShardIndex.open(self.root)
         self.shapes = np.stack([np.asarray(index.latent_t), np.asarray(index.latent_h), np.asarray(index.latent_w)], 1).astype(np.int64)
         self.keys = np.asarray(index.key)
+        keep = np.ones(len(self.shapes), bool) if shapes is None else np.array([tuple(int(v) for v in r) in shapes for r in self.shapes], bool)
+        self.rows = np.nonzero(keep)[0]  # the rows that take part in the plan
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.global_batch = batch_size * dp_size
         self.num_workers = num_workers
@@ -166,13 +170,16 @@ class ShardLoader:
         self.collate = Collate(pad_multiple)
         self.epoch, self.cursor = 0, 0
         self._it = None
-        if not epoch_plan(self.shapes, seed, 0, self.global_batch):
-            counts = {tuple(k): int(v) for k, v in zip(*np.unique(self.shapes, axis=0, return_counts=True))}
+        if not self._plan(0):
+            counts = {tuple(int(x) for x in k): int(v) for k, v in zip(*np.unique(self.shapes[self.rows], axis=0, return_counts=True))} if len(self.rows) else {}
             raise ValueError(
                 f"{self.root}: no latent shape has enough samples for one global batch of {self.global_batch} "
                 f"(data.batch_size {batch_size} x {dp_size} data-parallel ranks; samples per shape {counts}); "
                 "lower data.batch_size or encode more clips"
             )
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        return [self.rows[b] for b in epoch_plan(self.shapes[self.rows], self.seed, epoch, self.global_batch)]
 
     # position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -189,7 +196,7 @@ class ShardLoader:
 
     # iteration -----------------------------------------------------------------------------
     def _start_epoch(self) -> None:
-        plan = epoch_plan(self.shapes, self.seed, self.epoch, self.global_batch)
+        plan = self._plan(self.epoch)
         sampler = PlanSampler(plan, self.dp_rank, self.batch_size, self.cursor)
         loader = DataLoader(
             self.dataset,

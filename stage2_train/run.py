@@ -148,6 +148,7 @@ class Trainer:
             seed=cfg.run.seed,
             num_workers=cfg.data.num_workers,
             skip_corrupt=cfg.data.skip_corrupt,
+            shapes=self.train_shapes,
         )
         self.abar = alphas_cumprod().to(self.device.torch_device(L.local_rank))
         self.step = 0
@@ -190,13 +191,19 @@ class Trainer:
                 )
         shapes = {(int(t), int(h), int(w)) for t, h, w in zip(index.latent_t, index.latent_h, index.latent_w)}
         want = (int(cfg.sample_size_t), int(cfg.sample_size[0]), int(cfg.sample_size[1]))
-        bad = sorted(s for s in shapes if s != want)
+        image = (1,) + want[1:]
+        bad = sorted(s for s in shapes if s not in (want, image))
         if bad:
             raise ValueError(
                 f"{root}: latent T x H x W {bad[0]} (of {len(index)} samples) does not match the DiT's "
                 f"sample_size_t x sample_size {want}; train the DiT preset matching the encode preset "
                 f"({manifest.get('preset', 'see manifest.json')}) or re-encode"
             )
+        self.train_shapes = {want, image} if self.cfg.data.images else {want}
+        n_used = sum(int((t, h, w) in self.train_shapes) for t, h, w in zip(index.latent_t, index.latent_h, index.latent_w))
+        if n_used < len(index) and dist.get_rank() == 0:
+            self.console.print(f"{root}: training on the {n_used} samples of shape {want}; "
+                               f"{len(index) - n_used} single-frame samples left out (data.images=true includes them)")
         p, pt = cfg.patch_size, cfg.patch_size_t
         tokens = (want[0] // pt) * (want[1] // p) * (want[2] // p)
         return uncond, c, tokens

@@ -89,6 +89,17 @@ def test_loader_position_resumes_with_the_next_batch(shards):
         ShardLoader(shards, batch_size=1, dp_rank=0, dp_size=4, seed=3).load_state_dict(state)
 
 
+def test_loader_leaves_out_other_shapes(tmp_path):
+    d = make_shards(tmp_path / "mixed", 8, extra_shapes={"clip0001": (1, 8, 8), "clip0005": (1, 8, 8)})
+    videos = ShardLoader(d, batch_size=2, dp_rank=0, dp_size=1, seed=0, shapes={(3, 8, 8)})
+    seen = {k for _ in range(6) for k in next(videos).keys}
+    assert seen and not seen & {"clip0001", "clip0005"}
+    both = ShardLoader(d, batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    for _ in range(8):
+        b = next(both)
+        assert b.moments.shape[2] == (1 if set(b.keys) <= {"clip0001", "clip0005"} else 3)
+
+
 def test_objective_matches_diffusers():
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
