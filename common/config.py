@@ -107,8 +107,9 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
         PipelinePreset("osp12-29x480p", 29, 480, 640, dit="osp12-29x480p", vae="osp12", text="mt5-xxl"),
         PipelinePreset("osp12-93x480p", 93, 480, 640, dit="osp12-93x480p", vae="osp12", text="mt5-xxl"),
         PipelinePreset("osp12-93x720p", 93, 720, 1280, dit="osp12-93x720p", vae="osp12", text="mt5-xxl"),
-        # The debug preset: same architectures, narrow widths, 9 x 64 x 64 clips (3 x 8 x 8 latents).
-        PipelinePreset("tiny", 9, 64, 64, dit="tiny", vae="tiny", text="tiny"),
+        # The debug preset: same architectures, narrow widths, 9 x 48 x 64 clips (480p's 4:3 aspect;
+        # latents 4 x 3 x 6 x 8, 36 DiT tokens).
+        PipelinePreset("tiny", 9, 48, 64, dit="tiny", vae="tiny", text="tiny"),
     )
 }
 

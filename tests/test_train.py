@@ -90,7 +90,7 @@ def test_loader_position_resumes_with_the_next_batch(shards):
 
 
 def test_loader_leaves_out_other_shapes(tmp_path):
-    d = make_shards(tmp_path / "mixed", 8, extra_shapes={"clip0001": (1, 8, 8), "clip0005": (1, 8, 8)})
+    d = make_shards(tmp_path / "mixed", 8, latent=(3, 8, 8), extra_shapes={"clip0001": (1, 8, 8), "clip0005": (1, 8, 8)})
     videos = ShardLoader(d, batch_size=2, dp_rank=0, dp_size=1, seed=0, shapes={(3, 8, 8)})
     seen = {k for _ in range(6) for k in next(videos).keys}
     assert seen and not seen & {"clip0001", "clip0005"}
@@ -229,7 +229,7 @@ def test_stage2_imports_no_encoder(cases):
 def test_init_and_checks(cases):
     assert cases["init"]["equal"]
     assert "missing keys: transformer_blocks.2." in _error(cases["init_mismatch"])
-    assert "(3, 8, 8)" in _error(cases["geometry"]) and "sample_size" in _error(cases["geometry"])
+    assert "(3, 6, 8)" in _error(cases["geometry"]) and "sample_size" in _error(cases["geometry"])
     assert "caption_channels is 32" in _error(cases["text_dim"])
     assert "not divisible by parallel.tp=2" in _error(cases["layout_world"])
 

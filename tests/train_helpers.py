@@ -20,7 +20,7 @@ def make_shards(
     n: int = 8,
     *,
     per_shard: int = 4,
-    latent: tuple[int, int, int] = (3, 8, 8),
+    latent: tuple[int, int, int] | None = None,  # default: the tiny preset's latent T x H x W
     text_dim: int = 64,
     seed: int = 0,
     nan_keys: tuple[str, ...] = (),
@@ -29,6 +29,10 @@ def make_shards(
     """n samples of random posterior moments [8, T, H, W] (fp16) and unpadded text [L, D] (bf16) in
     shards of `per_shard`, plus manifest, uncond and index. `nan_keys` get an Inf in their mean."""
     out = Path(out)
+    if latent is None:
+        from osp.common.config import get_preset
+
+        latent = get_preset("tiny").latent_shape[1:]
     g = torch.Generator().manual_seed(seed)
     keys = [f"clip{i:04d}" for i in range(n)]
     for sid in range(0, n, per_shard):

@@ -146,10 +146,10 @@ DIT_PRESETS: dict[str, DiTConfig] = {
         interpolation_scale_t=1.0, interpolation_scale_h=1.5, interpolation_scale_w=2.0,
     ),
     # Same architecture, narrow: 2 blocks, 2 heads x 24 (D 48), text width 64 (= the tiny mT5's d_model),
-    # latent 4 x 3 x 8 x 8 (the tiny pipeline preset: 9 x 64 x 64 px) -> 3 x 4 x 4 = 48 tokens.
+    # latent 4 x 3 x 6 x 8 (the tiny pipeline preset: 9 x 48 x 64 px) -> 3 x 3 x 4 = 36 tokens.
     "tiny": DiTConfig(
         num_layers=2, num_attention_heads=2, attention_head_dim=24, caption_channels=64,
-        cross_attention_dim=48, sample_size=[8, 8], sample_size_t=3,
+        cross_attention_dim=48, sample_size=[6, 8], sample_size_t=3,
     ),
 }
 
