@@ -184,8 +184,9 @@ def sample(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             records = sample_videos(models, settings, out_dir=out)
-        for w in caught:
-            typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
+        for w in caught:  # our own warnings (e.g. an untrained size), not library deprecation notices
+            if not issubclass(w.category, DeprecationWarning):
+                typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     for rec in records:
