@@ -15,7 +15,6 @@ bench/gpu/ measures the DiT step there.
 from __future__ import annotations
 
 import argparse
-import itertools
 import shutil
 import subprocess
 import sys

@@ -164,25 +164,50 @@ def save_dit_checkpoint(
     extra: dict | None = None,
 ) -> Path:
     """Write an osp DiT checkpoint (layout in the module docstring). len(per_rank_state_dicts) = TP."""
-    out = Path(out_dir)
     tp = len(per_rank_state_dicts)
     check_tp(config, tp)
     if ema_per_rank is not None and len(ema_per_rank) != tp:
         raise ValueError(f"ema_per_rank has {len(ema_per_rank)} shards, model has {tp}")
+    for r, sd in enumerate(per_rank_state_dicts):
+        write_dit_shard(out_dir, r, tp, sd, ema_per_rank[r] if ema_per_rank is not None else None)
+    return finish_dit_checkpoint(out_dir, config, tp, ema=ema_per_rank is not None,
+                                 dtype=state_dict_dtypes(per_rank_state_dicts[0]), extra=extra)
+
+
+def state_dict_dtypes(sd: dict[str, torch.Tensor]) -> str:
+    return ",".join(sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}))
+
+
+def write_dit_shard(
+    out_dir: str | Path, rank: int, tp: int, model_sd: dict[str, torch.Tensor], ema_sd: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write TP rank `rank`'s model (and EMA) shard. Each TP rank can call this for itself, so a
+    2.7 B model is never gathered in one process; `finish_dit_checkpoint` then completes the folder."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # incomplete until the metadata is rewritten
+    _save_tensors(model_sd, out / shard_file("model", rank, tp))
+    if ema_sd is not None:
+        _save_tensors(ema_sd, out / shard_file("ema", rank, tp))
+
+
+def finish_dit_checkpoint(
+    out_dir: str | Path, config: DiTConfig, tp: int, *, ema: bool, dtype: str, extra: dict | None = None
+) -> Path:
+    """Write config.json and, last, the metadata that marks the folder complete (every shard must exist)."""
+    out = Path(out_dir)
+    check_tp(config, tp)
+    missing = [shard_file(kind, r, tp) for kind in ("model", "ema")[: 1 + ema] for r in range(tp)
+               if not (out / shard_file(kind, r, tp)).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out}: shard files missing: {missing}; every TP rank must write its shard first")
     config.to_json(out / "config.json")
-    for r, sd in enumerate(per_rank_state_dicts):
-        _save_tensors(sd, out / shard_file("model", r, tp))
-        if ema_per_rank is not None:
-            _save_tensors(ema_per_rank[r], out / shard_file("ema", r, tp))
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in per_rank_state_dicts[0].values()})
     meta = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "tp": tp,
-        "ema": ema_per_rank is not None,
-        "dtype": ",".join(dtypes),
+        "ema": ema,
+        "dtype": dtype,
         "extra": extra or {},
     }
     tmp = out / (META_FILE + ".tmp")

@@ -113,7 +113,7 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
         f"was requested; released v1.2 weights give noise at other sizes (upstream issue #356)"
     )
     if not allow_untrained:
-        raise ValueError(msg + f"; drop --frames/--height/--width or pass --allow-untrained-size")
+        raise ValueError(msg + "; drop --frames/--height/--width or pass --allow-untrained-size")
     return [msg]
 
 

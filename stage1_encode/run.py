@@ -36,7 +36,7 @@ from osp.common.config import (
 
 from .clips import ClipError, read_image, read_video_clip
 from .dataset import list_records, resolve_sources
-from .plan import Plan, ShardPlan, WorkItem, EncodeSpec, error_row, make_plan
+from .plan import Plan, ShardPlan, WorkItem, EncodeSpec, make_plan
 
 PLAN_NAME = "plan.json"
 TOOL = "osp.stage1_encode"

@@ -1,8 +1,8 @@
 """Training checkpoints: everything needed to continue bit-exactly, written atomically.
 
     <run>/checkpoints/step-0000100/
-        model/                    osp DiT checkpoint (osp.common.convert.save_dit_checkpoint):
-                                  TP-sharded safetensors of the weights and of the EMA
+        model/                    osp DiT checkpoint (layout of osp.common.convert): TP-sharded
+                                  safetensors of the weights and of the EMA, each TP rank writing its own
         optim-rank00000.pt        AdamW state of each rank that owns some (tensors + numbers only;
                                   read back with torch.load(weights_only=True))
         rng-rank00000.pt          torch (+ accelerator) RNG states per rank
@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from osp.common.convert import load_dit_shards, merge_state_dicts, read_checkpoint_meta, save_dit_checkpoint, split_state_dict, tp_split_dim
+from osp.common.convert import (
+    finish_dit_checkpoint, load_dit_shards, merge_state_dicts, read_checkpoint_meta, split_state_dict, state_dict_dtypes,
+    write_dit_shard,
+)
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.json"
@@ -42,20 +45,6 @@ def _fsync(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
-
-
-def gather_tp(local: dict[str, torch.Tensor], tp: int, group) -> dict[str, torch.Tensor]:
-    """Full (TP=1) tensors from every TP rank's shards (collective over the TP group), on CPU."""
-    out = {}
-    for k, t in local.items():
-        dim = tp_split_dim(k)
-        if dim is None or tp == 1:
-            out[k] = t.detach().cpu().clone()
-            continue
-        parts = [torch.empty_like(t) for _ in range(tp)]
-        dist.all_gather(parts, t.detach().contiguous(), group=group)
-        out[k] = torch.cat([p.cpu() for p in parts], dim=dim)
-    return out
 
 
 def rng_state() -> dict:
@@ -81,17 +70,15 @@ def save(run_dir: Path, step: int, *, model, ema, optimizer, trainer_state: dict
         tmp.mkdir(parents=True)
     dist.barrier()
 
-    full = gather_tp(model.state_dict(), layout.tp, tp_group)
-    full_ema = gather_tp(ema.shadow, layout.tp, tp_group) if ema is not None else None
+    # Each TP rank of the first data-parallel replica writes its own shard: no rank ever holds the
+    # full model (2.7 B parameters would be ~11 GB of host memory per rank).
+    if layout.dp_rank == 0:
+        write_dit_shard(tmp / "model", layout.tp_rank, layout.tp, model.state_dict(),
+                        ema.shadow if ema is not None else None)
+    dist.barrier()
     if layout.is_main:
-        save_dit_checkpoint(
-            tmp / "model",
-            split_state_dict(full, layout.tp),
-            model.config,
-            ema_per_rank=split_state_dict(full_ema, layout.tp) if full_ema is not None else None,
-            extra={"step": step},
-        )
-    del full, full_ema
+        finish_dit_checkpoint(tmp / "model", model.config, layout.tp, ema=ema is not None,
+                              dtype=state_dict_dtypes(model.state_dict()), extra={"step": step})
     opt_sd = optimizer.state_dict()
     if opt_sd.get("zero1") or layout.dp_rank == 0:  # without ZeRO the DP replicas hold the same state
         torch.save(opt_sd, tmp / f"optim-rank{layout.rank:05d}.pt")

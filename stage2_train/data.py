@@ -15,7 +15,6 @@ checked); the workers get the index as numpy columns, never a zarr handle. Text 
 """
 from __future__ import annotations
 
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
