@@ -14,8 +14,9 @@ app = typer.Typer(
         "  osp demo-data data/demo --with-bad\n\n"
         "  osp encode --data data/demo --out shards/demo --preset tiny\n\n"
         "  osp shards inspect shards/demo\n\n"
-        "  osp train --config stage2_train/configs/demo.toml\n\n"
-        "  osp sample --checkpoint runs/demo --prompt 'a red ball' --out samples/"
+        "  osp train --config stage2_train/configs/demo.toml --nproc 2\n\n"
+        "  osp sample --checkpoint runs/demo --prompt 'a red ball' --out samples/\n\n"
+        "  osp convert import weights/93x480p ckpt/93x480p-tp2 --tp 2"
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,

@@ -15,7 +15,6 @@ osp's deliberate differences (all reproducibility/precision, none change the mod
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from osp.common.hashing import sha256_files
 from osp.common.config import (
     DDPM_BETA_END,
     DDPM_BETA_SCHEDULE,
@@ -148,14 +148,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _sha256_weight_files(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt"):
-            h.update(str(p.relative_to(folder)).encode())
-            with open(p, "rb") as f:
-                while block := f.read(1 << 24):
-                    h.update(block)
-    return h.hexdigest()
+    weights = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt")]
+    return sha256_files(weights, folder)
 
 
 def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, prefer_ema: bool = True):

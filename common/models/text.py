@@ -14,7 +14,6 @@ captions; no bs4 dependency), and ftfy.fix_text is applied only when ftfy happen
 """
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import json
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from osp.common.config import TEXT_MAX_LENGTH
+from osp.common.hashing import sha256_file, sha256_files
 
 # --------------------------------------------------------------------------------------------------
 # caption cleaner
@@ -132,23 +132,6 @@ def clean_caption(text: str) -> str:
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _sha256_files(paths: list[Path], root: Path) -> str:
-    """One digest over several files: name and content digest of each, in sorted order."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(_sha256_file(p).encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,9 +261,9 @@ class TextEncoder:
             "name": config.get("_name_or_path") or root.name,
             "path": str(root.resolve()),
             "class": "MT5EncoderModel",
-            "config_sha256": _sha256_file(root / "config.json"),
-            "weights_sha256": _sha256_files(weights, root),
-            "tokenizer_sha256": _sha256_files(tok_files, root),
+            "config_sha256": sha256_file(root / "config.json"),
+            "weights_sha256": sha256_files(weights, root),
+            "tokenizer_sha256": sha256_files(tok_files, root),
             "vocab_size": int(self.model.config.vocab_size),
             "d_model": self.dim,
             "max_length": self.max_length,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from osp.common.config import LATENT_CHANNELS, LOGVAR_CLAMP, TileConfig
+from osp.common.hashing import sha256_file
 
 PIXEL_CHANNELS = 3
 GN_EPS = 1e-6
@@ -669,14 +670,6 @@ def save_vae(model: CausalVAE, out_dir: str | Path) -> Path:
     return out
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def vae_identity(path: str | Path) -> dict:
     """Identity of a VAE folder for shard manifests: weight file name + sha256, config sha256."""
     file = weight_file(path)
@@ -684,7 +677,7 @@ def vae_identity(path: str | Path) -> dict:
     return {
         "class": "CausalVAEModel_D4_4x8x8",
         "weights_file": file.name,
-        "weights_sha256": _sha256(file),
+        "weights_sha256": sha256_file(file),
         "config_sha256": cfg.sha256(),
         "hidden_size": cfg.hidden_size,
         "hidden_size_mult": list(cfg.hidden_size_mult),
