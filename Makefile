@@ -51,7 +51,7 @@ ENCODE_DIST := $(if $(filter-out 1,$(NNODES) $(ENCODE_NPROC)),yes,)
 # Training overrides from make variables (any other key: TRAIN_ARGS="optim.lr=2e-5 run.ckpt_every=500").
 TRAIN_OVERRIDES := data.shards=$(SHARDS) run.name=$(notdir $(RUN)) run.root=$(patsubst %/,%,$(dir $(RUN))) \
                    $(if $(filter-out tiny,$(PRESET)),model.preset=$(PRESET)) \
-                   $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true)) \
+                   $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true),$(if $(filter 1,$(TP)),parallel.sp=false)) \
                    $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
 
 .PHONY: setup demo demo-data demo-models encode train sample test bench clean help
