@@ -153,18 +153,26 @@ def sample(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32; default bf16 on accelerators, fp32 on CPU."),
     out: Path = typer.Option(Path("samples"), "--out", help="Output folder for the mp4s and JSON sidecars."),
     fps: int = typer.Option(24, "--fps", help="Frames per second of the mp4."),
+    sp: bool = typer.Option(False, "--sp", help="Under torchrun: sequence parallelism on top of tensor parallelism (the training plan)."),
 ) -> None:
     """Prompts -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4 + JSON sidecar.
 
     Example: osp sample --checkpoint runs/demo --prompt 'a red ball' --out samples/demo
-    (the VAE and text encoder default to those recorded in the run's shard manifest)
+    (the VAE and text encoder default to those recorded in the run's shard manifest).
+    Under `torchrun --nproc_per_node N` the DiT is split over the N ranks with the training TP plan
+    (--sp adds sequence parallelism); every rank runs the same loop, rank 0 writes the files.
     """
+    import os
     import warnings
 
     import torch
 
     from .sampling import SampleSettings, load_models, read_prompt_file, sample_videos
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    parallel = None  # (layout, dit transform) under torchrun with several ranks
+    is_main = True
+    records = []
     try:
         prompts = list(prompt or [])
         if prompt_file is not None:
@@ -181,15 +189,33 @@ def sample(
         if negative_prompt is not None:
             settings.negative_prompt = negative_prompt
         torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
-        models = load_models(checkpoint, vae, text_encoder, device=device, dtype=torch_dtype, prefer_ema=ema)
+        if world > 1 or sp:  # tensor-parallel sampling under torchrun (stage 2's plan, imported lazily)
+            from .models.dit import DiTConfig
+            from .sampling import resolve_checkpoint
+            from osp.stage2_train.dist import init_sample_parallel
+
+            heads = DiTConfig.from_json(resolve_checkpoint(checkpoint) / "config.json").num_attention_heads
+            parallel = init_sample_parallel(device, sp, heads)
+            is_main = parallel[0].is_main
+        models = load_models(checkpoint, vae, text_encoder, device=device, dtype=torch_dtype, prefer_ema=ema,
+                             dit_transform=parallel[1] if parallel else None)
+        if parallel:
+            models.parallel = {"tp": parallel[0].tp, "sp": parallel[0].sp, "world": parallel[0].world}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            records = sample_videos(models, settings, out_dir=out)
+            records = sample_videos(models, settings, out_dir=out if is_main else None, progress=is_main)
         for w in caught:  # our own warnings (e.g. an untrained size), not library deprecation notices
-            if not issubclass(w.category, DeprecationWarning):
+            if is_main and not issubclass(w.category, DeprecationWarning):
                 typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:
+        if parallel:
+            from osp.stage2_train.dist import shutdown
+
+            shutdown()
+    if not is_main:
+        return
     for rec in records:
         typer.echo(f"wrote {rec['video']} ({rec['frames']}x{rec['height']}x{rec['width']}, seed {rec['seed']}, "
                    f"denoise {rec['seconds']['denoise']:.1f} s, decode {rec['seconds']['decode']:.1f} s)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -204,6 +205,7 @@ class Models:
     device: torch.device
     dtype: torch.dtype
     identity: dict = field(default_factory=dict)
+    parallel: dict | None = None  # e.g. {"tp": 2, "sp": False, "rank": 0} when the DiT is split over ranks
 
 
 def load_models(
@@ -213,7 +215,11 @@ def load_models(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     prefer_ema: bool = True,
+    dit_transform=None,
 ) -> Models:
+    """Load the DiT, text encoder and VAE. `dit_transform(dit) -> dit`, when given, is applied to the
+    loaded DiT (full weights, eval, on the device) before use, e.g. to split it over tensor-parallel
+    ranks; the caller owns whatever process groups it needs."""
     from osp.common.device import pick_device
     from osp.common.models.text import TextEncoder
     from osp.common.models.vae import load_vae, vae_identity
@@ -228,6 +234,8 @@ def load_models(
     tdev = dev.set_current() if dev.is_accelerator else dev.torch_device()
     dtype = dtype or dev.autocast_dtype
     dit, dit_config, dit_id = load_dit(checkpoint, tdev, dtype, prefer_ema=prefer_ema)
+    if dit_transform is not None:
+        dit = dit_transform(dit)
     te = TextEncoder.from_pretrained(text_encoder, device=tdev, dtype=dtype)
     if te.dim != dit_config.caption_channels:
         raise ValueError(
@@ -373,7 +381,9 @@ def _slug(text: str, n: int = 40) -> str:
 def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path | None = None,
                   progress: bool = True) -> list[dict]:
     """Run the pipeline for every prompt. Returns one record per video: the settings, the uint8
-    frames [T, H, W, 3] (key "frames_uint8") and, when out_dir is given, the mp4 and sidecar paths."""
+    frames [T, H, W, 3] (key "frames_uint8") and, when out_dir is given, the mp4 and sidecar paths.
+    Debug: with OSP_SAMPLE_DUMP_LATENTS=1 the final fp32 latents are also written next to each mp4
+    (<stem>.latents.safetensors, key "latents")."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     s = settings
@@ -437,9 +447,15 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
                 "seconds": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
                 "identity": models.identity,
             }
+            if models.parallel is not None:
+                rec["parallel"] = dict(models.parallel)
             if out is not None:
                 stem = f"{i:03d}-{_slug(raw)}"
                 write_mp4(out / f"{stem}.mp4", pixels, fps=s.fps)
+                if os.environ.get("OSP_SAMPLE_DUMP_LATENTS", "") not in ("", "0"):
+                    from safetensors.torch import save_file
+
+                    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(out / f"{stem}.latents.safetensors"))
                 rec["video"] = str(out / f"{stem}.mp4")
                 sidecar = out / f"{stem}.json"
                 sidecar.write_text(json.dumps(rec, indent=2, default=str) + "\n")

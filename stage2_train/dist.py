@@ -153,3 +153,37 @@ def setup_device(name: str) -> Device:
 
     megatron_cpu.apply()
     return device
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE as set by torchrun (1 when unset)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_sample_layout(world: int, sp: bool, heads: int) -> None:
+    """`osp sample` under torchrun splits the DiT over all `world` ranks (TP = world): raise a
+    one-line LayoutError for a world that cannot split `heads`, or --sp without several ranks."""
+    if sp and world < 2:
+        raise LayoutError("--sp needs several ranks: launch with torchrun --nproc_per_node N (N > 1) or drop --sp")
+    if heads % world:
+        raise LayoutError(
+            f"tensor-parallel sampling splits the DiT's {heads} attention heads over {world} ranks, which does not divide; "
+            f"launch torchrun --nproc_per_node with a divisor of {heads}"
+        )
+
+
+def init_sample_parallel(device_name: str, sp: bool, heads: int, timeout_s: float = 300.0):
+    """For `osp sample` under torchrun (WORLD_SIZE > 1): process group + megatron parallel state with
+    TP = world, then (layout, transform) where transform(dit) applies the training TP(/SP) plan."""
+    world = world_size_from_env()
+    check_sample_layout(world, sp, heads)
+    device = setup_device(device_name)
+    init_distributed(device, timeout_s)
+    layout = init_parallel(world, sp, heads, None, timeout_s)
+
+    def transform(model):
+        from osp.stage2_train.parallel import parallelize
+
+        return parallelize(model, sp)
+
+    return layout, transform

@@ -225,3 +225,80 @@ def test_cli_prompt_file_errors_and_untrained_size_warning(assets, tmp_path):
     r = _cli(*common, "--prompt", "x", "--frames", 5, "--allow-untrained-size", "--guidance", 1.0)
     assert r.exit_code == 0, r.output
     assert "warning:" in r.output and "#356" in r.output
+
+
+# ---- tensor-parallel sampling under torchrun (2-process gloo) vs one process -----------------------
+def _read_mp4(path):
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def test_tp2_sample_matches_single_process(assets, models, tmp_path, monkeypatch):
+    """torchrun --nproc_per_node 2 osp sample (TP=2, and TP=2 + SP) gives the one-process video within one
+    uint8 level and the same final latents (up to fp32 reduction order, amplified by sigma_max ~157);
+    only rank 0 writes files."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OSP_SAMPLE_DUMP_LATENTS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = ["sample", "--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"],
+            "--prompt", "a red ball", "--steps", 3, "--device", "cpu"]
+
+    def run(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "osp.common.cli"]
+        p = subprocess.run(cmd + [str(a) for a in args] + ["--out", str(out), *extra], env=env,
+                           capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    ref_dir, tp_dir, sp_dir = tmp_path / "tp1", tmp_path / "tp2", tmp_path / "tp2sp"
+    # the reference: the CLI's defaults in this process (TP=1), with the latents dump on
+    monkeypatch.setenv("OSP_SAMPLE_DUMP_LATENTS", "1")
+    sample_videos(models, SampleSettings(prompts=["a red ball"], steps=3), out_dir=ref_dir, progress=False)
+    p_tp = run(tp_dir)
+    p_sp = run(sp_dir, "--sp")
+    ref_mp4 = sorted(ref_dir.glob("*.mp4"))
+    assert len(ref_mp4) == 1
+    ref_frames = _read_mp4(ref_mp4[0]).astype(int)
+    ref_lat = load_file(str(ref_mp4[0].with_suffix(".latents.safetensors")))["latents"]
+    for d, p, sp in ((tp_dir, p_tp, False), (sp_dir, p_sp, True)):
+        # only rank 0 writes (one mp4, one sidecar, one latents file) and prints
+        assert sorted(x.name for x in d.iterdir()) == sorted(x.name for x in ref_dir.iterdir())
+        assert p.stdout.count("wrote ") == 1
+        mp4 = d / ref_mp4[0].name
+        assert np.abs(_read_mp4(mp4).astype(int) - ref_frames).max() <= 1
+        lat = load_file(str(mp4.with_suffix(".latents.safetensors")))["latents"]
+        torch.testing.assert_close(lat, ref_lat, atol=1e-3, rtol=1e-3)
+        side = json.loads(mp4.with_suffix(".json").read_text())
+        assert side["parallel"] == {"tp": 2, "sp": sp, "world": 2}
+    assert "parallel" not in json.loads(ref_mp4[0].with_suffix(".json").read_text())
+
+
+def test_tp_sample_layout_errors(assets, tmp_path, monkeypatch):
+    """A world size that does not divide the heads (tiny DiT: 2) and --sp on one process fail in one
+    line before any process group starts."""
+    import torch.distributed as dist
+
+    base = ["--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"],
+            "--prompt", "x", "--steps", 1, "--device", "cpu", "--out", tmp_path]
+    r = _cli(*base, "--sp")
+    assert r.exit_code != 0 and "--sp needs several ranks" in r.output
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    r = _cli(*base)
+    assert r.exit_code != 0
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "2 attention heads over 3 ranks" in err[0] and "--nproc_per_node" in err[0]
+    assert not dist.is_initialized() and not list(tmp_path.glob("*.mp4"))
