@@ -119,3 +119,20 @@ def get_preset(name: str) -> PipelinePreset:
         return PIPELINE_PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PIPELINE_PRESETS)}") from None
+
+
+def read_config_json(path, what: str, fix: str) -> dict:
+    """A model's config.json as a dict, with one-line errors that name the file and the fix."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {what} config.json; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object of {what} config fields; {fix}")
+    return d

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from osp.common.config import MASK_BIAS, ROPE_THETA, TEXT_DIM_MT5_XXL
+from osp.common.config import MASK_BIAS, ROPE_THETA, TEXT_DIM_MT5_XXL, read_config_json
 from osp.common.models.rope import RopeTable, apply_rope, rope_angles
 
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep embedding width (PixArt adaLN-single)
@@ -115,12 +115,7 @@ class DiTConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no DiT config.json; pass the checkpoint folder that holds it") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); re-export the checkpoint's config.json") from None
+        d = read_config_json(path, "DiT", "pass the checkpoint folder that holds a valid config.json")
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osp.common.config import LATENT_CHANNELS, LOGVAR_CLAMP, TileConfig
+from osp.common.config import LATENT_CHANNELS, LOGVAR_CLAMP, TileConfig, read_config_json
 from osp.common.hashing import sha256_file
 
 PIXEL_CHANNELS = 3
@@ -96,15 +96,7 @@ class CausalVAEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CausalVAEConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no VAE config.json; pass the VAE folder holding config.json") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); restore the VAE's config.json") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object of CausalVAEModel arguments")
+        d = read_config_json(path, "VAE", "pass the VAE folder holding a valid config.json (CausalVAEModel arguments)")
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:
