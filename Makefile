@@ -48,9 +48,12 @@ TORCHRUN_ARGS := --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(
 # Encoding: one process unless GPUS_PER_NODE/NPUS_PER_NODE or NNODES > 1 ask for more.
 ENCODE_NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),1)
 ENCODE_DIST := $(if $(filter-out 1,$(NNODES) $(ENCODE_NPROC)),yes,)
-# Training overrides from make variables (any other key: TRAIN_ARGS="optim.lr=2e-5 run.ckpt_every=500").
-TRAIN_OVERRIDES := data.shards=$(SHARDS) run.name=$(notdir $(RUN)) run.root=$(patsubst %/,%,$(dir $(RUN))) \
-                   $(if $(filter-out tiny,$(PRESET)),model.preset=$(PRESET)) \
+# Training overrides from make variables given on the command line or in the environment (the
+# config file keeps its own values otherwise); any other key: TRAIN_ARGS="optim.lr=2e-5 run.ckpt_every=500".
+given = $(filter command line environment,$(origin $(1)))
+TRAIN_OVERRIDES := $(if $(call given,SHARDS),data.shards=$(SHARDS)) \
+                   $(if $(call given,RUN),run.name=$(notdir $(RUN)) run.root=$(patsubst %/,%,$(dir $(RUN)))) \
+                   $(if $(call given,PRESET),model.preset=$(PRESET)) \
                    $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true),$(if $(filter 1,$(TP)),parallel.sp=false)) \
                    $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
 
