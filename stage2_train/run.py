@@ -491,7 +491,8 @@ def main(argv=None) -> int:
         return 0
     except EXPECTED_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error (rank {rank}): {msg}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error (rank {rank}): {msg}\n")  # one write: ranks sharing a pipe keep whole lines
+        sys.stderr.flush()
         if os.environ.get("OSP_TRACEBACK"):
             raise
         return 1
