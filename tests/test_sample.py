@@ -236,9 +236,12 @@ def _read_mp4(path):
 
 
 def test_tp2_sample_matches_single_process(assets, models, tmp_path, monkeypatch):
-    """torchrun --nproc_per_node 2 osp sample (TP=2, and TP=2 + SP) gives the one-process video within one
-    uint8 level and the same final latents (up to fp32 reduction order, amplified by sigma_max ~157);
-    only rank 0 writes files."""
+    """torchrun --nproc_per_node 2 osp sample (TP=2, and TP=2 + SP) gives the one-process final latents
+    (up to fp32 reduction order, amplified by sigma_max ~157) and the same video; only rank 0 writes files.
+
+    The video is compared by PSNR, not per pixel: the random-weight VAE decoder amplifies the ~4e-4
+    latent differences and h264 then rounds some of them into different macroblock decisions (measured:
+    up to 19 levels at a few pixels, mean 0.3, PSNR well above 35 dB)."""
     import os
     import socket
     import subprocess
@@ -278,7 +281,10 @@ def test_tp2_sample_matches_single_process(assets, models, tmp_path, monkeypatch
         assert sorted(x.name for x in d.iterdir()) == sorted(x.name for x in ref_dir.iterdir())
         assert p.stdout.count("wrote ") == 1
         mp4 = d / ref_mp4[0].name
-        assert np.abs(_read_mp4(mp4).astype(int) - ref_frames).max() <= 1
+        frames = _read_mp4(mp4).astype(np.float64)
+        assert frames.shape == ref_frames.shape
+        mse = float(np.mean((frames - ref_frames) ** 2))
+        assert mse == 0 or 10 * np.log10(255**2 / mse) >= 35.0, f"PSNR {10 * np.log10(255**2 / mse):.1f} dB"
         lat = load_file(str(mp4.with_suffix(".latents.safetensors")))["latents"]
         torch.testing.assert_close(lat, ref_lat, atol=1e-3, rtol=1e-3)
         side = json.loads(mp4.with_suffix(".json").read_text())
