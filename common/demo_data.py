@@ -145,7 +145,8 @@ def _render(scene: dict, height: int, width: int, frames: int) -> np.ndarray:
 
 
 def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: Fraction | int | float) -> None:
-    """Encode [T, H, W, 3] uint8 RGB with libx264 (yuv420p); single-threaded so the bytes reproduce."""
+    """Encode [T, H, W, 3] uint8 RGB with libx264 (yuv420p); single-threaded and cpu-independent so the bytes
+    reproduce (without cpu-independent, the same frames encoded 8 times gave up to 4 different files)."""
     import av
 
     rate = Fraction(fps).limit_denominator(1001)
@@ -154,7 +155,7 @@ def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: Fraction | int | 
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": "threads=1:lookahead-threads=1"}
+        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": "threads=1:lookahead-threads=1:cpu-independent=1"}
         for t, frame in enumerate(video):
             f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             f.pts = t
