@@ -32,7 +32,7 @@ from osp.common import shards as S
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
-from osp.stage2_train.data import Batch, CorruptSampleError, ShardLoader
+from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, sample_posterior, step_seed
 from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
 
@@ -82,6 +82,7 @@ class Trainer:
 
         self.cfg = cfg
         self.stop_requested = False
+        self.corrupt = ""  # the first corrupt sample seen with data.skip_corrupt off (see _prepare)
         self.device = D.setup_device(cfg.run.device)
         D.init_distributed(self.device, cfg.parallel.init_timeout_s)
         self.run_dir = cfg.run.path
@@ -147,7 +148,7 @@ class Trainer:
             dp_size=L.dp,
             seed=cfg.run.seed,
             num_workers=cfg.data.num_workers,
-            skip_corrupt=cfg.data.skip_corrupt,
+            skip_corrupt=True,  # corrupt samples come back in Batch.skipped; _prepare applies data.skip_corrupt
             shapes=self.train_shapes,
         )
         self.abar = alphas_cumprod().to(self.device.torch_device(L.local_rank))
@@ -175,7 +176,7 @@ class Trainer:
         index = S.ShardIndex.open(root)
         if len(index) == 0:
             raise ValueError(f"{root}: the index holds no samples; encode some clips first (osp encode)")
-        first = S.read_sample(root, index, 0, verify=False)
+        first = self._first_readable(root, index)
         c = int(first.latent.shape[0])
         if c not in (cfg.in_channels, 2 * cfg.in_channels):
             raise ValueError(
@@ -207,6 +208,17 @@ class Trainer:
         p, pt = cfg.patch_size, cfg.patch_size_t
         tokens = (want[0] // pt) * (want[1] // p) * (want[2] // p)
         return uncond, c, tokens
+
+    def _first_readable(self, root: Path, index) -> "S.Sample":
+        """The first row that passes its checks (a corrupt row 0 stops the run unless data.skip_corrupt)."""
+        ds = ShardDataset(root, index)
+        for i in range(len(index)):
+            item = ds[i]
+            if not isinstance(item, dict):
+                return item[1]
+            if not self.cfg.data.skip_corrupt:
+                raise CorruptSampleError(corrupt_message(item, root))
+        raise CorruptSampleError(f"{root}: all {len(index)} samples are corrupt; re-encode (osp shards verify {root})")
 
     def _check_resume_layout(self, state: dict) -> None:
         lay = state.get("layout", {})
@@ -260,6 +272,9 @@ class Trainer:
         """Count skipped corrupt samples; an all-corrupt batch becomes a zero-weight dummy so that
         collectives stay aligned across ranks."""
         for s in batch.skipped:
+            if not self.cfg.data.skip_corrupt:  # every rank stops at this step's agreement (train_step)
+                self.corrupt = self.corrupt or corrupt_message(s, self.shards)
+                continue
             self.counters["skipped_corrupt"] += 1
             self.console.print(f"[yellow]skipped corrupt sample[/] {s['key']} in {s['tar']}: {s['error']}")
         if batch.keys:
@@ -341,8 +356,12 @@ class Trainer:
         norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
 
         # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere
-        flags = torch.tensor([float(nonfinite or not bool(torch.isfinite(norm))), float(self.stop_requested)])
+        flags = torch.tensor([float(nonfinite or not bool(torch.isfinite(norm))), float(self.stop_requested), float(bool(self.corrupt))])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[2] > 0:  # a corrupt sample on any rank and data.skip_corrupt off: every rank stops now
+            found = [None] * L.world
+            dist.all_gather_object(found, self.corrupt)
+            raise CorruptSampleError(next(m for m in found if m))
         stats = torch.tensor([loss_sum if math.isfinite(loss_sum) else 0.0, float(samples)], dtype=torch.float64)
         dist.all_reduce(stats, group=self.dp_group)
         skipped = False
