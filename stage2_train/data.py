@@ -112,7 +112,7 @@ class ShardDataset(Dataset):
         except (S.ShardError, OSError) as e:  # failed check, truncated tar, bad header, missing file ...
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             tar = str(S.shard_path(self.root, int(self.index.shard[i])))
-            reason = reason.removeprefix(f"{tar}: ")
+            reason = reason.removeprefix(f"{tar}: ").split("; ")[0]  # the fix is said once, by corrupt_message
             return {"corrupt": True, "key": str(self.index.key[i]), "row": int(i), "tar": tar, "error": reason}
 
 
@@ -144,6 +144,9 @@ def _worker_init(_worker_id: int) -> None:
     # A SIGTERM to the whole process group must reach the trainer only: it checkpoints at the next
     # step boundary and the loader then shuts its workers down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from osp.stage2_train.launch import die_with_parent
+
+    die_with_parent()  # and it dies with its rank (under the launcher)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +183,7 @@ class ShardLoader:
         self.collate = Collate(pad_multiple)
         self.epoch, self.cursor = 0, 0
         self._it = None
+        self._check_left_out(np.nonzero(~keep)[0])
         if not self._plan(0):
             counts = {tuple(int(x) for x in k): int(v) for k, v in zip(*np.unique(self.shapes[self.rows], axis=0, return_counts=True))} if len(self.rows) else {}
             raise ValueError(
@@ -187,6 +191,17 @@ class ShardLoader:
                 f"(data.batch_size {batch_size} x {dp_size} data-parallel ranks; samples per shape {counts}); "
                 "lower data.batch_size or encode more clips"
             )
+
+    def _check_left_out(self, rows: np.ndarray) -> None:
+        """Rows the shape filter leaves out are never read by the plan, so they are checked here once:
+        an index row edited into another shape (latent_t 3 -> 1) must stop training as `verify` does,
+        not vanish as a "single-frame sample". Costs one read per left-out row (none in a video-only cache)."""
+        if self.skip_corrupt:
+            return
+        for i in rows:
+            item = self.dataset[int(i)]
+            if isinstance(item, dict):
+                raise CorruptSampleError(corrupt_message(item, self.root))
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         return [self.rows[b] for b in epoch_plan(self.shapes[self.rows], self.seed, epoch, self.global_batch)]

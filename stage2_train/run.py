@@ -33,6 +33,8 @@ from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
 from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
+from osp.stage2_train.lock import RunLockedError, take_run_lock
+from osp.stage2_train.watchdog import Watchdog
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, sample_posterior, step_seed
 from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
 
@@ -87,6 +89,8 @@ class Trainer:
         D.init_distributed(self.device, cfg.parallel.init_timeout_s)
         self.run_dir = cfg.run.path
         rank = dist.get_rank()
+        self.watchdog = Watchdog(0, rank)  # replaced in fit()
+        self.lock = take_run_lock(self.run_dir, rank == 0)  # before anything reads or writes the run
         self.console = console if console is not None else _console(rank == 0)
 
         # --- model config and the data's geometry ---
@@ -148,9 +152,10 @@ class Trainer:
             dp_size=L.dp,
             seed=cfg.run.seed,
             num_workers=cfg.data.num_workers,
-            skip_corrupt=True,  # corrupt samples come back in Batch.skipped; _prepare applies data.skip_corrupt
+            skip_corrupt=cfg.data.skip_corrupt,  # (a corrupt row left out by the shape filter stops here)
             shapes=self.train_shapes,
         )
+        self.loader.skip_corrupt = True  # from here on corrupt samples come back in Batch.skipped; _prepare decides
         self.abar = alphas_cumprod().to(self.device.torch_device(L.local_rank))
         self.step = 0
         self.counters = {"skipped_corrupt": 0, "skipped_nonfinite": 0}
@@ -337,6 +342,7 @@ class Trainer:
         data_wait, loss_sum, nonfinite, keys, samples, text_len, shape = 0.0, 0.0, False, [], 0, 0, None
         for micro in range(accum):
             tw = time.perf_counter()
+            self.watchdog.beat(f"waiting for the data loader (step {self.step + 1})")
             batch = next(self.loader)
             data_wait += time.perf_counter() - tw
             batch, weight = self._prepare(batch)
@@ -351,6 +357,7 @@ class Trainer:
             text_len, shape = max(text_len, batch.text.shape[1]), batch.shape
         from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 
+        self.watchdog.beat(f"in the gradient collectives of step {self.step + 1}")
         reduce_sequence_parallel_grads(self.model)
         allreduce_grads(self.params, self.dp_group, L.dp)
         norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
@@ -426,7 +433,9 @@ class Trainer:
         try:
             with progress:
                 task = progress.add_task("train", total=cfg.run.steps, completed=self.step, info="")
+                self.watchdog = Watchdog(cfg.run.watchdog_s, L.rank)
                 while self.step < cfg.run.steps:
+                    self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
                     history.append(m)
                     if L.is_main:
@@ -451,12 +460,14 @@ class Trainer:
                             f.write(json.dumps({"step": self.step, "keys": self.last_keys}) + "\n")
                     periodic = cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0
                     if periodic or self.stop_requested or self.step == cfg.run.steps:
+                        self.watchdog.beat(f"writing the checkpoint of step {self.step}")
                         self.save()
                     if self.stop_requested:
                         if L.is_main:
                             self.console.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
                         break
         finally:
+            self.watchdog.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return history
@@ -465,7 +476,10 @@ class Trainer:
         self.stop_requested = True
 
     def close(self) -> None:
+        self.watchdog.close()
         self.loader.close()
+        if self.lock is not None:
+            self.lock.release()
         if self.tb is not None:
             self.tb.close()
 
@@ -494,10 +508,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, CorruptSampleError, NonFiniteError)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, CorruptSampleError, NonFiniteError, RunLockedError)
 
 
 def main(argv=None) -> int:
+    from osp.stage2_train.launch import die_with_parent
+
+    die_with_parent()  # under the launcher: this rank dies with it, however it dies
     args = parse_args(argv)
     rank = os.environ.get("RANK", "0")
     trainer = None
