@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import resource
 import signal
 import sys
@@ -525,6 +526,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.fit()
         return 0
+    except pickle.UnpicklingError as e:  # a resume file holding more than tensors (weights_only load refused it)
+        what = next((x.strip() for x in str(e).splitlines() if "GLOBAL" in x), "objects beyond tensors")
+        sys.stderr.write(f"error (rank {rank}): a checkpoint file was refused ({what}); it would run code when unpickled. "
+                         "Resume from a checkpoint this osp wrote (--resume DIR)\n")
+        return 1
     except EXPECTED_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"error (rank {rank}): {msg}\n")  # one write: ranks sharing a pipe keep whole lines
