@@ -206,6 +206,21 @@ def agent(argv: list[str]) -> None:
 
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its chatter; the outcome is said in one line below
+
+    # A stop signal that reaches the agent too (a scheduler signalling every process of the job) is
+    # passed to the ranks as SIGTERM, instead of torchrun's SignalException (traceback, exit 1): the
+    # ranks checkpoint and exit 0, so the agent does too.
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
+
+    def forward(_signum, _frame):
+        for pid in _children(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
     try:
         run(parse_args(argv))
     except ChildFailedError as e:

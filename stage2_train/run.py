@@ -427,6 +427,7 @@ class Trainer:
         cfg, L = self.cfg, self.layout
         history = []
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        self.stop_requested |= _EARLY_SIGTERM[0]  # a SIGTERM during start-up stops after the first step
         metrics_path = self.run_dir / "metrics.jsonl"
         keys_path = self.run_dir / f"keys-rank{L.rank:05d}.jsonl"
         progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -485,6 +486,13 @@ class Trainer:
             self.tb.close()
 
 
+_EARLY_SIGTERM = [False]
+
+
+def _early_sigterm(signum, frame) -> None:
+    _EARLY_SIGTERM[0] = True
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -516,6 +524,8 @@ def main(argv=None) -> int:
     from osp.stage2_train.launch import die_with_parent
 
     die_with_parent()  # under the launcher: this rank dies with it, however it dies
+    if _main_thread():
+        signal.signal(signal.SIGTERM, _early_sigterm)  # until fit() installs its own handler
     args = parse_args(argv)
     rank = os.environ.get("RANK", "0")
     trainer = None

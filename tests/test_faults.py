@@ -229,8 +229,9 @@ def test_lock_then_sigterm_exits_0_then_kill9_leaves_no_rank(shards, tmp_path):
     _, err = b.communicate(timeout=120)
     assert b.returncode != 0 and "in use by another training job" in err, err[-2000:]
     assert a.poll() is None
-    # SIGTERM to the job (its process group: the launcher; torchrun and the ranks are in their own sessions)
-    os.killpg(a.pid, signal.SIGTERM)
+    # SIGTERM to every process of the job, as a scheduler sends it (launcher, torchrun, ranks, workers)
+    for p in [psutil.Process(a.pid), *psutil.Process(a.pid).children(recursive=True)]:
+        p.send_signal(signal.SIGTERM)
     out, err = a.communicate(timeout=120)
     assert a.returncode == 0, err[-3000:]
     assert "stopping on SIGTERM" in out and "every rank wrote its checkpoint and exited 0" in out, out[-2000:]
