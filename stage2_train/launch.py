@@ -210,7 +210,6 @@ def agent(argv: list[str]) -> None:
     # A stop signal that reaches the agent too (a scheduler signalling every process of the job) is
     # passed to the ranks as SIGTERM, instead of torchrun's SignalException (traceback, exit 1): the
     # ranks checkpoint and exit 0, so the agent does too.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
 
     def forward(_signum, _frame):
         for pid in _children(os.getpid()):
@@ -222,7 +221,7 @@ def agent(argv: list[str]) -> None:
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
     try:
-        run(parse_args(argv))
+        run(parse_args(["--signals-to-handle", "SIGQUIT", *argv]))  # SIGTERM/INT/HUP: `forward` above
     except ChildFailedError as e:
         bad = sorted((f.timestamp, rank, f.exitcode) for rank, f in e.failures.items())
         _, rank, code = bad[0]
