@@ -95,6 +95,7 @@ encode: setup
 	@if [ "$(DATA)" = "$(DEMO_DATA)" ] && [ ! -f $(DATA)/annotation.json ]; then $(OSP) demo-data $(DATA); fi
 	@if [ "$(VAE)" = "$(MODELS)/vae" ] && [ "$(MODELS)" = "models/demo" ]; then $(OSP) demo-models $(MODELS); fi
 ifeq ($(ENCODE_DIST),yes)
+	$(PY) -m osp.stage2_train.launch --precheck_only $(TORCHRUN_ARGS)
 	$(TORCHRUN) --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(ENCODE_NPROC) \
 	    --master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) --no-python $(OSP) encode \
 	    --data $(DATA) --out $(SHARDS) --preset $(PRESET) --vae $(VAE) --text-encoder $(TEXT_ENCODER) $(ENCODE_ARGS)

@@ -112,6 +112,21 @@ def shards_verify(dir: Path = typer.Argument(..., help="Shard directory (written
     typer.echo(f"ok: {dir}")
 
 
+@shards_app.command("upgrade")
+def shards_upgrade(dir: Path = typer.Argument(..., help="Shard directory written by an older osp (schema v1).")) -> None:
+    """Upgrade a schema v1 cache in place (checks every old checksum, writes row-covering v2 checksums).
+
+    Example: osp shards upgrade shards/demo
+    """
+    from .shards import ShardError, upgrade
+
+    try:
+        n = upgrade(dir)
+    except ShardError as e:
+        fail(str(e))
+    typer.echo(f"ok: {dir} ({n} rows upgraded)" if n else f"ok: {dir} is already schema v2")
+
+
 @app.command("demo-models")
 def demo_models(
     out: Path = typer.Argument(..., help="Output folder: OUT/vae and OUT/text_encoder are written."),

@@ -11,9 +11,12 @@ A shard directory holds (full description in shards/README.md):
 
 Publishing: a writer fills `<name>.tmp-<pid>` files, fsyncs them, renames the sidecar, then the tar
 (last). A visible tar whose sidecar records its exact size is a published shard; anything else is
-invisible and redone. Checksum: CRC-32C (Castagnoli; google-crc32c, hardware accelerated, a
-dependency of zarr) of the safetensors member bytes followed by the json member bytes, stored as
-"crc32c:%08x". It detects corruption, not tampering.
+invisible and redone. Checksum (schema v2): CRC-32C (Castagnoli; google-crc32c, hardware accelerated, a
+dependency of zarr) of the row's index fields (key, shard, offsets, sizes, latent shape, text length)
+followed by the safetensors member bytes and the json member bytes, stored as "crc32c:%08x"; so a
+swapped or edited index row fails it as well as a flipped byte. It detects corruption, not tampering.
+`manifest.json` pins `uncond.safetensors` by the same checksum ("uncond_checksum"). Schema v1 caches
+(bytes-only checksums) are refused with a one-line error naming `osp shards upgrade`.
 
 Nothing here unpickles: safetensors and json are the only decoded members, anything else is skipped
 with a warning naming it.
@@ -38,7 +41,12 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-SCHEMA_VERSION = 1
+from osp.common.errors import OspError
+
+SCHEMA_VERSION = 2
+OLD_SCHEMA_VERSIONS = (1,)  # readable only by `upgrade` (v1: checksum over the member bytes only)
+MAX_ST_HEADER = 100 * 2**20  # bytes; the safetensors library's own limit for a header
+ROW_FIELDS = ("key", "shard", "st_offset", "st_size", "json_offset", "json_size", "latent_t", "latent_h", "latent_w", "text_len")
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.tar$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 MEMBER_EXTS = ("safetensors", "json")
@@ -62,8 +70,17 @@ _TAR_MTIME, _TAR_MODE = 0, 0o644
 _INDEX_CHUNK = 1 << 16
 
 
-class ShardError(ValueError):
+class ShardError(OspError, ValueError):
     """A shard directory or member that breaks the contract (message names file and key)."""
+
+
+def _version_error(where: Path | str, version) -> ShardError:
+    if version in OLD_SCHEMA_VERSIONS:
+        return ShardError(
+            f"{where}: shard schema version {version} (written by an older osp; its checksums do not cover the index "
+            f"rows), this osp reads {SCHEMA_VERSION}; upgrade in place with `osp shards upgrade DIR` or re-encode"
+        )
+    return ShardError(f"{where}: schema version {version}, this osp reads {SCHEMA_VERSION}; re-encode with this osp")
 
 
 # --- paths ------------------------------------------------------------------------------------------
@@ -135,11 +152,20 @@ def validate_key(key: str) -> str:
     return key
 
 
-def checksum(st_bytes: bytes | memoryview, json_bytes: bytes | memoryview) -> str:
-    """CRC-32C of the safetensors member bytes followed by the json member bytes."""
+def row_fields_bytes(row) -> bytes:
+    """The canonical bytes of a row's index fields (ROW_FIELDS, NUL-separated) that the checksum covers."""
+    return "\0".join(str(row[f]) for f in ROW_FIELDS).encode("utf-8")
+
+
+def checksum(st_bytes: bytes | memoryview, json_bytes: bytes | memoryview, row=None) -> str:
+    """CRC-32C of the row's index fields (schema v2; `row` a dict/IndexRow with ROW_FIELDS) followed by
+    the safetensors member bytes and the json member bytes. `row=None` is the v1 (bytes only) sum,
+    which `uncond_checksum` and `upgrade` use."""
     st_bytes = st_bytes if isinstance(st_bytes, bytes) else bytes(st_bytes)  # the C extension takes bytes only
     json_bytes = json_bytes if isinstance(json_bytes, bytes) else bytes(json_bytes)
-    return f"crc32c:{google_crc32c.extend(google_crc32c.value(st_bytes), json_bytes):08x}"
+    c = google_crc32c.value(row_fields_bytes(row)) if row is not None else 0
+    c = google_crc32c.extend(c, st_bytes) if row is not None else google_crc32c.value(st_bytes)
+    return f"crc32c:{google_crc32c.extend(c, json_bytes):08x}"
 
 
 # --- writer ------------------------------------------------------------------------------------------
@@ -222,8 +248,8 @@ class ShardWriter:
             "latent_h": int(latent.shape[2]),
             "latent_w": int(latent.shape[3]),
             "text_len": int(text.shape[0]),
-            "checksum": checksum(st_bytes, json_bytes),
         }
+        row["checksum"] = checksum(st_bytes, json_bytes, {**row, "shard": self.shard_id})
         self._keys.add(key)
         self._rows.append(row)
         return row
@@ -379,7 +405,7 @@ class ShardIndex:
         group = zarr.open_group(str(path), mode="r")
         version = group.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ShardError(f"{path}: schema version {version}, this osp reads {SCHEMA_VERSION}; re-encode with this osp")
+            raise _version_error(path, version)
         cols = {c: group[c][:] for c in INDEX_COLUMNS}
         return cls(cols, out)
 
@@ -411,6 +437,8 @@ def load_safetensors_bytes(buf: bytearray | bytes | memoryview, where: str = "sa
         if len(mv) < 8:
             raise ValueError("shorter than its 8-byte header length")
         (n,) = struct.unpack("<Q", mv[:8])
+        if n > MAX_ST_HEADER:
+            raise ValueError(f"header of {n} bytes is over the {MAX_ST_HEADER} byte limit")
         if 8 + n > len(mv):
             raise ValueError("header runs past the end")
         header = json.loads(bytes(mv[8 : 8 + n]))
@@ -456,20 +484,70 @@ def _sample_from_members(key: str, st: bytes, js: bytes, where: str) -> Sample:
     return Sample(key, tensors["latent"], tensors["text"], meta)
 
 
+def _shard_problem(out_dir: str | os.PathLike, index: ShardIndex, sid: int) -> str | None:
+    """What `verify` says of the shard as a whole (sidecar missing/invalid, size differs from the one
+    recorded at publish), checked once per shard per process (cached on the index)."""
+    cache = index.__dict__.setdefault("_shard_problems", {})
+    if sid not in cache:
+        tar, rows = shard_path(out_dir, sid), rows_path(out_dir, sid)
+        problem = None
+        try:
+            side = json.loads(rows.read_bytes())
+        except (OSError, ValueError):
+            side, problem = None, f"no valid {rows.name} sidecar"
+        try:
+            size = tar.stat().st_size
+        except OSError:
+            size, problem = None, "tar missing"
+        if problem is None and (not isinstance(side, dict) or side.get("schema_version") != SCHEMA_VERSION):
+            problem = f"{rows.name} has schema version {side.get('schema_version') if isinstance(side, dict) else None}, not {SCHEMA_VERSION}"
+        elif problem is None and side.get("tar_size") != size:
+            problem = f"size {size} != {side.get('tar_size')} recorded at publish (truncated or modified)"
+        cache[sid] = problem
+    return cache[sid]
+
+
+def _header_problem(f, name: str, offset: int, size: int) -> str | None:
+    """The ustar header block in front of a member's data must be intact (its own checksum), and name
+    that member with that size, as `verify`'s tar scan requires."""
+    if offset < tarfile.BLOCKSIZE:
+        return f"{name}: offset {offset} leaves no room for its tar header"
+    f.seek(offset - tarfile.BLOCKSIZE)
+    try:
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"{name}: damaged tar header ({e})"
+    if info.size != size or (len(name) < 100 and info.name != name):
+        return f"{name}: the tar header at {offset} names {info.name!r} of {info.size} bytes, the index says {name!r} of {size}"
+    return None
+
+
 def read_sample(out_dir: str | os.PathLike, index: ShardIndex, i: int, *, verify: bool = True) -> Sample:
-    """Random access: read both members at their indexed offsets, check the checksum, decode.
+    """Random access: read both members at their indexed offsets, check what `verify` checks for this
+    row (shard published and untruncated, tar headers, checksum over the row's fields and bytes), decode.
     The tensors are views of a private buffer (no copy beyond the read itself)."""
     r = index.row(i)
     path = shard_path(out_dir, r.shard)
-    with open(path, "rb", buffering=0) as f:
+    fix = "re-encode this shard (osp shards verify)"
+    if verify and (problem := _shard_problem(out_dir, index, r.shard)):
+        raise ShardError(f"{path}: {problem} (key {r.key}); {fix}")
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing (key {r.key}); {fix}") from None
+    with f:
+        if verify:
+            for name, off, sz in ((f"{r.key}.safetensors", r.st_offset, r.st_size), (f"{r.key}.json", r.json_offset, r.json_size)):
+                if (problem := _header_problem(f, name, off, sz)):
+                    raise ShardError(f"{path}: key {r.key}: {problem}; {fix}")
         f.seek(r.st_offset)
         st = f.read(r.st_size)
         f.seek(r.json_offset)
         js = f.read(r.json_size)
     if len(st) != r.st_size or len(js) != r.json_size:
-        raise ShardError(f"{path}: truncated at key {r.key}; re-encode this shard (osp shards verify)")
-    if verify and checksum(st, js) != r.checksum:
-        raise ShardError(f"{path}: checksum mismatch for key {r.key}; the shard is corrupt, re-encode it (osp shards verify)")
+        raise ShardError(f"{path}: truncated at key {r.key}; {fix}")
+    if verify and checksum(st, js, r) != r.checksum:
+        raise ShardError(f"{path}: checksum mismatch for key {r.key} (bytes or index row changed); the shard or index is corrupt, {fix}")
     return _sample_from_members(r.key, st, js, str(path))
 
 
@@ -551,8 +629,11 @@ def iter_shard(tar_path: str | os.PathLike) -> Iterator[Sample]:
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
-    """Write manifest.json atomically; `schema_version` is added (or must equal SCHEMA_VERSION)."""
+    """Write manifest.json atomically; `schema_version` is added (or must equal SCHEMA_VERSION), and
+    `uncond_checksum` pins uncond.safetensors when it exists and the manifest pins nothing yet."""
     out = Path(out_dir)
+    if "uncond_checksum" not in manifest and (out / UNCOND_NAME).exists():
+        manifest = {**manifest, "uncond_checksum": uncond_checksum((out / UNCOND_NAME).read_bytes())}
     version = manifest.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise ShardError(f"{out / MANIFEST_NAME}: cannot write schema version {version}; this osp writes {SCHEMA_VERSION}")
@@ -571,7 +652,7 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: not valid JSON ({e}); re-run osp encode") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
-        raise ShardError(f"{path}: schema version {version}, this osp reads {SCHEMA_VERSION}; re-encode with this osp")
+        raise _version_error(path, version)
     return manifest
 
 
@@ -579,15 +660,39 @@ def write_uncond(out_dir: str | os.PathLike, text: torch.Tensor) -> None:
     """Store the text encoder's output for the empty caption, [L, D] (dtype kept)."""
     if text.ndim != 2:
         raise ShardError(f"{Path(out_dir) / UNCOND_NAME}: uncond text must be [L, D], got {tuple(text.shape)}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(Path(out_dir) / UNCOND_NAME, st_save({"text": text.detach().to("cpu").contiguous()}))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = st_save({"text": text.detach().to("cpu").contiguous()})
+    _atomic_write_bytes(out / UNCOND_NAME, data)
+    if (out / MANIFEST_NAME).exists():  # re-pin (the manifest is written before or after uncond)
+        write_manifest(out, {**read_manifest(out), "uncond_checksum": uncond_checksum(data)})
+
+
+def uncond_checksum(data: bytes) -> str:
+    return checksum(data, b"")
+
+
+def _uncond_problem(out: Path, data: bytes) -> str | None:
+    try:
+        pinned = read_manifest(out).get("uncond_checksum")
+    except ShardError:
+        return None  # the manifest's own problem is reported where it is read
+    if pinned is None:
+        return f"{out / MANIFEST_NAME} pins no uncond_checksum"
+    if uncond_checksum(data) != pinned:
+        return f"checksum {uncond_checksum(data)} != {pinned} pinned in {MANIFEST_NAME} (modified or corrupt)"
+    return None
 
 
 def read_uncond(out_dir: str | os.PathLike) -> torch.Tensor:
-    path = Path(out_dir) / UNCOND_NAME
+    out = Path(out_dir)
+    path = out / UNCOND_NAME
     if not path.exists():
         raise ShardError(f"{path}: missing; stage 1 writes it (re-run osp encode)")
-    tensors = load_safetensors_bytes(bytearray(path.read_bytes()), str(path))
+    data = path.read_bytes()
+    if (problem := _uncond_problem(out, data)):
+        raise ShardError(f"{path}: {problem}; re-run osp encode")
+    tensors = load_safetensors_bytes(bytearray(data), str(path))
     if "text" not in tensors:
         raise ShardError(f"{path}: lacks the 'text' tensor; re-run osp encode")
     return tensors["text"]
@@ -633,6 +738,8 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         return problems + [str(e)]
     if not (out / UNCOND_NAME).exists():
         problems.append(f"{out / UNCOND_NAME}: missing; stage 1 writes it (re-run osp encode)")
+    elif manifest is not None and (problem := _uncond_problem(out, (out / UNCOND_NAME).read_bytes())):
+        problems.append(f"{out / UNCOND_NAME}: {problem}; re-run osp encode")
 
     tar_names = sorted(p.name for p in out.iterdir() if SHARD_PATTERN.match(p.name))
     on_disk = {int(SHARD_PATTERN.match(n).group(1)) for n in tar_names}
@@ -684,8 +791,8 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
                 st = f.read(r.st_size)
                 f.seek(r.json_offset)
                 js = f.read(r.json_size)
-                if checksum(st, js) != r.checksum:
-                    problems.append(f"{path}: key {r.key}: checksum mismatch (stored {r.checksum}, actual {checksum(st, js)})")
+                if checksum(st, js, r) != r.checksum:
+                    problems.append(f"{path}: key {r.key}: checksum mismatch (stored {r.checksum}, actual {checksum(st, js, r)}; bytes or index row changed)")
         for name in sorted(set(by_name) - expected):
             problems.append(f"{path}: member {name} is not in the index (foreign member; never decoded)")
 
@@ -699,6 +806,50 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         if "inputs" in counts and counts["inputs"] != len(index) + n_err:
             problems.append(f"{out / MANIFEST_NAME}: counts.inputs {counts['inputs']} != samples {len(index)} + errors {n_err}")
     return problems
+
+
+def upgrade(out_dir: str | os.PathLike) -> int:
+    """Upgrade a schema v1 cache in place to v2: every row's v1 checksum (bytes only) is checked first,
+    then the v2 checksum (row fields + bytes) is written to its sidecar; then index, manifest (with the
+    uncond pin). A row whose v1 checksum fails stops the upgrade (re-encode that shard). Returns the
+    number of rows upgraded; a v2 cache is left as it is (0)."""
+    out = Path(out_dir)
+    mpath = out / MANIFEST_NAME
+    try:
+        manifest = json.loads(mpath.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{mpath}: unreadable ({e}); re-encode") from None
+    if manifest.get("schema_version") == SCHEMA_VERSION:
+        return 0
+    if manifest.get("schema_version") not in OLD_SCHEMA_VERSIONS:
+        raise _version_error(mpath, manifest.get("schema_version"))
+    n = 0
+    for tar in sorted(p for p in out.iterdir() if SHARD_PATTERN.match(p.name)):
+        sid = int(SHARD_PATTERN.match(tar.name).group(1))
+        try:
+            side = json.loads(rows_path(out, sid).read_bytes())
+        except (OSError, ValueError):
+            raise ShardError(f"{tar}: no valid {rows_path(out, sid).name} sidecar; re-encode this shard") from None
+        if side.get("schema_version") == SCHEMA_VERSION:
+            continue
+        if side.get("tar_size") != tar.stat().st_size:
+            raise ShardError(f"{tar}: size differs from the one recorded at publish; re-encode this shard")
+        with open(tar, "rb") as f:
+            for r in side["rows"]:
+                f.seek(r["st_offset"])
+                st = f.read(r["st_size"])
+                f.seek(r["json_offset"])
+                js = f.read(r["json_size"])
+                if checksum(st, js) != r["checksum"]:
+                    raise ShardError(f"{tar}: key {r['key']}: v1 checksum mismatch (corrupt); re-encode this shard")
+                r["checksum"] = checksum(st, js, {**r, "shard": sid})
+                n += 1
+        _atomic_write_bytes(rows_path(out, sid), _dump_json({**side, "schema_version": SCHEMA_VERSION}, rows_path(out, sid).name))
+    manifest["schema_version"] = SCHEMA_VERSION
+    manifest.pop("uncond_checksum", None)
+    write_manifest(out, manifest)
+    merge_index(out)
+    return n
 
 
 def inspect(out_dir: str | os.PathLike) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,14 @@ VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_FPS = 30.0  # upstream's value when a file does not report its frame rate
 RESIZE_CHUNK = 16  # frames converted to float at a time (bounds the peak memory of long 720p clips)
+# Bounds on annotation and decoder values, checked before anything is allocated from them.
+MAX_FPS = 1000.0  # frames per second
+MAX_DURATION_S = 86400.0  # one day
+MAX_SIDE = 16384  # pixels, either side
+MAX_FRAMES = int(MAX_FPS * MAX_DURATION_S)
+# Minimum source size: the centred crop must be at least half the target in each direction (at most 2x
+# upscaling); a 16x16 video for a 480x640 target is an error, not a blurred sample.
+MIN_SOURCE_SCALE = 0.5
 
 
 class ClipError(Exception):
@@ -44,10 +53,33 @@ def media_kind(path: str) -> str:
     raise ClipError(f"unsupported file type {ext or '(none)'!r}; expected a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)})")
 
 
-def resample_indices(n_frames: int, fps: float, train_fps: float = TRAIN_FPS) -> np.ndarray:
-    """Source frame indices of the video resampled to `train_fps`."""
-    step = 1.0 if abs(fps - train_fps) < 0.1 else fps / train_fps
-    return np.floor(np.arange(0, n_frames, step)).astype(np.int64)
+def _step(fps: float, train_fps: float) -> float:
+    return 1.0 if abs(fps - train_fps) < 0.1 else fps / train_fps
+
+
+def resample_count(n_frames: int, fps: float, train_fps: float = TRAIN_FPS) -> int:
+    """len(resample_indices(n_frames, fps)), without allocating it."""
+    return max(0, math.ceil(n_frames / _step(fps, train_fps))) if n_frames > 0 else 0
+
+
+def resample_indices(n_frames: int, fps: float, train_fps: float = TRAIN_FPS, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Source frame indices [start, stop) of the video resampled to `train_fps` (floor(i * step), the
+    values of floor(arange(0, n_frames, step))); only the window asked for is allocated."""
+    n = resample_count(n_frames, fps, train_fps)
+    stop = n if stop is None else min(stop, n)
+    return np.floor(np.arange(start, stop, dtype=np.float64) * _step(fps, train_fps)).astype(np.int64)
+
+
+def check_size(h: int, w: int, height: int, width: int) -> None:
+    """Source size bounds: at most MAX_SIDE, and a centred crop of at least MIN_SOURCE_SCALE x the target."""
+    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
+        raise ClipError(f"frame size {h}x{w} outside 1..{MAX_SIDE} pixels")
+    _, _, ch, cw = center_crop_box(h, w, height, width)
+    if ch < MIN_SOURCE_SCALE * height or cw < MIN_SOURCE_SCALE * width:
+        raise ClipError(
+            f"too small: {h}x{w} source gives a {ch}x{cw} crop, below half the {height}x{width} target "
+            f"(minimum source size: crop >= {math.ceil(MIN_SOURCE_SCALE * height)}x{math.ceil(MIN_SOURCE_SCALE * width)})"
+        )
 
 
 def clip_window(n_resampled: int, num_frames: int, clips: int, clip: int) -> tuple[int, int]:
@@ -168,22 +200,63 @@ class _DecoderFailed(Exception):
     pass
 
 
+_NOISE = [
+    (re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*"), ""),  # decord's wall-clock stamp
+    (re.compile(r"(?:/[^\s:]+)+\.(?:cc|cpp|c|h|hpp):\d+:\s*"), ""),  # C++ source file:line
+    (re.compile(r"0x[0-9a-fA-F]+"), "0x?"),  # addresses
+    (re.compile(r"\[Errno -?\d+\]\s*"), ""),
+    (re.compile(r":\s*'[^']*'"), ""),  # the file's own path (the error row names it)
+    (re.compile(r"\s+"), " "),
+]
+# decoder message fragments -> what a user is told (first match wins)
+_USER_TERMS = [
+    (("cannot find video stream", "st_nb >= 0", "IndexError", "no video stream"), "no video stream (audio-only or not a video file)"),
+    (("moov atom not found", "End of file", "truncated", "Invalid data found when processing input", "no decodable frames",
+      "Error reading", "error reading"), "truncated or damaged file (no decodable video data)"),
+]
+
+
+def normalise_reason(message: str) -> str:
+    """A decoder message without timestamps, source locations, addresses or paths (reproducible)."""
+    for pattern, repl in _NOISE:
+        message = pattern.sub(repl, message)
+    return message.strip()
+
+
+def user_reason(failures: list[str]) -> str:
+    """The decoders' failures -> one reason in user terms, or their normalised messages."""
+    text = " ".join(failures)
+    for needles, reason in _USER_TERMS:
+        if any(n in text for n in needles):
+            return f"cannot decode video: {reason}"
+    return "cannot decode video (" + "; ".join(normalise_reason(f) for f in failures) + ")"
+
+
+def check_regular_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise ClipError("file not found")
+    if not os.path.isfile(path):
+        raise ClipError("not a regular file (a directory, FIFO or device)")
+    if os.path.getsize(path) == 0:
+        raise ClipError("empty file")
+
+
 def read_video_clip(path: str, num_frames: int, height: int, width: int, clips: int = 1, clip: int = 0,
                     train_fps: float = TRAIN_FPS) -> tuple[torch.Tensor, ClipInfo]:
     """Clip `clip` of `clips` of a video -> ([3, num_frames, height, width] in [-1, 1], info)."""
-    if not os.path.isfile(path):
-        raise ClipError("file not found")
-    if os.path.getsize(path) == 0:
-        raise ClipError("empty file")
+    check_regular_file(path)
 
     def plan(n: int, fps: float) -> np.ndarray:
         if n <= 0:
             raise ClipError("video has no frames")
+        if n > MAX_FRAMES:
+            raise ClipError(f"the file claims {n} frames, more than {MAX_FRAMES} ({MAX_DURATION_S:g} s at {MAX_FPS:g} fps)")
         if not math.isfinite(fps) or fps <= 0:
             fps = DEFAULT_FPS
-        res = resample_indices(n, fps, train_fps)
-        start, stop = clip_window(len(res), num_frames, clips, clip)
-        return res[start:stop]
+        if fps > MAX_FPS:
+            raise ClipError(f"the file claims {fps:g} fps, more than {MAX_FPS:g}")
+        start, stop = clip_window(resample_count(n, fps, train_fps), num_frames, clips, clip)
+        return resample_indices(n, fps, train_fps, start, stop)
 
     failures = []
     for name, reader in (("decord", _decord_read), ("pyav", _pyav_read)):
@@ -193,12 +266,13 @@ def read_video_clip(path: str, num_frames: int, height: int, width: int, clips: 
         except _DecoderFailed as e:
             failures.append(str(e))
     else:
-        raise ClipError("cannot decode video (" + "; ".join(failures) + ")")
+        raise ClipError(user_reason(failures))
     if frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
         raise ClipError(f"decoder returned frames of shape {tuple(frames.shape)}, expected ({num_frames}, H, W, 3)")
     h, w = int(frames.shape[1]), int(frames.shape[2])
     if not aspect_ok(h, w, height, width):
         raise ClipError(f"aspect ratio h/w = {h}/{w} = {h / w:.3f} outside [{height / width / ASPECT_TOLERANCE:.3f}, {height / width * ASPECT_TOLERANCE:.3f}]")
+    check_size(h, w, height, width)
     clip_t, box = crop_resize(torch.from_numpy(frames), height, width)
     info = ClipInfo(n, fps if fps > 0 else DEFAULT_FPS, h, w, [int(i) for i in indices], box, name)
     return clip_t, info
@@ -208,15 +282,15 @@ def read_image(path: str, height: int, width: int) -> tuple[torch.Tensor, ClipIn
     """An image -> ([3, 1, height, width] in [-1, 1], info)."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
-        raise ClipError("file not found")
+    check_regular_file(path)
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ClipError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ClipError(f"cannot decode image ({type(e).__name__}: {normalise_reason(str(e))})") from None
     h, w = arr.shape[:2]
     if not aspect_ok(h, w, height, width):
         raise ClipError(f"aspect ratio h/w = {h}/{w} = {h / w:.3f} outside [{height / width / ASPECT_TOLERANCE:.3f}, {height / width * ASPECT_TOLERANCE:.3f}]")
+    check_size(h, w, height, width)
     clip_t, box = crop_resize(torch.from_numpy(arr.copy())[None], height, width)
     return clip_t, ClipInfo(1, 0.0, h, w, [0], box, "pil")

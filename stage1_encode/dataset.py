@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,21 +87,62 @@ def read_annotation(path: str) -> list[Any]:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read annotation file: {e.strerror or e}") from None
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")  # a UTF-8 BOM is tolerated
     try:
-        records = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+        records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"annotation file is not valid JSON: {e}") from None
+        raise MalformedAnnotation(f"annotation file is not valid JSON: {e}", count_records(text)) from None
     if not isinstance(records, list):
         raise ValueError("annotation file must hold a JSON list of records")
     return records
 
 
+class MalformedAnnotation(ValueError):
+    """Invalid JSON; `n_records` is how many records the file seems to hold (at least 1)."""
+
+    def __init__(self, message: str, n_records: int):
+        super().__init__(message)
+        self.n_records = max(1, n_records)
+
+
+_NEXT_RECORD = re.compile(r"\}\s*,\s*\{")
+
+
+def count_records(text: str) -> int:
+    """Records of a malformed JSON list: each top-level object that parses counts one; a broken one
+    counts one and the scan resumes at the next `}, {` boundary."""
+    dec = json.JSONDecoder()
+    pos, n = text.find("[") + 1, 0
+    if pos == 0:
+        return 1
+    while pos < len(text):
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            _, pos = dec.raw_decode(text, pos)
+            n += 1
+        except json.JSONDecodeError:
+            n += 1
+            m = _NEXT_RECORD.search(text, pos)
+            if m is None:
+                break
+            pos = m.start() + 1
+    return n
+
+
 def list_records(sources: list[Source]) -> list[RawRecord]:
-    """Every record of every source, in listing order; an unreadable annotation file is one row."""
+    """Every record of every source, in listing order; an unreadable annotation file is one row, a
+    malformed one (invalid JSON) one row per record it seems to hold."""
     rows: list[RawRecord] = []
     for s_idx, src in enumerate(sources):
         try:
             records = read_annotation(src.annotation)
+        except MalformedAnnotation as e:
+            rows.extend(RawRecord(s_idx, src.root, src.annotation, i, None, error=f"{e} (record {i + 1} of ~{e.n_records} in it)")
+                        for i in range(e.n_records))
+            continue
         except ValueError as e:
             rows.append(RawRecord(s_idx, src.root, src.annotation, -1, None, error=str(e)))
             continue
@@ -108,11 +150,21 @@ def list_records(sources: list[Source]) -> list[RawRecord]:
     return rows
 
 
+def inside_root(root: str, rel: str) -> str:
+    """The real path of `rel` under `root`; a symlink that resolves outside the data root is refused
+    (README: paths are resolved under the data root only). A missing file is the decoder's to report."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ValueError(f"path {rel!r} is a symlink to {real}, outside the data root {real_root}; copy the file under the root")
+    return real
+
+
 def safe_relpath(path: Any) -> str:
     """Normalise a record's `path` to a relative POSIX path that stays under its root.
 
-    Raises ValueError for non-strings, empty, absolute or `..`-escaping paths (a lexical check:
-    symlinks inside the data root are followed, as datasets often link to other storage)."""
+    Raises ValueError for non-strings, empty, absolute or `..`-escaping paths (a lexical check;
+    `inside_root` then refuses symlinks that resolve outside the root)."""
     if not isinstance(path, str) or not path.strip():
         raise ValueError("record has no 'path' string")
     if "\x00" in path:

@@ -10,8 +10,8 @@ Definitions (the accounting behind `samples + errors = inputs`):
 * every input ends as exactly one sample in a shard or one row in `errors.jsonl` (plan-time rejects
   here, decode-time failures during encoding).
 
-Order: records sorted by (source, relative path, annotation file, record index); duplicate paths keep
-the first in that order. Inputs are numbered `seq` in that order; keys are `<seq:08d>_<slug>` (slug =
+Order: records sorted by (source, normalised relative path, annotation file, record index); duplicate
+paths (compared normalised: `a/x.mp4` = `a/./x.mp4`) keep the first in listing order. Inputs are numbered `seq` in that order; keys are `<seq:08d>_<slug>` (slug =
 the sanitised relative path, plus `_c<j>` per caption and `_k<c>` per clip when those options are on):
 deterministic, unique and dot-free. Shards hold `samples_per_shard` valid inputs each, consecutive in
 seq order; a plan-time error row belongs to the shard of the next valid input (trailing ones to the
@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 from osp.common.config import ASPECT_TOLERANCE, TRAIN_FPS, latent_frames
 
-from .clips import ClipError, aspect_ok, media_kind, resample_indices
-from .dataset import RawRecord, safe_relpath
+from .clips import MAX_DURATION_S, MAX_FPS, MAX_SIDE, ClipError, aspect_ok, check_size, media_kind, resample_count
+from .dataset import RawRecord, inside_root, safe_relpath
 
 PLAN_VERSION = 1
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
@@ -148,10 +148,12 @@ def _captions(rec: dict) -> list[str]:
     return caps
 
 
-def _positive(rec: dict, name: str) -> float:
+def _positive(rec: dict, name: str, limit: float) -> float:
     v = rec.get(name)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ClipError(f"video record needs a positive '{name}' (upstream drops records without it)")
+    if v > limit:
+        raise ClipError(f"'{name}' {v:g} is above the limit {limit:g}; fix the annotation")
     return float(v)
 
 
@@ -162,8 +164,10 @@ def _resolution(rec: dict, required: bool) -> tuple[int, int] | None:
     if not isinstance(res, dict):
         raise ClipError("video record needs 'resolution': {'height', 'width'} (upstream drops records without it)")
     h, w = res.get("height"), res.get("width")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (h, w)):
         raise ClipError("'resolution' needs positive 'height' and 'width'")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise ClipError(f"'resolution' {h:g}x{w:g} is above the limit {MAX_SIDE} per side; fix the annotation")
     return int(h), int(w)
 
 
@@ -173,13 +177,15 @@ def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:
     if res is not None and not aspect_ok(res[0], res[1], spec.height, spec.width):
         a = spec.height / spec.width
         raise ClipError(f"aspect ratio h/w = {res[0]}/{res[1]} outside [{a / ASPECT_TOLERANCE:.3f}, {a * ASPECT_TOLERANCE:.3f}] of the target {spec.height}x{spec.width}")
+    if res is not None:
+        check_size(res[0], res[1], spec.height, spec.width)
     if kind == "image":
         return 1
-    fps, duration = _positive(rec, "fps"), _positive(rec, "duration")
+    fps, duration = _positive(rec, "fps", MAX_FPS), _positive(rec, "duration", MAX_DURATION_S)
     n_src = int(math.floor(fps * duration + 1e-6))
     if spec.drop_long and n_src > 2 * spec.num_frames * fps / spec.fps:
         raise ClipError(f"longer than {2 * spec.num_frames / spec.fps:.2f} s (upstream length filter, --drop-long)")
-    n_res = len(resample_indices(n_src, fps, spec.fps))
+    n_res = resample_count(n_src, fps, spec.fps)
     if n_res < spec.num_frames:
         raise ClipError(f"too short: {duration:g} s at {fps:g} fps gives {n_res} frames at {spec.fps} fps, need {spec.num_frames}")
     return min(spec.clips_per_video, n_res // spec.num_frames)
@@ -189,9 +195,13 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
 
-    def sort_key(r: RawRecord):
+    def sort_key(r: RawRecord):  # by normalised path, so duplicates sit together in listing order
         p = r.record.get("path") if isinstance(r.record, dict) else None
-        return (r.source, str(p) if p is not None else "", r.annotation, r.index)
+        try:
+            p = safe_relpath(p)
+        except ValueError:
+            p = str(p) if p is not None else ""
+        return (r.source, p, r.annotation, r.index)
 
     ordered = sorted(records, key=sort_key)
     entries: list[tuple[str, object]] = []  # ("item", partial WorkItem kwargs) | ("error", row)
@@ -210,6 +220,7 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
                 raise ClipError("record is not a JSON object")
             rel = safe_relpath(rec.get("path"))
             file = rel
+            inside_root(r.root, rel)
             kind = media_kind(rel)
             caps = _captions(rec)
             clips = _check_record(rec, kind, spec)

@@ -30,6 +30,7 @@ class RunConfig:
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
     tensorboard: bool = True  # when the tensorboard package is installed
     log_keys: bool = False  # write the sample keys of every step to keys-rankNNNNN.jsonl (data-order audits)
+    watchdog_s: float = 1800.0  # a rank whose step (data wait, collectives, checkpoint) makes no progress this long stops; 0 = off
 
     @property
     def path(self) -> Path:

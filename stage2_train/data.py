@@ -10,8 +10,15 @@ ranks of one tensor-parallel group (same dp rank) see the same samples. The load
 (epoch, cursor = global batches handed to the train loop in this epoch); it goes into every
 checkpoint and a resumed loader starts with exactly the next batch.
 
-Samples are read by byte offset in DataLoader workers (`osp.common.shards.read_sample`, checksum
-checked); the workers get the index as numpy columns, never a zarr handle. Text is padded to the batch's longest caption with its mask.
+Samples are read by byte offset in DataLoader workers (`osp.common.shards.read_sample`: the checks of
+`osp shards verify` for that row); the workers get the index as numpy columns, never a zarr handle.
+Text is padded to the batch's longest caption with its mask.
+
+A corrupt sample never raises inside a worker (an exception there reaches the main process as a
+re-raised copy without the key, and the loader can then wait forever on its workers at exit): the
+worker returns a structured record {"corrupt", key, row, tar, error} that rides in `Batch.skipped`.
+The main process decides: `skip_corrupt` counts and skips it, otherwise `ShardLoader` raises
+`CorruptSampleError` (one line: shard, key, reason) after shutting its workers down.
 """
 from __future__ import annotations
 
@@ -24,10 +31,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from osp.common import shards as S
+from osp.common.errors import OspError
 
 
-class CorruptSampleError(RuntimeError):
-    pass
+class CorruptSampleError(OspError, RuntimeError):
+    """A sample failed the integrity checks and data.skip_corrupt is off (message: shard, key, reason)."""
+
+
+def corrupt_message(item: dict, root: str | Path) -> str:
+    return (f"{item['tar']}: sample {item['key']!r} is corrupt ({item['error']}); re-encode that shard "
+            f"(osp shards verify {root}), or set data.skip_corrupt=true to skip such samples")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,26 +97,23 @@ class ShardDataset(Dataset):
     Holds the index as plain numpy columns (`ShardIndex` keeps no zarr handle), so DataLoader workers
     never touch zarr's event loop after a fork."""
 
-    def __init__(self, root: str | Path, index: "S.ShardIndex", skip_corrupt: bool = False):
+    def __init__(self, root: str | Path, index: "S.ShardIndex"):
         self.root = str(root)
         self.index = index
-        self.skip_corrupt = skip_corrupt
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
+        """(row, Sample), or for a sample that fails its checks a dict {"corrupt", key, row, tar, error}
+        (never an exception: see the module docstring)."""
         try:
             return int(i), S.read_sample(self.root, self.index, i)
-        except Exception as e:  # checksum mismatch, truncated tar, bad safetensors header ...
-            key = str(self.index.key[i])
-            tar = S.shard_path(self.root, int(self.index.shard[i]))
+        except (S.ShardError, OSError) as e:  # failed check, truncated tar, bad header, missing file ...
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if not self.skip_corrupt:
-                raise CorruptSampleError(
-                    f"{tar}: sample {key!r} is corrupt ({reason}); re-encode that shard, or set data.skip_corrupt=true to skip such samples"
-                ) from None
-            return {"corrupt": True, "key": key, "row": int(i), "tar": str(tar), "error": reason}
+            tar = str(S.shard_path(self.root, int(self.index.shard[i])))
+            reason = reason.removeprefix(f"{tar}: ").split("; ")[0]  # the fix is said once, by corrupt_message
+            return {"corrupt": True, "key": str(self.index.key[i]), "row": int(i), "tar": tar, "error": reason}
 
 
 class Collate:
@@ -134,6 +144,9 @@ def _worker_init(_worker_id: int) -> None:
     # A SIGTERM to the whole process group must reach the trainer only: it checkpoints at the next
     # step boundary and the loader then shuts its workers down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from osp.stage2_train.launch import die_with_parent
+
+    die_with_parent()  # and it dies with its rank (under the launcher)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,10 +178,12 @@ class ShardLoader:
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.global_batch = batch_size * dp_size
         self.num_workers = num_workers
-        self.dataset = ShardDataset(self.root, index, skip_corrupt)
+        self.skip_corrupt = skip_corrupt  # False: a corrupt sample raises CorruptSampleError here, in the main process
+        self.dataset = ShardDataset(self.root, index)
         self.collate = Collate(pad_multiple)
         self.epoch, self.cursor = 0, 0
         self._it = None
+        self._check_left_out(np.nonzero(~keep)[0])
         if not self._plan(0):
             counts = {tuple(int(x) for x in k): int(v) for k, v in zip(*np.unique(self.shapes[self.rows], axis=0, return_counts=True))} if len(self.rows) else {}
             raise ValueError(
@@ -176,6 +191,17 @@ class ShardLoader:
                 f"(data.batch_size {batch_size} x {dp_size} data-parallel ranks; samples per shape {counts}); "
                 "lower data.batch_size or encode more clips"
             )
+
+    def _check_left_out(self, rows: np.ndarray) -> None:
+        """Rows the shape filter leaves out are never read by the plan, so they are checked here once:
+        an index row edited into another shape (latent_t 3 -> 1) must stop training as `verify` does,
+        not vanish as a "single-frame sample". Costs one read per left-out row (none in a video-only cache)."""
+        if self.skip_corrupt:
+            return
+        for i in rows:
+            item = self.dataset[int(i)]
+            if isinstance(item, dict):
+                raise CorruptSampleError(corrupt_message(item, self.root))
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         return [self.rows[b] for b in epoch_plan(self.shapes[self.rows], self.seed, epoch, self.global_batch)]
@@ -222,7 +248,12 @@ class ShardLoader:
                 self.epoch, self.cursor, self._it = self.epoch + 1, 0, None
                 continue
             self.cursor += 1
+            if batch.skipped and not self.skip_corrupt:
+                self.close()
+                raise CorruptSampleError(corrupt_message(batch.skipped[0], self.root))
             return batch
 
     def close(self) -> None:
-        self._it = None
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # joins (or terminates) the workers now, not at interpreter exit

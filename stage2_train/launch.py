@@ -1,22 +1,35 @@
-"""Multi-process / multi-node launch: check MASTER_ADDR first, then hand over to torchrun.
+"""Multi-process / multi-node launch: pre-check the rendezvous, then run torchrun as a child it owns.
 
     python -m osp.stage2_train.launch --nnodes 2 --node_rank 0 --nproc_per_node 8 \
         --master_addr 10.0.0.1 --master_port 29512 -- --config my.toml --resume auto
 
-torchrun's own rendezvous waits up to its timeout (10 min by default) and then prints a long trace when
-MASTER_ADDR is wrong. Before starting it this wrapper checks, within `--rdzv_timeout` seconds:
-  * MASTER_ADDR resolves;
-  * on NODE_RANK 0 (the node that hosts the rendezvous store): MASTER_ADDR is an address of this machine;
-  * on every other node: MASTER_ADDR:MASTER_PORT accepts a TCP connection (node 0 is up);
-and fails with one line naming the address and the fix. torchrun then gets the same timeout.
+torchrun alone waits silently for its whole rendezvous timeout and then prints a long trace when a
+node is missing, dies with a traceback on SIGTERM, and leaves its ranks running when it is killed
+(each rank is in its own session). This wrapper:
+  * pre-checks within `--precheck_timeout` seconds (short default) and fails with one line naming
+    what is missing: MASTER_ADDR resolves; on NODE_RANK 0 it is an address of this machine and
+    MASTER_PORT is free; every node reaches a small TCP store on MASTER_ADDR:MASTER_PORT and node 0
+    sees all NNODES nodes (the line names the NODE_RANKs that did not come);
+  * runs torchrun in its own session with a parent-death signal, and every rank (and loader worker)
+    sets one too (`die_with_parent`): however the launcher dies, kill -9 included, the job dies;
+  * on SIGTERM/SIGINT/SIGHUP forwards SIGTERM to the ranks only: they checkpoint at the next step
+    boundary and exit 0, torchrun exits 0, and the launcher prints one line and exits 0.
+`--rdzv_timeout` bounds torchrun's own rendezvous and the ranks' process-group setup.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
+from datetime import timedelta
+
+PR_SET_PDEATHSIG = 1
+DIE_WITH_PARENT_ENV = "OSP_DIE_WITH_PARENT"  # set by the launcher for the processes below it
+_PRECHECK = "osp-precheck"
 
 
 def _fail(msg: str) -> None:
@@ -24,7 +37,31 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: this process gets `sig` when its parent exits (prctl PR_SET_PDEATHSIG); if the parent is
+    already gone, exit now. Only under the launcher (it sets OSP_DIE_WITH_PARENT); a no-op elsewhere."""
+    if not os.environ.get(DIE_WITH_PARENT_ENV) or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent or parent == 1:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def _port_in_use(addr: str, port: int) -> str | None:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((addr, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def check_master(addr: str, port: int, node_rank: int, nnodes: int, timeout: float) -> None:
+    """Resolve MASTER_ADDR; on node 0 it must be local and MASTER_PORT free; other nodes must reach it."""
     try:
         infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -39,6 +76,9 @@ def check_master(addr: str, port: int, node_rank: int, nnodes: int, timeout: flo
                 f"MASTER_ADDR={addr} is not an address of this machine, but NODE_RANK=0 hosts the rendezvous; "
                 f"on NODE_RANK=0 set MASTER_ADDR to this node's own IP ({_own_ip()}) and use that same value on every node"
             )
+        busy = _port_in_use(sockaddr[0], port)
+        if busy:
+            _fail(f"MASTER_PORT={port} on {addr} is busy ({busy}; another job?); pick a free port, e.g. MASTER_PORT={port + 1}")
         return
     deadline = time.monotonic() + timeout
     last = ""
@@ -50,9 +90,55 @@ def check_master(addr: str, port: int, node_rank: int, nnodes: int, timeout: flo
             last = e.strerror or type(e).__name__
             time.sleep(0.5)
     _fail(
-        f"NODE_RANK={node_rank}: could not reach MASTER_ADDR={addr}:{port} within {timeout:.0f} s ({last}); "
+        f"NODE_RANK={node_rank}: could not reach MASTER_ADDR={addr}:{port} within {timeout:g} s ({last}); "
         "start NODE_RANK=0 first (or together), and check MASTER_ADDR/MASTER_PORT and the firewall"
     )
+
+
+def check_nodes(addr: str, port: int, node_rank: int, nnodes: int, timeout: float) -> None:
+    """Every node checks in at a TCP store on MASTER_ADDR:MASTER_PORT (hosted by node 0, closed again
+    before torchrun binds the port); node 0 names the NODE_RANKs that do not come within `timeout`."""
+    if nnodes == 1:
+        return
+    import torch.distributed as dist
+
+    t0 = time.monotonic()
+    wait = timedelta(seconds=max(1.0, timeout))
+    try:
+        store = dist.TCPStore(addr, port, nnodes, node_rank == 0, timeout=wait, wait_for_workers=False)
+    except (RuntimeError, OSError) as e:
+        if node_rank == 0:
+            _fail(f"MASTER_PORT={port} on {addr}: cannot host the rendezvous ({str(e).splitlines()[0]}); pick a free MASTER_PORT")
+        _fail(f"NODE_RANK={node_rank}: could not reach the rendezvous at MASTER_ADDR={addr}:{port} within {timeout:g} s; "
+              "start NODE_RANK=0 first (or together) with the same MASTER_ADDR/MASTER_PORT")
+    store.set(f"{_PRECHECK}/node{node_rank}", socket.gethostname())
+    if node_rank == 0:
+        while True:
+            here = [r for r in range(nnodes) if store.check([f"{_PRECHECK}/node{r}"])]
+            if len(here) == nnodes:
+                break
+            if time.monotonic() - t0 > timeout:
+                missing = [r for r in range(nnodes) if r not in here]
+                _fail(
+                    f"NNODES={nnodes}: NODE_RANK {', '.join(map(str, missing))} did not reach the rendezvous at "
+                    f"{addr}:{port} within {timeout:g} s (present: {', '.join(map(str, here))}); start every node with the "
+                    "same NNODES/MASTER_ADDR/MASTER_PORT, or raise --precheck_timeout (OSP_PRECHECK_TIMEOUT)"
+                )
+            time.sleep(0.2)
+        store.set(f"{_PRECHECK}/all", "1")
+        store.wait([f"{_PRECHECK}/done{r}" for r in range(1, nnodes)], timedelta(seconds=30))
+    else:
+        try:
+            store.wait([f"{_PRECHECK}/all"], timedelta(seconds=max(1.0, timeout - (time.monotonic() - t0)) + 5))
+        except RuntimeError:
+            _fail(f"NODE_RANK={node_rank}: the other nodes did not all come within {timeout:g} s (NODE_RANK 0 says which); "
+                  "start every node with the same NNODES/MASTER_ADDR/MASTER_PORT")
+        store.set(f"{_PRECHECK}/done{node_rank}", "1")
+    del store
+    if node_rank == 0:  # the server socket closes with the store; torchrun binds the port next
+        deadline = time.monotonic() + 10
+        while _port_in_use(addr, port) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _own_ip() -> str:
@@ -64,8 +150,94 @@ def _own_ip() -> str:
         return "127.0.0.1"
 
 
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=False)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _set_pdeathsig() -> None:  # preexec_fn of torchrun: it dies with the launcher
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """Run torchrun in its own session; forward a stop signal to its ranks as SIGTERM; return its rc."""
+    env = {**os.environ, DIE_WITH_PARENT_ENV: "1"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+    stopping: list[str] = []
+
+    def on_signal(signum, _frame):
+        if not stopping:
+            stopping.append(signal.Signals(signum).name)
+        for pid in _children(proc.pid):  # the ranks; torchrun itself would answer with a traceback
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except InterruptedError:
+            continue
+    if stopping:
+        if rc == 0:
+            print(f"stopped on {stopping[0]}: every rank wrote its checkpoint and exited 0 (resume with --resume auto)", flush=True)
+        else:
+            print(f"error: stopped on {stopping[0]}, but torchrun exited {rc}; see the rank errors above", file=sys.stderr, flush=True)
+    return rc
+
+
+def agent(argv: list[str]) -> None:
+    """torchrun's agent in this process, its failure reports cut to one line (the ranks print their own)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    import logging
+
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its chatter; the outcome is said in one line below
+
+    # A stop signal that reaches the agent too (a scheduler signalling every process of the job) is
+    # passed to the ranks as SIGTERM, instead of torchrun's SignalException (traceback, exit 1): the
+    # ranks checkpoint and exit 0, so the agent does too.
+
+    def forward(_signum, _frame):
+        for pid in _children(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+    try:
+        run(parse_args(["--signals-to-handle", "SIGQUIT", *argv]))  # SIGTERM/INT/HUP: `forward` above
+    except ChildFailedError as e:
+        bad = sorted((f.timestamp, rank, f.exitcode) for rank, f in e.failures.items())
+        _, rank, code = bad[0]
+        what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        print(f"error: rank {rank} failed first ({what}; its error is above); torchrun stopped the other ranks",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    except SignalException as e:
+        print(f"error: torchrun got {signal.Signals(e.sigval).name}; its ranks were stopped", file=sys.stderr, flush=True)
+        sys.exit(128 + int(e.sigval))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--torchrun"]:
+        return agent(argv[1:])
     run_args: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
@@ -77,12 +249,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--master_addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
     p.add_argument("--master_port", type=int, default=int(os.environ.get("MASTER_PORT", 29512)))
     p.add_argument("--rdzv_timeout", type=float, default=float(os.environ.get("OSP_RDZV_TIMEOUT", 300)))
+    p.add_argument("--precheck_timeout", type=float, default=float(os.environ.get("OSP_PRECHECK_TIMEOUT", 60)),
+                   help="seconds every node may take to reach the rendezvous pre-check (short: a missing node is named early)")
+    p.add_argument("--precheck_only", action="store_true", help="run the pre-checks and exit (used before other torchrun jobs)")
     a = p.parse_args(argv)
     if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         _fail(f"NODE_RANK={a.node_rank} must be in [0, NNODES={a.nnodes})")
-    check_master(a.master_addr, a.master_port, a.node_rank, a.nnodes, a.rdzv_timeout)
+    pre = min(a.precheck_timeout, a.rdzv_timeout)
+    check_master(a.master_addr, a.master_port, a.node_rank, a.nnodes, pre)
+    check_nodes(a.master_addr, a.master_port, a.node_rank, a.nnodes, pre)
+    if a.precheck_only:
+        return
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "osp.stage2_train.launch", "--torchrun",
         "--nnodes", str(a.nnodes), "--node_rank", str(a.node_rank), "--nproc_per_node", str(a.nproc_per_node),
         "--master_addr", a.master_addr, "--master_port", str(a.master_port),
         "--rdzv_conf", f"timeout={int(a.rdzv_timeout)}",
@@ -90,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         *run_args, f"parallel.init_timeout_s={a.rdzv_timeout}",
     ]
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    sys.exit(run_torchrun(cmd))
 
 
 if __name__ == "__main__":

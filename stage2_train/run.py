@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import resource
 import signal
 import sys
@@ -32,7 +33,9 @@ from osp.common import shards as S
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
-from osp.stage2_train.data import Batch, CorruptSampleError, ShardLoader
+from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
+from osp.stage2_train.lock import RunLockedError, take_run_lock
+from osp.stage2_train.watchdog import Watchdog
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, sample_posterior, step_seed
 from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
 
@@ -82,10 +85,13 @@ class Trainer:
 
         self.cfg = cfg
         self.stop_requested = False
+        self.corrupt = ""  # the first corrupt sample seen with data.skip_corrupt off (see _prepare)
         self.device = D.setup_device(cfg.run.device)
         D.init_distributed(self.device, cfg.parallel.init_timeout_s)
         self.run_dir = cfg.run.path
         rank = dist.get_rank()
+        self.watchdog = Watchdog(0, rank)  # replaced in fit()
+        self.lock = take_run_lock(self.run_dir, rank == 0)  # before anything reads or writes the run
         self.console = console if console is not None else _console(rank == 0)
 
         # --- model config and the data's geometry ---
@@ -147,9 +153,10 @@ class Trainer:
             dp_size=L.dp,
             seed=cfg.run.seed,
             num_workers=cfg.data.num_workers,
-            skip_corrupt=cfg.data.skip_corrupt,
+            skip_corrupt=cfg.data.skip_corrupt,  # (a corrupt row left out by the shape filter stops here)
             shapes=self.train_shapes,
         )
+        self.loader.skip_corrupt = True  # from here on corrupt samples come back in Batch.skipped; _prepare decides
         self.abar = alphas_cumprod().to(self.device.torch_device(L.local_rank))
         self.step = 0
         self.counters = {"skipped_corrupt": 0, "skipped_nonfinite": 0}
@@ -175,7 +182,7 @@ class Trainer:
         index = S.ShardIndex.open(root)
         if len(index) == 0:
             raise ValueError(f"{root}: the index holds no samples; encode some clips first (osp encode)")
-        first = S.read_sample(root, index, 0, verify=False)
+        first = self._first_readable(root, index)
         c = int(first.latent.shape[0])
         if c not in (cfg.in_channels, 2 * cfg.in_channels):
             raise ValueError(
@@ -207,6 +214,17 @@ class Trainer:
         p, pt = cfg.patch_size, cfg.patch_size_t
         tokens = (want[0] // pt) * (want[1] // p) * (want[2] // p)
         return uncond, c, tokens
+
+    def _first_readable(self, root: Path, index) -> "S.Sample":
+        """The first row that passes its checks (a corrupt row 0 stops the run unless data.skip_corrupt)."""
+        ds = ShardDataset(root, index)
+        for i in range(len(index)):
+            item = ds[i]
+            if not isinstance(item, dict):
+                return item[1]
+            if not self.cfg.data.skip_corrupt:
+                raise CorruptSampleError(corrupt_message(item, root))
+        raise CorruptSampleError(f"{root}: all {len(index)} samples are corrupt; re-encode (osp shards verify {root})")
 
     def _check_resume_layout(self, state: dict) -> None:
         lay = state.get("layout", {})
@@ -260,6 +278,9 @@ class Trainer:
         """Count skipped corrupt samples; an all-corrupt batch becomes a zero-weight dummy so that
         collectives stay aligned across ranks."""
         for s in batch.skipped:
+            if not self.cfg.data.skip_corrupt:  # every rank stops at this step's agreement (train_step)
+                self.corrupt = self.corrupt or corrupt_message(s, self.shards)
+                continue
             self.counters["skipped_corrupt"] += 1
             self.console.print(f"[yellow]skipped corrupt sample[/] {s['key']} in {s['tar']}: {s['error']}")
         if batch.keys:
@@ -322,6 +343,7 @@ class Trainer:
         data_wait, loss_sum, nonfinite, keys, samples, text_len, shape = 0.0, 0.0, False, [], 0, 0, None
         for micro in range(accum):
             tw = time.perf_counter()
+            self.watchdog.beat(f"waiting for the data loader (step {self.step + 1})")
             batch = next(self.loader)
             data_wait += time.perf_counter() - tw
             batch, weight = self._prepare(batch)
@@ -336,13 +358,18 @@ class Trainer:
             text_len, shape = max(text_len, batch.text.shape[1]), batch.shape
         from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 
+        self.watchdog.beat(f"in the gradient collectives of step {self.step + 1}")
         reduce_sequence_parallel_grads(self.model)
         allreduce_grads(self.params, self.dp_group, L.dp)
         norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
 
         # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere
-        flags = torch.tensor([float(nonfinite or not bool(torch.isfinite(norm))), float(self.stop_requested)])
+        flags = torch.tensor([float(nonfinite or not bool(torch.isfinite(norm))), float(self.stop_requested), float(bool(self.corrupt))])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[2] > 0:  # a corrupt sample on any rank and data.skip_corrupt off: every rank stops now
+            found = [None] * L.world
+            dist.all_gather_object(found, self.corrupt)
+            raise CorruptSampleError(next(m for m in found if m))
         stats = torch.tensor([loss_sum if math.isfinite(loss_sum) else 0.0, float(samples)], dtype=torch.float64)
         dist.all_reduce(stats, group=self.dp_group)
         skipped = False
@@ -400,6 +427,7 @@ class Trainer:
         cfg, L = self.cfg, self.layout
         history = []
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        self.stop_requested |= _EARLY_SIGTERM[0]  # a SIGTERM during start-up stops after the first step
         metrics_path = self.run_dir / "metrics.jsonl"
         keys_path = self.run_dir / f"keys-rank{L.rank:05d}.jsonl"
         progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -407,7 +435,9 @@ class Trainer:
         try:
             with progress:
                 task = progress.add_task("train", total=cfg.run.steps, completed=self.step, info="")
+                self.watchdog = Watchdog(cfg.run.watchdog_s, L.rank)
                 while self.step < cfg.run.steps:
+                    self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
                     history.append(m)
                     if L.is_main:
@@ -432,12 +462,14 @@ class Trainer:
                             f.write(json.dumps({"step": self.step, "keys": self.last_keys}) + "\n")
                     periodic = cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0
                     if periodic or self.stop_requested or self.step == cfg.run.steps:
+                        self.watchdog.beat(f"writing the checkpoint of step {self.step}")
                         self.save()
                     if self.stop_requested:
                         if L.is_main:
                             self.console.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
                         break
         finally:
+            self.watchdog.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return history
@@ -446,9 +478,19 @@ class Trainer:
         self.stop_requested = True
 
     def close(self) -> None:
+        self.watchdog.close()
         self.loader.close()
+        if self.lock is not None:
+            self.lock.release()
         if self.tb is not None:
             self.tb.close()
+
+
+_EARLY_SIGTERM = [False]
+
+
+def _early_sigterm(signum, frame) -> None:
+    _EARLY_SIGTERM[0] = True
 
 
 def _main_thread() -> bool:
@@ -475,10 +517,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, CorruptSampleError, NonFiniteError)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, CorruptSampleError, NonFiniteError, RunLockedError)
 
 
 def main(argv=None) -> int:
+    from osp.stage2_train.launch import die_with_parent
+
+    die_with_parent()  # under the launcher: this rank dies with it, however it dies
+    if _main_thread():
+        signal.signal(signal.SIGTERM, _early_sigterm)  # until fit() installs its own handler
     args = parse_args(argv)
     rank = os.environ.get("RANK", "0")
     trainer = None
@@ -489,6 +536,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.fit()
         return 0
+    except pickle.UnpicklingError as e:  # a resume file holding more than tensors (weights_only load refused it)
+        what = next((x.strip() for x in str(e).splitlines() if "GLOBAL" in x), "objects beyond tensors")
+        sys.stderr.write(f"error (rank {rank}): a checkpoint file was refused ({what}); it would run code when unpickled. "
+                         "Resume from a checkpoint this osp wrote (--resume DIR)\n")
+        return 1
     except EXPECTED_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"error (rank {rank}): {msg}\n")  # one write: ranks sharing a pipe keep whole lines

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import pickle
 import re
 import urllib.parse as ul
 from pathlib import Path
@@ -183,6 +184,13 @@ class TextEncoder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = MT5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+        except pickle.UnpicklingError as e:  # a .bin whose pickle holds more than tensors: refused, one line
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            what = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "not plain tensors")
+            raise ValueError(
+                f"{path}: the .bin weights were refused ({what.rstrip('.')}); they would run code when unpickled. "
+                "Use the folder's model.safetensors (or convert the .bin in a trusted environment)"
+            ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
