@@ -9,6 +9,10 @@ MASTER_ADDR is wrong. Before starting it this wrapper checks, within `--rdzv_tim
   * on NODE_RANK 0 (the node that hosts the rendezvous store): MASTER_ADDR is an address of this machine;
   * on every other node: MASTER_ADDR:MASTER_PORT accepts a TCP connection (node 0 is up);
 and fails with one line naming the address and the fix. torchrun then gets the same timeout.
+
+On accelerators the ranks also get CUDA_DEVICE_MAX_CONNECTIONS=1 (`dist.accelerator_env`; a value
+already in the environment wins): megatron's sequence-parallel communication overlap needs it set
+before any device context exists, i.e. before torchrun starts the ranks.
 """
 from __future__ import annotations
 
@@ -64,6 +68,26 @@ def _own_ip() -> str:
         return "127.0.0.1"
 
 
+def child_env(environ: dict[str, str], device_type: str) -> dict[str, str]:
+    """The environment torchrun (and so every rank) starts with."""
+    from osp.stage2_train.dist import accelerator_env
+
+    env = dict(environ)
+    for k, v in accelerator_env(device_type).items():
+        env.setdefault(k, v)
+    return env
+
+
+def _device_type() -> str:
+    from osp.common.device import pick_device
+
+    try:
+        return pick_device(os.environ.get("OSP_DEVICE")).type
+    except (RuntimeError, ValueError) as e:
+        _fail(f"{e}")
+        raise
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     run_args: list[str] = []
@@ -89,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         "-m", "osp.stage2_train.run",
         *run_args, f"parallel.init_timeout_s={a.rdzv_timeout}",
     ]
+    env = child_env(os.environ, _device_type())
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    os.execve(sys.executable, cmd, env)
 
 
 if __name__ == "__main__":

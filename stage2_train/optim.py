@@ -32,14 +32,16 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES):
 
 
 def allreduce_grads(params: list[nn.Parameter], group, world: int) -> None:
-    """Average the gradients over `group` (SUM then divide; gloo has no AVG)."""
-    if world == 1:
+    """SUM the gradients over `group`, then divide by `world` (gloo has no AVG): the DP size, also
+    when the group is DP x CP (CP-replicated grads are pre-scaled by context_parallel.scale_replicated_grads)."""
+    if world == 1 and dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     for bucket in _buckets(grads):
         flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat, group=group)
-        flat.div_(world)
+        if world != 1:
+            flat.div_(world)
         for g, r in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(r)
 

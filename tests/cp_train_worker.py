@@ -1,0 +1,72 @@
+"""Training worker of tests/test_cp.py: TP=1 x CP=N on the tiny DiT, uninterrupted and resumed.
+
+    python tests/cp_train_worker.py SHARDS OUT 1                                   (CP=1, one process)
+    python -m torch.distributed.run --nproc_per_node 2 tests/cp_train_worker.py SHARDS OUT 2
+
+Writes OUT/result-rank<r>.json: the layout, and per run the losses, grad norms and sample keys per step.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from osp.stage2_train import dist as D
+from osp.stage2_train.config import TrainConfig
+from osp.stage2_train.run import Trainer
+
+STEPS, CUT = 4, 2
+# 4 heads so that the layout is the tiny DiT with heads divisible by CP (the preset has 2)
+DIT = {"num_layers": 2, "num_attention_heads": 4, "attention_head_dim": 12, "caption_channels": 64,
+       "cross_attention_dim": 48, "sample_size": [6, 8], "sample_size_t": 3}
+
+
+def config(shards: str, run_dir: Path, cp: int, steps: int, preset: Path) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "run": {"seed": 7, "steps": steps, "ckpt_every": 0, "log_every": 0, "tensorboard": False, "dir": str(run_dir)},
+        "data": {"batch_size": 2, "num_workers": 0, "shards": shards},
+        "model": {"preset": str(preset)},
+        "parallel": {"tp": 1, "cp": cp},
+        "optim": {"lr": 1e-3},
+    })
+
+
+def train(cfg: TrainConfig, resume: str = "") -> tuple[Trainer, dict]:
+    trainer = Trainer(cfg, resume=resume)
+    start = trainer.step
+    losses, norms, keys = [], [], []
+    while trainer.step < cfg.run.steps:
+        m = trainer.train_step()
+        losses.append(m["loss"])
+        norms.append(m["grad_norm"])
+        keys.append(trainer.last_keys)
+    return trainer, {"from": start, "losses": losses, "grad_norms": norms, "keys": keys}
+
+
+def main() -> None:
+    shards, out, cp = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    out.mkdir(parents=True, exist_ok=True)
+    preset = out / "dit.json"
+    from osp.common.models.dit import DiTConfig
+
+    if not preset.exists():
+        DiTConfig.from_dict(DIT).to_json(preset)
+    res = {}
+    trainer, res["full"] = train(config(shards, out / "full", cp, STEPS, preset))
+    L = trainer.layout
+    res["layout"] = {"tp": L.tp, "cp": L.cp, "dp": L.dp, "cp_rank": L.cp_rank}
+    trainer.close()
+    trainer, _ = train(config(shards, out / "cut", cp, CUT, preset))
+    trainer.save()
+    trainer.close()
+    trainer, res["resumed"] = train(config(shards, out / "cut", cp, STEPS, preset), resume="auto")
+    trainer.close()
+    rank = torch.distributed.get_rank()
+    (out / f"result-rank{rank}.json").write_text(json.dumps(res))
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()
