@@ -163,12 +163,15 @@ class PlainAdamW:
 
 class EMA:
     """EMA of the (local, TP-sharded) parameters with diffusers 0.28 EMAModel's rule: at the k-th update
-    decay = 0 for k = 1 (a copy), then min(max_decay, k / (k + 9))."""
+    decay = 0 for k = 1 (a copy), then min(max_decay, k / (k + 9)). The shadow is fp32; one update is a
+    single `torch._foreach_lerp_` over all tensors (s += (1 - decay) (p - s)), not a Python loop of kernels."""
 
     def __init__(self, model: nn.Module, max_decay: float):
         self.max_decay = max_decay
         self.updates = 0
         self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+        self._names = list(self.shadow)
+        self._shadow_list = [self.shadow[n] for n in self._names]
 
     def decay(self) -> float:
         step = self.updates - 1
@@ -177,10 +180,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        one_minus = 1.0 - self.decay()
-        for n, p in model.named_parameters():
-            s = self.shadow[n]
-            s.sub_(one_minus * (s - p.detach().float()))
+        params = dict(model.named_parameters())
+        current = [params[n].detach() for n in self._names]
+        current = [p if p.dtype == torch.float32 else p.float() for p in current]  # bf16 params: an fp32 copy
+        torch._foreach_lerp_(self._shadow_list, current, 1.0 - self.decay())
 
     def load(self, shadow: dict[str, torch.Tensor], updates: int) -> None:
         if set(shadow) != set(self.shadow):

@@ -28,13 +28,13 @@ def results(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-GEOMETRIES = ["720p_432", "odd_60"]
 LAYOUTS = {"tp1_cp2": [1, 2, 2], "tp1_cp4": [1, 4, 1], "tp2_cp2": [2, 2, 1], "tp2_sp_cp2": [2, 2, 1], "tp2_sp_cp2_ckpt": [2, 2, 1]}
+CASES = [(g, lay) for g in ("720p_432", "odd_60") for lay in LAYOUTS
+         if not (g == "odd_60" and lay == "tp2_cp2") and not (g == "720p_432" and lay == "tp2_sp_cp2_ckpt")]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("geometry,layout", CASES)
 def test_cp_matches_tp1(results, geometry, layout):
     r = results[f"{geometry}/{layout}"]
     assert r["layout"] == LAYOUTS[layout]  # [tp, cp, dp] as megatron built it
