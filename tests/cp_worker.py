@@ -44,6 +44,7 @@ LAYOUTS = {
 # run on the first geometry only (the negative controls, TP x CP without SP); recomputation on the odd grid only
 FIRST_ONLY = {"tp2_cp2", "tp1_cp2_no_inverse", "tp1_cp2_no_grad_fix"}
 SECOND_ONLY = {"tp2_sp_cp2_ckpt"}
+COUNT = {"tp1_cp2", "tp2_cp2", "tp2_sp_cp2"}
 
 
 def tiny_cfg(scales):
@@ -71,16 +72,59 @@ def make_inputs(cfg, latent, text_len, valid, masked, seed):
     return x, t, text, mask, vmask, w
 
 
-def run(model, inputs, reduce):
-    from osp.stage2_train.parallel import gather_full_grads
-
+def step(model, inputs, reduce):
     x, t, text, mask, vmask, w = inputs
     model.zero_grad(set_to_none=True)
     out = model(x, t, text, mask, vmask)
     (out * w).sum().backward()
     if reduce is not None:
         reduce(model)
-    return out.detach(), gather_full_grads(model)
+    return out.detach()
+
+
+def run(model, inputs, reduce):
+    from osp.stage2_train.parallel import gather_full_grads
+
+    return step(model, inputs, reduce), gather_full_grads(model)
+
+
+class CollectiveCounter:
+    """Payload bytes per (group, collective) of everything megatron and osp issue inside the block:
+    the names megatron binds at import (layers / mappings) and torch.distributed's all_reduce and
+    all_to_all_single are wrapped."""
+
+    def __init__(self, groups: dict):
+        import megatron.core.tensor_parallel.layers as layers
+        import megatron.core.tensor_parallel.mappings as mappings
+
+        self.groups, self.counts, self._undo = groups, {}, []
+        self._targets = [(layers, "dist_all_gather_func", "all_gather", 0), (layers, "dist_reduce_scatter_func", "reduce_scatter", 1),
+                         (mappings, "dist_all_gather_func", "all_gather", 0), (mappings, "dist_reduce_scatter_func", "reduce_scatter", 1),
+                         (dist, "all_reduce", "all_reduce", 0), (dist, "all_to_all_single", "all_to_all", 1)]
+
+    def _name(self, group) -> str:
+        for name, g in self.groups.items():
+            if g is group:
+                return name
+        return "other"
+
+    def __enter__(self):
+        for mod, attr, op, which in self._targets:
+            orig = getattr(mod, attr)
+
+            def wrapped(*args, _orig=orig, _op=op, _which=which, **kw):
+                t = args[_which]
+                key = f"{self._name(kw.get('group'))}/{_op}"
+                self.counts[key] = self.counts.get(key, 0) + t.numel() * t.element_size()
+                return _orig(*args, **kw)
+
+            setattr(mod, attr, wrapped)
+            self._undo.append((mod, attr, orig))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, attr, orig in reversed(self._undo):
+            setattr(mod, attr, orig)
 
 
 def worker(rank: int, port: int, out_path: str) -> None:
@@ -126,6 +170,18 @@ def worker(rank: int, port: int, out_path: str) -> None:
             worst["all_ranks_out"] = max(e["out"] for e in every)
             worst["all_ranks_grad"] = max(e["grad"] for e in every)
             results[f"{gname}/{lname}"] = worst
+            if gi == 0 and lname in COUNT:  # collective bytes of one step vs osp.stage2_train.comm_volume
+                from megatron.core import parallel_state as ps
+
+                from osp.stage2_train.comm_volume import CommLayout, payloads
+
+                groups = {"tp": ps.get_tensor_model_parallel_group(), "cp": ps.get_context_parallel_group(), "dp_cp": group}
+                with CollectiveCounter(groups) as counter:
+                    step(m, inputs, reduce)
+                want = payloads(cfg, tokens, text_len, 2, CommLayout(tp, sp, cp, layout.dp), act_bytes=4, grad_bytes=4)
+                every = [None] * WORLD
+                dist.all_gather_object(every, counter.counts)
+                results[f"{gname}/{lname}/bytes"] = {"counted": every, "model": {f"{g}/{op}": v for (g, op), v in want.items()}}
     if rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
     dist.barrier()

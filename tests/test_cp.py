@@ -138,3 +138,13 @@ def test_cp2_resume_matches_uninterrupted(training):
     for r in range(2):
         got = training[f"cp2_rank{r}"]
         assert got["resumed"]["losses"] == got["full"]["losses"][got["resumed"]["from"]:], got
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", ["tp1_cp2", "tp2_cp2", "tp2_sp_cp2"])
+def test_collective_bytes_model_is_exact(results, layout):
+    """osp.stage2_train.comm_volume (used by bench/scaleout.py at real sizes) equals, byte for byte, the
+    collectives megatron and osp issue in one real step, on every rank."""
+    r = results[f"720p_432/{layout}/bytes"]
+    for counted in r["counted"]:
+        assert counted == r["model"], (counted, r["model"])
