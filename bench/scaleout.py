@@ -8,7 +8,7 @@ Counted exactly at the real sizes (no accelerator needed) with osp.stage2_train.
 per-collective payloads tests/test_cp.py checks byte for byte against a real gloo step. One micro-step,
 batch 1 per DP rank, bf16 activations, fp32 gradients, text at its 512-token maximum, no recomputation
 (per-block checkpointing adds one more forward's TP/CP traffic). Per-rank memory columns: the exact
-optimizer-side state (fp32 weights, grads, EMA; AdamW m, v, sharded with ZeRO-1) and the block inputs
+optimizer-side state (fp32 weights, grads; the EMA, sharded over DP; AdamW m, v, sharded with ZeRO-1) and the block inputs
 kept by per-block checkpointing; the working set of the block being recomputed comes on top (the
 accelerator dry run measures it). Bytes are sent per rank with ring /
 pairwise algorithms; the 'est. ms' column divides them by an assumed 400 GB/s per-rank link (an
@@ -53,8 +53,8 @@ def main() -> None:
             w = wire_bytes(payloads(cfg, tokens, a.text, 1, lay, act_bytes=2, grad_bytes=4), lay)
             w["attn"] = attention_flops_per_rank(cfg, tokens, 1, lay)
             w["params"] = p = local_param_count(json.dumps(cfg.to_dict()), lay.tp)
-            # fp32 weights + fp32 grads + fp32 EMA, AdamW m and v (sharded over DP with ZeRO-1)
-            w["state"] = p * 12 + p * 8 / (lay.dp if lay.zero1 else 1)
+            # fp32 weights + fp32 grads, fp32 EMA (sharded over DP), AdamW m and v (sharded over DP with ZeRO-1)
+            w["state"] = p * 8 + p * 4 / lay.dp + p * 8 / (lay.dp if lay.zero1 else 1)
             # per-block checkpointing keeps each block's input: [S / (CP (x TP under SP)), B, D] bf16
             w["ckpt_act"] = cfg.num_layers * tokens // (lay.cp * (lay.tp if lay.sp else 1)) * cfg.inner_dim * 2
             return w
@@ -62,7 +62,7 @@ def main() -> None:
         base = figures(base_layout)
         print(f"\n## {preset}: {tokens} video tokens, {a.text} text tokens, {a.world} ranks "
               f"(baseline {base_layout.name()}: {base['total'] / 1e9:.2f} GB sent per rank per step)\n")
-        print("| layout | TP GB | CP GB | DP GB | total GB | ÷ today | GB/sample | ÷ today | est. ms @ link | attn TFLOP/rank (fwd) | ÷ today | params/rank (M) | state GB/rank | ckpt inputs GB/rank |")
+        print("| layout | TP GB | CP GB | DP GB | total GB | ÷ today | GB/sample | ÷ today | est. ms @ link | attn TFLOP/rank (fwd) | ÷ today | params/rank (M) | state GiB/rank | ckpt inputs GiB/rank |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for lay in layouts(a.world):
             try:

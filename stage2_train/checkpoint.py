@@ -72,9 +72,9 @@ def save(run_dir: Path, step: int, *, model, ema, optimizer, trainer_state: dict
 
     # Each TP rank of the first data-parallel replica writes its own shard: no rank ever holds the
     # full model (2.7 B parameters would be ~11 GB of host memory per rank).
+    ema_full = ema.gathered(model) if ema is not None else None  # collective over DP (EMA sharded over DP)
     if layout.dp_rank == 0 and layout.cp_rank == 0:  # CP replicas hold the same weights
-        write_dit_shard(tmp / "model", layout.tp_rank, layout.tp, model.state_dict(),
-                        ema.shadow if ema is not None else None)
+        write_dit_shard(tmp / "model", layout.tp_rank, layout.tp, model.state_dict(), ema_full)
     dist.barrier()
     if layout.is_main:
         finish_dit_checkpoint(tmp / "model", model.config, layout.tp, ema=ema is not None,

@@ -140,7 +140,7 @@ class Trainer:
             self.optimizer = ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
         else:
             self.optimizer = PlainAdamW(self.params, **adamw)
-        self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
+        self.ema = EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None  # sharded over DP
 
         self.loader = ShardLoader(
             self.shards,
@@ -163,7 +163,7 @@ class Trainer:
             if self.ema is not None:
                 if ema_local is None:
                     raise ValueError(f"{self.ckpt_path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
-                self.ema.load({k: v.to(self.device.torch_device(L.local_rank)) for k, v in ema_local.items()}, state.get("ema_updates", 0))
+                self.ema.load(ema_local, state.get("ema_updates", 0))  # copies only this DP rank's shard to the device
             rng = ckpt.load_rng(self.ckpt_path, L.rank)
             if rng is not None:
                 ckpt.set_rng_state(rng)

@@ -2,6 +2,7 @@
 
     python tests/cp_train_worker.py SHARDS OUT 1                                   (CP=1, one process)
     python -m torch.distributed.run --nproc_per_node 2 tests/cp_train_worker.py SHARDS OUT 2
+    python -m torch.distributed.run --nproc_per_node 2 tests/cp_train_worker.py SHARDS OUT ema   (DP=2: sharded EMA)
 
 Writes OUT/result-rank<r>.json: the layout, and per run the losses, grad norms and sample keys per step
 (under CP also a run checkpointed at step 2 and resumed).
@@ -46,14 +47,47 @@ def train(cfg: TrainConfig, resume: str = "") -> tuple[Trainer, dict]:
     return trainer, {"from": start, "losses": losses, "grad_norms": norms, "keys": keys}
 
 
+def sharded_ema(shards: str, out: Path, preset: Path) -> dict:
+    """DP=2: the EMA sharded over DP vs an unsharded EMA updated alongside, then through a checkpoint."""
+    from osp.stage2_train.optim import EMA
+
+    cfg = config(shards, out / "ema", 1, 3, preset)
+    cfg.optim.ema_decay = 0.9
+    trainer = Trainer(cfg)
+    ref = EMA(trainer.model, 0.9)
+    for _ in range(cfg.run.steps):
+        trainer.train_step()
+        ref.update(trainer.model)
+    ema = trainer.ema
+    res = {"dp": trainer.layout.dp, "owned": sum(t.numel() for t in ema.shadow.values()),
+           "total": sum(t.numel() for t in ref.shadow.values()), "owned_equal": all(torch.equal(v, ref.shadow[k]) for k, v in ema.shadow.items())}
+    full = ema.gathered(trainer.model)
+    if full is not None:
+        res["gathered_equal"] = set(full) == set(ref.shadow) and all(torch.equal(full[k].to(v.device), v) for k, v in ref.shadow.items())
+    trainer.save()
+    trainer.close()
+    resumed = Trainer(cfg, resume="auto")
+    res["resumed_equal"] = set(resumed.ema.shadow) == set(ema.shadow) and all(
+        torch.equal(v, ema.shadow[k]) for k, v in resumed.ema.shadow.items())
+    res["resumed_updates"] = resumed.ema.updates
+    resumed.close()
+    return res
+
+
 def main() -> None:
-    shards, out, cp = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    shards, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
     preset = out / "dit.json"
     from osp.common.models.dit import DiTConfig
 
     if not preset.exists():
         DiTConfig.from_dict(DIT).to_json(preset)
+    if mode == "ema":
+        res = sharded_ema(shards, out, preset)
+        (out / f"result-rank{torch.distributed.get_rank()}.json").write_text(json.dumps(res))
+        D.shutdown()
+        return
+    cp = int(mode)
     res = {}
     trainer, res["full"] = train(config(shards, out / "full", cp, STEPS, preset))
     L = trainer.layout

@@ -114,9 +114,14 @@ def training(tmp_path_factory) -> dict:
            "--master_port", str(free_port()), worker, str(shards), str(work / "cp2"), "2"]
     cp2 = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert cp2.returncode == 0, cp2.stderr[-4000:]
+    cmd[cmd.index("--master_port") + 1] = str(free_port())
+    cmd[-2:] = [str(work / "ema"), "ema"]
+    ema = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert ema.returncode == 0, ema.stderr[-4000:]
     out = {"cp1": json.loads((work / "cp1" / "result-rank0.json").read_text())}
     for r in range(2):
         out[f"cp2_rank{r}"] = json.loads((work / "cp2" / f"result-rank{r}.json").read_text())
+        out[f"ema_rank{r}"] = json.loads((work / "ema" / f"result-rank{r}.json").read_text())
     return out
 
 
@@ -131,6 +136,18 @@ def test_cp2_training_matches_cp1(training):
             assert abs(a - b) <= 1e-4 * abs(b), (got["full"]["losses"], ref["losses"])
         for a, b in zip(got["full"]["grad_norms"], ref["grad_norms"]):
             assert abs(a - b) <= 1e-4 * abs(b), (got["full"]["grad_norms"], ref["grad_norms"])
+
+
+@pytest.mark.dist
+def test_dp_sharded_ema(training):
+    """DP=2: each rank keeps about half the fp32 EMA, equal to an unsharded EMA; the checkpoint gathers it
+    and a resume gives every rank its shard back."""
+    for r in range(2):
+        e = training[f"ema_rank{r}"]
+        assert e["dp"] == 2 and e["owned_equal"] and e["resumed_equal"] and e["resumed_updates"] == 3, e
+        assert 0.3 < e["owned"] / e["total"] < 0.7, e
+    assert training["ema_rank0"]["gathered_equal"] is True
+    assert "gathered_equal" not in training["ema_rank1"]
 
 
 @pytest.mark.dist
