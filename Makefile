@@ -30,6 +30,7 @@ GPUS_PER_NODE ?=
 NPUS_PER_NODE ?=
 TP        ?=
 SP        ?=
+CP        ?=
 STEPS     ?=
 RESUME    ?= auto
 TRAIN_ARGS ?=
@@ -55,14 +56,14 @@ TRAIN_OVERRIDES := $(if $(call given,SHARDS),data.shards=$(SHARDS)) \
                    $(if $(call given,RUN),run.name=$(notdir $(RUN)) run.root=$(patsubst %/,%,$(dir $(RUN)))) \
                    $(if $(call given,PRESET),model.preset=$(PRESET)) \
                    $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true),$(if $(filter 1,$(TP)),parallel.sp=false)) \
-                   $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
+                   $(if $(CP),parallel.cp=$(CP)) $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
 
 .PHONY: setup demo demo-data demo-models encode train sample test bench clean help
 
 help:
 	@echo "make demo    # demo data -> encode -> train -> sample, on CPU"
 	@echo "make test    # the test suite (CPU)"
-	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP ...)"
+	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP SP CP ...)"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV_ARGS) $(VENV)

@@ -72,9 +72,9 @@ def save(run_dir: Path, step: int, *, model, ema, optimizer, trainer_state: dict
 
     # Each TP rank of the first data-parallel replica writes its own shard: no rank ever holds the
     # full model (2.7 B parameters would be ~11 GB of host memory per rank).
-    if layout.dp_rank == 0:
-        write_dit_shard(tmp / "model", layout.tp_rank, layout.tp, model.state_dict(),
-                        ema.shadow if ema is not None else None)
+    ema_full = ema.gathered(model) if ema is not None else None  # collective over DP (EMA sharded over DP)
+    if layout.dp_rank == 0 and layout.cp_rank == 0:  # CP replicas hold the same weights
+        write_dit_shard(tmp / "model", layout.tp_rank, layout.tp, model.state_dict(), ema_full)
     dist.barrier()
     if layout.is_main:
         finish_dit_checkpoint(tmp / "model", model.config, layout.tp, ema=ema is not None,
@@ -149,10 +149,10 @@ def load_optimizer(path: Path, rank: int, dp_rank: int, zero1: bool) -> dict:
 
 
 def _dp0_rank(rank: int, dp_rank: int) -> int:
-    """Global rank of the DP-rank-0 replica of this rank's TP position (tp-major rank order)."""
+    """Global rank of the DP-rank-0 replica of this rank's TP x CP position (tp-cp-dp rank order)."""
     from megatron.core import parallel_state as ps
 
-    return rank - dp_rank * ps.get_tensor_model_parallel_world_size()
+    return rank - dp_rank * ps.get_tensor_model_parallel_world_size() * ps.get_context_parallel_world_size()
 
 
 def load_rng(path: Path, rank: int) -> dict | None:

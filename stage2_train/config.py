@@ -58,6 +58,7 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     sp: bool = False  # megatron sequence parallelism (needs tp > 1)
+    cp: int = 1  # Ulysses context parallelism over the video tokens (tp * cp must divide the heads)
     zero1: bool = False  # shard AdamW state across data-parallel ranks
     init_timeout_s: float = 300.0  # bound on reaching MASTER_ADDR / the other ranks
 
@@ -149,6 +150,8 @@ class TrainConfig:
             bad("data.batch_size must be >= 1")
         if self.parallel.tp < 1:
             bad("parallel.tp must be >= 1")
+        if self.parallel.cp < 1:
+            bad("parallel.cp must be >= 1")
         if self.parallel.sp and self.parallel.tp == 1:
             bad("parallel.sp=true needs parallel.tp > 1 (set parallel.sp=false for tp=1)")
         if self.optim.schedule not in ("constant", "cosine"):

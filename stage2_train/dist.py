@@ -1,8 +1,13 @@
 """Process group + megatron-core parallel state for stage 2.
 
-    world = tp * dp   (pipeline and context parallelism are not used)
-    ranks of one TP group are contiguous (megatron's default order tp-cp-ep-dp-pp):
-    world 4, tp 2 -> TP groups [0,1] [2,3], DP groups [0,2] [1,3]
+    world = tp * cp * dp   (no pipeline parallelism)
+    megatron's default order tp-cp-ep-dp-pp: the ranks of one TP group are contiguous, a CP group
+    strides by tp, a DP group by tp * cp:
+    world 4, tp 2        -> TP groups [0,1] [2,3], DP groups [0,2] [1,3]
+    world 4, tp 2, cp 2  -> TP groups [0,1] [2,3], CP groups [0,2] [1,3], DP size 1
+    world 8, tp 2, cp 2  -> TP [0,1] .., CP [0,2] [1,3] [4,6] [5,7], DP [0,4] [1,5] [2,6] [3,7]
+The data loader splits over DP only (all ranks of one TP x CP group read the same batch); gradients
+are reduced over the DP x CP group (`dp_cp_group`, parameters are replicated over CP).
 
 Launch: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment) or a
 plain `python -m osp.stage2_train.run` (one process, an in-memory store). The backend comes from the
@@ -21,10 +26,11 @@ import torch
 import torch.distributed as dist
 
 from osp.common.device import Device, pick_device
+from osp.common.errors import OspError
 
 
-class LayoutError(ValueError):
-    pass
+class LayoutError(OspError, ValueError):
+    """An impossible parallel layout (one line naming the setting and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -37,18 +43,23 @@ class Layout:
     tp_rank: int
     dp_rank: int
     sp: bool
+    cp: int = 1
+    cp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def check_layout(world: int, tp: int, sp: bool, heads: int, tokens: int | None = None) -> None:
-    """Raise a LayoutError for an impossible (world, tp, sp) on a DiT with `heads` and `tokens` per sample."""
-    if tp < 1 or world % tp:
+def check_layout(world: int, tp: int, sp: bool, heads: int, tokens: int | None = None, cp: int = 1) -> None:
+    """Raise a LayoutError for an impossible (world, tp, sp, cp) on a DiT with `heads` and `tokens` per sample."""
+    if cp < 1:
+        raise LayoutError(f"parallel.cp={cp} must be >= 1")
+    if tp < 1 or world % (tp * cp):
+        what = f"parallel.tp x parallel.cp = {tp} x {cp}" if cp > 1 else f"parallel.tp={tp}"
         raise LayoutError(
-            f"world size {world} is not divisible by parallel.tp={tp}; launch a multiple of {tp} processes "
-            f"(osp train --nproc {tp}, or NNODES x GPUS_PER_NODE with make train) or change parallel.tp"
+            f"world size {world} is not divisible by {what}; launch a multiple of {tp * cp} processes "
+            f"(NNODES x GPUS_PER_NODE with make train) or change {'parallel.tp / parallel.cp' if cp > 1 else 'parallel.tp'}"
         )
     if heads % tp:
         raise LayoutError(f"parallel.tp={tp} must divide the DiT's {heads} attention heads; choose a divisor of {heads}")
@@ -59,6 +70,10 @@ def check_layout(world: int, tp: int, sp: bool, heads: int, tokens: int | None =
             f"sequence parallelism splits the {tokens} video tokens per sample over tp={tp} ranks, which does not divide; "
             "choose a tp dividing T*H/2*W/2, or set parallel.sp=false"
         )
+    if cp > 1:
+        from osp.stage2_train.context_parallel import check_context_parallel
+
+        check_context_parallel(heads, tokens, tp, cp, sp)
 
 
 def _check_master_reachable(addr: str, port: int, timeout: float) -> None:
@@ -99,16 +114,17 @@ def init_distributed(device: Device, timeout_s: float = 300.0) -> tuple[int, int
     return rank, world, local_rank
 
 
-def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: float = 300.0) -> Layout:
-    """(Re)initialise megatron-core's parallel state for this TP size (world must already be up)."""
+def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: float = 300.0, cp: int = 1) -> Layout:
+    """(Re)initialise megatron-core's parallel state for these TP / CP sizes (world must already be up)."""
     from megatron.core import parallel_state as ps
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    check_layout(world, tp, sp, heads, tokens)
+    check_layout(world, tp, sp, heads, tokens, cp)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
         create_gloo_process_groups=dist.get_backend() != "gloo",
     )
@@ -119,8 +135,10 @@ def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: 
         tp=tp,
         dp=ps.get_data_parallel_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
-        dp_rank=ps.get_data_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),  # excludes CP: the loader's rank
         sp=sp,
+        cp=ps.get_context_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
     )
 
 
@@ -136,6 +154,26 @@ def dp_group():
     return ps.get_data_parallel_group()
 
 
+def cp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group()
+
+
+def dp_cp_group():
+    """The gradient-reduction group: DP x CP (equals the DP group without CP)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def accelerator_env(device_type: str) -> dict[str, str]:
+    """Environment megatron's TP/SP communication overlap needs on accelerators: one hardware queue
+    (CUDA_DEVICE_MAX_CONNECTIONS=1) so that a collective launched before a GEMM runs before it.
+    Must be set before the device context exists; empty on CPU."""
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if device_type in ("cuda", "npu") else {}
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
@@ -149,6 +187,8 @@ def setup_device(name: str) -> Device:
     # megatron-core warns once per module that it falls back to torch kernels; that is the plan here
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     device = pick_device(name)
+    for k, v in accelerator_env(device.type).items():
+        os.environ.setdefault(k, v)  # a plain `osp train`; torchrun launches get it from launch.py
     from osp.common import megatron_cpu
 
     megatron_cpu.apply()

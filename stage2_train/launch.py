@@ -15,6 +15,10 @@ node is missing, dies with a traceback on SIGTERM, and leaves its ranks running 
   * on SIGTERM/SIGINT/SIGHUP forwards SIGTERM to the ranks only: they checkpoint at the next step
     boundary and exit 0, torchrun exits 0, and the launcher prints one line and exits 0.
 `--rdzv_timeout` bounds torchrun's own rendezvous and the ranks' process-group setup.
+
+On accelerators the ranks also get CUDA_DEVICE_MAX_CONNECTIONS=1 (`dist.accelerator_env`; a value
+already in the environment wins): megatron's sequence-parallel communication overlap needs it set
+before any device context exists, i.e. before torchrun starts the ranks.
 """
 from __future__ import annotations
 
@@ -165,9 +169,9 @@ def _set_pdeathsig() -> None:  # preexec_fn of torchrun: it dies with the launch
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
-def run_torchrun(cmd: list[str]) -> int:
+def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run torchrun in its own session; forward a stop signal to its ranks as SIGTERM; return its rc."""
-    env = {**os.environ, DIE_WITH_PARENT_ENV: "1"}
+    env = {**(os.environ if env is None else env), DIE_WITH_PARENT_ENV: "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
     stopping: list[str] = []
 
@@ -234,6 +238,26 @@ def agent(argv: list[str]) -> None:
         sys.exit(128 + int(e.sigval))
 
 
+def child_env(environ: dict[str, str], device_type: str) -> dict[str, str]:
+    """The environment torchrun (and so every rank) starts with."""
+    from osp.stage2_train.dist import accelerator_env
+
+    env = dict(environ)
+    for k, v in accelerator_env(device_type).items():
+        env.setdefault(k, v)
+    return env
+
+
+def _device_type() -> str:
+    from osp.common.device import pick_device
+
+    try:
+        return pick_device(os.environ.get("OSP_DEVICE")).type
+    except (RuntimeError, ValueError) as e:
+        _fail(f"{e}")
+        raise
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--torchrun"]:
@@ -268,8 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         "-m", "osp.stage2_train.run",
         *run_args, f"parallel.init_timeout_s={a.rdzv_timeout}",
     ]
+    env = child_env(os.environ, _device_type())
     sys.stdout.flush()
-    sys.exit(run_torchrun(cmd))
+    sys.exit(run_torchrun(cmd, env))
 
 
 if __name__ == "__main__":

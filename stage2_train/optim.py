@@ -32,14 +32,16 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES):
 
 
 def allreduce_grads(params: list[nn.Parameter], group, world: int) -> None:
-    """Average the gradients over `group` (SUM then divide; gloo has no AVG)."""
-    if world == 1:
+    """SUM the gradients over `group`, then divide by `world` (gloo has no AVG): the DP size, also
+    when the group is DP x CP (CP-replicated grads are pre-scaled by context_parallel.scale_replicated_grads)."""
+    if world == 1 and dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     for bucket in _buckets(grads):
         flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat, group=group)
-        flat.div_(world)
+        if world != 1:
+            flat.div_(world)
         for g, r in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(r)
 
@@ -86,12 +88,7 @@ class ZeroAdamW:
 
     def __init__(self, params: list[nn.Parameter], dp_group, dp_rank: int, dp_size: int, **adamw):
         self.params, self.group, self.dp_rank, self.dp_size = params, dp_group, dp_rank, dp_size
-        load = [0] * dp_size
-        self.owner = []
-        for p in params:  # greedy by size in parameter order: deterministic on every rank
-            o = min(range(dp_size), key=lambda r: (load[r], r))
-            self.owner.append(o)
-            load[o] += p.numel()
+        self.owner = dp_owners([p.numel() for p in params], dp_size)  # deterministic on every rank
         self.local = [p for p, o in zip(params, self.owner) if o == dp_rank]
         self.optim = torch.optim.AdamW(self.local, **adamw) if self.local else None
         self._src = [dist.get_global_rank(dp_group, r) if dp_size > 1 else dist.get_rank() for r in range(dp_size)]
@@ -159,14 +156,36 @@ class PlainAdamW:
         self.optim.load_state_dict(sd["optim"])
 
 
+def dp_owners(sizes: list[int], dp_size: int) -> list[int]:
+    """Owner DP rank of each tensor: greedy by size in list order, a pure function of the sizes, so
+    every rank computes the same split (ZeRO-1's AdamW state and the sharded EMA use it)."""
+    load, owner = [0] * dp_size, []
+    for n in sizes:
+        o = min(range(dp_size), key=lambda r: (load[r], r))
+        owner.append(o)
+        load[o] += n
+    return owner
+
+
 class EMA:
     """EMA of the (local, TP-sharded) parameters with diffusers 0.28 EMAModel's rule: at the k-th update
-    decay = 0 for k = 1 (a copy), then min(max_decay, k / (k + 9))."""
+    decay = 0 for k = 1 (a copy), then min(max_decay, k / (k + 9)). The shadow is fp32; one update is a
+    single `torch._foreach_lerp_` over all tensors (s += (1 - decay) (p - s)), not a Python loop of kernels.
 
-    def __init__(self, model: nn.Module, max_decay: float):
+    Sharded over data parallelism (dp_size > 1): DP rank r keeps and updates only the tensors it owns
+    (`dp_owners`), 1/dp of the fp32 EMA per rank; `gathered()` collects the full EMA on DP rank 0 for a
+    checkpoint and `load` keeps the owned part of a full one, so checkpoints do not depend on dp."""
+
+    def __init__(self, model: nn.Module, max_decay: float, dp_group=None, dp_rank: int = 0, dp_size: int = 1):
         self.max_decay = max_decay
         self.updates = 0
-        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+        named = list(model.named_parameters())
+        self.all_names = [n for n, _ in named]
+        self.owner = dict(zip(self.all_names, dp_owners([p.numel() for _, p in named], dp_size)))
+        self.group, self.dp_rank, self.dp_size = dp_group, dp_rank, dp_size
+        self.shadow = {n: p.detach().clone().float() for n, p in named if self.owner[n] == dp_rank}
+        self._names = list(self.shadow)
+        self._shadow_list = [self.shadow[n] for n in self._names]
 
     def decay(self) -> float:
         step = self.updates - 1
@@ -175,14 +194,39 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        one_minus = 1.0 - self.decay()
-        for n, p in model.named_parameters():
-            s = self.shadow[n]
-            s.sub_(one_minus * (s - p.detach().float()))
+        if not self._names:
+            return
+        params = dict(model.named_parameters())
+        current = [params[n].detach() for n in self._names]
+        current = [p if p.dtype == torch.float32 else p.float() for p in current]  # bf16 params: an fp32 copy
+        torch._foreach_lerp_(self._shadow_list, current, 1.0 - self.decay())
+
+    @torch.no_grad()
+    def gathered(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The full EMA (every local tensor) on DP rank 0, None elsewhere. Collective over the DP group
+        (point-to-point from each owner; one tensor in flight at a time)."""
+        if self.dp_size == 1:
+            return self.shadow
+        params = dict(model.named_parameters())
+        first = dist.get_global_rank(self.group, 0)
+        out: dict[str, torch.Tensor] = {}
+        for n in self.all_names:
+            o = self.owner[n]
+            if o == 0:
+                if self.dp_rank == 0:
+                    out[n] = self.shadow[n]
+            elif self.dp_rank == o:
+                dist.send(self.shadow[n], dst=first, group=self.group)
+            elif self.dp_rank == 0:
+                buf = torch.empty(params[n].shape, dtype=torch.float32, device=params[n].device)
+                dist.recv(buf, src=dist.get_global_rank(self.group, o), group=self.group)
+                out[n] = buf.cpu()
+        return out if self.dp_rank == 0 else None
 
     def load(self, shadow: dict[str, torch.Tensor], updates: int) -> None:
-        if set(shadow) != set(self.shadow):
+        """Load a full EMA (every local tensor); this rank keeps what it owns."""
+        if set(shadow) != set(self.all_names):
             raise ValueError("EMA weights in the checkpoint do not match the model's parameters")
-        for n, t in shadow.items():
-            self.shadow[n].copy_(t)
+        for n in self._names:
+            self.shadow[n].copy_(shadow[n])
         self.updates = int(updates)

@@ -81,6 +81,7 @@ def peak_memory_gb(device) -> float:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str = "", console=None):
         from osp.common.models.dit import build_dit, get_dit_config
+        from osp.stage2_train.context_parallel import apply_context_parallel
         from osp.stage2_train.parallel import load_full_state_dict, parallelize
 
         self.cfg = cfg
@@ -105,9 +106,10 @@ class Trainer:
         self.shards = Path(cfg.data.shards)
         self.uncond, self.latent_channels, tokens = self._check_geometry()
 
-        self.layout = D.init_parallel(cfg.parallel.tp, cfg.parallel.sp, self.dit_cfg.num_attention_heads, tokens, cfg.parallel.init_timeout_s)
+        self.layout = D.init_parallel(cfg.parallel.tp, cfg.parallel.sp, self.dit_cfg.num_attention_heads, tokens,
+                                      cfg.parallel.init_timeout_s, cp=cfg.parallel.cp)
         L = self.layout
-        self.tp_group, self.dp_group = D.tp_group(), D.dp_group()
+        self.tp_group, self.dp_group, self.dp_cp_group = D.tp_group(), D.dp_group(), D.dp_cp_group()
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
@@ -126,7 +128,7 @@ class Trainer:
             full, ema_local = ckpt.load_weights(self.ckpt_path, L.tp, L.tp_rank)
         elif init_sd is not None:
             full, ema_local = init_sd, None
-        model = parallelize(model, cfg.parallel.sp)
+        model = apply_context_parallel(parallelize(model, cfg.parallel.sp))
         if full is not None:
             load_full_state_dict(model, full, str(self.ckpt_path or cfg.model.init))
         del full, init_sd
@@ -144,7 +146,7 @@ class Trainer:
             self.optimizer = ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
         else:
             self.optimizer = PlainAdamW(self.params, **adamw)
-        self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
+        self.ema = EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None  # sharded over DP
 
         self.loader = ShardLoader(
             self.shards,
@@ -168,7 +170,7 @@ class Trainer:
             if self.ema is not None:
                 if ema_local is None:
                     raise ValueError(f"{self.ckpt_path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
-                self.ema.load({k: v.to(self.device.torch_device(L.local_rank)) for k, v in ema_local.items()}, state.get("ema_updates", 0))
+                self.ema.load(ema_local, state.get("ema_updates", 0))  # copies only this DP rank's shard to the device
             rng = ckpt.load_rng(self.ckpt_path, L.rank)
             if rng is not None:
                 ckpt.set_rng_state(rng)
@@ -243,7 +245,7 @@ class Trainer:
         if self.layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
-            self.console.print(f"[bold]run[/] {self.run_dir}  layout tp={self.layout.tp} dp={self.layout.dp} sp={self.layout.sp} "
+            self.console.print(f"[bold]run[/] {self.run_dir}  layout tp={self.layout.tp} cp={self.layout.cp} dp={self.layout.dp} sp={self.layout.sp} "
                                f"zero1={self.cfg.parallel.zero1} device={self.device.type}")
             self.console.print(self.cfg.to_toml().rstrip(), markup=False)
             if self.ckpt_path:
@@ -262,7 +264,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "ema_updates": self.ema.updates if self.ema is not None else 0,
             "counters": dict(self.counters),
-            "layout": {"tp": self.layout.tp, "dp": self.layout.dp, "zero1": self.cfg.parallel.zero1, "world": self.layout.world},
+            "layout": {"tp": self.layout.tp, "cp": self.layout.cp, "dp": self.layout.dp, "zero1": self.cfg.parallel.zero1, "world": self.layout.world},
             "config": self.cfg.to_dict(),
         }
 
@@ -356,11 +358,13 @@ class Trainer:
             keys += batch.keys
             samples += len(batch.keys)
             text_len, shape = max(text_len, batch.text.shape[1]), batch.shape
+        from osp.stage2_train.context_parallel import scale_replicated_grads
         from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 
         self.watchdog.beat(f"in the gradient collectives of step {self.step + 1}")
         reduce_sequence_parallel_grads(self.model)
-        allreduce_grads(self.params, self.dp_group, L.dp)
+        scale_replicated_grads(self.model)  # CP: complete grads / cp, then one sum over DP x CP, / dp
+        allreduce_grads(self.params, self.dp_cp_group, L.dp)
         norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
 
         # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere

@@ -18,7 +18,9 @@ At tensor-parallel size 1 the parameter names are the released diffusers keys (6
 2,771,907,856 parameters for the real presets), so `diffusion_pytorch_model.safetensors` loads with
 strict=True. The blocks run sequence-first ([S, B, D], Megatron's convention) so that the TP/SP plan of
 `osp.stage2_train.parallel` can swap in megatron-core layers and replace four identity hooks
-(`scatter_video`, `scatter_text`, `t6_hook`, `gather_video`) without touching this file.
+(`scatter_video`, `scatter_text`, `t6_hook`, `gather_video`) without touching this file; the context
+parallel plan (`osp.stage2_train.context_parallel`) also replaces `scatter_rope` and the self-attention
+kernel `Attention.core`.
 """
 from __future__ import annotations
 
@@ -248,6 +250,11 @@ class Attention(nn.Module):
         s, b, _ = x.shape
         return x.view(s, b, -1, self.head_dim).permute(1, 2, 0, 3)
 
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The attention kernel on [B, h, S, hd] after RoPE (scale 1/sqrt(hd)); a parallel plan may
+        replace it per instance (context parallelism wraps it in all-to-alls)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
     def forward(
         self,
         x: torch.Tensor,  # [S, B, D] (a sequence shard under SP; q/k/v are full-length after the gather)
@@ -261,7 +268,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if bias is not None:
             bias = bias.to(q.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, S, hd], scale 1/sqrt(hd)
+        o = self.core(q, k, v, bias)  # [B, h, S, hd]
         b, h, s, hd = o.shape
         o = o.permute(2, 0, 1, 3).reshape(s, b, h * hd)
         return self.to_out[1](self.to_out[0](o))
@@ -346,6 +353,7 @@ class OpenSoraT2V(nn.Module):
         self.scatter_text = _identity  # [L,B,D] -> this rank's text (osp keeps text replicated)
         self.t6_hook = _identity  # [B,6D] before the blocks (SP: identity fwd, TP all-reduce bwd)
         self.gather_video = _identity  # shard -> [S,B,D]
+        self.scatter_rope = _identity  # RopeTable of the full grid -> the table of this rank's positions (CP)
 
     # -- helpers -----------------------------------------------------------------------------
     def rope_table(self, grid: tuple[int, int, int], device) -> RopeTable:
@@ -407,7 +415,7 @@ class OpenSoraT2V(nn.Module):
         txt = self.caption_projection(text.to(self.pos_embed.proj.weight.dtype))  # [B, L, D]
         text_bias = self._text_bias(text_mask, b, txt.shape[1], dtype, x.device)
         video_bias = self._video_bias(video_mask, dtype)
-        rope = self.rope_table(grid, x.device)
+        rope = self.scatter_rope(self.rope_table(grid, x.device))
 
         h = self.scatter_video(h.transpose(0, 1).contiguous())  # [S(/TP), B, D]
         txt = self.scatter_text(txt.transpose(0, 1).contiguous())  # [L, B, D]
