@@ -14,6 +14,13 @@ import torch
 
 PINNED_MEGATRON_CORE = "0.16.1"
 _applied = False
+_current_device = "cpu"  # what megatron's torch.cuda.current_device() answers: "cpu", or "meta" in a dry run
+
+
+def use_device(device: str) -> None:
+    """Where megatron allocates its communication buffers under the shim ("meta" for `osp train --dry-run`)."""
+    global _current_device
+    _current_device = device
 
 
 def needed() -> bool:
@@ -37,7 +44,7 @@ def apply(force: bool = False) -> bool:
             f"osp's CPU shim targets megatron-core {PINNED_MEGATRON_CORE}, found {megatron.core.__version__}; "
             f"pip install megatron-core=={PINNED_MEGATRON_CORE}"
         )
-    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_device = lambda: _current_device
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
