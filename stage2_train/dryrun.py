@@ -26,13 +26,13 @@ import argparse
 import json
 import sys
 import time
+import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -51,20 +51,27 @@ aten = torch.ops.aten
 # ------------------------------------------------------------------------------------------------
 # measuring tools
 # ------------------------------------------------------------------------------------------------
-class FusedAttention(TorchFunctionMode):
-    """Route F.scaled_dot_product_attention to a fused kernel that has a `meta` implementation and the
-    memory footprint of flash / memory-efficient attention (saves out + logsumexp, never the S x S
-    probabilities that the math fallback would)."""
+class FusedAttention:
+    """Within the block, F.scaled_dot_product_attention runs a fused kernel that has a `meta`
+    implementation and the memory footprint of flash / memory-efficient attention (saves out +
+    logsumexp, never the S x S probabilities that the math fallback on `meta` would). A module
+    attribute swap rather than a TorchFunctionMode: activation checkpointing recomputes blocks in
+    backward, on the autograd engine's thread, where a thread-local mode would not apply."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            names = ("attn_mask", "dropout_p", "is_causal", "scale")
-            opts = dict(zip(names, args[3:]), **kwargs)
-            opts.pop("enable_gqa", None)
-            out, _ = aten._scaled_dot_product_flash_attention_for_cpu(args[0], args[1], args[2], **opts)
-            return out
-        return func(*args, **kwargs)
+    def __enter__(self):
+        self._saved = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _fused_sdpa
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._saved
+        return False
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    out, _ = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p=dropout_p, is_causal=is_causal,
+                                                              attn_mask=attn_mask, scale=scale)
+    return out
 
 
 def flop_counter():
@@ -328,6 +335,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
     if shards:
         cfg.data.shards = shards
     D.init_fake(world, rank)
+    shim_was_on = megatron_cpu.is_applied()
     megatron_cpu.apply(force=True)  # megatron's CUDA entry points -> the dry run's device
     megatron_cpu.use_device("meta")
     trainer = None
@@ -385,6 +393,8 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             trainer.close()
         D.shutdown()
         megatron_cpu.use_device("cpu")
+        if not shim_was_on and not megatron_cpu.needed():
+            megatron_cpu.undo()  # an accelerator machine gets its torch.cuda back
 
 
 def _tokens(trainer: Trainer, batch: Batch) -> int:
@@ -436,12 +446,14 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(args.config, args.overrides, args.preset, args.tp, args.sp, args.checkpointing)
         world = args.world if args.world is not None else cfg.parallel.tp
-        report = dry_run(cfg, world, args.rank, args.card_gb, args.shards)
+        with warnings.catch_warnings():  # library notices (no Transformer Engine, deprecated c10d names) are noise here
+            warnings.simplefilter("ignore")
+            report = dry_run(cfg, world, args.rank, args.card_gb, args.shards)
     except (ValueError, FileNotFoundError, OspError) as e:
         sys.stderr.write(f"error: {str(e).strip().splitlines()[0]}\n")
         return 1
     print(report.to_json() if args.json else report.table())
-    return 0
+    return 0 if report.fits else 2
 
 
 if __name__ == "__main__":
