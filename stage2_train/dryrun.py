@@ -15,7 +15,8 @@ Everything reported is MEASURED on the model code as it is, not derived from for
                                                 micro-step forward (saved-tensor hooks), parameters excluded
   peak                                          the high-water mark of live `meta` storages during a whole
                                                 steady-state optimizer step (a dispatch-level tracker)
-  step FLOPs                                    torch's FlopCounterMode over a whole step (recompute included)
+  step FLOPs                                    torch's FlopCounterMode over a whole step (activation recompute and
+                                                the fused attention backward's score recompute included)
 Attention runs through the fused (flash-style) kernel accelerators use, so no S x S matrix is saved;
 its FLOPs use torch's own SDPA formulas. Bf16 autocast does not exist on `meta`: activations are
 measured in the parameters' dtype (fp32 today), an upper bound for an autocast run.
@@ -23,6 +24,7 @@ measured in the parameters' dtype (fp32 today), an upper bound for an autocast r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -144,7 +146,8 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     inner = getattr(optimizer, "optim", None)
     if inner is None:
         return []
-    return [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    # AdamW's `step` counters stay on the host (not capturable/fused): only what lives beside the parameters
+    return [v for p, s in inner.state.items() for v in s.values() if isinstance(v, torch.Tensor) and v.device == p.device]
 
 
 def saved_activation_bytes(trainer: Trainer, batch: Batch, full_checkpointing: bool) -> int:
@@ -271,12 +274,13 @@ class DryRunReport:
 
     def table(self) -> str:
         L = self.layout
-        g = lambda b: f"{b / GIB:9.2f}"  # noqa: E731
+        unit, scale = ("GiB", GIB) if self.peak >= GIB else ("MiB", 2**20)
+        g = lambda b: f"{b / scale:9.2f}"  # noqa: E731
         rows = [
             f"dry run: {self.preset}  world {L['world']} = tp {L['tp']} x dp {L['dp']}  sp {L['sp']}  zero1 {L['zero1']}  "
             f"rank {L['rank']} (tp rank {L['tp_rank']}, dp rank {L['dp_rank']})  batch {self.batch_size}  "
             f"{self.tokens} video tokens/sample  checkpointing {self.checkpointing}",
-            f"{'per rank':<44}{'GiB':>9}",
+            f"{'per rank':<44}{unit:>9}",
             f"{'parameters':<44}{g(self.params)}",
             f"{'gradients':<44}{g(self.grads)}",
             f"{'optimizer state (AdamW m, v)':<44}{g(self.optimizer)}",
@@ -288,15 +292,15 @@ class DryRunReport:
         rows += [
             f"{'peak (measured over one optimizer step)':<44}{g(self.peak)}",
             f"{'checkpoint state written by this rank':<44}{g(self.checkpoint_state)}",
-            f"step FLOPs on this rank: {self.step_flops / 1e12:,.1f} TFLOP (forward + backward"
+            f"step FLOPs on this rank: {self.step_flops / 1e12:,.4g} TFLOP (forward + backward"
             f"{' + recompute' if self.checkpointing != 'none' else ''})",
             "activations are measured in the parameters' dtype (no autocast on meta): an upper bound for bf16 autocast",
         ]
         budget = f"{self.card_gb:g} GiB card, {HEADROOM:.0%} kept free -> {self.usable / GIB:.1f} GiB usable"
         if self.fits:
-            rows.append(f"verdict: FITS  peak {self.peak / GIB:.1f} GiB on a {budget}")
+            rows.append(f"verdict: FITS  peak {self.peak / GIB:.3g} GiB on a {budget}")
         else:
-            rows.append(f"verdict: DOES NOT FIT  peak {self.peak / GIB:.1f} GiB on a {budget}; try:")
+            rows.append(f"verdict: DOES NOT FIT  peak {self.peak / GIB:.3g} GiB on a {budget}; try:")
             rows += [f"  - {s}" for s in self.suggestions] or ["  - a card with more memory"]
         rows.append(f"({self.seconds:.1f} s)")
         return "\n".join(rows)
@@ -323,10 +327,27 @@ def _suggestions(r: DryRunReport, cfg: TrainConfig, heads: int) -> list[str]:
     return out
 
 
-def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str | None = None) -> DryRunReport:
-    """Run the Trainer's code path as rank `rank` of `world` on `meta`; returns the measured report."""
+@contextlib.contextmanager
+def fake_world(world: int, rank: int):
+    """Be rank `rank` of `world` on `meta`: the fake process group, and megatron's buffers on `meta`
+    (the CPU shim, forced even where an accelerator exists and undone afterwards)."""
     from osp.common import megatron_cpu
 
+    D.init_fake(world, rank)
+    shim_was_on = megatron_cpu.is_applied()
+    megatron_cpu.apply(force=True)  # megatron's CUDA entry points -> the dry run's device
+    megatron_cpu.use_device("meta")
+    try:
+        yield
+    finally:
+        D.shutdown()
+        megatron_cpu.use_device("cpu")
+        if not shim_was_on and not megatron_cpu.needed():
+            megatron_cpu.undo()  # an accelerator machine gets its torch.cuda back
+
+
+def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str | None = None) -> DryRunReport:
+    """Run the Trainer's code path as rank `rank` of `world` on `meta`; returns the measured report."""
     t0 = time.perf_counter()
     cfg.run.device = "meta"
     cfg.model.init = ""
@@ -334,67 +355,60 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
     cfg.run.tensorboard = False
     if shards:
         cfg.data.shards = shards
-    D.init_fake(world, rank)
-    shim_was_on = megatron_cpu.is_applied()
-    megatron_cpu.apply(force=True)  # megatron's CUDA entry points -> the dry run's device
-    megatron_cpu.use_device("meta")
     trainer = None
-    try:
-        trainer = DryRunTrainer(cfg, synthetic=not shards)
-        L = trainer.layout
-        batch = next(trainer.loader)
-        tokens = _tokens(trainer, batch)
-        activations = {m: saved_activation_bytes(trainer, batch, m == "full") for m in CHECKPOINTING}
+    with fake_world(world, rank):
+        try:
+            trainer = DryRunTrainer(cfg, synthetic=not shards)
+            L = trainer.layout
+            batch = next(trainer.loader)
+            tokens = _tokens(trainer, batch)
+            activations = {m: saved_activation_bytes(trainer, batch, m == "full") for m in CHECKPOINTING}
 
-        grads = {}
-        zero_grad = trainer.optimizer.zero_grad
+            grads = {}
+            zero_grad = trainer.optimizer.zero_grad
 
-        def counting_zero_grad():
-            grads["bytes"] = tensor_bytes(p.grad for p in trainer.params if p.grad is not None)
-            zero_grad()
+            def counting_zero_grad():
+                grads["bytes"] = tensor_bytes(p.grad for p in trainer.params if p.grad is not None)
+                zero_grad()
 
-        trainer.optimizer.zero_grad = counting_zero_grad
-        with FusedAttention(), flop_counter() as flops:  # step 1 creates the optimizer state
-            trainer.train_step()
-        peak = PeakMemory("meta")
-        state = list(trainer.model.parameters()) + list(trainer.model.buffers()) + optimizer_tensors(trainer.optimizer)
-        peak.track(state + (list(trainer.ema.shadow.values()) if trainer.ema is not None else []))
-        with FusedAttention(), peak:  # a steady-state step: the peak with optimizer state in place
-            trainer.train_step()
+            trainer.optimizer.zero_grad = counting_zero_grad
+            with FusedAttention(), flop_counter() as flops:  # step 1 creates the optimizer state
+                trainer.train_step()
+            peak = PeakMemory("meta")
+            state = list(trainer.model.parameters()) + list(trainer.model.buffers()) + optimizer_tensors(trainer.optimizer)
+            peak.track(state + (list(trainer.ema.shadow.values()) if trainer.ema is not None else []))
+            with FusedAttention(), peak:  # a steady-state step: the peak with optimizer state in place
+                trainer.train_step()
 
-        ckpt_state = trainer.model.state_dict()
-        opt_sd = trainer.optimizer.state_dict()
-        json.dumps(trainer.trainer_state())  # the checkpoint's trainer.json must serialise
-        ckpt_bytes = tensor_bytes(list(ckpt_state.values()) + list(trainer.ema.shadow.values() if trainer.ema else [])
-                                  + [v for s in opt_sd["optim"].get("state", {}).values() for v in s.values()])
-        report = DryRunReport(
-            preset=cfg.model.preset,
-            layout={"world": L.world, "rank": L.rank, "tp": L.tp, "dp": L.dp, "sp": L.sp, "tp_rank": L.tp_rank,
-                    "dp_rank": L.dp_rank, "zero1": cfg.parallel.zero1},
-            checkpointing=cfg.model.checkpointing,
-            batch_size=cfg.data.batch_size,
-            tokens=tokens,
-            params=tensor_bytes(trainer.model.parameters()),
-            grads=grads.get("bytes", 0),
-            optimizer=tensor_bytes(optimizer_tensors(trainer.optimizer)),
-            ema=tensor_bytes(trainer.ema.shadow.values()) if trainer.ema is not None else 0,
-            activations=activations,
-            peak=peak.peak,
-            step_flops=float(flops.get_total_flops()),
-            checkpoint_state=ckpt_bytes,
-            card_gb=card_gb,
-            seconds=0.0,
-        )
-        report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
-        report.seconds = time.perf_counter() - t0
-        return report
-    finally:
-        if trainer is not None:
-            trainer.close()
-        D.shutdown()
-        megatron_cpu.use_device("cpu")
-        if not shim_was_on and not megatron_cpu.needed():
-            megatron_cpu.undo()  # an accelerator machine gets its torch.cuda back
+            ckpt_state = trainer.model.state_dict()
+            opt_sd = trainer.optimizer.state_dict()
+            json.dumps(trainer.trainer_state())  # the checkpoint's trainer.json must serialise
+            ckpt_bytes = tensor_bytes(list(ckpt_state.values()) + list(trainer.ema.shadow.values() if trainer.ema else [])
+                                      + [v for s in opt_sd["optim"].get("state", {}).values() for v in s.values()])
+            report = DryRunReport(
+                preset=cfg.model.preset,
+                layout={"world": L.world, "rank": L.rank, "tp": L.tp, "dp": L.dp, "sp": L.sp, "tp_rank": L.tp_rank,
+                        "dp_rank": L.dp_rank, "zero1": cfg.parallel.zero1},
+                checkpointing=cfg.model.checkpointing,
+                batch_size=cfg.data.batch_size,
+                tokens=tokens,
+                params=tensor_bytes(trainer.model.parameters()),
+                grads=grads.get("bytes", 0),
+                optimizer=tensor_bytes(optimizer_tensors(trainer.optimizer)),
+                ema=tensor_bytes(trainer.ema.shadow.values()) if trainer.ema is not None else 0,
+                activations=activations,
+                peak=peak.peak,
+                step_flops=float(flops.get_total_flops()),
+                checkpoint_state=ckpt_bytes,
+                card_gb=card_gb,
+                seconds=0.0,
+            )
+            report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
+            report.seconds = time.perf_counter() - t0
+            return report
+        finally:
+            if trainer is not None:
+                trainer.close()
 
 
 def _tokens(trainer: Trainer, batch: Batch) -> int:

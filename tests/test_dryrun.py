@@ -129,3 +129,27 @@ def test_figures_match_a_real_cpu_run_of_the_tiny_preset(shards, tmp_path):
                  "act_none": dry.activations["none"], "act_full": dry.activations["full"]}
     for k, v in real.items():
         assert abs(predicted[k] - v) <= 0.10 * v, (k, predicted[k], v)
+
+
+def test_sampling_dit_collectives_run_under_the_fake_group():
+    """`osp sample` under torchrun: the TP(+SP) DiT's collectives take the model's device (stage 1 has
+    no collectives: its ranks coordinate through the output folder)."""
+    from osp.common.models.dit import build_dit
+    from osp.common.sampling import guided_eps
+    from osp.stage2_train import dist as D
+    from osp.stage2_train.parallel import parallelize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with DR.fake_world(2, 1):
+            dit = build_dit("tiny", device="meta", dtype=torch.float32).eval()
+            D.init_parallel(2, True, dit.config.num_attention_heads, None)
+            with torch.device("meta"):
+                dit = parallelize(dit, True)
+            c = dit.config
+            x = torch.zeros(1, c.in_channels, c.sample_size_t, *c.sample_size, device="meta")
+            text = torch.zeros(2, 8, c.caption_channels, device="meta")
+            mask = torch.ones(2, 8, dtype=torch.long, device="meta")
+            with torch.no_grad():
+                eps = guided_eps(dit, x, torch.tensor(999, device="meta"), text, mask, 7.5, torch.float32)
+    assert eps.device.type == "meta" and eps.shape == x.shape
