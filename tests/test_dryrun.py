@@ -153,3 +153,20 @@ def test_sampling_dit_collectives_run_under_the_fake_group():
             with torch.no_grad():
                 eps = guided_eps(dit, x, torch.tensor(999, device="meta"), text, mask, 7.5, torch.float32)
     assert eps.device.type == "meta" and eps.shape == x.shape
+
+
+def test_gpu_smoke_pieces_on_cpu(tmp_path):
+    """bench/gpu/smoke.py's helpers (the GPU run itself needs a CUDA card)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench" / "gpu"))
+    import smoke
+
+    from osp.common.demo_data import probe_video
+
+    assert smoke.sdpa_backend(torch.device("cpu")) == "_scaled_dot_product_flash_attention_for_cpu"
+    root = smoke.write_clips(tmp_path / "data", 2, 9, 64, 96)
+    info = probe_video(root / "clips" / "clip001.mp4")
+    assert (info["num_frames"], info["height"], info["width"]) == (9, 64, 96)
+    s = smoke.summary({"step_time_s": 2.0, "peak_mem_gb": 30.0}, 40.0, 4e14, 1000.0, 800.0)
+    assert s["tflops"] == 200.0 and s["mfu_nominal"] == 0.2 and s["mfu_matmul"] == 0.25 and s["peak_vs_prediction"] == 0.75
+    with pytest.raises(smoke.SmokeError, match="train: no checkpoint"):
+        smoke.check(False, "train", "no checkpoint")

@@ -201,7 +201,8 @@ def main(argv=None) -> int:
         return 1
     mfu = f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "n/a (card not in NOMINAL_BF16_TFLOPS)"
     print(f"card {r['card']}  preset {r['preset']}  SDPA kernel {r['sdpa']}")
-    print(f"step time {r['step_time_s']:.2f} s  {r['tflops']:.1f} TFLOP/s  MFU {mfu} of nominal bf16, "
+    print(f"step time {r['step_time_s']:.2f} s  {r['tflops']:.1f} TFLOP/s (executed FLOPs of the dry run's count, recompute "
+          f"included)  MFU {mfu} of nominal bf16, "
           f"{r['mfu_matmul']:.1%} of the measured bf16 matmul rate ({r['matmul_tflops']:.0f} TFLOP/s)")
     print(f"peak memory {r['peak_gib']:.2f} GiB; dry-run prediction {r['predicted_peak_gib']:.2f} GiB "
           f"(ratio {r['peak_vs_prediction']:.2f}; the dry run counts fp32 activations, autocast saves less)")
