@@ -48,6 +48,12 @@ class Device:
         """bf16 on accelerators (upstream recipe), fp32 on CPU (exact tests)."""
         return torch.bfloat16 if self.is_accelerator else torch.float32
 
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        """dtype of the trainer's loss sums and agreement flags (device tensors that meet a collective):
+        float64 where the backend reduces it, float32 on Ascend (HCCL and the cube units are float32-first)."""
+        return torch.float32 if self.type == "npu" else torch.float64
+
     def torch_device(self, local_rank: int | None = None) -> torch.device:
         if self.type in ("cpu", "meta"):
             return torch.device(self.type)

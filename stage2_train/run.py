@@ -10,6 +10,11 @@ then: SP-tagged grads summed over TP, grads averaged over DP, global grad norm (
 check (agreed by all ranks), clip, AdamW (optionally ZeRO-1), EMA, LR schedule. A SIGTERM sets a flag
 that all ranks agree on at the next step boundary: checkpoint, exit 0.
 
+Accelerator rules (nccl/hccl map only their device type): every tensor passed to a collective lives on
+the device of its group (`Device.torch_device()`), and the step reads device values on the host once
+per optimizer step (`Trainer._host_sync`), never per micro-step. `osp train --dry-run`
+(stage2_train/dryrun.py) runs this code on `meta` under a fake process group, which refuses CPU tensors.
+
 Stage 2 never imports transformers, the VAE or stage 1.
 """
 from __future__ import annotations
@@ -329,9 +334,10 @@ class Trainer:
         lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
         self.optimizer.set_lr(lr)
         dev = self.device.torch_device(L.local_rank)  # the communication device of every group
+        sdt = self.device.stats_dtype
         t0 = time.perf_counter()
         data_wait, keys, samples, text_len, shape = 0.0, [], 0, 0, None
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # stays on the device: no host sync per micro-step
+        loss_sum = torch.zeros((), dtype=sdt, device=dev)  # stays on the device: no host sync per micro-step
         for micro in range(accum):
             tw = time.perf_counter()
             batch = next(self.loader)
@@ -340,7 +346,7 @@ class Trainer:
             per_sample = self.micro_loss(batch, self.step, micro)
             loss = per_sample.mean() * (weight / accum)
             loss.backward()
-            loss_sum += loss.detach().double()
+            loss_sum += loss.detach().to(sdt)
             keys += batch.keys
             samples += len(batch.keys)
             text_len, shape = max(text_len, batch.text.shape[1]), batch.shape
@@ -354,13 +360,13 @@ class Trainer:
         # step's only host sync (all tensors on `dev`: nccl/hccl refuse CPU tensors)
         loss_ok = torch.isfinite(loss_sum)
         nonfinite_t = torch.logical_not(loss_ok)
-        flags = torch.stack([torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).double(),
-                             torch.full((), float(self.stop_requested), dtype=torch.float64, device=dev)])
+        flags = torch.stack([torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).to(sdt),
+                             torch.full((), float(self.stop_requested), dtype=sdt, device=dev)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stats = torch.stack([torch.where(loss_ok, loss_sum, torch.zeros_like(loss_sum)),
-                             torch.full((), float(samples), dtype=torch.float64, device=dev)])
+                             torch.full((), float(samples), dtype=sdt, device=dev)])
         dist.all_reduce(stats, group=self.dp_group)
-        host = self._host_sync(torch.cat([flags, stats, norm.detach().double().reshape(1), nonfinite_t.double().reshape(1)]))
+        host = self._host_sync(torch.cat([flags, stats, norm.detach().to(sdt).reshape(1), nonfinite_t.to(sdt).reshape(1)]))
         flag_bad, flag_stop, loss_total, global_samples, norm_value, nonfinite = host[0], host[1], host[2], host[3], host[4], host[5] > 0
         skipped = False
         if flag_bad > 0:
