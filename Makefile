@@ -41,6 +41,9 @@ SAMPLE_STEPS ?= 20
 SAMPLES   ?= samples/demo
 DEMO_DATA := data/demo
 PYTEST_ARGS ?=
+DRY_RUN   ?=
+DRY_RANK  ?= 0
+CARD_GB   ?= 80
 
 # Processes per node: GPUS_PER_NODE, else NPUS_PER_NODE, else 2 CPU processes (the demo's TP=2).
 NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),2)
@@ -105,9 +108,16 @@ else
 endif
 
 # Stage 2: torchrun over NNODES x (GPUS_PER_NODE | NPUS_PER_NODE | 2 CPU processes); resumes automatically.
+# DRY_RUN=1: the same config and variables, one rank (DRY_RANK) of NNODES x NPROC on `meta`: memory per
+# rank, FLOPs and a fits/does-not-fit verdict for CARD_GB (exit 2 when it does not fit); no device, no data.
 train: setup
+ifeq ($(DRY_RUN),1)
+	$(OSP) train --dry-run --config $(CONFIG) --world $$(( $(NNODES) * $(NPROC) )) --rank $(DRY_RANK) --card-gb $(CARD_GB) \
+	    $(if $(call given,SHARDS),--shards $(SHARDS)) $(TRAIN_OVERRIDES)
+else
 	$(PY) -m osp.stage2_train.launch $(TORCHRUN_ARGS) -- --config $(CONFIG) --resume $(RESUME) \
 	    $(if $(INIT),--init $(INIT)) $(TRAIN_OVERRIDES)
+endif
 
 sample: setup
 	$(OSP) sample --checkpoint $(RUN) --prompt "$(PROMPT)" --steps $(SAMPLE_STEPS) --out $(SAMPLES) \

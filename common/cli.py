@@ -436,12 +436,33 @@ def train_cmd(
     init: str = typer.Option("", "--init", help="Converted released DiT checkpoint to start from (strict)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes on this machine; > 1 launches torchrun (TP/DP over processes)."),
     master_port: int = typer.Option(29512, "--master-port", help="Rendezvous port when --nproc > 1."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run one rank of the layout on `meta` (no device, no data, no files): per-rank memory, FLOPs, a fits/does-not-fit verdict."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Dry run: DiT preset (model.preset), e.g. osp12-93x720p."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Dry run: tensor-parallel size (parallel.tp)."),
+    sp: Optional[bool] = typer.Option(None, "--sp/--no-sp", help="Dry run: sequence parallelism (parallel.sp)."),
+    world: Optional[int] = typer.Option(None, "--world", help="Dry run: ranks of the whole job, e.g. 16 for 2 nodes x 8 (default: --tp)."),
+    rank: int = typer.Option(0, "--rank", help="Dry run: the rank to play."),
+    card_gb: float = typer.Option(80.0, "--card-gb", help="Dry run: accelerator memory per rank, GiB."),
+    checkpointing: Optional[str] = typer.Option(None, "--checkpointing", help="Dry run: model.checkpointing (none | full)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Dry run: take the sample shape from this shard folder (default: the preset's)."),
+    json_out: bool = typer.Option(False, "--json", help="Dry run: print the report as JSON."),
 ) -> None:
     """Train the DiT on cached shards. The resolved config is printed and saved in the run folder.
 
     Example: osp train --config stage2_train/configs/demo.toml --nproc 2 run.steps=20
     (multi-node: make train NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0 IP>)
+    Before a cluster run: osp train --dry-run --preset osp12-93x480p --tp 2 --sp --world 16 --rank 5 --card-gb 80
+    (exit 0 fits, 2 does not fit).
     """
+    if dry_run:
+        from osp.stage2_train.dryrun import main as dry_main
+
+        dargs = (["--config", str(config)] if config else []) + (["--preset", preset] if preset else [])
+        dargs += (["--tp", str(tp)] if tp is not None else []) + ([] if sp is None else ["--sp" if sp else "--no-sp"])
+        dargs += (["--world", str(world)] if world is not None else []) + ["--rank", str(rank), "--card-gb", str(card_gb)]
+        dargs += (["--checkpointing", checkpointing] if checkpointing else []) + (["--shards", shards] if shards else [])
+        dargs += (["--json"] if json_out else []) + list(overrides or [])
+        raise typer.Exit(dry_main(dargs))
     args = (["--config", str(config)] if config else []) + (["--resume", resume] if resume else []) + (["--init", init] if init else [])
     args += list(overrides or [])
     if nproc > 1:

@@ -1,4 +1,8 @@
-"""Device selection: cuda -> nccl, npu (torch_npu) -> hccl, cpu -> gloo; autocast dtype; seeding."""
+"""Device selection: cuda -> nccl, npu (torch_npu) -> hccl, cpu -> gloo; autocast dtype; seeding.
+
+`meta` is the dry run's device (`osp train --dry-run`): tensors have shapes and dtypes but no data,
+and its process group is torch's fake backend, which, like nccl and hccl, refuses CPU tensors.
+Every collective takes tensors on `Device.torch_device()`, the communication device of its group."""
 from __future__ import annotations
 
 import os
@@ -9,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "meta": "meta:fake"}
 
 
 @lru_cache(maxsize=1)
@@ -25,7 +29,7 @@ def npu_available() -> bool:
 
 @dataclass(frozen=True)
 class Device:
-    type: str  # "cuda" | "npu" | "cpu"
+    type: str  # "cuda" | "npu" | "cpu" | "meta" (dry run)
 
     @property
     def backend(self) -> str:
@@ -33,16 +37,26 @@ class Device:
 
     @property
     def is_accelerator(self) -> bool:
-        return self.type != "cpu"
+        return self.type in ("cuda", "npu")
+
+    @property
+    def is_meta(self) -> bool:
+        return self.type == "meta"
 
     @property
     def autocast_dtype(self) -> torch.dtype:
         """bf16 on accelerators (upstream recipe), fp32 on CPU (exact tests)."""
         return torch.bfloat16 if self.is_accelerator else torch.float32
 
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        """dtype of the trainer's loss sums and agreement flags (device tensors that meet a collective):
+        float64 where the backend reduces it, float32 on Ascend (HCCL and the cube units are float32-first)."""
+        return torch.float32 if self.type == "npu" else torch.float64
+
     def torch_device(self, local_rank: int | None = None) -> torch.device:
-        if self.type == "cpu":
-            return torch.device("cpu")
+        if self.type in ("cpu", "meta"):
+            return torch.device(self.type)
         if local_rank is None:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device(self.type, local_rank)
@@ -80,7 +94,7 @@ def pick_device(prefer: str | None = None) -> Device:
             return Device("npu")
         return Device("cpu")
     if prefer not in BACKENDS:
-        raise ValueError(f"unknown device {prefer!r}; use one of auto, cuda, npu, cpu")
+        raise ValueError(f"unknown device {prefer!r}; use one of auto, cuda, npu, cpu (meta: osp train --dry-run)")
     if prefer == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
     if prefer == "npu" and not npu_available():

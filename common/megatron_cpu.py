@@ -14,6 +14,14 @@ import torch
 
 PINNED_MEGATRON_CORE = "0.16.1"
 _applied = False
+_originals: dict = {}
+_current_device = "cpu"  # what megatron's torch.cuda.current_device() answers: "cpu", or "meta" in a dry run
+
+
+def use_device(device: str) -> None:
+    """Where megatron allocates its communication buffers under the shim ("meta" for `osp train --dry-run`)."""
+    global _current_device
+    _current_device = device
 
 
 def needed() -> bool:
@@ -37,7 +45,9 @@ def apply(force: bool = False) -> bool:
             f"osp's CPU shim targets megatron-core {PINNED_MEGATRON_CORE}, found {megatron.core.__version__}; "
             f"pip install megatron-core=={PINNED_MEGATRON_CORE}"
         )
-    torch.cuda.current_device = lambda: "cpu"
+    _originals.update({(torch.cuda, n): getattr(torch.cuda, n) for n in ("current_device", "get_rng_state", "set_rng_state", "manual_seed", "synchronize")})
+    _originals.update({(mrandom, n): getattr(mrandom, n) for n in ("_get_cuda_rng_state", "_set_cuda_rng_state")})
+    torch.cuda.current_device = lambda: _current_device
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
@@ -46,6 +56,15 @@ def apply(force: bool = False) -> bool:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     _applied = True
     return True
+
+
+def undo() -> None:
+    """Restore what `apply` patched (the dry run forces the shim on a machine with an accelerator, then undoes it)."""
+    global _applied
+    for (owner, name), fn in _originals.items():
+        setattr(owner, name, fn)
+    _originals.clear()
+    _applied = False
 
 
 def is_applied() -> bool:

@@ -16,6 +16,9 @@ from typing import Any
 from osp.common import config as C
 
 
+CHECKPOINTING = ("none", "full")  # model.checkpointing modes
+
+
 @dataclass
 class RunConfig:
     name: str = "demo"
@@ -51,7 +54,7 @@ class DataConfig:
 class ModelConfig:
     preset: str = "tiny"  # a DiT preset name, or a path to a diffusers-style config.json
     init: str = ""  # converted released checkpoint (or an osp checkpoint) loaded strictly as the start
-    grad_checkpointing: bool = False  # recompute each transformer block in backward
+    checkpointing: str = "none"  # activation checkpointing: none | full (recompute each transformer block in backward)
 
 
 @dataclass
@@ -154,6 +157,8 @@ class TrainConfig:
             bad("parallel.cp must be >= 1")
         if self.parallel.sp and self.parallel.tp == 1:
             bad("parallel.sp=true needs parallel.tp > 1 (set parallel.sp=false for tp=1)")
+        if self.model.checkpointing not in CHECKPOINTING:
+            bad(f"model.checkpointing must be one of {', '.join(CHECKPOINTING)}")
         if self.optim.schedule not in ("constant", "cosine"):
             bad("optim.schedule must be 'constant' or 'cosine'")
         if self.optim.grad_accum < 1:

@@ -114,6 +114,19 @@ def init_distributed(device: Device, timeout_s: float = 300.0) -> tuple[int, int
     return rank, world, local_rank
 
 
+def init_fake(world: int, rank: int) -> None:
+    """The dry run's process group: torch's fake backend for `world` ranks seen from `rank`, in this one
+    process. Collectives return at once and accept only `meta` tensors: a CPU tensor raises the same
+    "No backend type associated with device type cpu" as nccl/hccl, so the dry run catches that bug class."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if world < 1 or not 0 <= rank < world:
+        raise LayoutError(f"--rank {rank} is outside --world {world}; pick a rank in [0, {world - 1}]")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("meta:fake", store=FakeStore(), rank=rank, world_size=world)
+
+
 def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: float = 300.0, cp: int = 1) -> Layout:
     """(Re)initialise megatron-core's parallel state for these TP / CP sizes (world must already be up)."""
     from megatron.core import parallel_state as ps
@@ -126,7 +139,7 @@ def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: 
         tensor_model_parallel_size=tp,
         context_parallel_size=cp,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
-        create_gloo_process_groups=dist.get_backend() != "gloo",
+        create_gloo_process_groups=dist.get_backend() not in ("gloo", "meta:fake"),  # meta:fake: the dry run's group
     )
     return Layout(
         rank=rank,

@@ -10,11 +10,17 @@ then: SP-tagged grads summed over TP, grads averaged over DP, global grad norm (
 check (agreed by all ranks), clip, AdamW (optionally ZeRO-1), EMA, LR schedule. A SIGTERM sets a flag
 that all ranks agree on at the next step boundary: checkpoint, exit 0.
 
+Accelerator rules (nccl/hccl map only their device type): every tensor passed to a collective lives on
+the device of its group (`Device.torch_device()`), and the step reads device values on the host once
+per optimizer step (`Trainer._host_sync`), never per micro-step. `osp train --dry-run`
+(stage2_train/dryrun.py) runs this code on `meta` under a fake process group, which refuses CPU tensors.
+
 Stage 2 never imports transformers, the VAE or stage 1.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -92,7 +98,8 @@ class Trainer:
         self.run_dir = cfg.run.path
         rank = dist.get_rank()
         self.watchdog = Watchdog(0, rank)  # replaced in fit()
-        self.lock = take_run_lock(self.run_dir, rank == 0)  # before anything reads or writes the run
+        # before anything reads or writes the run (the dry run writes nothing and takes no lock)
+        self.lock = None if self.device.is_meta else take_run_lock(self.run_dir, rank == 0)
         self.console = console if console is not None else _console(rank == 0)
 
         # --- model config and the data's geometry ---
@@ -122,17 +129,19 @@ class Trainer:
 
         # --- model: full weights on every rank, then the TP/SP plan ---
         torch.manual_seed(cfg.run.seed)  # identical init on every rank
-        model = build_dit(self.dit_cfg, dtype=torch.float32)
+        build_on = "meta" if self.device.is_meta else "cpu"  # the dry run never allocates the model
+        model = build_dit(self.dit_cfg, device=build_on, dtype=torch.float32)
         full = None
         if state is not None:
             full, ema_local = ckpt.load_weights(self.ckpt_path, L.tp, L.tp_rank)
         elif init_sd is not None:
             full, ema_local = init_sd, None
-        model = apply_context_parallel(parallelize(model, cfg.parallel.sp))
+        with torch.device(build_on):  # megatron's parallel layers allocate on the current default device
+            model = apply_context_parallel(parallelize(model, cfg.parallel.sp))
         if full is not None:
             load_full_state_dict(model, full, str(self.ckpt_path or cfg.model.init))
         del full, init_sd
-        model.gradient_checkpointing = cfg.model.grad_checkpointing
+        model.gradient_checkpointing = cfg.model.checkpointing == "full"
         self.model = model.to(self.device.torch_device(L.local_rank)).train()
         from osp.common.convert import tp_split_dim
 
@@ -140,25 +149,10 @@ class Trainer:
         self.params = [p for _, p in named]
         self.sharded = [tp_split_dim(n) is not None for n, _ in named]  # TP-sharded (not replicated)
 
+        self.optimizer = self._build_optimizer()
         o = cfg.optim
-        adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if cfg.parallel.zero1:
-            self.optimizer = ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
-        else:
-            self.optimizer = PlainAdamW(self.params, **adamw)
         self.ema = EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None  # sharded over DP
-
-        self.loader = ShardLoader(
-            self.shards,
-            batch_size=cfg.data.batch_size,
-            dp_rank=L.dp_rank,
-            dp_size=L.dp,
-            seed=cfg.run.seed,
-            num_workers=cfg.data.num_workers,
-            skip_corrupt=cfg.data.skip_corrupt,  # (a corrupt row left out by the shape filter stops here)
-            shapes=self.train_shapes,
-        )
-        self.loader.skip_corrupt = True  # from here on corrupt samples come back in Batch.skipped; _prepare decides
+        self.loader = self._build_loader()
         self.abar = alphas_cumprod().to(self.device.torch_device(L.local_rank))
         self.step = 0
         self.counters = {"skipped_corrupt": 0, "skipped_nonfinite": 0}
@@ -175,6 +169,28 @@ class Trainer:
             if rng is not None:
                 ckpt.set_rng_state(rng)
         self._writers()
+
+    def _build_optimizer(self):
+        o, L = self.cfg.optim, self.layout
+        adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if self.cfg.parallel.zero1:
+            return ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
+        return PlainAdamW(self.params, **adamw)
+
+    def _build_loader(self):
+        cfg, L = self.cfg, self.layout
+        loader = ShardLoader(
+            self.shards,
+            batch_size=cfg.data.batch_size,
+            dp_rank=L.dp_rank,
+            dp_size=L.dp,
+            seed=cfg.run.seed,
+            num_workers=cfg.data.num_workers,
+            skip_corrupt=cfg.data.skip_corrupt,  # (a corrupt row left out by the shape filter stops here)
+            shapes=self.train_shapes,
+        )
+        loader.skip_corrupt = True  # from here on corrupt samples come back in Batch.skipped; _prepare decides
+        return loader
 
     # -- checks ------------------------------------------------------------------------------
     def _check_geometry(self):
@@ -315,7 +331,9 @@ class Trainer:
         noise, t = r.noise.to(dev), r.t.to(dev)
         x_t = add_noise(z0, noise, t, self.abar)
         text, mask = self._caption_dropout(batch.text, batch.text_mask, r.drop)
-        with torch.autocast(self.device.type, dtype=self.device.autocast_dtype, enabled=self.device.is_accelerator):
+        autocast = (torch.autocast(self.device.type, dtype=self.device.autocast_dtype) if self.device.is_accelerator
+                    else contextlib.nullcontext())  # meta has no autocast: the dry run measures the parameters' dtype
+        with autocast:
             eps_hat = self.model(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
         return diffusion_loss(eps_hat, noise, t, self.abar, cfg.diffusion.snr_gamma)
 
@@ -341,8 +359,11 @@ class Trainer:
         accum = cfg.optim.grad_accum
         lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.run.steps, cfg.optim.min_lr)
         self.optimizer.set_lr(lr)
+        dev = self.device.torch_device(L.local_rank)  # the communication device of every group
+        sdt = self.device.stats_dtype
         t0 = time.perf_counter()
-        data_wait, loss_sum, nonfinite, keys, samples, text_len, shape = 0.0, 0.0, False, [], 0, 0, None
+        data_wait, keys, samples, text_len, shape = 0.0, [], 0, 0, None
+        loss_sum = torch.zeros((), dtype=sdt, device=dev)  # stays on the device: no host sync per micro-step
         for micro in range(accum):
             tw = time.perf_counter()
             self.watchdog.beat(f"waiting for the data loader (step {self.step + 1})")
@@ -352,9 +373,7 @@ class Trainer:
             per_sample = self.micro_loss(batch, self.step, micro)
             loss = per_sample.mean() * (weight / accum)
             loss.backward()
-            value = float(loss.detach())
-            nonfinite |= not math.isfinite(value)
-            loss_sum += value
+            loss_sum += loss.detach().to(sdt)
             keys += batch.keys
             samples += len(batch.keys)
             text_len, shape = max(text_len, batch.text.shape[1]), batch.shape
@@ -367,17 +386,26 @@ class Trainer:
         allreduce_grads(self.params, self.dp_cp_group, L.dp)
         norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
 
-        # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere
-        flags = torch.tensor([float(nonfinite or not bool(torch.isfinite(norm))), float(self.stop_requested), float(bool(self.corrupt))])
+        # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere; then the
+        # step's only host sync (all tensors on `dev`: nccl/hccl refuse CPU tensors)
+        loss_ok = torch.isfinite(loss_sum)
+        nonfinite_t = torch.logical_not(loss_ok)
+        flags = torch.stack([torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).to(sdt),
+                             torch.full((), float(self.stop_requested), dtype=sdt, device=dev),
+                             torch.full((), float(bool(self.corrupt)), dtype=sdt, device=dev)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[2] > 0:  # a corrupt sample on any rank and data.skip_corrupt off: every rank stops now
+        stats = torch.stack([torch.where(loss_ok, loss_sum, torch.zeros_like(loss_sum)),
+                             torch.full((), float(samples), dtype=sdt, device=dev)])
+        dist.all_reduce(stats, group=self.dp_group)
+        host = self._host_sync(torch.cat([flags, stats, norm.detach().to(sdt).reshape(1), nonfinite_t.to(sdt).reshape(1)]))
+        flag_bad, flag_stop, flag_corrupt, loss_total, global_samples, norm_value = host[:6]
+        nonfinite = host[6] > 0
+        if flag_corrupt > 0:  # a corrupt sample on any rank and data.skip_corrupt off: every rank stops now
             found = [None] * L.world
             dist.all_gather_object(found, self.corrupt)
             raise CorruptSampleError(next(m for m in found if m))
-        stats = torch.tensor([loss_sum if math.isfinite(loss_sum) else 0.0, float(samples)], dtype=torch.float64)
-        dist.all_reduce(stats, group=self.dp_group)
         skipped = False
-        if flags[0] > 0:
+        if flag_bad > 0:
             bad = [None] * L.world
             dist.all_gather_object(bad, keys if nonfinite else [])
             bad_keys = sorted({k for ks in bad for k in ks})
@@ -396,20 +424,20 @@ class Trainer:
                 self.ema.update(self.model)
         self.optimizer.zero_grad()
         self.step += 1
-        self.stop_requested = bool(flags[1] > 0)
+        self.stop_requested = flag_stop > 0
         self.device.synchronize()
         dt = time.perf_counter() - t0
 
         d = self.dit_cfg
         tokens = (shape[0] // d.patch_size_t) * (shape[1] // d.patch_size) * (shape[2] // d.patch_size) if shape else 0
-        global_samples = float(stats[1])  # summed over the DP group = the global batch
+        # global_samples: summed over the DP group = the global batch
         flops = dit_train_flops(d, tokens, text_len) * global_samples
         tflops = flops / dt / L.world / 1e12
         m = {
             "step": self.step,
-            "loss": None if skipped else float(stats[0]) / L.dp,
+            "loss": None if skipped else loss_total / L.dp,
             "lr": lr,
-            "grad_norm": float(norm) if math.isfinite(float(norm)) else None,
+            "grad_norm": norm_value if math.isfinite(norm_value) else None,
             "skipped": skipped,
             "samples_per_s": global_samples / dt,
             "tokens_per_s": global_samples * tokens / dt,
@@ -423,6 +451,10 @@ class Trainer:
         }
         self.last_keys = keys
         return m
+
+    def _host_sync(self, values: torch.Tensor) -> list[float]:
+        """The optimizer step's one device -> host copy (the dry run, on `meta`, overrides it)."""
+        return values.tolist()
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:

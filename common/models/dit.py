@@ -407,7 +407,7 @@ class OpenSoraT2V(nn.Module):
         if timestep.dim() == 0:
             timestep = timestep.expand(b)
         dtype = self.pos_embed.proj.weight.dtype
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):  # meta: no autocast
             dtype = torch.get_autocast_dtype(x.device.type)
 
         h = self.pos_embed(x.to(self.pos_embed.proj.weight.dtype))  # [B, S, D]

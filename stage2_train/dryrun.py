@@ -1,0 +1,474 @@
+"""`osp train --dry-run`: the real Trainer at real size on `meta`, with a fake process group of any layout.
+
+    osp train --dry-run --preset osp12-93x480p --tp 2 --sp --world 8 --rank 3 --card-gb 80
+
+The same `Trainer` code as a real run (model build, TP/SP plan, sequence-parallel collectives, DP
+gradient reduction, ZeRO-1, AdamW, EMA, checkpoint state assembly) runs on `meta` tensors (shapes and
+dtypes, no data) in one process that plays rank `--rank` of a `--world`-rank job: torch's fake
+backend answers every collective and, like nccl/hccl, refuses a CPU tensor, so a tensor on the wrong
+device fails here instead of at step 1 on the cluster. Nothing is read but shapes (a synthetic sample
+of the preset's shape, or one sample of `--shards`) and nothing is written.
+
+Everything reported is MEASURED on the model code as it is, not derived from formulas:
+  parameters, gradients, optimizer state, EMA   bytes of the tensors the trainer holds on this rank
+  activations (none / full checkpointing)       bytes of the storages autograd saves for backward in one
+                                                micro-step forward (saved-tensor hooks), parameters excluded
+  peak                                          the high-water mark of live `meta` storages during a whole
+                                                steady-state optimizer step (a dispatch-level tracker)
+  step FLOPs                                    torch's FlopCounterMode over a whole step (activation recompute and
+                                                the fused attention backward's score recompute included)
+Attention runs through the fused (flash-style) kernel accelerators use, so no S x S matrix is saved;
+its FLOPs use torch's own SDPA formulas. Bf16 autocast does not exist on `meta`: activations are
+measured in the parameters' dtype (fp32 today), an upper bound for an autocast run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import warnings
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from osp.common import config as C
+from osp.stage2_train import dist as D
+from osp.stage2_train.config import CHECKPOINTING, TrainConfig
+from osp.stage2_train.data import Batch
+from osp.stage2_train.run import Trainer
+
+GIB = 2**30
+HEADROOM = 0.10  # card memory kept free for the CUDA/CANN context, NCCL buffers and fragmentation
+
+aten = torch.ops.aten
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring tools
+# ------------------------------------------------------------------------------------------------
+class FusedAttention:
+    """Within the block, F.scaled_dot_product_attention runs a fused kernel that has a `meta`
+    implementation and the memory footprint of flash / memory-efficient attention (saves out +
+    logsumexp, never the S x S probabilities that the math fallback on `meta` would). A module
+    attribute swap rather than a TorchFunctionMode: activation checkpointing recomputes blocks in
+    backward, on the autograd engine's thread, where a thread-local mode would not apply."""
+
+    def __enter__(self):
+        self._saved = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _fused_sdpa
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._saved
+        return False
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    out, _ = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p=dropout_p, is_causal=is_causal,
+                                                              attn_mask=attn_mask, scale=scale)
+    return out
+
+
+def flop_counter():
+    """FlopCounterMode that also counts the fused attention kernel above (torch's own SDPA formulas)."""
+    from torch.utils import flop_counter as fc
+
+    def same_as(op):
+        counted = fc.flop_registry[op]  # takes tensors, like the fused kernels' own entries
+
+        def count(*args, out_val=None, **kwargs):
+            return counted(*args, out_val=out_val, **kwargs)
+
+        count._get_raw = True
+        return count
+
+    return fc.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: same_as(aten._scaled_dot_product_flash_attention),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: same_as(aten._scaled_dot_product_flash_attention_backward),
+    })
+
+
+class PeakMemory(TorchDispatchMode):
+    """High-water mark of live storages on one device type: every op output is registered once per
+    storage and released when the storage object dies (`track` registers what existed before)."""
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type = device_type
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def track(self, tensors) -> None:
+        for t in tensors:
+            self._add(t)
+
+    def _add(self, t) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live:
+            return
+        self.live[key] = st.nbytes()
+        self.current += self.live[key]
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._add(t)
+        return out
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st._cdata not in seen:
+                seen.add(st._cdata)
+                total += st.nbytes()
+    return total
+
+
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    inner = getattr(optimizer, "optim", None)
+    if inner is None:
+        return []
+    # AdamW's `step` counters stay on the host (not capturable/fused): only what lives beside the parameters
+    return [v for p, s in inner.state.items() for v in s.values() if isinstance(v, torch.Tensor) and v.device == p.device]
+
+
+def saved_activation_bytes(trainer: Trainer, batch: Batch, full_checkpointing: bool) -> int:
+    """Bytes autograd saves for backward in one micro-step forward (parameters excluded)."""
+    model = trainer.model
+    params = {p.untyped_storage()._cdata for p in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            saved[st._cdata] = st.nbytes()
+        return t
+
+    before = model.gradient_checkpointing
+    model.gradient_checkpointing = full_checkpointing
+    try:
+        with FusedAttention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = trainer.micro_loss(batch, trainer.step, 0)
+        del loss
+    finally:
+        model.gradient_checkpointing = before
+    return sum(saved.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer on meta
+# ------------------------------------------------------------------------------------------------
+class SyntheticLoader:
+    """Endless batches of the preset's latent shape (zeros on CPU, as a ShardLoader hands them over)."""
+
+    def __init__(self, batch_size: int, channels: int, shape: tuple, text_len: int, text_dim: int):
+        self.shapes = [shape]
+        self.epoch = 0
+        self._batch = Batch(torch.zeros(batch_size, channels, *shape, dtype=torch.float16),
+                            torch.zeros(batch_size, text_len, text_dim, dtype=torch.float16),
+                            torch.ones(batch_size, text_len, dtype=torch.long),
+                            [f"synthetic-{i}" for i in range(batch_size)], list(range(batch_size)), [], shape)
+        self.cursor = 0
+
+    def __next__(self) -> Batch:
+        self.cursor += 1
+        return self._batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "synthetic": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+
+    def close(self) -> None:
+        pass
+
+
+class DryRunTrainer(Trainer):
+    """The Trainer with what needs data or files replaced: geometry from the preset (or the shards'
+    index), a synthetic loader, no run folder, and no host sync (meta tensors have no values)."""
+
+    def __init__(self, cfg: TrainConfig, synthetic: bool = True):
+        self.synthetic = synthetic
+        super().__init__(cfg, resume="", console=_quiet_console())
+
+    def _check_geometry(self):
+        if not self.synthetic:
+            return super()._check_geometry()
+        d = self.dit_cfg
+        shape = (int(d.sample_size_t), int(d.sample_size[0]), int(d.sample_size[1]))
+        self.train_shapes = {shape}
+        tokens = (shape[0] // d.patch_size_t) * (shape[1] // d.patch_size) * (shape[2] // d.patch_size)
+        return torch.zeros(C.TEXT_MAX_LENGTH, d.caption_channels), 2 * d.in_channels, tokens
+
+    def _build_loader(self):
+        if not self.synthetic:
+            return super()._build_loader()
+        d = self.dit_cfg
+        return SyntheticLoader(self.cfg.data.batch_size, self.latent_channels, next(iter(self.train_shapes)),
+                               C.TEXT_MAX_LENGTH, d.caption_channels)
+
+    def _writers(self) -> None:
+        self.tb = None
+
+    def _host_sync(self, values: torch.Tensor) -> list[float]:
+        return [0.0] * values.numel()  # finite, no stop request: the step goes through optimizer and EMA
+
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DryRunReport:
+    preset: str
+    layout: dict
+    checkpointing: str
+    batch_size: int
+    tokens: int
+    params: int
+    grads: int
+    optimizer: int
+    ema: int
+    activations: dict  # checkpointing mode -> bytes saved for backward per micro-step
+    peak: int
+    step_flops: float
+    checkpoint_state: int  # bytes of model + EMA + optimizer state this rank contributes to a checkpoint
+    card_gb: float
+    seconds: float
+    suggestions: list = field(default_factory=list)
+
+    @property
+    def usable(self) -> float:
+        return self.card_gb * (1 - HEADROOM) * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.usable
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "fits": self.fits}, indent=1)
+
+    def table(self) -> str:
+        L = self.layout
+        unit, scale = ("GiB", GIB) if self.peak >= GIB else ("MiB", 2**20)
+        g = lambda b: f"{b / scale:9.2f}"  # noqa: E731
+        rows = [
+            f"dry run: {self.preset}  world {L['world']} = tp {L['tp']} x dp {L['dp']}  sp {L['sp']}  zero1 {L['zero1']}  "
+            f"rank {L['rank']} (tp rank {L['tp_rank']}, dp rank {L['dp_rank']})  batch {self.batch_size}  "
+            f"{self.tokens} video tokens/sample  checkpointing {self.checkpointing}",
+            f"{'per rank':<44}{unit:>9}",
+            f"{'parameters':<44}{g(self.params)}",
+            f"{'gradients':<44}{g(self.grads)}",
+            f"{'optimizer state (AdamW m, v)':<44}{g(self.optimizer)}",
+            f"{'EMA':<44}{g(self.ema)}",
+        ]
+        for mode, b in self.activations.items():
+            mark = "  <- this run" if mode == self.checkpointing else ""
+            rows.append(f"{'activations saved for backward, ' + mode:<44}{g(b)}{mark}")
+        rows += [
+            f"{'peak (measured over one optimizer step)':<44}{g(self.peak)}",
+            f"{'checkpoint state written by this rank':<44}{g(self.checkpoint_state)}",
+            f"step FLOPs on this rank: {self.step_flops / 1e12:,.4g} TFLOP (forward + backward"
+            f"{' + recompute' if self.checkpointing != 'none' else ''})",
+            "activations are measured in the parameters' dtype (no autocast on meta): an upper bound for bf16 autocast",
+        ]
+        budget = f"{self.card_gb:g} GiB card, {HEADROOM:.0%} kept free -> {self.usable / GIB:.1f} GiB usable"
+        if self.fits:
+            rows.append(f"verdict: FITS  peak {self.peak / GIB:.3g} GiB on a {budget}")
+        else:
+            rows.append(f"verdict: DOES NOT FIT  peak {self.peak / GIB:.3g} GiB on a {budget}; try:")
+            rows += [f"  - {s}" for s in self.suggestions] or ["  - a card with more memory"]
+        rows.append(f"({self.seconds:.1f} s)")
+        return "\n".join(rows)
+
+
+def _suggestions(r: DryRunReport, cfg: TrainConfig, heads: int) -> list[str]:
+    """What to change, each with the peak it predicts from this run's measured parts (estimates)."""
+    out, L = [], r.layout
+    usable = r.usable
+    if r.checkpointing == "none" and "full" in r.activations:
+        est = r.peak - (r.activations["none"] - r.activations["full"]) * cfg.data.batch_size
+        out.append(f"--checkpointing full (model.checkpointing=full): peak ~{est / GIB:.1f} GiB (estimate)"
+                   + ("" if est <= usable else ", not enough alone"))
+    if not cfg.parallel.zero1 and L["dp"] > 1:
+        est = r.peak - r.optimizer * (1 - 1 / L["dp"])
+        out.append(f"parallel.zero1=true (AdamW state over {L['dp']} DP ranks): peak ~{est / GIB:.1f} GiB (estimate)")
+    tp2 = L["tp"] * 2
+    if heads % tp2 == 0 and L["world"] % tp2 == 0:
+        out.append(f"--tp {tp2} --sp (rerun this dry run to measure it)")
+    elif heads % tp2 == 0:
+        out.append(f"--tp {tp2} --sp with a world size divisible by {tp2} (rerun this dry run to measure it)")
+    if cfg.data.batch_size > 1:
+        out.append("data.batch_size=1 with optim.grad_accum to keep the global batch")
+    return out
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int):
+    """Be rank `rank` of `world` on `meta`: the fake process group, and megatron's buffers on `meta`
+    (the CPU shim, forced even where an accelerator exists and undone afterwards)."""
+    from osp.common import megatron_cpu
+
+    D.init_fake(world, rank)
+    shim_was_on = megatron_cpu.is_applied()
+    megatron_cpu.apply(force=True)  # megatron's CUDA entry points -> the dry run's device
+    megatron_cpu.use_device("meta")
+    try:
+        yield
+    finally:
+        D.shutdown()
+        megatron_cpu.use_device("cpu")
+        if not shim_was_on and not megatron_cpu.needed():
+            megatron_cpu.undo()  # an accelerator machine gets its torch.cuda back
+
+
+def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str | None = None) -> DryRunReport:
+    """Run the Trainer's code path as rank `rank` of `world` on `meta`; returns the measured report."""
+    t0 = time.perf_counter()
+    cfg.run.device = "meta"
+    cfg.model.init = ""
+    cfg.data.num_workers = 0
+    cfg.run.tensorboard = False
+    if shards:
+        cfg.data.shards = shards
+    trainer = None
+    with fake_world(world, rank):
+        try:
+            trainer = DryRunTrainer(cfg, synthetic=not shards)
+            L = trainer.layout
+            batch = next(trainer.loader)
+            tokens = _tokens(trainer, batch)
+            activations = {m: saved_activation_bytes(trainer, batch, m == "full") for m in CHECKPOINTING}
+
+            grads = {}
+            zero_grad = trainer.optimizer.zero_grad
+
+            def counting_zero_grad():
+                grads["bytes"] = tensor_bytes(p.grad for p in trainer.params if p.grad is not None)
+                zero_grad()
+
+            trainer.optimizer.zero_grad = counting_zero_grad
+            with FusedAttention(), flop_counter() as flops:  # step 1 creates the optimizer state
+                trainer.train_step()
+            peak = PeakMemory("meta")
+            state = list(trainer.model.parameters()) + list(trainer.model.buffers()) + optimizer_tensors(trainer.optimizer)
+            peak.track(state + (list(trainer.ema.shadow.values()) if trainer.ema is not None else []))
+            with FusedAttention(), peak:  # a steady-state step: the peak with optimizer state in place
+                trainer.train_step()
+
+            ckpt_state = trainer.model.state_dict()
+            opt_sd = trainer.optimizer.state_dict()
+            json.dumps(trainer.trainer_state())  # the checkpoint's trainer.json must serialise
+            ckpt_bytes = tensor_bytes(list(ckpt_state.values()) + list(trainer.ema.shadow.values() if trainer.ema else [])
+                                      + [v for s in opt_sd["optim"].get("state", {}).values() for v in s.values()])
+            report = DryRunReport(
+                preset=cfg.model.preset,
+                layout={"world": L.world, "rank": L.rank, "tp": L.tp, "dp": L.dp, "sp": L.sp, "tp_rank": L.tp_rank,
+                        "dp_rank": L.dp_rank, "zero1": cfg.parallel.zero1},
+                checkpointing=cfg.model.checkpointing,
+                batch_size=cfg.data.batch_size,
+                tokens=tokens,
+                params=tensor_bytes(trainer.model.parameters()),
+                grads=grads.get("bytes", 0),
+                optimizer=tensor_bytes(optimizer_tensors(trainer.optimizer)),
+                ema=tensor_bytes(trainer.ema.shadow.values()) if trainer.ema is not None else 0,
+                activations=activations,
+                peak=peak.peak,
+                step_flops=float(flops.get_total_flops()),
+                checkpoint_state=ckpt_bytes,
+                card_gb=card_gb,
+                seconds=0.0,
+            )
+            report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
+            report.seconds = time.perf_counter() - t0
+            return report
+        finally:
+            if trainer is not None:
+                trainer.close()
+
+
+def _tokens(trainer: Trainer, batch: Batch) -> int:
+    d = trainer.dit_cfg
+    t, h, w = batch.shape
+    return (t // d.patch_size_t) * (h // d.patch_size) * (w // d.patch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+def build_config(config: str | None, overrides: list[str], preset: str | None, tp: int | None, sp: bool | None,
+                 checkpointing: str | None) -> TrainConfig:
+    """The run's config (file + overrides) with the dry run's layout flags applied last."""
+    extra = []
+    if preset:
+        extra.append(f"model.preset={preset}")
+    if tp is not None:
+        extra.append(f"parallel.tp={tp}")
+        if sp is None and tp == 1:
+            extra.append("parallel.sp=false")
+    if sp is not None:
+        extra.append(f"parallel.sp={'true' if sp else 'false'}")
+    if checkpointing:
+        extra.append(f"model.checkpointing={checkpointing}")
+    return TrainConfig.load(config, list(overrides) + extra)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="osp train --dry-run", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None)
+    p.add_argument("--preset", default=None, help="DiT preset (model.preset), e.g. osp12-93x480p, osp12-93x720p")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (parallel.tp)")
+    p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallelism (parallel.sp)")
+    p.add_argument("--world", type=int, default=None, help="total ranks of the job (default: --tp)")
+    p.add_argument("--rank", type=int, default=0, help="the rank to play")
+    p.add_argument("--card-gb", type=float, default=80.0, help="accelerator memory per rank in GiB")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, default=None, help="model.checkpointing")
+    p.add_argument("--shards", default=None, help="take the sample shape from this shard folder (default: the preset's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    from osp.common.errors import OspError
+
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args.config, args.overrides, args.preset, args.tp, args.sp, args.checkpointing)
+        world = args.world if args.world is not None else cfg.parallel.tp
+        with warnings.catch_warnings():  # library notices (no Transformer Engine, deprecated c10d names) are noise here
+            warnings.simplefilter("ignore")
+            report = dry_run(cfg, world, args.rank, args.card_gb, args.shards)
+    except (ValueError, FileNotFoundError, OspError) as e:
+        sys.stderr.write(f"error: {str(e).strip().splitlines()[0]}\n")
+        return 1
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.fits else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

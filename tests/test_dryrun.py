@@ -1,0 +1,175 @@
+"""`osp train --dry-run`: the real Trainer on `meta` under a fake process group, at real size.
+
+Real width: osp12-93x480p at TP=2+SP, DP=2 (ranks 0 and 3) with ZeRO-1, and osp12-93x720p at TP=8+SP.
+Negative control: a CPU tensor passed to a collective inside the train step fails the dry run.
+Accuracy: the dry run's figures for the tiny preset against a real CPU run of the same Trainer (<= 10 %).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import make_shards  # noqa: E402
+
+from osp.stage2_train import dryrun as DR  # noqa: E402
+from osp.stage2_train import run as R  # noqa: E402
+from osp.stage2_train.config import TrainConfig  # noqa: E402
+
+GIB = 2**30
+
+
+def _dry(preset, tp, sp, world, rank, checkpointing="none", card_gb=80.0, overrides=(), shards=None):
+    cfg = DR.build_config(None, list(overrides), preset, tp, sp, checkpointing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DR.dry_run(cfg, world, rank, card_gb, shards)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("dryrun") / "tiny", 4)
+
+
+def _check_parts(r, zero1: bool):
+    assert r.params > 0 and r.grads == r.params  # fp32 grads of every parameter
+    if r.layout["dp"] == 1:
+        assert r.ema == r.params  # fp32 EMA of the local TP shard
+    else:
+        assert 0 < r.ema < r.params  # the EMA is sharded over DP too (this rank's owner share)
+    if zero1:
+        assert 0 < r.optimizer < 2 * r.params  # AdamW m, v of this DP rank's share only
+    else:
+        assert r.optimizer == 2 * r.params
+    assert 0 < r.activations["full"] < r.activations["none"]
+    static = r.params + r.optimizer + r.ema
+    assert static < r.peak < static + r.grads + r.activations[r.checkpointing] + 8 * GIB
+    assert r.step_flops > 0
+    assert r.checkpoint_state >= r.params + r.ema
+
+
+def test_480p_tp2_sp_dp2_zero1_ranks_0_and_3():
+    reports = {rank: _dry("osp12-93x480p", 2, True, 4, rank, overrides=["parallel.zero1=true"]) for rank in (0, 3)}
+    for rank, r in reports.items():
+        assert (r.layout["tp"], r.layout["dp"], r.layout["sp"]) == (2, 2, True)
+        assert (r.layout["tp_rank"], r.layout["dp_rank"]) == ((0, 0) if rank == 0 else (1, 1))
+        assert r.tokens == 24 * 30 * 40
+        _check_parts(r, zero1=True)
+    # both TP ranks hold the same shard sizes and run the same work
+    assert reports[0].params == reports[3].params
+    assert reports[0].activations == reports[3].activations
+    assert reports[0].step_flops == reports[3].step_flops
+    # without checkpointing 93x480p at TP=2 does not fit 80 GiB; the first suggestion is checkpointing
+    assert not reports[0].fits and "--checkpointing full" in reports[0].suggestions[0]
+
+
+def test_720p_tp8_sp_full_checkpointing_fits_80gb():
+    r = _dry("osp12-93x720p", 8, True, 16, 5, checkpointing="full")
+    assert (r.layout["tp_rank"], r.layout["dp_rank"]) == (5, 0)
+    assert r.tokens == 24 * 45 * 80
+    _check_parts(r, zero1=False)
+    assert r.fits and "FITS" in r.table()
+
+
+def test_verdict_and_cli(capsys):
+    rc = DR.main(["--preset", "tiny", "--card-gb", "1e-6", "--world", "2", "--tp", "1", "--checkpointing", "none"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "DOES NOT FIT" in out and "--checkpointing full" in out and "parameters" in out
+    assert DR.main(["--preset", "tiny", "--tp", "2", "--sp", "--world", "2", "--rank", "1"]) == 0
+    assert "verdict: FITS" in capsys.readouterr().out
+    assert DR.main(["--preset", "tiny", "--tp", "3", "--world", "3"]) == 1  # 3 does not divide the heads
+    assert "parallel.tp=3" in capsys.readouterr().err
+
+
+def test_cpu_tensor_in_a_collective_fails_the_dry_run(monkeypatch):
+    """Negative control: the bug class nccl/hccl would hit at step 1 (a CPU tensor reaching a collective
+    inside the train step) fails the dry run; the same layout passes with the trainer's own code."""
+    _dry("tiny", 2, True, 2, 1)  # the control: passes
+
+    def norm_on_cpu(params, sharded, tp_group, tp_rank, tp_size):
+        sq = torch.zeros(())  # the bug: accumulated on the host
+        for p in params:
+            if p.grad is not None:
+                sq = sq + 0.0
+        dist.all_reduce(sq, group=tp_group)
+        return sq.sqrt()
+
+    monkeypatch.setattr(R, "global_grad_norm", norm_on_cpu)
+    with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+        _dry("tiny", 2, True, 2, 1)
+    assert not dist.is_initialized()  # the dry run cleans up after a failure
+
+
+def test_figures_match_a_real_cpu_run_of_the_tiny_preset(shards, tmp_path):
+    """Same measurement code, meta (dry run) vs real CPU tensors (a real step): within 10 %."""
+    dry = _dry("tiny", 1, None, 1, 0, checkpointing="none", shards=str(shards))
+
+    cfg = TrainConfig.load(None, [f"data.shards={shards}", "model.preset=tiny", "run.device=cpu", f"run.dir={tmp_path / 'run'}",
+                                  "data.num_workers=0", "run.tensorboard=false"])
+    trainer = R.Trainer(cfg)
+    try:
+        batch = next(trainer.loader)
+        act = {m: DR.saved_activation_bytes(trainer, batch, m == "full") for m in ("none", "full")}
+        trainer.train_step()  # creates the optimizer state
+        peak = DR.PeakMemory("cpu")
+        state = list(trainer.model.parameters()) + list(trainer.model.buffers()) + DR.optimizer_tensors(trainer.optimizer)
+        peak.track(state + list(trainer.ema.shadow.values()))
+        with peak:
+            trainer.train_step()
+        real = {"params": DR.tensor_bytes(trainer.model.parameters()), "optimizer": DR.tensor_bytes(DR.optimizer_tensors(trainer.optimizer)),
+                "ema": DR.tensor_bytes(trainer.ema.shadow.values()), "peak": peak.peak, **{f"act_{k}": v for k, v in act.items()}}
+    finally:
+        trainer.close()
+        from osp.stage2_train import dist as D
+
+        D.shutdown()
+    predicted = {"params": dry.params, "optimizer": dry.optimizer, "ema": dry.ema, "peak": dry.peak,
+                 "act_none": dry.activations["none"], "act_full": dry.activations["full"]}
+    for k, v in real.items():
+        assert abs(predicted[k] - v) <= 0.10 * v, (k, predicted[k], v)
+
+
+def test_sampling_dit_collectives_run_under_the_fake_group():
+    """`osp sample` under torchrun: the TP(+SP) DiT's collectives take the model's device (stage 1 has
+    no collectives: its ranks coordinate through the output folder)."""
+    from osp.common.models.dit import build_dit
+    from osp.common.sampling import guided_eps
+    from osp.stage2_train import dist as D
+    from osp.stage2_train.parallel import parallelize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with DR.fake_world(2, 1):
+            dit = build_dit("tiny", device="meta", dtype=torch.float32).eval()
+            D.init_parallel(2, True, dit.config.num_attention_heads, None)
+            with torch.device("meta"):
+                dit = parallelize(dit, True)
+            c = dit.config
+            x = torch.zeros(1, c.in_channels, c.sample_size_t, *c.sample_size, device="meta")
+            text = torch.zeros(2, 8, c.caption_channels, device="meta")
+            mask = torch.ones(2, 8, dtype=torch.long, device="meta")
+            with torch.no_grad():
+                eps = guided_eps(dit, x, torch.tensor(999, device="meta"), text, mask, 7.5, torch.float32)
+    assert eps.device.type == "meta" and eps.shape == x.shape
+
+
+def test_gpu_smoke_pieces_on_cpu(tmp_path):
+    """bench/gpu/smoke.py's helpers (the GPU run itself needs a CUDA card)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench" / "gpu"))
+    import smoke
+
+    from osp.common.demo_data import probe_video
+
+    assert smoke.sdpa_backend(torch.device("cpu")) == "_scaled_dot_product_flash_attention_for_cpu"
+    root = smoke.write_clips(tmp_path / "data", 2, 9, 64, 96)
+    info = probe_video(root / "clips" / "clip001.mp4")
+    assert (info["num_frames"], info["height"], info["width"]) == (9, 64, 96)
+    s = smoke.summary({"step_time_s": 2.0, "peak_mem_gb": 30.0}, 40.0, 4e14, 1000.0, 800.0)
+    assert s["tflops"] == 200.0 and s["mfu_nominal"] == 0.2 and s["mfu_matmul"] == 0.25 and s["peak_vs_prediction"] == 0.75
+    with pytest.raises(smoke.SmokeError, match="train: no checkpoint"):
+        smoke.check(False, "train", "no checkpoint")
