@@ -440,7 +440,8 @@ def train_cmd(
     preset: Optional[str] = typer.Option(None, "--preset", help="Dry run: DiT preset (model.preset), e.g. osp12-93x720p."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Dry run: tensor-parallel size (parallel.tp)."),
     sp: Optional[bool] = typer.Option(None, "--sp/--no-sp", help="Dry run: sequence parallelism (parallel.sp)."),
-    world: Optional[int] = typer.Option(None, "--world", help="Dry run: ranks of the whole job, e.g. 16 for 2 nodes x 8 (default: --tp)."),
+    cp: Optional[int] = typer.Option(None, "--cp", help="Dry run: context-parallel (Ulysses) size (parallel.cp)."),
+    world: Optional[int] = typer.Option(None, "--world", help="Dry run: ranks of the whole job, e.g. 16 for 2 nodes x 8 (default: tp x cp)."),
     rank: int = typer.Option(0, "--rank", help="Dry run: the rank to play."),
     card_gb: float = typer.Option(80.0, "--card-gb", help="Dry run: accelerator memory per rank, GiB."),
     checkpointing: Optional[str] = typer.Option(None, "--checkpointing", help="Dry run: model.checkpointing (none | full)."),
@@ -459,6 +460,7 @@ def train_cmd(
 
         dargs = (["--config", str(config)] if config else []) + (["--preset", preset] if preset else [])
         dargs += (["--tp", str(tp)] if tp is not None else []) + ([] if sp is None else ["--sp" if sp else "--no-sp"])
+        dargs += ["--cp", str(cp)] if cp is not None else []
         dargs += (["--world", str(world)] if world is not None else []) + ["--rank", str(rank), "--card-gb", str(card_gb)]
         dargs += (["--checkpointing", checkpointing] if checkpointing else []) + (["--shards", shards] if shards else [])
         dargs += (["--json"] if json_out else []) + list(overrides or [])

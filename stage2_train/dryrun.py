@@ -277,8 +277,9 @@ class DryRunReport:
         unit, scale = ("GiB", GIB) if self.peak >= GIB else ("MiB", 2**20)
         g = lambda b: f"{b / scale:9.2f}"  # noqa: E731
         rows = [
-            f"dry run: {self.preset}  world {L['world']} = tp {L['tp']} x dp {L['dp']}  sp {L['sp']}  zero1 {L['zero1']}  "
-            f"rank {L['rank']} (tp rank {L['tp_rank']}, dp rank {L['dp_rank']})  batch {self.batch_size}  "
+            f"dry run: {self.preset}  world {L['world']} = tp {L['tp']} x cp {L.get('cp', 1)} x dp {L['dp']}  sp {L['sp']}  "
+            f"zero1 {L['zero1']}  rank {L['rank']} (tp rank {L['tp_rank']}, cp rank {L.get('cp_rank', 0)}, dp rank {L['dp_rank']})  "
+            f"batch {self.batch_size}  "
             f"{self.tokens} video tokens/sample  checkpointing {self.checkpointing}",
             f"{'per rank':<44}{unit:>9}",
             f"{'parameters':<44}{g(self.params)}",
@@ -387,8 +388,8 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                                       + [v for s in opt_sd["optim"].get("state", {}).values() for v in s.values()])
             report = DryRunReport(
                 preset=cfg.model.preset,
-                layout={"world": L.world, "rank": L.rank, "tp": L.tp, "dp": L.dp, "sp": L.sp, "tp_rank": L.tp_rank,
-                        "dp_rank": L.dp_rank, "zero1": cfg.parallel.zero1},
+                layout={"world": L.world, "rank": L.rank, "tp": L.tp, "cp": L.cp, "dp": L.dp, "sp": L.sp, "tp_rank": L.tp_rank,
+                        "cp_rank": L.cp_rank, "dp_rank": L.dp_rank, "zero1": cfg.parallel.zero1},
                 checkpointing=cfg.model.checkpointing,
                 batch_size=cfg.data.batch_size,
                 tokens=tokens,
@@ -421,7 +422,7 @@ def _tokens(trainer: Trainer, batch: Batch) -> int:
 # entry point
 # ------------------------------------------------------------------------------------------------
 def build_config(config: str | None, overrides: list[str], preset: str | None, tp: int | None, sp: bool | None,
-                 checkpointing: str | None) -> TrainConfig:
+                 checkpointing: str | None, cp: int | None = None) -> TrainConfig:
     """The run's config (file + overrides) with the dry run's layout flags applied last."""
     extra = []
     if preset:
@@ -432,6 +433,8 @@ def build_config(config: str | None, overrides: list[str], preset: str | None, t
             extra.append("parallel.sp=false")
     if sp is not None:
         extra.append(f"parallel.sp={'true' if sp else 'false'}")
+    if cp is not None:
+        extra.append(f"parallel.cp={cp}")
     if checkpointing:
         extra.append(f"model.checkpointing={checkpointing}")
     return TrainConfig.load(config, list(overrides) + extra)
@@ -443,7 +446,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default=None, help="DiT preset (model.preset), e.g. osp12-93x480p, osp12-93x720p")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (parallel.tp)")
     p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallelism (parallel.sp)")
-    p.add_argument("--world", type=int, default=None, help="total ranks of the job (default: --tp)")
+    p.add_argument("--cp", type=int, default=None, help="context-parallel (Ulysses) size (parallel.cp)")
+    p.add_argument("--world", type=int, default=None, help="total ranks of the job (default: tp x cp)")
     p.add_argument("--rank", type=int, default=0, help="the rank to play")
     p.add_argument("--card-gb", type=float, default=80.0, help="accelerator memory per rank in GiB")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default=None, help="model.checkpointing")
@@ -458,8 +462,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        cfg = build_config(args.config, args.overrides, args.preset, args.tp, args.sp, args.checkpointing)
-        world = args.world if args.world is not None else cfg.parallel.tp
+        cfg = build_config(args.config, args.overrides, args.preset, args.tp, args.sp, args.checkpointing, args.cp)
+        world = args.world if args.world is not None else cfg.parallel.tp * cfg.parallel.cp
         with warnings.catch_warnings():  # library notices (no Transformer Engine, deprecated c10d names) are noise here
             warnings.simplefilter("ignore")
             report = dry_run(cfg, world, args.rank, args.card_gb, args.shards)
