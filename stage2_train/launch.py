@@ -9,6 +9,10 @@ MASTER_ADDR is wrong. Before starting it this wrapper checks, within `--rdzv_tim
   * on NODE_RANK 0 (the node that hosts the rendezvous store): MASTER_ADDR is an address of this machine;
   * on every other node: MASTER_ADDR:MASTER_PORT accepts a TCP connection (node 0 is up);
 and fails with one line naming the address and the fix. torchrun then gets the same timeout.
+
+torchrun runs in this process: when a rank fails, its own message (one line for a user error, a
+traceback for a bug) is already on stderr, so the launcher adds one line (rank, exit code) instead
+of torchrun's traceback block.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import os
 import socket
 import sys
 import time
+from typing import NoReturn
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -81,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         _fail(f"NODE_RANK={a.node_rank} must be in [0, NNODES={a.nnodes})")
     check_master(a.master_addr, a.master_port, a.node_rank, a.nnodes, a.rdzv_timeout)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so it prints no banner about it
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(a.nnodes), "--node_rank", str(a.node_rank), "--nproc_per_node", str(a.nproc_per_node),
         "--master_addr", a.master_addr, "--master_port", str(a.master_port),
         "--rdzv_conf", f"timeout={int(a.rdzv_timeout)}",
@@ -90,7 +95,27 @@ def main(argv: list[str] | None = None) -> None:
         *run_args, f"parallel.init_timeout_s={a.rdzv_timeout}",
     ]
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    sys.exit(_torchrun(cmd))
+
+
+def _torchrun(cmd: list[str]) -> int:
+    """torchrun's `run` with its arguments; a failed rank becomes one line and its exit code."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # torchrun's agent logs each failed rank as a multi-line record; the ranks' own stderr says why
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(cmd))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        code = failure.exitcode
+        how = f"exit code {code}" if code > 0 else f"signal {-code}"
+        print(f"error: training failed on rank {failure.rank} ({how}); its message is above", file=sys.stderr, flush=True)
+        return code if code > 0 else 1
+    return 0
 
 
 if __name__ == "__main__":
