@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import typer
 from typer.core import TyperCommand
 
-from .config import PIPELINE_PRESETS, SCHEDULERS
-from .errors import OspError, one_line
+from osp.common.config import PIPELINE_PRESETS, SCHEDULERS
+from osp.common.errors import OspError, one_line
 
-# Choices offered by --help and checked before any model loads (the tables live in osp.common.config).
-Preset = StrEnum("Preset", {name: name for name in PIPELINE_PRESETS})
-Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULERS})
+# Choices listed by --help and checked by typer before any model loads; the names come from the
+# tables in osp.common.config (type checkers see a plain StrEnum).
+if TYPE_CHECKING:
+    Preset = Scheduler = StrEnum
+else:
+    Preset = StrEnum("Preset", {name: name for name in PIPELINE_PRESETS})
+    Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULERS})
 
 app = typer.Typer(
     help=(
@@ -53,7 +57,7 @@ def demo_data(
 
     Example: osp demo-data data/demo --with-bad
     """
-    from .demo_data import write_demo_dataset
+    from osp.common.demo_data import write_demo_dataset
 
     summary = write_demo_dataset(out, with_bad=with_bad, seed=seed)
     typer.echo(summary)
@@ -73,7 +77,7 @@ def shards_inspect(
     from rich.console import Console
     from rich.table import Table
 
-    from .shards import inspect
+    from osp.common.shards import inspect
 
     try:
         info = inspect(dir)
@@ -111,7 +115,7 @@ def shards_verify(dir: Path = typer.Argument(..., help="Shard directory (written
 
     Example: osp shards verify shards/demo
     """
-    from .shards import verify
+    from osp.common.shards import verify
 
     problems = verify(dir)
     for p in problems:
@@ -130,7 +134,7 @@ def demo_models(
 
     Example: osp demo-models models/demo
     """
-    from .demo_models import write_demo_models
+    from osp.common.demo_models import write_demo_models
 
     info = write_demo_models(out, seed=seed)
     typer.echo(f"vae: {info['vae']}\ntext encoder: {info['text_encoder']}\nwritten: {info['written'] or 'none'}; kept: {info['kept'] or 'none'}")
@@ -176,7 +180,7 @@ def sample(
 
     import torch
 
-    from .sampling import SampleSettings, load_models, read_prompt_file, sample_videos
+    from osp.common.sampling import SampleSettings, load_models, read_prompt_file, sample_videos
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     parallel = None  # (layout, dit transform) under torchrun with several ranks
@@ -199,8 +203,8 @@ def sample(
             settings.negative_prompt = negative_prompt
         torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
         if world > 1 or sp:  # tensor-parallel sampling under torchrun (stage 2's plan, imported lazily)
-            from .models.dit import DiTConfig
-            from .sampling import resolve_checkpoint
+            from osp.common.models.dit import DiTConfig
+            from osp.common.sampling import resolve_checkpoint
             from osp.stage2_train.dist import init_sample_parallel
 
             heads = DiTConfig.from_json(resolve_checkpoint(checkpoint) / "config.json").num_attention_heads
@@ -245,7 +249,7 @@ def convert_import_cmd(
 
     Example: osp convert import Open-Sora-Plan-v1.2.0/93x480p ckpt/93x480p-tp2 --tp 2
     """
-    from .convert import convert_import
+    from osp.common.convert import convert_import
 
     try:
         typer.echo(f"wrote {convert_import(src, out, tp)} (TP={tp})")
@@ -262,7 +266,7 @@ def convert_merge_cmd(
 
     Example: osp convert merge runs/demo/checkpoints/step-000100 ckpt/merged
     """
-    from .convert import convert_merge
+    from osp.common.convert import convert_merge
 
     try:
         typer.echo(f"wrote {convert_merge(src, out)} (TP=1)")
@@ -280,7 +284,7 @@ def convert_export_cmd(
 
     Example: osp convert export ckpt/merged export/93x480p
     """
-    from .convert import convert_export
+    from osp.common.convert import convert_export
 
     try:
         typer.echo(f"wrote {convert_export(src, out, prefer_ema=ema)}")
@@ -307,10 +311,10 @@ def vae_roundtrip(
 
     import torch
 
-    from .config import TILING_SAMPLE
-    from .device import pick_device
-    from .models.vae import build_vae, load_vae, read_clip_for_vae
-    from .sampling import to_uint8, write_mp4
+    from osp.common.config import TILING_SAMPLE
+    from osp.common.device import pick_device
+    from osp.common.models.vae import build_vae, load_vae, read_clip_for_vae
+    from osp.common.sampling import to_uint8, write_mp4
 
     try:
         clip = read_clip_for_vae(video, frames, size)  # [T, H, W, 3] uint8
@@ -460,7 +464,7 @@ def train_cmd(
 
 
 def main() -> None:
-    from .quiet import quiet_third_party_warnings
+    from osp.common.quiet import quiet_third_party_warnings
 
     quiet_third_party_warnings()  # before any command imports megatron-core
     try:

@@ -110,10 +110,10 @@ def _torchrun(cmd: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(cmd))
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
+        rank, failure = e.get_first_failure()
         code = failure.exitcode
         how = f"exit code {code}" if code > 0 else f"signal {-code}"
-        print(f"error: training failed on rank {failure.rank} ({how}); its message is above", file=sys.stderr, flush=True)
+        print(f"error: training failed on rank {rank} ({how}); its message is above", file=sys.stderr, flush=True)
         return code if code > 0 else 1
     return 0
 
