@@ -65,3 +65,50 @@ def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, ca
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run.main(["--config", str(DEMO)])
     assert "error (rank" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_quiet_filters_are_narrow(device_type):
+    import warnings
+
+    from osp.common.quiet import quiet_device_warnings, quiet_third_party_warnings
+
+    cuda_hint = ("When using sequence parallelism it is recommended to set the environment variable "
+                 "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party_warnings()
+        quiet_device_warnings(device_type)
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.", UserWarning, stacklevel=1)
+        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning, stacklevel=1)
+        warnings.warn(cuda_hint, UserWarning, stacklevel=1)
+        warnings.warn("a library warning osp does not know", UserWarning, stacklevel=1)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated", UserWarning, stacklevel=1)  # other category
+    shown = [str(w.message) for w in caught]
+    expected = ([cuda_hint] if device_type == "cuda" else []) + [
+        "a library warning osp does not know", "`torch.distributed.all_gather_into_tensor` is deprecated"]
+    assert shown == expected
+
+
+def test_encode_checks_weight_folders_before_planning(tmp_path):
+    from typer.testing import CliRunner
+
+    from osp.common.cli import app
+
+    # --data does not exist either: the weight folders are checked first (seconds), the dataset after
+    res = CliRunner().invoke(app, ["encode", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "out"),
+                                   "--vae", str(tmp_path / "no-vae"), "--text-encoder", str(tmp_path / "no-te")])
+    assert res.exit_code == 1, res.output
+    assert f"{tmp_path / 'no-vae'}: no such VAE folder" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_preset_and_scheduler_are_choices():
+    from typer.testing import CliRunner
+
+    from osp.common.cli import app
+
+    res = CliRunner().invoke(app, ["encode", "--data", "d", "--out", "o", "--preset", "osp12-93x48p"])
+    assert res.exit_code == 2 and "osp12-93x480p" in res.output  # refused by the parser, the choices listed
+    res = CliRunner().invoke(app, ["sample", "--checkpoint", "c", "--prompt", "p", "--scheduler", "euler_a"])
+    assert res.exit_code == 2 and "euler-ancestral" in res.output
