@@ -112,3 +112,7 @@ def test_preset_and_scheduler_are_choices():
     assert res.exit_code == 2 and "osp12-93x480p" in res.output  # refused by the parser, the choices listed
     res = CliRunner().invoke(app, ["sample", "--checkpoint", "c", "--prompt", "p", "--scheduler", "euler_a"])
     assert res.exit_code == 2 and "euler-ancestral" in res.output
+    from osp.common.sampling import make_scheduler  # library callers get the same check as an OspError
+
+    with pytest.raises(ConfigError, match="unknown scheduler 'euler_a'"):
+        make_scheduler("euler_a")

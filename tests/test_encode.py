@@ -158,6 +158,14 @@ def test_sigkill_then_resume_byte_identical(ref):
     assert not [q for q in out.iterdir() if ".tmp" in q.name]
 
 
+def test_manifest_records_caption_cleaner(ref):
+    from osp.common.models.text import cleaner_identity
+
+    manifest = S.read_manifest(ref["out"])
+    assert manifest["caption_cleaner"] == cleaner_identity()
+    assert json.loads((ref["out"] / "plan.json").read_text())["caption_cleaner"] == cleaner_identity()
+
+
 def test_manifest_vae_identity_follows_weights(ref):
     from safetensors.torch import load_file, save_file
 
