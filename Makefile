@@ -62,7 +62,7 @@ TRAIN_OVERRIDES := $(if $(call given,SHARDS),data.shards=$(SHARDS)) \
 help:
 	@echo "make demo    # demo data -> encode -> train -> sample, on CPU"
 	@echo "make test    # the test suite (CPU)"
-	@echo "make lint    # ruff check + ruff format --check + basedpyright (basic) on the package"
+	@echo "make lint    # ruff check + basedpyright (basic) on the package + ruff format --check"
 	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP ...)"
 
 # The package installs in strict editable mode: a link tree under build/ that editors and type checkers
@@ -130,8 +130,8 @@ test: setup
 # engine in basic mode on the package (every osp.* import must resolve through the strict install).
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/basedpyright
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
