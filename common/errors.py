@@ -30,6 +30,13 @@ class UnavailableError(OspError, RuntimeError):
 
 
 def one_line(e: BaseException) -> str:
-    """The first line of an error's message (its class name when the message is empty)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The first line of an error's message (its class name when the message is empty). An error that
+    a DataLoader worker raised arrives re-raised as "Caught X in DataLoader worker ...\nOriginal
+    Traceback ...\nX: message": its own message (the last line) is the one line."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 2 and lines[1].startswith("Original Traceback"):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0]

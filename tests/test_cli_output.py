@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import free_port, make_shards  # noqa: E402
@@ -116,3 +117,24 @@ def test_preset_and_scheduler_are_choices():
 
     with pytest.raises(ConfigError, match="unknown scheduler 'euler_a'"):
         make_scheduler("euler_a")
+
+
+class _BadSample(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise ConfigError("shards/x/shard-000000.tar: sample 'k1' is corrupt; re-encode that shard")
+
+
+def test_one_line_of_an_error_from_a_dataloader_worker():
+    """A user error raised in a DataLoader worker keeps its class and its own message as the one line."""
+    from torch.utils.data import DataLoader
+
+    from osp.common.errors import one_line
+
+    with pytest.raises(ConfigError) as e:
+        next(iter(DataLoader(_BadSample(), batch_size=None, num_workers=1)))
+    assert str(e.value).startswith("Caught ConfigError in DataLoader worker")
+    assert one_line(e.value) == "shards/x/shard-000000.tar: sample 'k1' is corrupt; re-encode that shard"
+    assert one_line(ConfigError("first\nsecond")) == "first" and one_line(ConfigError("")) == "ConfigError"
