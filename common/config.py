@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from osp.common.errors import ConfigError, MissingFileError
+
 # --- VAE (CausalVAEModel_D4_4x8x8) --------------------------------------------------------------
 VAE_SCALE_FACTOR = 0.18215  # z_dit = 0.18215 * z_vae; no shift, no per-channel stats in v1.2
 VAE_STRIDE_T, VAE_STRIDE_H, VAE_STRIDE_W = 4, 8, 8
@@ -74,7 +76,7 @@ PROMPT_TEMPLATE = "(masterpiece), (best quality), (ultra-detailed), {}."
 def latent_frames(num_frames: int) -> int:
     """Latent frames for `num_frames` pixels frames (1 + 4k -> 1 + k; an image stays one frame)."""
     if num_frames < 1 or (num_frames - 1) % VAE_STRIDE_T:
-        raise ValueError(f"num_frames must be 1 + {VAE_STRIDE_T}k, got {num_frames}")
+        raise ConfigError(f"num_frames must be 1 + {VAE_STRIDE_T}k, got {num_frames}")
     return (num_frames - 1) // VAE_STRIDE_T + 1
 
 
@@ -114,11 +116,28 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
 }
 
 
+# Sampling schedulers: diffusers classes configured as training (linear beta 1e-4..0.02, 1000, eps).
+# name -> (diffusers class, extra kwargs beyond the training schedule; everything else = class defaults)
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {}),
+    "dpm-solver-single": ("DPMSolverSinglestepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+}
+DEFAULT_SCHEDULER = "euler-ancestral"
+
+
 def get_preset(name: str) -> PipelinePreset:
     try:
         return PIPELINE_PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PIPELINE_PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PIPELINE_PRESETS)}") from None
 
 
 def read_config_json(path, what: str, fix: str) -> dict:
@@ -130,9 +149,9 @@ def read_config_json(path, what: str, fix: str) -> dict:
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no {what} config.json; {fix}") from None
+        raise MissingFileError(f"{path}: no {what} config.json; {fix}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
+        raise ConfigError(f"{path}: not valid JSON ({e}); {fix}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object of {what} config fields; {fix}")
+        raise ConfigError(f"{path}: expected a JSON object of {what} config fields; {fix}")
     return d

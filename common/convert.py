@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from osp.common.errors import ConfigError, MissingFileError
 from osp.common.models.dit import DiTConfig
 
 CHECKPOINT_FORMAT = "osp-dit"
@@ -63,13 +64,13 @@ def shard_tensor(key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tens
     if dim is None or tp == 1:
         return full
     if full.shape[dim] % tp:
-        raise ValueError(f"{key}: dim {dim} of shape {tuple(full.shape)} is not divisible by TP={tp}; choose a TP size dividing the head count")
+        raise ConfigError(f"{key}: dim {dim} of shape {tuple(full.shape)} is not divisible by TP={tp}; choose a TP size dividing the head count")
     return full.chunk(tp, dim=dim)[rank]
 
 
 def check_tp(config: DiTConfig, tp: int) -> None:
     if tp < 1 or config.num_attention_heads % tp:
-        raise ValueError(f"TP={tp} must divide num_attention_heads={config.num_attention_heads}; choose a divisor")
+        raise ConfigError(f"TP={tp} must divide num_attention_heads={config.num_attention_heads}; choose a divisor")
 
 
 def split_state_dict(sd: dict[str, torch.Tensor], tp: int, config: DiTConfig | None = None) -> list[dict[str, torch.Tensor]]:
@@ -77,7 +78,7 @@ def split_state_dict(sd: dict[str, torch.Tensor], tp: int, config: DiTConfig | N
     if config is not None:
         check_tp(config, tp)
     if tp < 1:
-        raise ValueError(f"TP size must be >= 1, got {tp}")
+        raise ConfigError(f"TP size must be >= 1, got {tp}")
     return [{k: shard_tensor(k, v, tp, r) for k, v in sd.items()} for r in range(tp)]
 
 
@@ -89,7 +90,7 @@ def merge_state_dicts(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     for r, sd in enumerate(sds[1:], 1):
         if set(sd) != set(keys):
             diff = sorted(set(sd) ^ set(keys))
-            raise ValueError(f"TP shard {r} has different keys than shard 0: {diff[:8]}{' ...' if len(diff) > 8 else ''}")
+            raise ConfigError(f"TP shard {r} has different keys than shard 0: {diff[:8]}{' ...' if len(diff) > 8 else ''}")
     out = {}
     for k in keys:
         dim = tp_split_dim(k)
@@ -97,7 +98,7 @@ def merge_state_dicts(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
         if dim is None or len(sds) == 1:
             for r, p in enumerate(parts[1:], 1):
                 if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
-                    raise ValueError(f"replicated tensor {k} differs between TP shard 0 and {r}; the checkpoint is corrupt")
+                    raise ConfigError(f"replicated tensor {k} differs between TP shard 0 and {r}; the checkpoint is corrupt")
             out[k] = parts[0]
         else:
             out[k] = torch.cat(parts, dim=dim)
@@ -121,18 +122,12 @@ def check_keys(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], so
         parts.append(f"unexpected keys: {', '.join(unexpected)}")
     if shapes:
         parts.append("shape mismatch: " + ", ".join(f"{k} expected {tuple(expected[k])} got {tuple(got[k].shape)}" for k in shapes))
-    raise ValueError(f"{source}: state dict does not match the DiT ({'; '.join(parts)}); check the config.json/preset and TP size")
+    raise ConfigError(f"{source}: state dict does not match the DiT ({'; '.join(parts)}); check the config.json/preset and TP size")
 
 
 def tensor_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     """Name -> shape of the model's tensors (megatron layers' empty `_extra_state` entries left out)."""
     return {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-
-
-def load_into_model(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Strict load (names and shapes checked first, errors list the keys)."""
-    check_keys(tensor_shapes(model), sd, source)
-    model.load_state_dict(sd, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +195,7 @@ def finish_dit_checkpoint(
     missing = [shard_file(kind, r, tp) for kind in ("model", "ema")[: 1 + ema] for r in range(tp)
                if not (out / shard_file(kind, r, tp)).is_file()]
     if missing:
-        raise FileNotFoundError(f"{out}: shard files missing: {missing}; every TP rank must write its shard first")
+        raise MissingFileError(f"{out}: shard files missing: {missing}; every TP rank must write its shard first")
     config.to_json(out / "config.json")
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -221,9 +216,9 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; the folder is not a (complete) osp DiT checkpoint") from None
+        raise MissingFileError(f"{path}: missing; the folder is not a (complete) osp DiT checkpoint") from None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}; convert it with `osp convert`")
+        raise ConfigError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}; convert it with `osp convert`")
     return meta
 
 
@@ -247,7 +242,7 @@ def load_dit_shards(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTC
     for r in range(tp):
         f = d / shard_file(kind, r, tp)
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing TP shard {r} of {tp}; the checkpoint is incomplete")
+            raise MissingFileError(f"{f}: missing TP shard {r} of {tp}; the checkpoint is incomplete")
         shards.append(load_file(str(f)))
     return config, shards, meta
 
@@ -274,7 +269,7 @@ def load_dit_checkpoint(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[
         return config, merge_state_dicts(shards)
     if is_diffusers_folder(d):
         return DiTConfig.from_json(d / "config.json"), load_diffusers_state_dict(d)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder (config.json + {DIFFUSERS_WEIGHTS}); "
         "pass the checkpoint folder itself"
     )
@@ -300,7 +295,7 @@ def load_dit(ckpt_dir: str | Path, prefer_ema: bool = True, device=None, dtype=N
 def convert_import(src: str | Path, out: str | Path, tp: int = 1) -> Path:
     """Released diffusers folder -> osp checkpoint sharded for TP `tp` (strict key check first)."""
     if not is_diffusers_folder(src):
-        raise FileNotFoundError(f"{src}: not a diffusers DiT folder (config.json + {DIFFUSERS_WEIGHTS}); pass e.g. Open-Sora-Plan-v1.2.0/93x480p")
+        raise MissingFileError(f"{src}: not a diffusers DiT folder (config.json + {DIFFUSERS_WEIGHTS}); pass e.g. Open-Sora-Plan-v1.2.0/93x480p")
     config = DiTConfig.from_json(Path(src) / "config.json")
     sd = load_diffusers_state_dict(src)
     _check_full(config, sd, str(src))

@@ -177,7 +177,7 @@ def probe_video(path: str | os.PathLike) -> dict:
                 "height": s.codec_context.height, "width": s.codec_context.width}
 
 
-def _video_record(rel: str, cap: str | None, fps: float, frames: int, height: int, width: int) -> dict:
+def _video_record(rel: str, cap: str | None, fps: float | Fraction, frames: int, height: int, width: int) -> dict:
     rec = {"path": rel, "fps": round(float(fps), 4), "num_frames": frames, "duration": round(frames / float(fps), 4),
            "resolution": {"height": height, "width": width}}
     if cap is not None:

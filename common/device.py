@@ -6,12 +6,12 @@ Every collective takes tensors on `Device.torch_device()`, the communication dev
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
+
+from osp.common.errors import ConfigError, UnavailableError
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "meta": "meta:fake"}
 
@@ -21,10 +21,10 @@ def npu_available() -> bool:
     """True when torch_npu imports and sees a device. Never imported at module top level: without
     CANN, a torch_npu install breaks imports (ImportError/OSError/RuntimeError), so guard all three."""
     try:
-        import torch_npu  # noqa: F401
+        import torch_npu  # noqa: F401  # pyright: ignore[reportMissingImports]
     except (ImportError, OSError, RuntimeError):
         return False
-    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())  # pyright: ignore[reportAttributeAccessIssue]
 
 
 @dataclass(frozen=True)
@@ -66,20 +66,20 @@ class Device:
         if self.type == "cuda":
             torch.cuda.set_device(dev)
         elif self.type == "npu":
-            torch.npu.set_device(dev)
+            torch.npu.set_device(dev)  # pyright: ignore[reportAttributeAccessIssue]
         return dev
 
     def synchronize(self) -> None:
         if self.type == "cuda":
             torch.cuda.synchronize()
         elif self.type == "npu":
-            torch.npu.synchronize()
+            torch.npu.synchronize()  # pyright: ignore[reportAttributeAccessIssue]
 
     def max_memory_allocated(self) -> int:
         if self.type == "cuda":
             return torch.cuda.max_memory_allocated()
         if self.type == "npu":
-            return torch.npu.max_memory_allocated()
+            return torch.npu.max_memory_allocated()  # pyright: ignore[reportAttributeAccessIssue]
         return 0
 
 
@@ -94,19 +94,12 @@ def pick_device(prefer: str | None = None) -> Device:
             return Device("npu")
         return Device("cpu")
     if prefer not in BACKENDS:
-        raise ValueError(f"unknown device {prefer!r}; use one of auto, cuda, npu, cpu (meta: osp train --dry-run)")
+        raise ConfigError(f"unknown device {prefer!r}; use one of auto, cuda, npu, cpu (meta: osp train --dry-run)")
     if prefer == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
+        raise UnavailableError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
     if prefer == "npu" and not npu_available():
-        raise RuntimeError("--device npu requested but torch_npu is not usable; pip install 'osp[npu]' with CANN, or use --device cpu")
+        raise UnavailableError("--device npu requested but torch_npu is not usable; pip install 'osp[npu]' with CANN, or use --device cpu")
     return Device(prefer)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds cuda/npu generators
 
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from osp.common.errors import UnavailableError
+
 PINNED_MEGATRON_CORE = "0.16.1"
 _applied = False
 _originals: dict = {}
@@ -41,7 +43,7 @@ def apply(force: bool = False) -> bool:
     import megatron.core.tensor_parallel.random as mrandom
 
     if megatron.core.__version__ != PINNED_MEGATRON_CORE:
-        raise RuntimeError(
+        raise UnavailableError(
             f"osp's CPU shim targets megatron-core {PINNED_MEGATRON_CORE}, found {megatron.core.__version__}; "
             f"pip install megatron-core=={PINNED_MEGATRON_CORE}"
         )

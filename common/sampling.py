@@ -23,22 +23,26 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from osp.common.errors import ConfigError, MissingFileError
 from osp.common.hashing import sha256_files
 from osp.common.config import (
     DDPM_BETA_END,
     DDPM_BETA_SCHEDULE,
     DDPM_BETA_START,
     DDPM_NUM_TRAIN_TIMESTEPS,
+    DEFAULT_SCHEDULER,
     GUIDANCE_SCALE,
     NEGATIVE_PROMPT,
     PREDICTION_TYPE,
     PROMPT_TEMPLATE,
     SAMPLE_FPS,
     SAMPLE_STEPS,
+    SCHEDULERS,
     TILING_SAMPLE,
     VAE_SCALE_FACTOR,
     VAE_STRIDE_H,
@@ -47,24 +51,16 @@ from osp.common.config import (
     latent_frames,
 )
 
+if TYPE_CHECKING:  # loaded lazily at run time (transformers is heavy)
+    from osp.common.models.dit import DiTConfig
+    from osp.common.models.text import TextEncoder
+
 # --------------------------------------------------------------------------------------------------
 # schedulers: diffusers classes configured exactly as training (linear beta 1e-4..0.02, 1000, eps)
 # --------------------------------------------------------------------------------------------------
 
-# name -> (diffusers class, extra kwargs beyond the training schedule; everything else = class defaults)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {"clip_sample": False}),
-    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
-    "dpm-solver": ("DPMSolverMultistepScheduler", {}),
-    "dpm-solver-single": ("DPMSolverSinglestepScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
-}
-DEFAULT_SCHEDULER = "euler-ancestral"
+# the table (name -> diffusers class, extra kwargs) lives in osp.common.config: the CLI offers its names
+# as choices without importing torch.
 
 
 def make_scheduler(name: str = DEFAULT_SCHEDULER):
@@ -72,7 +68,7 @@ def make_scheduler(name: str = DEFAULT_SCHEDULER):
     import diffusers
 
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls_name, extra = SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
     return cls(
@@ -102,10 +98,10 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
     warnings for) a size the weights were not trained for (upstream issue #356: pure noise)."""
     spatial = VAE_STRIDE_H * dit_config.patch_size
     if frames < 1 or (frames - 1) % VAE_STRIDE_T:
-        raise ValueError(f"--frames {frames} is impossible: use 1 + {VAE_STRIDE_T}k frames (1, 5, 9, ..., 29, ..., 93)")
+        raise ConfigError(f"--frames {frames} is impossible: use 1 + {VAE_STRIDE_T}k frames (1, 5, 9, ..., 29, ..., 93)")
     for flag, v in (("--height", height), ("--width", width)):
         if v < spatial or v % spatial:
-            raise ValueError(f"{flag} {v} is impossible: use a positive multiple of {spatial} px (VAE x{VAE_STRIDE_H}, patch {dit_config.patch_size})")
+            raise ConfigError(f"{flag} {v} is impossible: use a positive multiple of {spatial} px (VAE x{VAE_STRIDE_H}, patch {dit_config.patch_size})")
     tf, th, tw = trained_size(dit_config)
     if (frames, height, width) == (tf, th, tw):
         return []
@@ -114,7 +110,7 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
         f"was requested; released v1.2 weights give noise at other sizes (upstream issue #356)"
     )
     if not allow_untrained:
-        raise ValueError(msg + "; drop --frames/--height/--width or pass --allow-untrained-size")
+        raise ConfigError(msg + "; drop --frames/--height/--width or pass --allow-untrained-size")
     return [msg]
 
 
@@ -129,7 +125,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     diffusers folder -> the folder holding the DiT weights (layout: osp.stage2_train.checkpoint)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder")
+        raise MissingFileError(f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder")
     target = path
     for ckdir in (path / "checkpoints", path):
         latest = ckdir / "latest"
@@ -137,7 +133,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             name = latest.read_text().strip()
             target = ckdir / name
             if not target.is_dir():
-                raise FileNotFoundError(f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir")
+                raise MissingFileError(f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir")
             break
         steps = sorted(p for p in ckdir.glob("step-*") if p.is_dir()) if ckdir.is_dir() else []
         if steps:
@@ -190,7 +186,8 @@ def encoders_from_run(checkpoint: str | Path) -> tuple[Path | None, Path | None]
         except (KeyError, TypeError, ValueError, ShardError):
             return None, None
         paths = [(manifest.get(k) or {}).get("path") for k in ("vae", "text_encoder")]
-        return tuple(Path(p) if p else None for p in paths)
+        vae_path, text_path = (Path(p) if p else None for p in paths)
+        return vae_path, text_path
     return None, None
 
 
@@ -199,9 +196,9 @@ class Models:
     """The three models of the pipeline, loaded once (the CLI loads them; tests build tiny ones)."""
 
     dit: torch.nn.Module
-    dit_config: object
+    dit_config: DiTConfig
     vae: torch.nn.Module
-    text_encoder: object  # osp.common.models.text.TextEncoder
+    text_encoder: TextEncoder
     device: torch.device
     dtype: torch.dtype
     identity: dict = field(default_factory=dict)
@@ -229,7 +226,8 @@ def load_models(
         vae, text_encoder = vae or run_vae, text_encoder or run_text
         for flag, value in (("--vae", vae), ("--text-encoder", text_encoder)):
             if value is None:
-                raise ValueError(f"{flag} not given and {checkpoint} does not record it (trainer.json -> shard manifest); pass {flag} DIR")
+                raise ConfigError(f"{flag} not given and {checkpoint} does not record it (trainer.json -> shard manifest); pass {flag} DIR")
+    assert vae is not None and text_encoder is not None
     dev = pick_device(device)
     tdev = dev.set_current() if dev.is_accelerator else dev.torch_device()
     dtype = dtype or dev.autocast_dtype
@@ -238,7 +236,7 @@ def load_models(
         dit = dit_transform(dit)
     te = TextEncoder.from_pretrained(text_encoder, device=tdev, dtype=dtype)
     if te.dim != dit_config.caption_channels:
-        raise ValueError(
+        raise ConfigError(
             f"text encoder {text_encoder} outputs {te.dim}-d states but the DiT expects caption_channels="
             f"{dit_config.caption_channels}; pass the text encoder the checkpoint was trained with"
         )
@@ -388,9 +386,9 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
 
     s = settings
     if not s.prompts:
-        raise ValueError("no prompts given: pass --prompt TEXT or a --prompt-file with one prompt per line")
+        raise ConfigError("no prompts given: pass --prompt TEXT or a --prompt-file with one prompt per line")
     if s.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {s.steps}")
+        raise ConfigError(f"--steps must be >= 1, got {s.steps}")
     tf, th, tw = trained_size(models.dit_config)
     frames, height, width = s.frames or tf, s.height or th, s.width or tw
     warns = check_size(models.dit_config, frames, height, width, s.allow_untrained_size)
@@ -398,7 +396,7 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
         warnings.warn(w, stacklevel=2)
     make_scheduler(s.scheduler)  # validate the name before any work
     if s.scheduler == "pndm" and s.steps < 4:
-        raise ValueError(f"--scheduler pndm needs --steps >= 4 (its Runge-Kutta warm-up), got {s.steps}")
+        raise ConfigError(f"--scheduler pndm needs --steps >= 4 (its Runge-Kutta warm-up), got {s.steps}")
 
     # latent geometry (ceil for sizes that are not multiples: the video is cropped after decoding)
     shape = (1, models.dit_config.in_channels, latent_frames(frames),
@@ -406,7 +404,7 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
     use_cfg = s.guidance != 1.0
     positives = [prepare_prompt(p, s.template, s.clean) for p in s.prompts]
     negative = prepare_prompt(s.negative_prompt, template=False, clean=s.clean) if use_cfg else None
-    captions = ([negative] if use_cfg else []) + positives
+    captions = ([negative] if negative is not None else []) + positives
     emb, mask = models.text_encoder.encode(captions)  # [N, 512, D], [N, 512]
     emb = emb.to(models.dtype)
 
@@ -469,9 +467,9 @@ def read_prompt_file(path: str | Path) -> list[str]:
     """One prompt per non-empty line (lines starting with # are comments)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise MissingFileError(f"prompt file {path} does not exist")
     prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts: write one prompt per line")
+        raise ConfigError(f"prompt file {path} holds no prompts: write one prompt per line")
     return prompts

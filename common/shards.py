@@ -325,6 +325,7 @@ def merge_index(out_dir: str | os.PathLike) -> int:
     shards = sorted(published_shards(out))
     for sid in shards:
         side = _read_rows(out, sid)
+        assert side is not None  # published_shards lists only shards whose rows file reads
         for r in side["rows"]:
             if r["key"] in seen:
                 raise ShardError(
@@ -388,6 +389,19 @@ class ShardIndex:
     text_len, checksum. Open it inside each worker process.
     """
 
+    # one attribute per column (INDEX_COLUMNS), set in __init__
+    key: np.ndarray
+    shard: np.ndarray
+    st_offset: np.ndarray
+    st_size: np.ndarray
+    json_offset: np.ndarray
+    json_size: np.ndarray
+    latent_t: np.ndarray
+    latent_h: np.ndarray
+    latent_w: np.ndarray
+    text_len: np.ndarray
+    checksum: np.ndarray
+
     def __init__(self, columns: dict[str, np.ndarray], out_dir: Path | None = None):
         self.columns = columns
         self.out_dir = out_dir
@@ -400,20 +414,22 @@ class ShardIndex:
 
         out = Path(out_dir)
         path = out / INDEX_NAME
+        if not out.is_dir():
+            raise ShardError(f"{out}: no such shard folder; pass the --out folder of a finished osp encode")
         if not (path / "zarr.json").exists():
-            raise ShardError(f"{path}: no index; run stage 1 to completion (it calls merge_index) or `python -c 'from osp.common.shards import merge_index; merge_index(\"{out}\")'`")
+            raise ShardError(f"{path}: missing, the encode into {out} did not finish; run the same osp encode again (it resumes)")
         group = zarr.open_group(str(path), mode="r")
         version = group.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise _version_error(path, version)
-        cols = {c: group[c][:] for c in INDEX_COLUMNS}
+        cols = {c: np.asarray(group[c][:]) for c in INDEX_COLUMNS}  # pyright: ignore[reportArgumentType]
         return cls(cols, out)
 
     def __len__(self) -> int:
         return len(self.columns["key"])
 
     def row(self, i: int) -> IndexRow:
-        return IndexRow(**{f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i]) for f in fields(IndexRow)})
+        return IndexRow(**{f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i]) for f in fields(IndexRow)})  # pyright: ignore[reportArgumentType]
 
 
 # --- readers -----------------------------------------------------------------------------------------
@@ -572,7 +588,7 @@ def decode_member(key: str, data: bytes):
         return load_safetensors_bytes(data, key)
     if ext == "json":
         return json.loads(data)
-    warnings.warn(f"member {key!r} is not a safetensors/json sample member; left undecoded")
+    warnings.warn(f"member {key!r} is not a safetensors/json sample member; left undecoded", stacklevel=2)
     return None
 
 
@@ -584,7 +600,7 @@ def wds_decode(sample: dict) -> dict:
         if k.startswith("__") or not isinstance(v, (bytes, bytearray)):
             out[k] = v
             continue
-        d = decode_member(f"{sample.get('__key__', '')}.{k}", v)
+        d = decode_member(f"{sample.get('__key__', '')}.{k}", bytes(v))
         out[k] = v if d is None else d
     return out
 
@@ -601,7 +617,7 @@ def iter_shard(tar_path: str | os.PathLike) -> Iterator[Sample]:
             return None
         if "safetensors" in pending and "json" in pending:
             return _sample_from_members(current, pending["safetensors"], pending["json"], str(tar_path))
-        warnings.warn(f"{tar_path}: sample {current} lacks a .safetensors or .json member; skipped")
+        warnings.warn(f"{tar_path}: sample {current} lacks a .safetensors or .json member; skipped", stacklevel=2)
         return None
 
     try:
@@ -609,7 +625,7 @@ def iter_shard(tar_path: str | os.PathLike) -> Iterator[Sample]:
             for info in tar:
                 key, ext = split_member_name(info.name)
                 if not info.isreg() or ext not in MEMBER_EXTS or not KEY_PATTERN.match(key):
-                    warnings.warn(f"{tar_path}: member {info.name!r} is not a safetensors/json sample member; skipped, never decoded")
+                    warnings.warn(f"{tar_path}: member {info.name!r} is not a safetensors/json sample member; skipped, never decoded", stacklevel=2)
                     continue
                 if key != current:
                     s = flush()
@@ -617,7 +633,7 @@ def iter_shard(tar_path: str | os.PathLike) -> Iterator[Sample]:
                         yield s
                     current, pending = key, {}
                 f = tar.extractfile(info)
-                pending[ext] = f.read()
+                pending[ext] = f.read() if f is not None else b""
     except tarfile.TarError as e:
         raise ShardError(f"{tar_path}: unreadable or truncated tar ({e}); re-encode this shard") from None
     s = flush()
@@ -742,7 +758,7 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         problems.append(f"{out / UNCOND_NAME}: {problem}; re-run osp encode")
 
     tar_names = sorted(p.name for p in out.iterdir() if SHARD_PATTERN.match(p.name))
-    on_disk = {int(SHARD_PATTERN.match(n).group(1)) for n in tar_names}
+    on_disk = {int(m.group(1)) for n in tar_names if (m := SHARD_PATTERN.match(n))}
     published = published_shards(out)
     for sid in sorted(on_disk - published):
         tar = shard_path(out, sid)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from osp.common.config import ASPECT_TOLERANCE, TRAIN_FPS
+from osp.common.errors import OspError
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -40,7 +41,7 @@ MAX_FRAMES = int(MAX_FPS * MAX_DURATION_S)
 MIN_SOURCE_SCALE = 0.5
 
 
-class ClipError(Exception):
+class ClipError(OspError):
     """An input that cannot become a clip; the message is the reason written to errors.jsonl."""
 
 
@@ -189,7 +190,7 @@ def _pyav_read(path: str, plan):
                     kept[i] = frame.to_ndarray(format="rgb24")
                 if i >= indices[-1]:
                     break
-    except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
+    except (av.FFmpegError, IndexError, ValueError, OSError) as e:  # pyright: ignore[reportPrivateImportUsage]
         raise _DecoderFailed(f"pyav: {type(e).__name__}: {e}") from None
     if len(kept) != len(wanted):
         raise _DecoderFailed(f"pyav: second pass decoded {len(kept)} of {len(wanted)} planned frames")
@@ -259,7 +260,7 @@ def read_video_clip(path: str, num_frames: int, height: int, width: int, clips: 
         return resample_indices(n, fps, train_fps, start, stop)
 
     failures = []
-    for name, reader in (("decord", _decord_read), ("pyav", _pyav_read)):
+    for name, reader in (("decord", _decord_read), ("pyav", _pyav_read)):  # noqa: B007 (the decoder that worked is used after the loop)
         try:
             frames, n, fps, indices = reader(path, plan)
             break

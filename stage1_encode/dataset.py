@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from osp.common.errors import OspError
+
 ANNOTATION_NAME = "annotation.json"
 
 
-class DataError(ValueError):
+class DataError(OspError, ValueError):
     """The `--data` argument itself is unusable (not a per-record problem)."""
 
 

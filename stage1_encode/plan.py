@@ -30,6 +30,7 @@ from osp.common.config import ASPECT_TOLERANCE, TRAIN_FPS, latent_frames
 
 from .clips import MAX_DURATION_S, MAX_FPS, MAX_SIDE, ClipError, aspect_ok, check_size, media_kind, resample_count
 from .dataset import RawRecord, inside_root, safe_relpath
+from osp.common.errors import ConfigError
 
 PLAN_VERSION = 1
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
@@ -50,9 +51,9 @@ class EncodeSpec:
     def __post_init__(self):
         latent_frames(self.num_frames)  # raises unless 1 + 4k
         if self.height % 8 or self.width % 8 or self.height <= 0 or self.width <= 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {self.height}x{self.width}")
+            raise ConfigError(f"height and width must be positive multiples of 8, got {self.height}x{self.width}")
         if self.clips_per_video < 1:
-            raise ValueError(f"clips_per_video must be >= 1, got {self.clips_per_video}")
+            raise ConfigError(f"clips_per_video must be >= 1, got {self.clips_per_video}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def _resolution(rec: dict, required: bool) -> tuple[int, int] | None:
         raise ClipError("'resolution' needs positive 'height' and 'width'")
     if h > MAX_SIDE or w > MAX_SIDE:
         raise ClipError(f"'resolution' {h:g}x{w:g} is above the limit {MAX_SIDE} per side; fix the annotation")
-    return int(h), int(w)
+    return int(h), int(w)  # pyright: ignore[reportArgumentType] (checked above)
 
 
 def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:
@@ -193,7 +194,7 @@ def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:
 
 def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int) -> Plan:
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
 
     def sort_key(r: RawRecord):  # by normalised path, so duplicates sit together in listing order
         p = r.record.get("path") if isinstance(r.record, dict) else None
@@ -204,7 +205,7 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
         return (r.source, p, r.annotation, r.index)
 
     ordered = sorted(records, key=sort_key)
-    entries: list[tuple[str, object]] = []  # ("item", partial WorkItem kwargs) | ("error", row)
+    entries: list[tuple[str, dict]] = []  # ("item", partial WorkItem kwargs) | ("error", row)
     seen: dict[tuple[str, str], RawRecord] = {}
     seq = 0
     for r in ordered:

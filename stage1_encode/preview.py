@@ -13,10 +13,11 @@ import torch
 
 from osp.common import shards as S
 from osp.common.config import TILING_SAMPLE
+from osp.common.errors import OspError
 
 
-class PreviewError(ValueError):
-    pass
+class PreviewError(OspError, ValueError):
+    """A preview request that cannot be served (unknown key, missing VAE)."""
 
 
 def find_key(index: S.ShardIndex, key: str, where: Path) -> int:

@@ -37,13 +37,15 @@ from osp.common.config import (
 from .clips import ClipError, read_image, read_video_clip
 from .dataset import list_records, resolve_sources
 from .plan import Plan, ShardPlan, WorkItem, EncodeSpec, make_plan
+from osp.common.errors import OspError
+from osp.common.models.text import cleaner_identity
 
 PLAN_NAME = "plan.json"
 TOOL = "osp.stage1_encode"
 DEFAULT_DEMO_MODELS = "models/demo"
 
 
-class EncodeError(RuntimeError):
+class EncodeError(OspError, RuntimeError):
     """A problem with the encode arguments or the output folder (message says how to fix it)."""
 
 
@@ -312,6 +314,21 @@ def _model_dirs(opts: EncodeOptions) -> tuple[str, str]:
     return vae or str(demo / "vae"), text or str(demo / "text_encoder")
 
 
+def _check_model_dirs(vae_dir: str, text_dir: str) -> None:
+    """The weight folders exist and hold what loading needs (a missing one fails in seconds, not
+    after the dataset is listed and planned)."""
+    from osp.common.models.vae import CONFIG_NAME, weight_file
+
+    weights = weight_file(vae_dir)  # the folder and a weight file
+    if not (weights.parent / CONFIG_NAME).is_file():
+        raise EncodeError(f"{weights.parent}: no {CONFIG_NAME}; --vae must be a CausalVAE folder (config.json + weights)")
+    text = Path(text_dir)
+    if not (text / "config.json").is_file():
+        raise EncodeError(f"{text}/config.json not found: --text-encoder must be a local mT5 folder (e.g. a download of google/mt5-xxl)")
+    if not any(p.suffix in (".safetensors", ".bin") for p in text.iterdir()):
+        raise EncodeError(f"{text}: no *.safetensors or *.bin weights; --text-encoder must hold the mT5 weights")
+
+
 def build_plan(opts: EncodeOptions) -> Plan:
     try:
         sources = resolve_sources(opts.data)
@@ -337,6 +354,7 @@ def _plan_summary(plan: Plan, opts: EncodeOptions) -> dict:
         "text_pad_to_max": opts.text_pad_to_max,
         "vae": _vae_sha(opts.vae),
         "text_encoder": str(Path(opts.text_encoder).resolve()) if opts.text_encoder else None,
+        "caption_cleaner": cleaner_identity(),  # a resume must clean captions the same way
     }
 
 
@@ -389,28 +407,31 @@ def encode(opts: EncodeOptions) -> dict:
         raise EncodeError(f"--latent-dtype must be float16 or float32, got {opts.latent_dtype}")
     if opts.vae_dtype not in ("float32", "bfloat16", "float16"):
         raise EncodeError(f"--vae-dtype must be float32, bfloat16 or float16, got {opts.vae_dtype}")
-    plan = build_plan(opts)  # before the models: a bad --data fails fast
     vae_dir, text_dir = _model_dirs(opts)
+    _check_model_dirs(vae_dir, text_dir)  # seconds, before planning a large dataset
     opts.vae, opts.text_encoder = vae_dir, text_dir
+    plan = build_plan(opts)  # before loading the models: a bad --data fails fast
     summary = _plan_summary(plan, opts)
     _check_plan_file(out, summary, rank)
 
     done = S.published_shards(out)
     mine = [s for s in plan.shards if s.id % world == rank and s.id not in done]
     t0 = time.perf_counter()
-    stats = {"samples": 0, "errors": 0, "shards": 0, "skipped_shards": sum(1 for s in plan.shards if s.id % world == rank) - len(mine)}
+    stats: dict[str, float] = {"samples": 0, "errors": 0, "shards": 0, "skipped_shards": sum(1 for s in plan.shards if s.id % world == rank) - len(mine)}
     enc = None
     if mine or rank == 0:
         enc = Encoders(vae_dir, text_dir, opts.device, opts.vae_dtype, opts.tiling, opts.text_pad_to_max)
     stats["load_seconds"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
     if mine:
+        assert enc is not None
         _encode_shards(mine, plan.spec, enc, opts, rank, world, stats)
         enc.dev.synchronize()
     stats["encode_seconds"] = round(time.perf_counter() - t1, 3)
     result = {"rank": rank, "world_size": world, "out": str(out), "plan": summary["digest"], **stats}
     if rank == 0:
         _wait_for_shards(out, len(plan.shards), opts.merge_timeout, world)
+        assert enc is not None
         result["manifest"] = finalize(out, plan, opts, enc)
     return result
 
@@ -461,6 +482,7 @@ def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> No
 
 def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
     """uncond + index + errors + manifest; idempotent (a rerun on a finished folder rewrites the same bytes)."""
+    assert opts.vae is not None  # encode() resolved the model folders
     for p in out.iterdir():  # leftovers of a run killed while merging (all shards are published by now)
         if ".tmp-" in p.name:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -486,6 +508,7 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
             "scale_factor": VAE_SCALE_FACTOR,
         },
         "text_encoder": {**enc.text.identity(), "pad_to_max": opts.text_pad_to_max},
+        "caption_cleaner": cleaner_identity(),
         "geometry": {
             "num_frames": spec.num_frames,
             "height": spec.height,

@@ -27,6 +27,7 @@ from osp.common.convert import (
     finish_dit_checkpoint, load_dit_shards, merge_state_dicts, read_checkpoint_meta, split_state_dict, state_dict_dtypes,
     write_dit_shard,
 )
+from osp.common.errors import MissingFileError
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.json"
@@ -60,7 +61,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(run_dir: Path, step: int, *, model, ema, optimizer, trainer_state: dict, layout, tp_group) -> Path:
+def save(run_dir: Path, step: int, *, model, ema, optimizer, trainer_state: dict, layout) -> Path:
     """Collective over the world: every rank calls it at the same step."""
     ckroot = Path(run_dir) / "checkpoints"
     final = ckroot / step_name(step)
@@ -118,7 +119,7 @@ def find(run_dir: Path, resume: str) -> Path | None:
         if (path / "checkpoints" / LATEST).is_file():
             path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
     if not (path / TRAINER_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete training checkpoint (no {TRAINER_FILE}); pass --resume auto or a step-XXXXXXX folder")
+        raise MissingFileError(f"{path}: not a complete training checkpoint (no {TRAINER_FILE}); pass --resume auto or a step-XXXXXXX folder")
     return path
 
 
@@ -144,7 +145,7 @@ def load_weights(path: Path, tp: int, tp_rank: int) -> tuple[dict, dict | None]:
 def load_optimizer(path: Path, rank: int, dp_rank: int, zero1: bool) -> dict:
     f = Path(path) / f"optim-rank{rank if zero1 else _dp0_rank(rank, dp_rank):05d}.pt"
     if not f.is_file():
-        raise FileNotFoundError(f"{f}: missing optimizer state; resume with the same parallel layout (tp, data-parallel size, zero1)")
+        raise MissingFileError(f"{f}: missing optimizer state; resume with the same parallel layout (tp, data-parallel size, zero1)")
     return torch.load(f, map_location="cpu", weights_only=True)
 
 

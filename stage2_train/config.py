@@ -11,9 +11,10 @@ import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Sequence
 
 from osp.common import config as C
+from osp.common.errors import ConfigError
 
 
 CHECKPOINTING = ("none", "full")  # model.checkpointing modes
@@ -102,14 +103,14 @@ class TrainConfig:
         cfg = cls()
         for section, values in d.items():
             if not isinstance(values, dict):
-                raise ValueError(f"{source}: top-level key {section!r} must be a [section]; sections: {_sections()}")
+                raise ConfigError(f"{source}: top-level key {section!r} must be a [section]; sections: {_sections()}")
             for key, value in values.items():
                 cfg.set(f"{section}.{key}", value, source)
         cfg.validate(source)
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
+    def load(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> "TrainConfig":
         """Read a TOML file (None = defaults), then apply `section.key=value` overrides."""
         data: dict = {}
         source = "<defaults>"
@@ -118,13 +119,13 @@ class TrainConfig:
             try:
                 data = tomllib.loads(Path(path).read_text())
             except FileNotFoundError:
-                raise ValueError(f"{path}: config file not found; pass --config stage2_train/configs/demo.toml or a copy of it") from None
+                raise ConfigError(f"{path}: config file not found; pass --config stage2_train/configs/demo.toml or a copy of it") from None
             except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path}: not valid TOML ({e}); fix the file") from None
+                raise ConfigError(f"{path}: not valid TOML ({e}); fix the file") from None
         cfg = cls.from_dict(data, source)
         for item in overrides:
             if "=" not in item:
-                raise ValueError(f"override {item!r} must look like section.key=value (e.g. run.steps=10)")
+                raise ConfigError(f"override {item!r} must look like section.key=value (e.g. run.steps=10)")
             key, raw = item.split("=", 1)
             cfg.set(key.strip(), _parse_value(raw.strip()), "override")
         cfg.validate(source)
@@ -133,17 +134,17 @@ class TrainConfig:
     def set(self, dotted: str, value: Any, source: str = "override") -> None:
         parts = dotted.split(".")
         if len(parts) != 2 or parts[0] not in _sections():
-            raise ValueError(f"{source}: unknown key {dotted!r}; keys are section.field with sections {_sections()}")
+            raise ConfigError(f"{source}: unknown key {dotted!r}; keys are section.field with sections {_sections()}")
         section = getattr(self, parts[0])
         names = {f.name: f for f in fields(section)}
         if parts[1] not in names:
-            raise ValueError(f"{source}: unknown key {dotted!r}; [{parts[0]}] has {sorted(names)}")
+            raise ConfigError(f"{source}: unknown key {dotted!r}; [{parts[0]}] has {sorted(names)}")
         current = getattr(section, parts[1])
         setattr(section, parts[1], _coerce(value, current, dotted, source))
 
     def validate(self, source: str = "config") -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(f"{source}: {msg}")
+        def bad(msg: str) -> NoReturn:
+            raise ConfigError(f"{source}: {msg}")
 
         if self.run.steps < 1:
             bad("run.steps must be >= 1")
@@ -181,6 +182,15 @@ class TrainConfig:
         return "\n".join(lines)
 
 
+def config_keys_help() -> str:
+    """Every `section.key` with its default, one paragraph per section (for `--help` texts)."""
+    default = TrainConfig().to_dict()
+    parts = ["Config keys (section.key=default; set in the TOML file or as overrides):"]
+    for section, values in default.items():
+        parts.append(" ".join(f"{section}.{k}={_toml_value(v)}" for k, v in values.items()))
+    return "\n\n".join(parts)
+
+
 def _sections() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
@@ -213,7 +223,7 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
     elif kind is list:
         if isinstance(value, list):
             return [float(v) for v in value]
-    raise ValueError(f"{source}: {key} = {value!r} must be of type {kind.__name__}")
+    raise ConfigError(f"{source}: {key} = {value!r} must be of type {kind.__name__}")
 
 
 def _toml_value(v: Any) -> str:

@@ -23,6 +23,7 @@ The main process decides: `skip_corrupt` counts and skips it, otherwise `ShardLo
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from osp.common import shards as S
-from osp.common.errors import OspError
+from osp.common.errors import ConfigError, OspError
 
 
 class CorruptSampleError(OspError, RuntimeError):
@@ -182,11 +183,11 @@ class ShardLoader:
         self.dataset = ShardDataset(self.root, index)
         self.collate = Collate(pad_multiple)
         self.epoch, self.cursor = 0, 0
-        self._it = None
+        self._it: Iterator[Batch] | None = None
         self._check_left_out(np.nonzero(~keep)[0])
         if not self._plan(0):
             counts = {tuple(int(x) for x in k): int(v) for k, v in zip(*np.unique(self.shapes[self.rows], axis=0, return_counts=True))} if len(self.rows) else {}
-            raise ValueError(
+            raise ConfigError(
                 f"{self.root}: no latent shape has enough samples for one global batch of {self.global_batch} "
                 f"(data.batch_size {batch_size} x {dp_size} data-parallel ranks; samples per shape {counts}); "
                 "lower data.batch_size or encode more clips"
@@ -212,7 +213,7 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("global_batch", self.global_batch) != self.global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint loader position is for a global batch of {state['global_batch']}, this run has "
                 f"{self.global_batch}; resume with the same data.batch_size and data-parallel size"
             )
@@ -242,6 +243,7 @@ class ShardLoader:
         while True:
             if self._it is None:
                 self._start_epoch()
+            assert self._it is not None
             try:
                 batch = next(self._it)
             except StopIteration:

@@ -19,18 +19,18 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from osp.common.device import Device, pick_device
-from osp.common.errors import OspError
+from osp.common.errors import OspError, UnavailableError
+from osp.common.quiet import quiet_device_warnings
 
 
 class LayoutError(OspError, ValueError):
-    """An impossible parallel layout (one line naming the setting and the fix)."""
+    """A parallel layout that does not fit the world size or the model (parallel.tp, parallel.sp)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _check_master_reachable(addr: str, port: int, timeout: float) -> None:
     try:
         socket.getaddrinfo(addr, port)
     except socket.gaierror as e:
-        raise RuntimeError(
+        raise UnavailableError(
             f"MASTER_ADDR={addr!r} does not resolve ({e.strerror}); set MASTER_ADDR to the IP of the node with NODE_RANK=0"
         ) from None
 
@@ -91,7 +91,7 @@ def init_distributed(device: Device, timeout_s: float = 300.0) -> tuple[int, int
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     timeout = datetime.timedelta(seconds=timeout_s)
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        store = dist.HashStore()
+        store = dist.HashStore()  # pyright: ignore[reportPrivateImportUsage]
         dist.init_process_group(device.backend, store=store, rank=0, world_size=1, timeout=timeout)
         return 0, 1, 0
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -107,7 +107,7 @@ def init_distributed(device: Device, timeout_s: float = 300.0) -> tuple[int, int
         dist.all_reduce(t)
     except (RuntimeError, TimeoutError, dist.DistError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(
+        raise UnavailableError(
             f"rank {rank}/{world}: could not join the process group at MASTER_ADDR={addr}:{port} within {timeout_s:.0f} s "
             f"({first}); check MASTER_ADDR/MASTER_PORT point at the NODE_RANK=0 node and every node was started"
         ) from None
@@ -197,11 +197,10 @@ def shutdown() -> None:
 
 
 def setup_device(name: str) -> Device:
-    # megatron-core warns once per module that it falls back to torch kernels; that is the plan here
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     device = pick_device(name)
     for k, v in accelerator_env(device.type).items():
         os.environ.setdefault(k, v)  # a plain `osp train`; torchrun launches get it from launch.py
+    quiet_device_warnings(device.type)
     from osp.common import megatron_cpu
 
     megatron_cpu.apply()

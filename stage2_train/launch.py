@@ -13,7 +13,9 @@ node is missing, dies with a traceback on SIGTERM, and leaves its ranks running 
   * runs torchrun in its own session with a parent-death signal, and every rank (and loader worker)
     sets one too (`die_with_parent`): however the launcher dies, kill -9 included, the job dies;
   * on SIGTERM/SIGINT/SIGHUP forwards SIGTERM to the ranks only: they checkpoint at the next step
-    boundary and exit 0, torchrun exits 0, and the launcher prints one line and exits 0.
+    boundary and exit 0, torchrun exits 0, and the launcher prints one line and exits 0;
+  * when a rank fails, its own message (one line for a user error, a traceback for a bug) is already
+    on stderr, so torchrun's traceback block is replaced by one line (rank, exit code).
 `--rdzv_timeout` bounds torchrun's own rendezvous and the ranks' process-group setup.
 
 On accelerators the ranks also get CUDA_DEVICE_MAX_CONNECTIONS=1 (`dist.accelerator_env`; a value
@@ -30,13 +32,14 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1
 DIE_WITH_PARENT_ENV = "OSP_DIE_WITH_PARENT"  # set by the launcher for the processes below it
 _PRECHECK = "osp-precheck"
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     check_nodes(a.master_addr, a.master_port, a.node_rank, a.nnodes, pre)
     if a.precheck_only:
         return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so it prints no banner about it
     cmd = [
         sys.executable, "-m", "osp.stage2_train.launch", "--torchrun",
         "--nnodes", str(a.nnodes), "--node_rank", str(a.node_rank), "--nproc_per_node", str(a.nproc_per_node),

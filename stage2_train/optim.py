@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from osp.common.errors import ConfigError
+
 BUCKET_BYTES = 64 << 20
 
 
@@ -125,7 +127,7 @@ class ZeroAdamW:
 
     def load_state_dict(self, sd: dict) -> None:
         if not sd.get("zero1") or sd.get("dp_size") != self.dp_size or sd.get("dp_rank") != self.dp_rank:
-            raise ValueError("optimizer state was saved with another ZeRO-1 layout; resume with the same parallel.zero1 and data-parallel size")
+            raise ConfigError("optimizer state was saved with another ZeRO-1 layout; resume with the same parallel.zero1 and data-parallel size")
         if self.optim is not None:
             self.optim.load_state_dict(sd["optim"])
 
@@ -152,7 +154,7 @@ class PlainAdamW:
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("zero1"):
-            raise ValueError("optimizer state was saved with parallel.zero1=true; resume with the same setting")
+            raise ConfigError("optimizer state was saved with parallel.zero1=true; resume with the same setting")
         self.optim.load_state_dict(sd["optim"])
 
 
@@ -226,7 +228,7 @@ class EMA:
     def load(self, shadow: dict[str, torch.Tensor], updates: int) -> None:
         """Load a full EMA (every local tensor); this rank keeps what it owns."""
         if set(shadow) != set(self.all_names):
-            raise ValueError("EMA weights in the checkpoint do not match the model's parameters")
+            raise ConfigError("EMA weights in the checkpoint do not match the model's parameters")
         for n in self._names:
             self.shadow[n].copy_(shadow[n])
         self.updates = int(updates)

@@ -30,11 +30,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes, tp_split_dim
+from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes
 
 
 def _megatron():
@@ -55,7 +58,7 @@ class _NoExtraState:
     set_extra_state = nn.Module.set_extra_state
 
     def _drop_extra_state_hook(self) -> None:
-        self._load_state_dict_pre_hooks.clear()  # megatron's hook only inserts `_extra_state`
+        self._load_state_dict_pre_hooks.clear()  # pyright: ignore[reportAttributeAccessIssue] (megatron's hook only inserts `_extra_state`)
 
 
 def _noop_init(weight: torch.Tensor) -> None:  # weights are copied from the replicated module
@@ -63,7 +66,7 @@ def _noop_init(weight: torch.Tensor) -> None:  # weights are copied from the rep
 
 
 @lru_cache(maxsize=None)
-def _column_cls():
+def _column_cls() -> Any:
     _, _, tp = _megatron()
 
     class ColumnLinear(_NoExtraState, tp.ColumnParallelLinear):
@@ -77,7 +80,7 @@ def _column_cls():
 
 
 @lru_cache(maxsize=None)
-def _row_cls():
+def _row_cls() -> Any:
     _, _, tp = _megatron()
 
     class RowLinear(_NoExtraState, tp.RowParallelLinear):
@@ -102,7 +105,7 @@ def _make_config(tp: int, sp: bool, dtype: torch.dtype):
     )
 
 
-def _swap(parent: nn.Module, name: str, new: nn.Module, old: nn.Linear, key_w: str, key_b: str, tp: int, rank: int) -> None:
+def _swap(parent: nn.Module, name: str, new: Any, old: nn.Linear, key_w: str, key_b: str, tp: int, rank: int) -> None:
     with torch.no_grad():
         new.weight.copy_(shard_tensor(key_w, old.weight, tp, rank))
         if old.bias is not None:
@@ -122,7 +125,7 @@ def _tp_state():
     return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
 
 
-def parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
+def parallelize(model: Any, sequence_parallel: bool) -> Any:
     """Apply the TP(/SP) plan in place to an OpenSoraT2V holding the FULL weights (identical on every
     TP rank), using megatron's global parallel_state. TP size 1 leaves the model unchanged."""
     if getattr(model, "_osp_parallel", None) is not None:
@@ -194,46 +197,20 @@ def reduce_sequence_parallel_grads(model: nn.Module) -> None:
     grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads:
         return
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=group)
-    for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+    for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(r)
 
 
 # ------------------------------------------------------------------------------------------------
-# full state dicts of a parallelized model (checkpointing, tests)
+# full state dicts into a parallelized model (checkpointing)
 # ------------------------------------------------------------------------------------------------
-def _gather(key: str, t: torch.Tensor, tp: int, group) -> torch.Tensor:
-    dim = tp_split_dim(key)
-    if dim is None or tp == 1:
-        return t.detach().clone()
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
 def _tp_info(model: nn.Module):
     info = getattr(model, "_osp_parallel", None)
     if not info or info["tp"] == 1:
         return 1, 0, None
     return _tp_state()
-
-
-def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The TP=1 state dict (released key names) of a parallelized model, on every TP rank.
-    Collective: every rank of the TP group must call it."""
-    tp, _, group = _tp_info(model)
-    return {k: _gather(k, v, tp, group) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-
-
-def gather_full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full-size gradients by parameter name (zeros where a grad is None). Collective."""
-    tp, _, group = _tp_info(model)
-    out = {}
-    for k, p in model.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        out[k] = _gather(k, g, tp, group)
-    return out
 
 
 def local_state_dict(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:

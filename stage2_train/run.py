@@ -36,18 +36,19 @@ import torch.distributed as dist
 
 from osp.common import config as C
 from osp.common import shards as S
+from osp.common.errors import ConfigError, OspError, one_line
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
 from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
-from osp.stage2_train.lock import RunLockedError, take_run_lock
+from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.watchdog import Watchdog
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, sample_posterior, step_seed
 from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(OspError, RuntimeError):
+    """A non-finite loss or gradient under run.nonfinite=stop (the message names the samples)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ class Trainer:
         model = build_dit(self.dit_cfg, device=build_on, dtype=torch.float32)
         full = None
         if state is not None:
-            full, ema_local = ckpt.load_weights(self.ckpt_path, L.tp, L.tp_rank)
+            full, ema_local = ckpt.load_weights(self.ckpt_path, L.tp, L.tp_rank)  # pyright: ignore[reportArgumentType]
         elif init_sd is not None:
             full, ema_local = init_sd, None
         with torch.device(build_on):  # megatron's parallel layers allocate on the current default device
@@ -160,12 +161,12 @@ class Trainer:
             self.step = int(state["step"])
             self.loader.load_state_dict(state["loader"])
             self.counters.update(state.get("counters", {}))
-            self.optimizer.load_state_dict(ckpt.load_optimizer(self.ckpt_path, L.rank, L.dp_rank, cfg.parallel.zero1))
+            self.optimizer.load_state_dict(ckpt.load_optimizer(self.ckpt_path, L.rank, L.dp_rank, cfg.parallel.zero1))  # pyright: ignore[reportArgumentType]
             if self.ema is not None:
                 if ema_local is None:
-                    raise ValueError(f"{self.ckpt_path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
+                    raise ConfigError(f"{self.ckpt_path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
                 self.ema.load(ema_local, state.get("ema_updates", 0))  # copies only this DP rank's shard to the device
-            rng = ckpt.load_rng(self.ckpt_path, L.rank)
+            rng = ckpt.load_rng(self.ckpt_path, L.rank)  # pyright: ignore[reportArgumentType]
             if rng is not None:
                 ckpt.set_rng_state(rng)
         self._writers()
@@ -199,18 +200,18 @@ class Trainer:
         manifest = S.read_manifest(root)
         index = S.ShardIndex.open(root)
         if len(index) == 0:
-            raise ValueError(f"{root}: the index holds no samples; encode some clips first (osp encode)")
+            raise ConfigError(f"{root}: the index holds no samples; encode some clips first (osp encode)")
         first = self._first_readable(root, index)
         c = int(first.latent.shape[0])
         if c not in (cfg.in_channels, 2 * cfg.in_channels):
-            raise ValueError(
+            raise ConfigError(
                 f"{root}: latents have {c} channels, the DiT takes {cfg.in_channels} (moments {2 * cfg.in_channels}); "
                 "encode with the VAE that matches the DiT"
             )
         uncond = S.read_uncond(root)
         for what, dim in (("samples' text", int(first.text.shape[1])), ("uncond.safetensors", int(uncond.shape[1]))):
             if dim != cfg.caption_channels:
-                raise ValueError(
+                raise ConfigError(
                     f"{root}: {what} width is {dim} but the DiT's caption_channels is {cfg.caption_channels}; "
                     f"use the DiT preset matching the shards' text encoder ({manifest.get('preset', 'see manifest.json')})"
                 )
@@ -219,7 +220,7 @@ class Trainer:
         image = (1,) + want[1:]
         bad = sorted(s for s in shapes if s not in (want, image))
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"{root}: latent T x H x W {bad[0]} (of {len(index)} samples) does not match the DiT's "
                 f"sample_size_t x sample_size {want}; train the DiT preset matching the encode preset "
                 f"({manifest.get('preset', 'see manifest.json')}) or re-encode"
@@ -245,11 +246,12 @@ class Trainer:
         raise CorruptSampleError(f"{root}: all {len(index)} samples are corrupt; re-encode (osp shards verify {root})")
 
     def _check_resume_layout(self, state: dict) -> None:
+        assert self.ckpt_path is not None
         lay = state.get("layout", {})
         ours = {"tp": self.layout.tp, "dp": self.layout.dp, "zero1": self.cfg.parallel.zero1}
         diff = {k: (lay.get(k), v) for k, v in ours.items() if lay.get(k) != v}
         if diff:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.ckpt_path}: saved with {', '.join(f'{k}={a}' for k, (a, _) in diff.items())}, this run has "
                 f"{', '.join(f'{k}={b}' for k, (_, b) in diff.items())}; resume with the same layout, or start a new run "
                 f"with model.init={self.ckpt_path / 'model'} (weights only)"
@@ -286,7 +288,7 @@ class Trainer:
 
     def save(self) -> Path:
         path = ckpt.save(self.run_dir, self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                         trainer_state=self.trainer_state(), layout=self.layout, tp_group=self.tp_group)
+                         trainer_state=self.trainer_state(), layout=self.layout)
         if self.layout.is_main:
             self.console.print(f"checkpoint {path}")
         return path
@@ -406,7 +408,7 @@ class Trainer:
             raise CorruptSampleError(next(m for m in found if m))
         skipped = False
         if flag_bad > 0:
-            bad = [None] * L.world
+            bad: list[list[str]] = [[] for _ in range(L.world)]
             dist.all_gather_object(bad, keys if nonfinite else [])
             bad_keys = sorted({k for ks in bad for k in ks})
             if cfg.run.nonfinite == "stop":
@@ -545,15 +547,15 @@ def _console(enabled: bool):
 # entry point
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m osp.stage2_train.run", description="Train the OpenSoraT2V DiT on cached shards.")
+    from osp.stage2_train.config import config_keys_help
+
+    p = argparse.ArgumentParser(prog="python -m osp.stage2_train.run", description="Train the OpenSoraT2V DiT on cached shards.",
+                                epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="TOML config (stage2_train/configs/demo.toml)")
     p.add_argument("--resume", default="", help="'auto' (latest checkpoint of the run, if any) or a checkpoint folder")
     p.add_argument("--init", default="", help="converted released DiT checkpoint (or osp checkpoint) to start from")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.steps=10 parallel.tp=1")
     return p.parse_intermixed_args(argv)
-
-
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, CorruptSampleError, NonFiniteError, RunLockedError)
 
 
 def main(argv=None) -> int:
@@ -577,9 +579,8 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error (rank {rank}): a checkpoint file was refused ({what}); it would run code when unpickled. "
                          "Resume from a checkpoint this osp wrote (--resume DIR)\n")
         return 1
-    except EXPECTED_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.stderr.write(f"error (rank {rank}): {msg}\n")  # one write: ranks sharing a pipe keep whole lines
+    except OspError as e:  # a user error: one line (OSP_TRACEBACK=1 adds the traceback); bugs keep theirs
+        sys.stderr.write(f"error (rank {rank}): {one_line(e)}\n")  # one write: ranks sharing a pipe keep whole lines
         sys.stderr.flush()
         if os.environ.get("OSP_TRACEBACK"):
             raise

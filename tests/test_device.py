@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from osp.common import device as devmod
-from osp.common.device import Device, pick_device, seed_everything
+from osp.common.device import Device, pick_device
 
 
 def test_pick_device_cpu_and_backends():
@@ -31,17 +31,41 @@ def test_pick_device_cpu_and_backends():
         pick_device("tpu")
 
 
-def test_npu_guard_without_torch_npu():
+class _BrokenImport:
+    """A meta-path finder whose torch_npu import fails the way a torch_npu install without CANN does."""
+
+    def __init__(self, error: type[BaseException]):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch_npu":
+            raise self.error("libhccl.so: cannot open shared object file")
+        return None
+
+
+@pytest.mark.parametrize("error", [ImportError, OSError, RuntimeError])
+def test_npu_guard_when_torch_npu_import_fails(monkeypatch, error):
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenImport(error), *sys.meta_path])
     devmod.npu_available.cache_clear()
-    assert devmod.npu_available() is False  # torch_npu is an optional extra, absent here
+    try:
+        assert devmod.npu_available() is False
+        with pytest.raises(RuntimeError, match="torch_npu is not usable"):
+            pick_device("npu")
+    finally:
+        devmod.npu_available.cache_clear()
 
 
-def test_seed_everything_reproducible():
-    seed_everything(7)
-    a = (torch.randn(3), torch.rand(2))
-    seed_everything(7)
-    b = (torch.randn(3), torch.rand(2))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+def test_npu_guard_with_a_working_torch_npu(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: True), raising=False)
+    devmod.npu_available.cache_clear()
+    try:
+        assert devmod.npu_available() is True and pick_device("npu").backend == "hccl"
+    finally:
+        devmod.npu_available.cache_clear()
 
 
 def test_shim_not_applied_with_accelerator():
@@ -106,7 +130,8 @@ def _shim_worker(rank: int, world: int, port: int, ckpt_dir: str) -> None:
     w_full, b_full = torch.randn(8, 5), torch.randn(8)
     lin = tp.ColumnParallelLinear(5, 8, config=cfg, init_method=lambda w: None, bias=True, gather_output=False)
     with torch.no_grad():
-        lin.weight.copy_(w_full.chunk(world)[rank]); lin.bias.copy_(b_full.chunk(world)[rank])
+        lin.weight.copy_(w_full.chunk(world)[rank])
+        lin.bias.copy_(b_full.chunk(world)[rank])
     inp_full = torch.randn(6, 1, 5)
     inp = inp_full.chunk(world)[rank].clone().requires_grad_(True)
     out, _ = lin(inp)

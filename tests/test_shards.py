@@ -212,6 +212,16 @@ def test_cli_inspect_and_verify_ok(shard_dir):
     assert res.exit_code == 0 and "bytes / sample" in res.output
 
 
+def test_cli_inspect_missing_folder_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from osp.common.cli import app
+
+    res = CliRunner().invoke(app, ["shards", "inspect", str(tmp_path / "nope")])
+    assert res.exit_code == 1, res.output
+    assert f"{tmp_path / 'nope'}: no such shard folder" in res.output and "python" not in res.output
+
+
 class _Evil:
     def __init__(self, marker: str):
         self.marker = marker
@@ -281,7 +291,7 @@ def test_bad_input_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(S.ShardError, match="schema version 99"):
         S.read_manifest(tmp_path)
-    with pytest.raises(S.ShardError, match="no index"):
+    with pytest.raises(S.ShardError, match="index.zarr: missing, the encode .* did not finish"):
         S.ShardIndex.open(tmp_path)
     with pytest.raises(S.ShardError, match="safetensors"):
         S.load_safetensors_bytes(b"\xff" * 16, "x")

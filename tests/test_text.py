@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from osp.common.config import TEXT_MAX_LENGTH
-from osp.common.models.text import TextEncoder, _clean_once, clean_caption, write_tiny_text_encoder
+from osp.common.models.text import (
+    CLEANER_NAME,
+    TextEncoder,
+    _clean_once,
+    clean_caption,
+    cleaner_identity,
+    write_tiny_text_encoder,
+)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +107,63 @@ def test_tiny_is_deterministic_and_identity(tmp_path, encoder):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         TextEncoder.from_pretrained(tmp_path / "nope")
+
+
+# Tricky captions pinned to what upstream's cleaner gives (BeautifulSoup html.parser + ftfy, twice):
+# each line fails if either library is dropped or replaced (a regex for bs4, ftfy only when installed).
+TRICKY = [
+    ("Tom &amp; Jerry &lt;3 &quot;friends&quot;", 'tom jerry <3 "friends"'),  # entities, then "&" is bad punctuation
+    ("Caf&eacute; at night &#8212; rain", "café at night - rain"),
+    ("A dog&#39;s life", "a dog's life"),
+    ("<style>.a{color:red}</style>A red car", "a red car"),  # bs4 drops style text; a tag regex keeps it
+    ("<p>A <i>cat</i> sleeping</p><br/>on a mat", "a cat sleepingon a mat"),
+    ("5 <3 cats <a href='x'>link</a>", "5 <3 cats link"),
+    ("â€œSmart quotesâ€\x9d broken", '"smart quotes" broken'),  # mojibake repaired by ftfy
+    ("ＦＵＬＬＷＩＤＴＨ text", "fullwidth text"),  # ftfy folds full-width letters
+    ("The cafÃ© in ParÃ­s", "the cafã in parã\xads"),  # lower() runs before ftfy, as upstream: not repaired
+    ("Visit www.example.org/page or http://foo.bar/baz today", "visit or foo. bar baz today"),
+    ("一只猫在草地上奔跑 a cat runs", "一只猫在草地上奔跑 a cat runs"),
+    ("㈱ company logo", "company logo"),  # enclosed CJK (U+3231) removed
+    ("video.mp4", ""),  # a file name (bs4 would warn that it looks like one; osp silences that)
+]
+
+
+@pytest.mark.parametrize("raw, expected", TRICKY)
+def test_clean_caption_tricky(raw, expected):
+    assert clean_caption(raw) == expected
+
+
+def test_cleaner_identity_names_rules_and_versions():
+    from importlib.metadata import version
+
+    ident = cleaner_identity()
+    assert ident == {"name": CLEANER_NAME, "ftfy": version("ftfy"), "beautifulsoup4": version("beautifulsoup4")}
+
+
+def _clean_in_fresh_interpreter(raws: list[str], blocked: tuple[str, ...]):
+    """clean_caption in a new interpreter where importing each of `blocked` fails (as if not installed)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        f"for m in {blocked!r}:\n"
+        "    sys.modules[m] = None\n"
+        "from osp.common.models.text import clean_caption\n"
+        "print(json.dumps([clean_caption(c) for c in json.loads(sys.stdin.read())]))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], input=json.dumps(raws), capture_output=True, text=True, timeout=120)
+    return p.returncode, (json.loads(p.stdout) if p.returncode == 0 else p.stderr)
+
+
+def test_cleaner_does_not_depend_on_what_else_is_installed():
+    """Two machines clean the same captions identically: optional parsers and charset detectors that
+    bs4 could pick up change nothing, and a machine without ftfy refuses to clean instead of silently
+    producing other text (the cache would then depend on the machine)."""
+    raws = [raw for raw, _ in TRICKY]
+    rc, got = _clean_in_fresh_interpreter(raws, ("lxml", "html5lib", "chardet", "cchardet", "charset_normalizer"))
+    assert rc == 0, got
+    assert got == [clean_caption(c) for c in raws]
+    rc, err = _clean_in_fresh_interpreter(raws, ("ftfy",))
+    assert rc != 0 and "ftfy" in err

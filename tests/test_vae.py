@@ -388,7 +388,7 @@ def _make_pointwise(model: CausalVAE) -> CausalVAE:
     for m in model.modules():
         if isinstance(m, nn.GroupNorm):
             shape = lambda x: (1, -1) + (1,) * (x.ndim - 2)  # noqa: E731
-            m.forward = lambda x, m=m: x * m.weight.view(shape(x)) + m.bias.view(shape(x))
+            m.forward = lambda x, m=m, shape=shape: x * m.weight.view(shape(x)) + m.bias.view(shape(x))
     return model
 
 

@@ -15,6 +15,38 @@ import torch.multiprocessing as mp
 ZERO_GRAD_KEYS = ("attn2.to_k.bias",)  # analytically zero: a key bias shifts every logit of a query equally
 
 
+# --- full-size gathers of a parallelized model (test-side checks of the TP plan) ---------------------
+def _gather(key: str, t: torch.Tensor, tp: int, group) -> torch.Tensor:
+    from osp.common.convert import tp_split_dim
+
+    dim = tp_split_dim(key)
+    if dim is None or tp == 1:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The TP=1 state dict (released key names) of a parallelized model, on every TP rank. Collective."""
+    from osp.stage2_train.parallel import _tp_info
+
+    tp, _, group = _tp_info(model)
+    return {k: _gather(k, v, tp, group) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def gather_full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full-size gradients by parameter name (zeros where a grad is None). Collective."""
+    from osp.stage2_train.parallel import _tp_info
+
+    tp, _, group = _tp_info(model)
+    out = {}
+    for k, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        out[k] = _gather(k, g, tp, group)
+    return out
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -43,7 +75,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def run(model, inputs, reduce: bool):
-    from osp.stage2_train.parallel import gather_full_grads, reduce_sequence_parallel_grads
+    from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 
     x, t, text, mask, w = inputs
     model.zero_grad(set_to_none=True)
@@ -78,7 +110,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     from osp.common.models.dit import build_dit, get_dit_config
-    from osp.stage2_train.parallel import gather_full_state_dict, load_full_state_dict, parallelize
+    from osp.stage2_train.parallel import load_full_state_dict, parallelize
 
     results: dict[str, dict] = {}
     cases = [

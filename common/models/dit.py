@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from osp.common.config import MASK_BIAS, ROPE_THETA, TEXT_DIM_MT5_XXL, read_config_json
+from osp.common.errors import ConfigError
 from osp.common.models.rope import RopeTable, apply_rope, rope_angles
 
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep embedding width (PixArt adaLN-single)
@@ -90,7 +91,7 @@ class DiTConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"DiTConfig: {msg}")
+                raise ConfigError(f"DiTConfig: {msg}")
 
     @property
     def inner_dim(self) -> int:
@@ -121,7 +122,7 @@ class DiTConfig:
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = {"_class_name": "OpenSoraT2V"}
@@ -160,7 +161,7 @@ def get_dit_config(preset_or_config: str | DiTConfig | dict | Path) -> DiTConfig
         return DiTConfig.from_json(preset_or_config)
     if preset_or_config in DIT_PRESETS:
         return replace(DIT_PRESETS[preset_or_config])
-    raise ValueError(f"unknown DiT preset {preset_or_config!r}; choose one of {sorted(DIT_PRESETS)} or pass a config.json")
+    raise ConfigError(f"unknown DiT preset {preset_or_config!r}; choose one of {sorted(DIT_PRESETS)} or pass a config.json")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ the attention mask goes to the encoder and, later, to the DiT's cross-attention.
 
 Caption cleaning (spec §6/§7): the DeepFloyd-IF cleaner of diffusers' IF pipeline, applied twice,
 with one difference that Open-Sora Plan made: the line deleting the CJK unified ideographs
-(U+4E00-U+9FFF) is disabled (mT5 is multilingual). Two upstream dependencies are replaced:
-BeautifulSoup(html.parser).text becomes a tag-stripping regex + html.unescape (same result on
-captions; no bs4 dependency), and ftfy.fix_text is applied only when ftfy happens to be installed
-(it only repairs mojibake, which clean UTF-8 captions do not contain).
+(U+4E00-U+9FFF) is disabled (mT5 is multilingual). As upstream, it always runs
+BeautifulSoup(caption, "html.parser").text and ftfy.fix_text (both are dependencies of osp, pinned in
+pyproject.toml), so a cache does not depend on what else a machine has installed; the shard manifest
+records the cleaner's identity (`cleaner_identity()`: rules + ftfy and beautifulsoup4 versions).
 """
 from __future__ import annotations
 
@@ -20,21 +20,30 @@ import json
 import pickle
 import re
 import urllib.parse as ul
+import warnings
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import ftfy
 import torch
+from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
 from osp.common.config import TEXT_MAX_LENGTH
+from osp.common.errors import ConfigError, MissingFileError
 from osp.common.hashing import sha256_file, sha256_files
+
+if TYPE_CHECKING:
+    from osp.common.device import Device
 
 # --------------------------------------------------------------------------------------------------
 # caption cleaner
 # --------------------------------------------------------------------------------------------------
 
-try:  # optional, as documented above
-    import ftfy as _ftfy
-except ImportError:  # pragma: no cover - depends on the environment
-    _ftfy = None
+# Captions that look like a URL or a file name are still captions (bs4 warns about such markup).
+warnings.filterwarnings("ignore", category=MarkupResemblesLocatorWarning)
+
+CLEANER_NAME = "deepfloyd-if-x2-keep-cjk"  # bump when a rule below changes: it names the cache's text
 
 _URL_HTTP = re.compile(
     r"\b((?:https?:(?:\/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)))"
@@ -42,8 +51,6 @@ _URL_HTTP = re.compile(
 _URL_WWW = re.compile(
     r"\b((?:www:(?:\/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)))"
 )
-# An HTML tag as html.parser sees one: "<" followed by a letter, "/", "!" or "?" up to the next ">".
-_HTML_TAG = re.compile(r"<[a-zA-Z/!?][^<>]*>")
 # CJK blocks that the IF cleaner deletes; U+4E00-U+9FFF (CJK unified ideographs) is kept on purpose.
 _CJK_DELETED = [
     re.compile(r"[\u31c0-\u31ef]+"),  # CJK strokes
@@ -105,7 +112,7 @@ def _clean_once(caption: str) -> str:
     caption = re.sub("<person>", "person", caption)
     caption = _URL_HTTP.sub("", caption)
     caption = _URL_WWW.sub("", caption)
-    caption = html.unescape(_HTML_TAG.sub("", caption))  # BeautifulSoup(..., "html.parser").text
+    caption = BeautifulSoup(caption, features="html.parser").text
     caption = re.sub(r"@[\w\d]+\b", "", caption)  # @nickname
     for pattern in _CJK_DELETED:
         caption = pattern.sub("", caption)
@@ -114,8 +121,7 @@ def _clean_once(caption: str) -> str:
         caption = re.sub(pattern, repl, caption)
     if len(_DASH_OR_UNDERSCORE.findall(caption)) > 3:  # this-is-my-cute-cat / this_is_my_cute_cat
         caption = _DASH_OR_UNDERSCORE.sub(" ", caption)
-    if _ftfy is not None:
-        caption = _ftfy.fix_text(caption)
+    caption = ftfy.fix_text(caption)
     caption = html.unescape(html.unescape(caption))
     for pattern, repl in _RULES_2:
         caption = re.sub(pattern, repl, caption)
@@ -125,6 +131,11 @@ def _clean_once(caption: str) -> str:
 def clean_caption(text: str) -> str:
     """Clean a caption or prompt as upstream does: the IF cleaner, applied twice."""
     return _clean_once(_clean_once(text))
+
+
+def cleaner_identity() -> dict:
+    """What cleaned the captions: recorded in the shard manifest (same identity -> same cleaned text)."""
+    return {"name": CLEANER_NAME, "ftfy": version("ftfy"), "beautifulsoup4": version("beautifulsoup4")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +164,7 @@ class TextEncoder:
     def from_pretrained(
         cls,
         path: str | Path,
-        device: torch.device | str | None = None,
+        device: torch.device | str | Device | None = None,
         dtype: torch.dtype | None = None,
         max_length: int = TEXT_MAX_LENGTH,
     ) -> "TextEncoder":
@@ -163,11 +174,11 @@ class TextEncoder:
         from transformers import AutoTokenizer, MT5EncoderModel
         from transformers.utils import logging as hf_logging
 
-        from osp.common.device import pick_device
+        from osp.common.device import Device, pick_device
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path}/config.json not found: --text-encoder must be a local mT5 folder "
                 f"(e.g. a download of google/mt5-xxl, or `osp demo-models OUT` -> OUT/text_encoder)"
             )
@@ -175,7 +186,7 @@ class TextEncoder:
             dev = pick_device()
             device, default_dtype = dev.torch_device(), dev.autocast_dtype
         else:
-            device = torch.device(device) if not hasattr(device, "torch_device") else device.torch_device()
+            device = device.torch_device() if isinstance(device, Device) else torch.device(device)
             default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         dtype = dtype or default_dtype
         verbosity = hf_logging.get_verbosity()
@@ -194,9 +205,9 @@ class TextEncoder:
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
-        model.to(device).eval().requires_grad_(False)
+        model.to(device).eval().requires_grad_(False)  # pyright: ignore[reportArgumentType, reportCallIssue]
         if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
                 f"the folder mixes two models, re-download or re-create it"
             )

@@ -21,13 +21,14 @@ import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from osp.common.config import LATENT_CHANNELS, LOGVAR_CLAMP, TileConfig, read_config_json
+from osp.common.errors import ConfigError, MissingFileError
 from osp.common.hashing import sha256_file
 
 PIXEL_CHANNELS = 3
@@ -149,7 +150,7 @@ class GroupNorm(nn.GroupNorm):
 
     def __init__(self, channels: int, groups: int):
         if channels % groups:
-            raise ValueError(f"GroupNorm: {channels} channels are not divisible by norm_num_groups={groups}; fix the VAE config")
+            raise ConfigError(f"GroupNorm: {channels} channels are not divisible by norm_num_groups={groups}; fix the VAE config")
         super().__init__(groups, channels, eps=GN_EPS, affine=True)
 
 
@@ -327,7 +328,7 @@ _UP_CLASSES = {"SpatialUpsample2x": SpatialUpsample2x, "Spatial2xTime2x3DUpsampl
 def _cls(table: dict, name: str, what: str):
     short = name.rsplit(".", 1)[-1]  # tolerate dotted module paths
     if short not in table:
-        raise ValueError(f"VAE config: {what} = {name!r} is not supported; use one of {sorted(table)}")
+        raise ConfigError(f"VAE config: {what} = {name!r} is not supported; use one of {sorted(table)}")
     return table[short]
 
 
@@ -341,14 +342,17 @@ class _Level(nn.Module):
 class Encoder(nn.Module):
     """[B, 3, T, H, W] -> [B, 2*z, (T-1)//4+1, H/8, W/8] (before quant_conv)."""
 
+    down: Any  # ModuleList of _Level (attributes set per level: block, attn, downsample)
+    mid: Any  # block_1, attn_1, block_2
+
     def __init__(self, cfg: CausalVAEConfig):
         super().__init__()
         g, n = cfg.norm_num_groups, len(cfg.hidden_size_mult)
         for name in ("encoder_resnet_blocks", "encoder_spatial_downsample", "encoder_temporal_downsample"):
             if len(getattr(cfg, name)) != n:
-                raise ValueError(f"VAE config: {name} needs {n} entries (one per hidden_size_mult level)")
+                raise ConfigError(f"VAE config: {name} needs {n} entries (one per hidden_size_mult level)")
         if any(cfg.encoder_temporal_downsample):
-            raise ValueError("VAE config: separate temporal downsample modules are not part of v1.2; use \"\" entries")
+            raise ConfigError("VAE config: separate temporal downsample modules are not part of v1.2; use \"\" entries")
         self.conv_in = _cls(_CONV_CLASSES, cfg.encoder_conv_in, "encoder_conv_in")(PIXEL_CHANNELS, cfg.hidden_size, 3, stride=1, padding=1)
         attn_cls = _cls(_ATTN_CLASSES, cfg.encoder_attention, "encoder_attention")
         widths_in = [cfg.hidden_size] + [cfg.hidden_size * m for m in cfg.hidden_size_mult]
@@ -395,14 +399,17 @@ class Decoder(nn.Module):
     """[B, z, t, h, w] (after post_quant_conv) -> [B, 3, 4(t-1)+1, 8h, 8w]. `up.<i>` is level i;
     execution runs i = n-1 ... 0."""
 
+    up: Any  # ModuleList of _Level (attributes set per level: block, attn, upsample)
+    mid: Any  # block_1, attn_1, block_2
+
     def __init__(self, cfg: CausalVAEConfig):
         super().__init__()
         g, n = cfg.norm_num_groups, len(cfg.hidden_size_mult)
         for name in ("decoder_resnet_blocks", "decoder_spatial_upsample", "decoder_temporal_upsample"):
             if len(getattr(cfg, name)) != n:
-                raise ValueError(f"VAE config: {name} needs {n} entries (one per hidden_size_mult level)")
+                raise ConfigError(f"VAE config: {name} needs {n} entries (one per hidden_size_mult level)")
         if any(cfg.decoder_temporal_upsample):
-            raise ValueError("VAE config: separate temporal upsample modules are not part of v1.2; use \"\" entries")
+            raise ConfigError("VAE config: separate temporal upsample modules are not part of v1.2; use \"\" entries")
         attn_cls = _cls(_ATTN_CLASSES, cfg.decoder_attention, "decoder_attention")
         c = cfg.hidden_size * cfg.hidden_size_mult[-1]
         res = cfg.resolution // 2 ** (n - 1)
@@ -544,7 +551,7 @@ def build_vae(preset_or_config: str | CausalVAEConfig, device=None, dtype=None) 
         p = Path(preset_or_config)
         cfg = CausalVAEConfig.from_json(p / CONFIG_NAME if p.is_dir() else p)
     else:
-        raise ValueError(f"unknown VAE preset {preset_or_config!r}; choose one of {sorted(VAE_PRESETS)} or a config.json")
+        raise ConfigError(f"unknown VAE preset {preset_or_config!r}; choose one of {sorted(VAE_PRESETS)} or a config.json")
     model = CausalVAE(cfg)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
@@ -561,14 +568,14 @@ def weight_file(path: str | Path) -> Path:
     if p.is_file():
         return p
     if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such VAE folder; pass a folder with config.json and checkpoint.ckpt or *.safetensors")
+        raise MissingFileError(f"{p}: no such VAE folder; pass a folder with config.json and checkpoint.ckpt or *.safetensors")
     ckpts = sorted(p.glob("*.ckpt"))
     if ckpts:
         return ckpts[-1]
     for name in SAFETENSORS_NAMES:
         if (p / name).is_file():
             return p / name
-    raise FileNotFoundError(f"{p}: no *.ckpt, {' or '.join(SAFETENSORS_NAMES)} in the VAE folder; copy the weights there")
+    raise MissingFileError(f"{p}: no *.ckpt, {' or '.join(SAFETENSORS_NAMES)} in the VAE folder; copy the weights there")
 
 
 def _config_path(path: str | Path) -> Path:
@@ -579,13 +586,13 @@ def _config_path(path: str | Path) -> Path:
 def _select_ckpt_state(obj, file: Path, ema) -> dict:
     """Upstream `init_from_ckpt` selection with an explicit `ema` instead of NOT_USE_EMA_MODEL."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{file}: checkpoint is a {type(obj).__name__}, expected a dict of tensors")
+        raise ConfigError(f"{file}: checkpoint is a {type(obj).__name__}, expected a dict of tensors")
     ema_sd = obj.get("ema_state_dict")
     has_ema = isinstance(ema_sd, dict) and len(ema_sd) > 0
     if ema is True and not has_ema:
-        raise ValueError(f"{file}: ema=True but the checkpoint has no non-empty ema_state_dict; use ema='auto' or False")
+        raise ConfigError(f"{file}: ema=True but the checkpoint has no non-empty ema_state_dict; use ema='auto' or False")
     if has_ema and ema in ("auto", True):
-        return {k.replace("module.", ""): v for k, v in ema_sd.items()}
+        return {k.replace("module.", ""): v for k, v in dict(ema_sd or {}).items()}
     if "state_dict" in obj:
         sd = obj["state_dict"]
         return sd["gen_model"] if isinstance(sd, dict) and "gen_model" in sd else sd
@@ -600,17 +607,17 @@ def _read_state_dict(file: Path, ema) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(file), device="cpu")
         except SafetensorError as e:
-            raise ValueError(f"{file}: not a readable safetensors file ({e}); re-download or re-save the VAE weights") from None
+            raise ConfigError(f"{file}: not a readable safetensors file ({e}); re-download or re-save the VAE weights") from None
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise ValueError(
+        raise ConfigError(
             f"{file}: checkpoint holds objects other than plain tensors/containers and was refused "
             f"(weights_only load: {first}); convert it to safetensors in a trusted environment"
         ) from None
     except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{file}: not a readable torch checkpoint ({str(e).splitlines()[0]}); re-download the VAE weights") from None
+        raise ConfigError(f"{file}: not a readable torch checkpoint ({str(e).splitlines()[0]}); re-download the VAE weights") from None
     return _select_ckpt_state(obj, file, ema)
 
 
@@ -632,7 +639,7 @@ def load_state_dict_strict(model: nn.Module, sd: dict, file: Path | str) -> None
             shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise ValueError(f"{file}: weights do not match the VAE config ({'; '.join(problems)}); check config.json and the weight file belong together")
+        raise ConfigError(f"{file}: weights do not match the VAE config ({'; '.join(problems)}); check config.json and the weight file belong together")
     model.load_state_dict(sd, strict=True)
 
 
@@ -684,7 +691,7 @@ def read_clip_for_vae(path: str | Path, max_frames: int = 17, max_side: int = 25
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such video file")
+        raise MissingFileError(f"{path}: no such video file")
     try:
         import decord
 
@@ -692,10 +699,10 @@ def read_clip_for_vae(path: str | Path, max_frames: int = 17, max_side: int = 25
         n = min(max_frames, len(vr))
         n = (n - 1) // 4 * 4 + 1 if n >= 1 else 0
         if n < 1:
-            raise ValueError(f"{path}: the video has no frames")
+            raise ConfigError(f"{path}: the video has no frames")
         frames = vr.get_batch(list(range(n))).asnumpy()  # [T, H, W, 3] uint8
     except (RuntimeError, decord.DECORDError) as e:  # DECORDError is not a RuntimeError
-        raise ValueError(f"{path}: decord cannot read this video ({str(e).splitlines()[0][:200]}); re-encode it as H.264 mp4") from None
+        raise ConfigError(f"{path}: decord cannot read this video ({str(e).splitlines()[0][:200]}); re-encode it as H.264 mp4") from None
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
     h, w = x.shape[2:]
     scale = min(1.0, max_side / min(h, w))
@@ -704,7 +711,7 @@ def read_clip_for_vae(path: str | Path, max_frames: int = 17, max_side: int = 25
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     h8, w8 = h // 8 * 8, w // 8 * 8
     if h8 < 8 or w8 < 8:
-        raise ValueError(f"{path}: frames of {h}x{w} px are too small for the VAE (need at least 8x8)")
+        raise ConfigError(f"{path}: frames of {h}x{w} px are too small for the VAE (need at least 8x8)")
     top, left = (h - h8) // 2, (w - w8) // 2
     x = x[:, :, top : top + h8, left : left + w8]
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -70,9 +70,8 @@ def temporal_chunks(t: int, size: int) -> list[tuple[int, int]]:
 
 def _weights(e: int, like: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """(1 - y/E, y/E) for y < E, each computed in double and rounded once, as upstream's scalars are."""
-    kw = dict(dtype=like.dtype, device=like.device)
-    wa = torch.tensor([1 - y / e for y in range(e)], **kw).view(shape)
-    wb = torch.tensor([y / e for y in range(e)], **kw).view(shape)
+    wa = torch.tensor([1 - y / e for y in range(e)], dtype=like.dtype, device=like.device).view(shape)
+    wb = torch.tensor([y / e for y in range(e)], dtype=like.dtype, device=like.device).view(shape)
     return wa, wb
 
 
