@@ -49,7 +49,7 @@ def main() -> None:
         cfg = get_dit_config(preset)
         tokens = cfg.sample_size_t * (cfg.sample_size[0] // cfg.patch_size) * (cfg.sample_size[1] // cfg.patch_size)
 
-        def figures(lay: CommLayout) -> dict:
+        def figures(lay: CommLayout, cfg=cfg, tokens=tokens) -> dict:
             w = wire_bytes(payloads(cfg, tokens, a.text, 1, lay, act_bytes=2, grad_bytes=4), lay)
             w["attn"] = attention_flops_per_rank(cfg, tokens, 1, lay)
             w["params"] = p = local_param_count(json.dumps(cfg.to_dict()), lay.tp)

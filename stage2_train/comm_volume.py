@@ -69,7 +69,7 @@ def payloads(cfg, tokens: int, text_len: int, batch: int, layout: CommLayout, ac
     import json
 
     n, s, b, d, e, g = cfg.num_layers, tokens, batch, cfg.inner_dim, act_bytes, grad_bytes
-    tp, cp, dp = layout.tp, layout.cp, layout.dp
+    tp, cp = layout.tp, layout.cp
     sc = s // cp
     m, t = sc * b * d * e, text_len * b * d * e
     out: dict[tuple[str, str], int] = {}

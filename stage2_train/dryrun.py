@@ -31,7 +31,6 @@ import time
 import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

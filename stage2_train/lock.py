@@ -54,7 +54,6 @@ class RunLock:
 
 def take_run_lock(run_dir: str | os.PathLike, is_main: bool) -> RunLock | None:
     """Rank 0 locks `run_dir`; every rank raises RunLockedError when it could not (collective)."""
-    import torch
     import torch.distributed as dist
 
     lock, message = None, ""
