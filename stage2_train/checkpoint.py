@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from osp.common.convert import TRAINING_CONFIG_FILE, TRAINING_META_FILE, tp_split_dim
+from osp.common.errors import OspError
 
 LATEST = "latest"
 TRAINER_FILE = TRAINING_META_FILE
@@ -51,6 +52,10 @@ FORMAT = "torch-dcp"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 RNG_KINDS = ("torch", "cuda")
 SLOW_SAVE_ENV = "OSP_TEST_SLOW_SAVE_S"  # tests: seconds each rank's writer sleeps before writing its data
+
+
+class CheckpointError(OspError, ValueError):
+    """A checkpoint that cannot be resumed as asked (one line: the folder, the setting, the fix)."""
 
 
 def step_name(step: int) -> str:
@@ -265,7 +270,7 @@ def find(run_dir: Path, resume: str) -> Path | None:
     if not (path / TRAINER_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete training checkpoint (no {TRAINER_FILE}); pass --resume auto or a step-XXXXXXX folder")
     if read_trainer_state(path).get("format") != FORMAT:
-        raise ValueError(f"{path}: written by an older osp ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
+        raise CheckpointError(f"{path}: written by an older osp ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
                          f"model.init={path / 'model'} (weights only)")
     return path
 
@@ -289,12 +294,12 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
         sd[f"model.{k}"] = _global(k, v, mesh, tp)
     if ema is not None:
         if not any(k.startswith("ema.") for k in have):
-            raise ValueError(f"{path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
+            raise CheckpointError(f"{path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
         for k, v in ema.shadow.items():
             sd[f"ema.{k}"] = _global(k, v, mesh, tp)
     missing = sorted(k for k in sd if k not in have)
     if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
+        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
                          "resume with the model.preset / config.json it was trained with")
     opt, moments = _adamw(optimizer), {}
     for name, p in _owned(optimizer, model):
@@ -332,6 +337,6 @@ def load_weights(path: Path, *, model, mesh, tp: int, prefer_ema: bool = True) -
     sd = {f"{prefix}{k}": _global(k, v, mesh, tp) for k, v in _tensor_state(model).items()}
     missing = sorted(k for k in sd if k not in have)
     if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
+        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
                          "use the model.preset / config.json it was trained with")
     dcp.load(sd, checkpoint_id=str(path))
