@@ -121,7 +121,7 @@ def test_kill9_during_async_save_keeps_the_previous_latest(tmp_path):
     assert (ckroot / "latest").read_text().strip() == "step-0000002"
 
     # the save at step 4 sleeps before writing its data; training goes on meanwhile; kill -9 at step 5
-    p = _run(run, shards, 8, {"OSP_TEST_SLOW_SAVE_S": "120"})
+    p = _run(run, shards, 8, {"OSP_TEST_SLOW_SAVE_S": "300"})
     deadline = time.time() + 200
     while not any(m["step"] == 5 for m in _metrics(run)):
         assert p.poll() is None and time.time() < deadline, p.stderr.read()[-3000:]
@@ -141,6 +141,20 @@ def test_kill9_during_async_save_keeps_the_previous_latest(tmp_path):
     assert [m["step"] for m in after] == [3, 4, 5, 6]
     for m in after[:3]:  # steps redone after the kill are bit-identical to the first attempt
         assert m["loss"] == killed[m["step"]], (m, killed[m["step"]])
+
+    # `osp convert export` reads the training checkpoint (EMA by default) into the diffusers layout
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from osp.common.cli import app
+
+    r = CliRunner().invoke(app, ["convert", "export", str(ckroot / "step-0000006"), str(tmp_path / "export")])
+    assert r.exit_code == 0, r.output
+    exported = load_file(str(tmp_path / "export" / "diffusion_pytorch_model.safetensors"))
+    saved = read_all(ckroot / "step-0000006")
+    assert exported.keys() == {k[4:] for k in saved if k.startswith("ema.")}
+    assert all(torch.equal(v, saved[f"ema.{k}"]) for k, v in exported.items())
+    assert not all(torch.equal(v, saved[f"model.{k}"]) for k, v in exported.items())  # the EMA, not the weights
 
 
 # ------------------------------------------------------------------------------------------------
