@@ -6,7 +6,7 @@ Three ways to get a TP=2 (+SP) training model on each of 2 gloo ranks, each in f
   slices   build on meta, apply the plan, to_empty this rank's shard, read only its slices of the
            released safetensors (safe_open(...).get_slice)       [osp.stage2_train.build]
   dcp      same model, filled from a torch DCP training checkpoint (resharded reads)
-Peak = ru_maxrss of the rank after the load minus its RSS after the imports (torch, megatron).
+Peak = VmHWM of the rank after the load minus its VmRSS after the imports (torch, megatron).
 Also printed: the exact parameter bytes (full model, one rank's shard).
 
 The real OpenSoraT2V width (24 heads x 96 = 2304, mT5-XXL captions) with --layers of its 32 blocks:
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -33,13 +32,12 @@ import torch.multiprocessing as mp
 TARGET = 0.8  # slices / full peak at TP=2 (the replicated embeddings weigh more at few layers)
 
 
-def _rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def _maxrss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _status_gb(field: str) -> float:
+    """VmRSS / VmHWM of this process (per address space: unlike ru_maxrss, not inherited across fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir: str, out: str) -> None:
@@ -61,7 +59,11 @@ def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir:
     ps.initialize_model_parallel(tensor_model_parallel_size=2, create_gloo_process_groups=False)
     cfg = DiTConfig.from_json(cfg_json)
     mesh = ckpt.make_mesh("cpu", 2, 2)
-    base = _rss_gb()
+    try:  # reset the peak to the current RSS (Linux >= 4.0), so the imports' transient peak is not counted
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    base = _status_gb("VmRSS")
     t0 = time.perf_counter()
     if mode == "full":
         from osp.common.convert import load_dit_checkpoint
@@ -83,7 +85,7 @@ def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir:
             ckpt.load_weights(dcp_dir, model=model, mesh=mesh, tp=2, prefer_ema=False)
     dt = time.perf_counter() - t0
     local = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = _maxrss_gb() - base
+    peak = _status_gb("VmHWM") - base
     Path(out, f"{mode}-{rank}.txt").write_text(f"{peak} {local} {dt}\n")
     dist.barrier()
     dist.destroy_process_group()

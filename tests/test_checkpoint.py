@@ -67,6 +67,7 @@ def _step_keys(ranks: dict, dp: int) -> list[list[str]]:
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("new", ["tp1dp2", "tp2dp2z"])
 def test_resume_on_another_layout(resharded, new):
     src, res, ref = resharded["src"], resharded[new], resharded[f"{new}_ref"]
@@ -112,6 +113,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
 
 
+@pytest.mark.slow
 def test_kill9_during_async_save_keeps_the_previous_latest(tmp_path):
     shards = make_shards(tmp_path / "shards", 8)
     run = tmp_path / "run"
