@@ -335,12 +335,17 @@ class SliceReader:
             raise FileNotFoundError(f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder "
                                     f"(config.json + {DIFFUSERS_WEIGHTS}); pass the folder itself as model.init")
         self.config = DiTConfig.from_json(d / "config.json")
+        self._open: dict[str, object] = {}  # file -> safe_open handle (memory-mapped, read lazily)
         for i, f in enumerate(files):
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: missing; the checkpoint is incomplete")
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    self.pieces.setdefault(k, []).append((str(f), i if self.saved_tp > 1 else 0))
+            for k in self._handle(str(f)).keys():
+                self.pieces.setdefault(k, []).append((str(f), i if self.saved_tp > 1 else 0))
+
+    def _handle(self, f: str):
+        if f not in self._open:
+            self._open[f] = safe_open(f, framework="pt")
+        return self._open[f]
 
     def keys(self) -> set[str]:
         return set(self.pieces)
@@ -348,10 +353,7 @@ class SliceReader:
     def shape(self, key: str) -> tuple[int, ...]:
         """The full (TP=1) shape of `key`."""
         dim = tp_split_dim(key)
-        shapes = []
-        for f, _ in self.pieces[key]:
-            with safe_open(f, framework="pt") as h:
-                shapes.append(list(h.get_slice(key).get_shape()))
+        shapes = [list(self._handle(f).get_slice(key).get_shape()) for f, _ in self.pieces[key]]
         full = shapes[0]
         if dim is not None and self.saved_tp > 1:
             full[dim] = sum(s[dim] for s in shapes)
@@ -362,23 +364,21 @@ class SliceReader:
         dim = tp_split_dim(key)
         files = sorted(self.pieces[key], key=lambda x: x[1])
         if dim is None or (tp == 1 and self.saved_tp == 1):
-            with safe_open(files[0][0], framework="pt") as h:
-                return h.get_tensor(key)
+            return self._handle(files[0][0]).get_tensor(key)
         full = self.shape(key)
         if full[dim] % tp:
             raise ValueError(f"{key}: dim {dim} of shape {full} is not divisible by TP={tp}; choose a TP size dividing the head count")
         lo, hi = rank * full[dim] // tp, (rank + 1) * full[dim] // tp  # wanted [lo, hi) of the full dim
         parts, start = [], 0
         for f, _ in files:
-            with safe_open(f, framework="pt") as h:
-                sl = h.get_slice(key)
-                n = sl.get_shape()[dim]
-                a, b = max(lo, start), min(hi, start + n)
-                if a < b:
-                    idx = [slice(None)] * len(full)
-                    idx[dim] = slice(a - start, b - start)
-                    parts.append(sl[tuple(idx)])
-                start += n
+            sl = self._handle(f).get_slice(key)
+            n = sl.get_shape()[dim]
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                idx = [slice(None)] * len(full)
+                idx[dim] = slice(a - start, b - start)
+                parts.append(sl[tuple(idx)])
+            start += n
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
