@@ -191,6 +191,9 @@ class Checkpointer:
         # DCP's own collectives run on a separate gloo group: a background save never interleaves
         # with the training collectives (and gloo serves CPU staging on any accelerator)
         self.group = dist.new_group(backend="gloo")
+        if is_main and self.ckroot.is_dir():  # leftovers of saves killed before they were published
+            for stale in self.ckroot.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         self.pending: tuple[Future, Path, Path, dict] | None = None
 
     def save(self, step: int, *, model, ema, optimizer, counters: dict[str, int], meta: dict, dit_config) -> Path:
