@@ -10,6 +10,10 @@ then: SP-tagged grads summed over TP, grads averaged over DP, global grad norm (
 check (agreed by all ranks), clip, AdamW (optionally ZeRO-1), EMA, LR schedule. A SIGTERM sets a flag
 that all ranks agree on at the next step boundary: checkpoint, exit 0.
 
+The model is built on meta, split by the TP/SP plan and only this rank's shard is allocated, then
+filled from a training checkpoint (torch DCP, saved at any layout: `osp.stage2_train.checkpoint`),
+from model.init by slices, or from the seeded init (`osp.stage2_train.build`).
+
 Stage 2 never imports transformers, the VAE or stage 1.
 """
 from __future__ import annotations
