@@ -332,7 +332,9 @@ def test_sigkill_then_sigterm_then_resume_is_bit_exact(shards, two_nodes, tmp_pa
     # a checkpoint every step (slower steps, and the kill may land inside a checkpoint write)
     every = "run.ckpt_every=1"
     p = _launch(1, 0, 2, free_port(), _run_args(shards, run, "--resume", "auto", every))
-    _wait_for_step(p, run, 3)
+    # saves are asynchronous: the save of step k is published when the save of step k + 1 starts, so
+    # once step 4 is logged, step 2 is certainly `latest` (3 may be, 4 may be in flight)
+    _wait_for_step(p, run, 4)
     _signal_tree(p, signal.SIGKILL)  # the whole node dies: agent, trainers, loader workers
     p.communicate(timeout=60)
     killed_at = (ckroot / "latest").read_text().strip()
