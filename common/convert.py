@@ -277,6 +277,14 @@ def is_training_checkpoint(path: str | Path) -> bool:
     return (p / DCP_METADATA).is_file() and (p / TRAINING_META_FILE).is_file() and (p / TRAINING_CONFIG_FILE).is_file()
 
 
+def _training_keys(ckpt_dir: str | Path, prefix: str) -> dict:
+    """Key -> DCP metadata of a training checkpoint's tensors whose key starts with `prefix`."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    return {k: m for k, m in meta.items() if k.startswith(prefix)}
+
+
 def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
     """(config, full TP=1 state dict) of a training checkpoint, read offline (no process group):
     DCP assembles each global tensor from the chunks every rank wrote. EMA if present and preferred."""
@@ -284,9 +292,8 @@ def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tupl
 
     d = Path(ckpt_dir)
     config = DiTConfig.from_json(d / TRAINING_CONFIG_FILE)
-    meta = dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata
-    prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in meta) else "model."
-    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items() if k.startswith(prefix)}
+    prefix = "ema." if prefer_ema and _training_keys(d, "ema.") else "model."
+    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in _training_keys(d, prefix).items()}
     dcp.load(sd, checkpoint_id=str(d), no_dist=True)
     return config, {k[len(prefix):]: v for k, v in sd.items()}
 
@@ -410,7 +417,12 @@ def convert_import(src: str | Path, out: str | Path, tp: int = 1) -> Path:
 
 
 def convert_merge(src: str | Path, out: str | Path) -> Path:
-    """osp checkpoint at any TP -> osp checkpoint at TP 1 (model and EMA)."""
+    """osp checkpoint at any TP, or a training checkpoint -> osp checkpoint at TP 1 (model and EMA)."""
+    if is_training_checkpoint(src):
+        config, full = load_training_weights(src, prefer_ema=False)
+        _check_full(config, full, str(src))
+        ema = [load_training_weights(src, prefer_ema=True)[1]] if _training_keys(src, "ema.") else None
+        return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra={"source": str(src)})
     config, shards, meta = load_dit_shards(src, prefer_ema=False)
     full = merge_state_dicts(shards)
     _check_full(config, full, str(src))

@@ -157,6 +157,14 @@ def test_kill9_during_async_save_keeps_the_previous_latest(tmp_path):
     assert exported.keys() == {k[4:] for k in saved if k.startswith("ema.")}
     assert all(torch.equal(v, saved[f"ema.{k}"]) for k, v in exported.items())
     assert not all(torch.equal(v, saved[f"model.{k}"]) for k, v in exported.items())  # the EMA, not the weights
+    # `osp convert merge` turns it into an osp-dit checkpoint (weights and EMA)
+    from osp.common.convert import load_dit_checkpoint
+
+    r = CliRunner().invoke(app, ["convert", "merge", str(ckroot / "step-0000006"), str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    for ema in (False, True):
+        _, sd = load_dit_checkpoint(tmp_path / "merged", prefer_ema=ema)
+        assert all(torch.equal(v, saved[f"{'ema' if ema else 'model'}.{k}"]) for k, v in sd.items())
 
 
 # ------------------------------------------------------------------------------------------------
