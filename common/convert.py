@@ -294,7 +294,11 @@ def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tupl
     config = DiTConfig.from_json(d / TRAINING_CONFIG_FILE)
     prefix = "ema." if prefer_ema and _training_keys(d, "ema.") else "model."
     sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in _training_keys(d, prefix).items()}
-    dcp.load(sd, checkpoint_id=str(d), no_dist=True)
+    import warnings
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(d), no_dist=True)
     return config, {k[len(prefix):]: v for k, v in sd.items()}
 
 
