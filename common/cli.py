@@ -274,7 +274,7 @@ def convert_import_cmd(
 
 @convert_app.command("merge")
 def convert_merge_cmd(
-    src: Path = typer.Argument(..., help="osp checkpoint folder at any TP size."),
+    src: Path = typer.Argument(..., help="osp checkpoint folder at any TP size, or a training checkpoint (step-*)."),
     out: Path = typer.Argument(..., help="Output osp checkpoint folder (TP 1)."),
 ) -> None:
     """osp checkpoint at TP N -> TP 1 (model and EMA).
@@ -291,7 +291,7 @@ def convert_merge_cmd(
 
 @convert_app.command("export")
 def convert_export_cmd(
-    src: Path = typer.Argument(..., help="osp checkpoint folder (any TP size)."),
+    src: Path = typer.Argument(..., help="osp checkpoint folder (any TP size) or a training checkpoint (step-*)."),
     out: Path = typer.Argument(..., help="Output diffusers folder."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights when the checkpoint has them."),
 ) -> None:

@@ -22,8 +22,12 @@ osp DiT checkpoint folder (format "osp-dit", version 1):
     <dir>/ema-tp{r:02d}-of-{N:02d}.safetensors     optional EMA weights, same layout
 
 `osp_checkpoint.json` is written last, so a folder without it is incomplete. A released diffusers
-folder (config.json + diffusion_pytorch_model.safetensors, or a sharded .safetensors.index.json) is
-accepted wherever a checkpoint is read.
+folder (config.json + diffusion_pytorch_model.safetensors, or a sharded .safetensors.index.json) and
+a training checkpoint (torch DCP: `.metadata` + config.json + trainer.json, keys `model.<key>` and
+`ema.<key>`; written by `osp.stage2_train.checkpoint`) are accepted wherever a checkpoint is read.
+
+`SliceReader` reads one TP rank's pieces of released or osp-dit safetensors with
+`safe_open(...).get_slice`, so a rank never reads (or holds) more than its shard.
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ CHECKPOINT_VERSION = 1
 META_FILE = "osp_checkpoint.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+TRAINING_META_FILE = "trainer.json"  # a training checkpoint's step, layout and run config
+TRAINING_CONFIG_FILE = "config.json"  # its DiT config
+DCP_METADATA = ".metadata"
 
 _COLUMN = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_[qkv]|ff\.net\.0\.proj)\.(weight|bias)$")
 _ROW = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_out\.0|ff\.net\.2)\.weight$")
@@ -260,19 +267,125 @@ def load_diffusers_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_dit_checkpoint(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
-    """(config, full TP=1 state dict) from an osp checkpoint (TP shards merged) or a released
-    diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
+def is_training_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / DCP_METADATA).is_file() and (p / TRAINING_META_FILE).is_file() and (p / TRAINING_CONFIG_FILE).is_file()
+
+
+def _training_keys(ckpt_dir: str | Path, prefix: str) -> dict:
+    """Key -> DCP metadata of a training checkpoint's tensors whose key starts with `prefix`."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    return {k: m for k, m in meta.items() if k.startswith(prefix)}
+
+
+def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
+    """(config, full TP=1 state dict) of a training checkpoint, read offline (no process group):
+    DCP assembles each global tensor from the chunks every rank wrote. EMA if present and preferred."""
+    import torch.distributed.checkpoint as dcp
+
     d = Path(ckpt_dir)
+    config = DiTConfig.from_json(d / TRAINING_CONFIG_FILE)
+    prefix = "ema." if prefer_ema and _training_keys(d, "ema.") else "model."
+    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in _training_keys(d, prefix).items()}
+    import warnings
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(d), no_dist=True)
+    return config, {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def load_dit_checkpoint(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
+    """(config, full TP=1 state dict) from an osp checkpoint (TP shards merged), a training
+    checkpoint (DCP) or a released diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
+    d = Path(ckpt_dir)
+    if is_training_checkpoint(d):
+        return load_training_weights(d, prefer_ema)
     if is_osp_checkpoint(d):
         config, shards, _ = load_dit_shards(d, prefer_ema)
         return config, merge_state_dicts(shards)
     if is_diffusers_folder(d):
         return DiTConfig.from_json(d / "config.json"), load_diffusers_state_dict(d)
     raise MissingFileError(
-        f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder (config.json + {DIFFUSERS_WEIGHTS}); "
-        "pass the checkpoint folder itself"
+        f"{d}: neither an osp DiT checkpoint ({META_FILE}), a training checkpoint (step-* with {DCP_METADATA}) nor a "
+        f"diffusers folder (config.json + {DIFFUSERS_WEIGHTS}); pass the checkpoint folder itself"
     )
+
+
+class SliceReader:
+    """This TP rank's piece of every tensor of a released diffusers folder or an osp-dit checkpoint
+    (any saved TP size), read with `safe_open(...).get_slice`: only the bytes of the piece are read.
+
+        reader = SliceReader(folder, prefer_ema=True)
+        local = reader.read("transformer_blocks.0.attn1.to_q.weight", tp=2, rank=1)
+    """
+
+    def __init__(self, folder: str | Path, prefer_ema: bool = True):
+        d = Path(folder)
+        self.folder = d
+        self.pieces: dict[str, list[tuple[str, int]]] = {}  # key -> [(file, TP index)] ; saved TP size below
+        if is_osp_checkpoint(d):
+            meta = read_checkpoint_meta(d)
+            kind = "ema" if (prefer_ema and meta.get("ema")) else "model"
+            self.saved_tp = int(meta["tp"])
+            files = [d / shard_file(kind, r, self.saved_tp) for r in range(self.saved_tp)]
+        elif is_diffusers_folder(d):
+            self.saved_tp = 1
+            if (d / DIFFUSERS_WEIGHTS).is_file():
+                files = [d / DIFFUSERS_WEIGHTS]
+            else:
+                files = sorted({d / f for f in json.loads((d / DIFFUSERS_INDEX).read_text())["weight_map"].values()})
+        else:
+            raise MissingFileError(f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder "
+                                    f"(config.json + {DIFFUSERS_WEIGHTS}); pass the folder itself as model.init")
+        self.config = DiTConfig.from_json(d / "config.json")
+        self._open: dict[str, object] = {}  # file -> safe_open handle (memory-mapped, read lazily)
+        for i, f in enumerate(files):
+            if not f.is_file():
+                raise MissingFileError(f"{f}: missing; the checkpoint is incomplete")
+            for k in self._handle(str(f)).keys():
+                self.pieces.setdefault(k, []).append((str(f), i if self.saved_tp > 1 else 0))
+
+    def _handle(self, f: str):
+        if f not in self._open:
+            self._open[f] = safe_open(f, framework="pt")
+        return self._open[f]
+
+    def keys(self) -> set[str]:
+        return set(self.pieces)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The full (TP=1) shape of `key`."""
+        dim = tp_split_dim(key)
+        shapes = [list(self._handle(f).get_slice(key).get_shape()) for f, _ in self.pieces[key]]
+        full = shapes[0]
+        if dim is not None and self.saved_tp > 1:
+            full[dim] = sum(s[dim] for s in shapes)
+        return tuple(full)
+
+    def read(self, key: str, tp: int, rank: int) -> torch.Tensor:
+        """Rank `rank` of TP size `tp`'s piece of `key` (the whole tensor if replicated)."""
+        dim = tp_split_dim(key)
+        files = sorted(self.pieces[key], key=lambda x: x[1])
+        if dim is None or (tp == 1 and self.saved_tp == 1):
+            return self._handle(files[0][0]).get_tensor(key)
+        full = self.shape(key)
+        if full[dim] % tp:
+            raise ValueError(f"{key}: dim {dim} of shape {full} is not divisible by TP={tp}; choose a TP size dividing the head count")
+        lo, hi = rank * full[dim] // tp, (rank + 1) * full[dim] // tp  # wanted [lo, hi) of the full dim
+        parts, start = [], 0
+        for f, _ in files:
+            sl = self._handle(f).get_slice(key)
+            n = sl.get_shape()[dim]
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                idx = [slice(None)] * len(full)
+                idx[dim] = slice(a - start, b - start)
+                parts.append(sl[tuple(idx)])
+            start += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def load_dit(ckpt_dir: str | Path, prefer_ema: bool = True, device=None, dtype=None):
@@ -303,7 +416,12 @@ def convert_import(src: str | Path, out: str | Path, tp: int = 1) -> Path:
 
 
 def convert_merge(src: str | Path, out: str | Path) -> Path:
-    """osp checkpoint at any TP -> osp checkpoint at TP 1 (model and EMA)."""
+    """osp checkpoint at any TP, or a training checkpoint -> osp checkpoint at TP 1 (model and EMA)."""
+    if is_training_checkpoint(src):
+        config, full = load_training_weights(src, prefer_ema=False)
+        _check_full(config, full, str(src))
+        ema = [load_training_weights(src, prefer_ema=True)[1]] if _training_keys(src, "ema.") else None
+        return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra={"source": str(src)})
     config, shards, meta = load_dit_shards(src, prefer_ema=False)
     full = merge_state_dicts(shards)
     _check_full(config, full, str(src))

@@ -121,8 +121,8 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """An osp run dir (runs/<name>: its latest checkpoint), a checkpoints/ dir, one training
-    checkpoint (step-XXXXXXX/, whose DiT lives in model/), an osp DiT checkpoint dir or a released
-    diffusers folder -> the folder holding the DiT weights (layout: osp.stage2_train.checkpoint)."""
+    checkpoint (step-XXXXXXX/, torch DCP; layout: osp.stage2_train.checkpoint), an osp DiT checkpoint
+    dir or a released diffusers folder -> the folder holding the DiT weights."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder")
@@ -135,23 +135,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if not target.is_dir():
                 raise MissingFileError(f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir")
             break
-        steps = sorted(p for p in ckdir.glob("step-*") if p.is_dir()) if ckdir.is_dir() else []
+        steps = sorted(p for p in ckdir.glob("step-*") if (p / "trainer.json").is_file()) if ckdir.is_dir() else []
         if steps:
             target = steps[-1]
             break
-    if (target / "model" / "config.json").is_file():  # a training checkpoint: the DiT is in model/
-        target = target / "model"
     return target
 
 
 def _sha256_weight_files(folder: Path) -> str:
-    weights = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt")]
+    weights = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt", ".distcp")]
     return sha256_files(weights, folder)
+
+
+def _training_meta(folder: Path, is_training_checkpoint, meta_file: str) -> dict | None:
+    """A training checkpoint's format, step and layout (trainer.json without the run config)."""
+    if not is_training_checkpoint(folder):
+        return None
+    info = json.loads((folder / meta_file).read_text())
+    return {k: info[k] for k in ("format", "step", "layout") if k in info}
 
 
 def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, prefer_ema: bool = True):
     """(model, config, identity) from any checkpoint form accepted by resolve_checkpoint."""
-    from osp.common.convert import is_osp_checkpoint, read_checkpoint_meta
+    from osp.common.convert import TRAINING_META_FILE, is_osp_checkpoint, is_training_checkpoint, read_checkpoint_meta
     from osp.common.convert import load_dit as load_dit_weights
     from osp.common.models.dit import DiTConfig
 
@@ -164,7 +170,7 @@ def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, p
         "resolved": str(folder.resolve()),
         "weights_sha256": _sha256_weight_files(folder),
         "prefer_ema": prefer_ema,
-        "meta": read_checkpoint_meta(folder) if is_osp_checkpoint(folder) else None,
+        "meta": read_checkpoint_meta(folder) if is_osp_checkpoint(folder) else _training_meta(folder, is_training_checkpoint, TRAINING_META_FILE),
         "config": config.to_dict(),
     }
     return model, config, identity

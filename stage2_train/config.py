@@ -29,6 +29,7 @@ class RunConfig:
     steps: int = 100  # optimizer steps in total (a resumed run stops at the same step)
     log_every: int = 1
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM
+    async_ckpt: bool = True  # write checkpoints in the background (DCP async_save); training waits only for a host copy
     device: str = "auto"  # auto | cuda | npu | cpu
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = unknown (MFU not reported)
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does

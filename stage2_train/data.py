@@ -3,12 +3,18 @@
 Plan of one epoch (identical on every rank, a pure function of (seed, epoch, index)):
     permute all rows with numpy's generator seeded by (seed, epoch)
     -> group the permuted rows by latent shape (T, H, W), keeping the permuted order
-    -> cut every group into global batches of batch_size * dp rows (a short tail is dropped)
+    -> cut every group into global batches of batch_size * dp * grad_accum rows (the samples of one
+       optimizer step; a short tail is dropped)
     -> shuffle the list of global batches with the same generator
-Data-parallel rank r reads rows [r * batch_size, (r + 1) * batch_size) of each global batch, so all
-ranks of one tensor-parallel group (same dp rank) see the same samples. The loader's position is
-(epoch, cursor = global batches handed to the train loop in this epoch); it goes into every
-checkpoint and a resumed loader starts with exactly the next batch.
+Micro-step m of a global batch gives data-parallel rank r the rows [(m * dp + r) * batch_size, +
+batch_size), so all ranks of one tensor-parallel group (same dp rank) see the same samples, and the
+samples of each optimizer step depend only on the global batch size, not on how it is split.
+
+The loader's position is (epoch, samples consumed in this epoch); it goes into every checkpoint. A
+resume with the same global batch (any DP size, batch_size, grad_accum that multiply to it) continues
+with exactly the next sample. With another global batch the epoch's plan is cut anew: the run goes on
+in the same epoch after ceil(samples / new global batch) of its global batches (within that epoch some
+samples may then be seen twice or not at all; later epochs are exact); `notice` says so for the log.
 
 Samples are read by byte offset in DataLoader workers (`osp.common.shards.read_sample`: the checks of
 `osp shards verify` for that row); the workers get the index as numpy columns, never a zarr handle.
@@ -64,18 +70,21 @@ def epoch_plan(shapes: np.ndarray, seed: int, epoch: int, global_batch: int) -> 
 
 
 class PlanSampler(Sampler):
-    """Yields this dp rank's row ids for the batches [start, end) of one epoch's plan."""
+    """Yields this dp rank's row ids for the micro-batches [start, end) of one epoch's plan
+    (`accum` micro-batches per global batch)."""
 
-    def __init__(self, plan: list[np.ndarray], dp_rank: int, batch_size: int, start: int = 0):
+    def __init__(self, plan: list[np.ndarray], dp_rank: int, batch_size: int, start: int = 0, dp_size: int = 1, accum: int = 1):
         self.plan, self.dp_rank, self.batch_size, self.start = plan, dp_rank, batch_size, start
+        self.dp_size, self.accum = dp_size, accum
 
     def __len__(self) -> int:
-        return max(0, len(self.plan) - self.start)
+        return max(0, len(self.plan) * self.accum - self.start)
 
     def __iter__(self):
-        lo = self.dp_rank * self.batch_size
-        for gb in self.plan[self.start :]:
-            yield [int(i) for i in gb[lo : lo + self.batch_size]]
+        for i in range(self.start, len(self.plan) * self.accum):
+            gb, m = self.plan[i // self.accum], i % self.accum
+            lo = (m * self.dp_size + self.dp_rank) * self.batch_size
+            yield [int(j) for j in gb[lo : lo + self.batch_size]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,6 +177,7 @@ class ShardLoader:
         skip_corrupt: bool = False,
         pad_multiple: int = 1,
         shapes: set[tuple[int, int, int]] | None = None,
+        grad_accum: int = 1,
     ):
         """`shapes`: the latent (T, H, W) shapes to train on (None = all); other rows are left out."""
         self.root = Path(root)
@@ -177,7 +187,10 @@ class ShardLoader:
         keep = np.ones(len(self.shapes), bool) if shapes is None else np.array([tuple(int(v) for v in r) in shapes for r in self.shapes], bool)
         self.rows = np.nonzero(keep)[0]  # the rows that take part in the plan
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
-        self.global_batch = batch_size * dp_size
+        self.accum = grad_accum
+        self.micro_batch = batch_size * dp_size  # samples of one micro-step over the DP group
+        self.global_batch = self.micro_batch * grad_accum  # samples of one optimizer step
+        self.notice = ""  # set when a resume had to re-cut the epoch (another global batch)
         self.num_workers = num_workers
         self.skip_corrupt = skip_corrupt  # False: a corrupt sample raises CorruptSampleError here, in the main process
         self.dataset = ShardDataset(self.root, index)
@@ -189,7 +202,7 @@ class ShardLoader:
             counts = {tuple(int(x) for x in k): int(v) for k, v in zip(*np.unique(self.shapes[self.rows], axis=0, return_counts=True))} if len(self.rows) else {}
             raise ConfigError(
                 f"{self.root}: no latent shape has enough samples for one global batch of {self.global_batch} "
-                f"(data.batch_size {batch_size} x {dp_size} data-parallel ranks; samples per shape {counts}); "
+                f"(data.batch_size {batch_size} x {dp_size} data-parallel ranks x {grad_accum} accumulation steps; samples per shape {counts}); "
                 "lower data.batch_size or encode more clips"
             )
 
@@ -209,21 +222,32 @@ class ShardLoader:
 
     # position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "global_batch": self.global_batch}
+        """Position: `samples` consumed in `epoch` (`cursor` = this loader's micro-batches of it)."""
+        return {"epoch": self.epoch, "samples": self.cursor * self.micro_batch, "cursor": self.cursor,
+                "seed": self.seed, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("global_batch", self.global_batch) != self.global_batch:
-            raise ConfigError(
-                f"checkpoint loader position is for a global batch of {state['global_batch']}, this run has "
-                f"{self.global_batch}; resume with the same data.batch_size and data-parallel size"
-            )
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        """Continue after `samples` of `epoch` (see the module docstring for another global batch)."""
+        epoch, samples = int(state["epoch"]), int(state["samples"])
+        saved = int(state.get("global_batch", self.global_batch))
+        self.notice = ""
+        if int(state.get("seed", self.seed)) != self.seed:
+            self.notice = f"data order: run.seed changed ({state['seed']} -> {self.seed}), epoch {epoch} is reshuffled"
+        if saved == self.global_batch and samples % self.micro_batch == 0:
+            cursor = samples // self.micro_batch
+        else:
+            cursor = -(-samples // self.global_batch) * self.accum
+            self.notice = (f"data order: the global batch changed ({saved} -> {self.global_batch} samples per step); epoch "
+                           f"{epoch} is re-cut and continues after {cursor // self.accum} of its new global batches "
+                           f"({samples} samples were consumed), so some samples of this epoch may repeat or be left out; "
+                           f"from epoch {epoch + 1} on the order is exact")
+        self.epoch, self.cursor = epoch, cursor
         self._it = None
 
     # iteration -----------------------------------------------------------------------------
     def _start_epoch(self) -> None:
         plan = self._plan(self.epoch)
-        sampler = PlanSampler(plan, self.dp_rank, self.batch_size, self.cursor)
+        sampler = PlanSampler(plan, self.dp_rank, self.batch_size, self.cursor, self.dp_size, self.accum)
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -233,7 +257,6 @@ class ShardLoader:
             prefetch_factor=2 if self.num_workers else None,
             worker_init_fn=_worker_init if self.num_workers else None,
         )
-        self._plan_len = len(plan)
         self._it = iter(loader)
 
     def __iter__(self):

@@ -6,9 +6,11 @@
     x_t = sqrt(abar_t) * z0 + sqrt(1 - abar_t) * eps              DDPM, linear beta 1e-4 .. 0.02
     loss = mean_b( w_b * mean_{c,t,h,w} (eps_hat - eps)^2 ),  w = min(SNR, gamma) / SNR   (fp32)
 
-All randomness of one micro-batch comes from one generator seeded by (seed, step, micro, dp_rank):
-identical on the ranks of a tensor-parallel group, different across data-parallel ranks, and the
-same again after a resume.
+The randomness of each sample comes from a generator seeded by (seed, optimizer step, sample row):
+identical on the ranks of a tensor-parallel group, different across samples, the same again after a
+resume, and independent of the layout (DP size, batch_size x grad_accum split, TP/SP), so a run resumed
+on another layout draws what an uninterrupted run on that layout draws. (`draw` with `step_seed` of
+(seed, step, micro, dp_rank) remains for batches without rows.)
 """
 from __future__ import annotations
 
@@ -87,6 +89,24 @@ def draw(
     if noise_offset:
         noise = noise + noise_offset * offset
     return Draws(eps_post, noise, t, drop)
+
+
+def sample_seed(seed: int, step: int, row: int) -> int:
+    """A 63-bit seed for one sample (index row) at one optimizer step."""
+    state = np.random.SeedSequence([seed, step, row, 0x5A]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+def draw_samples(
+    shape: tuple[int, ...], seed: int, step: int, rows: list[int], noise_offset: float, cfg_dropout: float,
+    num_steps: int = C.DDPM_NUM_TRAIN_TIMESTEPS,
+) -> Draws:
+    """`draw` per sample (seeded by `sample_seed(seed, step, row)`), stacked: shape[0] == len(rows)."""
+    if len(rows) != shape[0]:
+        raise ValueError(f"draw_samples: {len(rows)} rows for a batch of {shape[0]}")
+    one = (1,) + tuple(shape[1:])
+    ds = [draw(one, sample_seed(seed, step, r), noise_offset, cfg_dropout, num_steps) for r in rows]
+    return Draws(*(torch.cat([getattr(d, f) for d in ds]) for f in ("eps_post", "noise", "t", "drop")))
 
 
 def diffusion_loss(eps_hat: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, gamma: float) -> torch.Tensor:

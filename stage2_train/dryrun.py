@@ -382,7 +382,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
 
             ckpt_state = trainer.model.state_dict()
             opt_sd = trainer.optimizer.state_dict()
-            json.dumps(trainer.trainer_state())  # the checkpoint's trainer.json must serialise
+            json.dumps(trainer.counters_state())  # the checkpoint's state.* integers
             ckpt_bytes = tensor_bytes(list(ckpt_state.values()) + list(trainer.ema.shadow.values() if trainer.ema else [])
                                       + [v for s in opt_sd["optim"].get("state", {}).values() for v in s.values()])
             report = DryRunReport(

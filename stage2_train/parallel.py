@@ -106,10 +106,11 @@ def _make_config(tp: int, sp: bool, dtype: torch.dtype):
 
 
 def _swap(parent: nn.Module, name: str, new: Any, old: nn.Linear, key_w: str, key_b: str, tp: int, rank: int) -> None:
-    with torch.no_grad():
-        new.weight.copy_(shard_tensor(key_w, old.weight, tp, rank))
-        if old.bias is not None:
-            new.bias.copy_(shard_tensor(key_b, old.bias, tp, rank))
+    if not old.weight.is_meta:  # a model built on meta gets its shards later (osp.stage2_train.build)
+        with torch.no_grad():
+            new.weight.copy_(shard_tensor(key_w, old.weight, tp, rank))
+            if old.bias is not None:
+                new.bias.copy_(shard_tensor(key_b, old.bias, tp, rank))
     new._drop_extra_state_hook()
     new.to(old.weight.device)
     if isinstance(parent, nn.ModuleList):
@@ -127,9 +128,17 @@ def _tp_state():
 
 def parallelize(model: Any, sequence_parallel: bool) -> Any:
     """Apply the TP(/SP) plan in place to an OpenSoraT2V holding the FULL weights (identical on every
-    TP rank), using megatron's global parallel_state. TP size 1 leaves the model unchanged."""
+    TP rank), using megatron's global parallel_state. TP size 1 leaves the model unchanged. A model on
+    the meta device stays there (the new layers too): nothing is allocated or copied."""
     if getattr(model, "_osp_parallel", None) is not None:
         raise RuntimeError("model is already parallelized")
+    if model.proj_out.weight.is_meta:
+        with torch.device("meta"):
+            return _parallelize(model, sequence_parallel)
+    return _parallelize(model, sequence_parallel)
+
+
+def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
     tp, rank, group = _tp_state()
     cfg = model.config
     if tp == 1:

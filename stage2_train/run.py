@@ -14,6 +14,9 @@ Accelerator rules (nccl/hccl map only their device type): every tensor passed to
 the device of its group (`Device.torch_device()`), and the step reads device values on the host once
 per optimizer step (`Trainer._host_sync`), never per micro-step. `osp train --dry-run`
 (stage2_train/dryrun.py) runs this code on `meta` under a fake process group, which refuses CPU tensors.
+The model is built on meta, split by the TP/SP plan and only this rank's shard is allocated, then
+filled from a training checkpoint (torch DCP, saved at any layout: `osp.stage2_train.checkpoint`),
+from model.init by slices, or from the seeded init (`osp.stage2_train.build`).
 
 Stage 2 never imports transformers, the VAE or stage 1.
 """
@@ -36,14 +39,14 @@ import torch.distributed as dist
 
 from osp.common import config as C
 from osp.common import shards as S
-from osp.common.errors import ConfigError, OspError, one_line
+from osp.common.errors import ConfigError, MissingFileError, OspError, one_line
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
 from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.watchdog import Watchdog
-from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, sample_posterior, step_seed
+from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, draw_samples, sample_posterior, step_seed
 from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
 
 
@@ -87,10 +90,6 @@ def peak_memory_gb(device) -> float:
 # ------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str = "", console=None):
-        from osp.common.models.dit import build_dit, get_dit_config
-        from osp.stage2_train.context_parallel import apply_context_parallel
-        from osp.stage2_train.parallel import load_full_state_dict, parallelize
-
         self.cfg = cfg
         self.stop_requested = False
         self.corrupt = ""  # the first corrupt sample seen with data.skip_corrupt off (see _prepare)
@@ -104,13 +103,7 @@ class Trainer:
         self.console = console if console is not None else _console(rank == 0)
 
         # --- model config and the data's geometry ---
-        init_sd = None
-        if cfg.model.init:
-            from osp.common.convert import load_dit_checkpoint
-
-            self.dit_cfg, init_sd = load_dit_checkpoint(cfg.model.init, prefer_ema=True)
-        else:
-            self.dit_cfg = get_dit_config(cfg.model.preset)
+        self.dit_cfg = self._model_config()
         self.shards = Path(cfg.data.shards)
         self.uncond, self.latent_channels, tokens = self._check_geometry()
 
@@ -121,35 +114,13 @@ class Trainer:
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
-
-        # --- resume point ---
         self.ckpt_path = ckpt.find(self.run_dir, resume)
-        state = ckpt.read_trainer_state(self.ckpt_path) if self.ckpt_path else None
-        if state is not None:
-            self._check_resume_layout(state)
+        self.mesh = None if self.device.is_meta else ckpt.make_mesh(self.device.type, L.world, L.tp)  # CP, DP: replicas
 
-        # --- model: full weights on every rank, then the TP/SP plan ---
-        torch.manual_seed(cfg.run.seed)  # identical init on every rank
-        build_on = "meta" if self.device.is_meta else "cpu"  # the dry run never allocates the model
-        model = build_dit(self.dit_cfg, device=build_on, dtype=torch.float32)
-        full = None
-        if state is not None:
-            full, ema_local = ckpt.load_weights(self.ckpt_path, L.tp, L.tp_rank)  # pyright: ignore[reportArgumentType]
-        elif init_sd is not None:
-            full, ema_local = init_sd, None
-        with torch.device(build_on):  # megatron's parallel layers allocate on the current default device
-            model = apply_context_parallel(parallelize(model, cfg.parallel.sp))
-        if full is not None:
-            load_full_state_dict(model, full, str(self.ckpt_path or cfg.model.init))
-        del full, init_sd
-        model.gradient_checkpointing = cfg.model.checkpointing == "full"
-        self.model = model.to(self.device.torch_device(L.local_rank)).train()
-        from osp.common.convert import tp_split_dim
-
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        self.sharded = [tp_split_dim(n) is not None for n, _ in named]  # TP-sharded (not replicated)
-
+        meta = self.device.is_meta  # the dry run: nothing is allocated, read or written
+        self._build_model(materialize=not meta)
+        if self.ckpt_path is None and not meta:
+            self._init_weights()
         self.optimizer = self._build_optimizer()
         o = cfg.optim
         self.ema = EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None  # sharded over DP
@@ -157,19 +128,100 @@ class Trainer:
         self.abar = alphas_cumprod().to(self.device.torch_device(L.local_rank))
         self.step = 0
         self.counters = {"skipped_corrupt": 0, "skipped_nonfinite": 0}
-        if state is not None:
-            self.step = int(state["step"])
-            self.loader.load_state_dict(state["loader"])
-            self.counters.update(state.get("counters", {}))
-            self.optimizer.load_state_dict(ckpt.load_optimizer(self.ckpt_path, L.rank, L.dp_rank, cfg.parallel.zero1))  # pyright: ignore[reportArgumentType]
-            if self.ema is not None:
-                if ema_local is None:
-                    raise ConfigError(f"{self.ckpt_path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
-                self.ema.load(ema_local, state.get("ema_updates", 0))  # copies only this DP rank's shard to the device
-            rng = ckpt.load_rng(self.ckpt_path, L.rank)  # pyright: ignore[reportArgumentType]
-            if rng is not None:
-                ckpt.set_rng_state(rng)
+        self.resume_notes: list[str] = []
+        self.checkpointer = None if meta else ckpt.Checkpointer(
+            self.run_dir, mesh=self.mesh, tp=L.tp, rank=L.rank, is_main=L.is_main, async_save=cfg.run.async_ckpt)
+        if self.ckpt_path is not None:
+            self._load_checkpoint()
         self._writers()
+
+    # -- construction (each piece on its own: the dry run builds on meta and does not materialise) ---
+    def _model_config(self):
+        from osp.common.models.dit import DiTConfig, get_dit_config
+
+        if not self.cfg.model.init:
+            return get_dit_config(self.cfg.model.preset)
+        f = Path(self.cfg.model.init) / "config.json"
+        if not f.is_file():
+            raise MissingFileError(f"model.init={self.cfg.model.init}: no config.json; pass a released DiT folder, an osp "
+                                   "checkpoint (osp convert import) or a training checkpoint step-* folder")
+        return DiTConfig.from_json(f)
+
+    def _build_model(self, materialize: bool = True) -> None:
+        """Meta build -> TP/SP plan -> CP plan -> (materialise this rank's shard on the device, uninitialised)."""
+        from osp.common.convert import tp_split_dim
+        from osp.stage2_train import build
+
+        from osp.stage2_train.context_parallel import apply_context_parallel
+
+        model = apply_context_parallel(build.build_local(self.dit_cfg, self.cfg.parallel.sp))
+        model.gradient_checkpointing = self.cfg.model.checkpointing == "full"
+        if materialize:
+            build.materialize(model, self.device.torch_device(self.layout.local_rank))
+        self.model = model.train()
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.sharded = [tp_split_dim(n) is not None for n, _ in named]  # TP-sharded (not replicated)
+
+    def _init_weights(self) -> None:
+        """A new run: model.init by slices (released / osp-dit safetensors, or a training checkpoint's
+        EMA via DCP), else the seeded random init."""
+        from osp.common.convert import is_training_checkpoint
+        from osp.stage2_train import build
+
+        L, init = self.layout, self.cfg.model.init
+        if init and is_training_checkpoint(init):
+            ckpt.load_weights(init, model=self.model, mesh=self.mesh, tp=L.tp, prefer_ema=True)
+        elif init:
+            build.fill_from_folder(self.model, init, L.tp, L.tp_rank, prefer_ema=True, progress=L.is_main)
+        else:
+            build.fill_random(self.model, self.dit_cfg, self.cfg.run.seed, L.tp, L.tp_rank)
+
+    def _build_optimizer(self):
+        o, L = self.cfg.optim, self.layout
+        adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if self.cfg.parallel.zero1:
+            return ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
+        return PlainAdamW(self.params, **adamw)
+
+    def _build_loader(self):
+        cfg, L = self.cfg, self.layout
+        loader = ShardLoader(
+            self.shards,
+            batch_size=cfg.data.batch_size,
+            dp_rank=L.dp_rank,
+            dp_size=L.dp,
+            seed=cfg.run.seed,
+            num_workers=cfg.data.num_workers,
+            skip_corrupt=cfg.data.skip_corrupt,  # (a corrupt row left out by the shape filter stops here)
+            shapes=self.train_shapes,
+            grad_accum=cfg.optim.grad_accum,
+        )
+        loader.skip_corrupt = True  # from here on corrupt samples come back in Batch.skipped; _prepare decides
+        return loader
+
+    def _load_checkpoint(self) -> None:
+        """Model, EMA, AdamW state (resharded to this layout), RNG, counters and data position."""
+        L = self.layout
+        assert self.ckpt_path is not None
+        saved = ckpt.read_trainer_state(self.ckpt_path).get("layout", {})
+        c = ckpt.load(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.optimizer, mesh=self.mesh, tp=L.tp, rank=L.rank)
+        self.step = c["step"]
+        if self.ema is not None:
+            self.ema.updates = c["ema_updates"]
+        self.counters.update({k: c[k] for k in self.counters if k in c})
+        self.loader.load_state_dict({"epoch": c["loader_epoch"], "samples": c["loader_samples"],
+                                     "global_batch": c["loader_global_batch"], "seed": c["loader_seed"]})
+        ours = self._layout_dict()
+        self.resume_notes = [n for n in (self.loader.notice,) if n]
+        changed = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved.get(k) != v}
+        if changed:
+            self.resume_notes.insert(0, "resharded from the saved layout: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+
+    def _layout_dict(self) -> dict:
+        L = self.layout
+        return {"tp": L.tp, "cp": L.cp, "dp": L.dp, "sp": L.sp, "zero1": self.cfg.parallel.zero1, "world": L.world,
+                "batch_size": self.cfg.data.batch_size, "grad_accum": self.cfg.optim.grad_accum}
 
     def _build_optimizer(self):
         o, L = self.cfg.optim, self.layout
@@ -245,18 +297,6 @@ class Trainer:
                 raise CorruptSampleError(corrupt_message(item, root))
         raise CorruptSampleError(f"{root}: all {len(index)} samples are corrupt; re-encode (osp shards verify {root})")
 
-    def _check_resume_layout(self, state: dict) -> None:
-        assert self.ckpt_path is not None
-        lay = state.get("layout", {})
-        ours = {"tp": self.layout.tp, "dp": self.layout.dp, "zero1": self.cfg.parallel.zero1}
-        diff = {k: (lay.get(k), v) for k, v in ours.items() if lay.get(k) != v}
-        if diff:
-            raise ConfigError(
-                f"{self.ckpt_path}: saved with {', '.join(f'{k}={a}' for k, (a, _) in diff.items())}, this run has "
-                f"{', '.join(f'{k}={b}' for k, (_, b) in diff.items())}; resume with the same layout, or start a new run "
-                f"with model.init={self.ckpt_path / 'model'} (weights only)"
-            )
-
     # -- outputs -----------------------------------------------------------------------------
     def _writers(self) -> None:
         self.tb = None
@@ -268,6 +308,8 @@ class Trainer:
             self.console.print(self.cfg.to_toml().rstrip(), markup=False)
             if self.ckpt_path:
                 self.console.print(f"resuming from {self.ckpt_path} at step {self.step} (loader {self.loader.state_dict()})")
+                for note in getattr(self, "resume_notes", []):
+                    self.console.print(f"[yellow]{note}[/]")
             if self.cfg.run.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -277,20 +319,19 @@ class Trainer:
                     self.tb = None
         dist.barrier()
 
-    def trainer_state(self) -> dict:
-        return {
-            "loader": self.loader.state_dict(),
-            "ema_updates": self.ema.updates if self.ema is not None else 0,
-            "counters": dict(self.counters),
-            "layout": {"tp": self.layout.tp, "cp": self.layout.cp, "dp": self.layout.dp, "zero1": self.cfg.parallel.zero1, "world": self.layout.world},
-            "config": self.cfg.to_dict(),
-        }
+    def counters_state(self) -> dict[str, int]:
+        """The integers of the training state (saved as DCP `state.*` tensors)."""
+        pos = self.loader.state_dict()
+        return {"step": self.step, "ema_updates": self.ema.updates if self.ema is not None else 0,
+                "loader_epoch": pos["epoch"], "loader_samples": pos["samples"], "loader_global_batch": pos["global_batch"],
+                "loader_seed": pos["seed"], **self.counters}
 
     def save(self) -> Path:
-        path = ckpt.save(self.run_dir, self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                         trainer_state=self.trainer_state(), layout=self.layout)
+        path = self.checkpointer.save(self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                      counters=self.counters_state(), dit_config=self.dit_cfg,
+                                      meta={"layout": self._layout_dict(), "config": self.cfg.to_dict()})
         if self.layout.is_main:
-            self.console.print(f"checkpoint {path}")
+            self.console.print(f"checkpoint {path}{' (writing in the background)' if self.checkpointer.pending else ''}")
         return path
 
     # -- one micro-step ----------------------------------------------------------------------
@@ -324,7 +365,10 @@ class Trainer:
         moments = batch.moments.to(dev, non_blocking=True)
         b = moments.shape[0]
         shape = (b, d.in_channels) + tuple(moments.shape[2:])
-        r = draw(shape, step_seed(cfg.run.seed, step, micro, self.layout.dp_rank), cfg.diffusion.noise_offset, cfg.diffusion.cfg_dropout)
+        if batch.rows:  # per-sample draws: the same numbers at any layout (resume on another layout)
+            r = draw_samples(shape, cfg.run.seed, step, batch.rows, cfg.diffusion.noise_offset, cfg.diffusion.cfg_dropout)
+        else:
+            r = draw(shape, step_seed(cfg.run.seed, step, micro, self.layout.dp_rank), cfg.diffusion.noise_offset, cfg.diffusion.cfg_dropout)
         if moments.shape[1] == 2 * d.in_channels:
             z0 = sample_posterior(moments, r.eps_post.to(dev))
         else:
@@ -498,10 +542,13 @@ class Trainer:
                     if cfg.run.log_keys:
                         with open(keys_path, "a") as f:
                             f.write(json.dumps({"step": self.step, "keys": self.last_keys}) + "\n")
+                    self.checkpointer.poll()
                     periodic = cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0
                     if periodic or self.stop_requested or self.step == cfg.run.steps:
                         self.watchdog.beat(f"writing the checkpoint of step {self.step}")
                         self.save()
+                    if self.stop_requested or self.step == cfg.run.steps:
+                        self.checkpointer.wait()
                     if self.stop_requested:
                         if L.is_main:
                             self.console.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
@@ -517,6 +564,8 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.close()
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.close()
         self.loader.close()
         if self.lock is not None:
             self.lock.release()

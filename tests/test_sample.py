@@ -25,9 +25,10 @@ from osp.common.sampling import (
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """Demo models + a random tiny DiT saved as a TP=2 osp run in stage 2's layout
-    (checkpoints/step-XXXXXXX/model/, latest -> step-0000002, with EMA)."""
-    from osp.common.convert import save_dit_checkpoint, split_state_dict
+    """Demo models + a random tiny DiT saved as an osp run in stage 2's layout (checkpoints/step-XXXXXXX/:
+    torch DCP with model.* and ema.* global tensors, config.json, trainer.json; latest -> step-0000002)."""
+    import torch.distributed.checkpoint as dcp
+
     from osp.common.demo_models import write_demo_models
     from osp.common.models.dit import build_dit
 
@@ -38,16 +39,20 @@ def assets(tmp_path_factory):
     sd = dit.state_dict()
     ema = {k: v + 0.01 * torch.randn_like(v) for k, v in sd.items()}
     run = root / "run"
-    for step in ("step-0000001", "step-0000002"):
-        save_dit_checkpoint(run / "checkpoints" / step / "model", split_state_dict(sd, 2), dit.config,
-                            ema_per_rank=split_state_dict(ema, 2))
-    (run / "checkpoints" / "latest").write_text("step-0000002\n")
     # the run records its shard dir, whose manifest records the encoders (VAE/text defaults of osp sample)
     from osp.common.shards import write_manifest
 
     write_manifest(root / "shards", {"vae": {"path": info["vae"]}, "text_encoder": {"path": info["text_encoder"]}})
-    trainer = {"step": 2, "config": {"data": {"shards": str(root / "shards")}}}
-    (run / "checkpoints" / "step-0000002" / "trainer.json").write_text(json.dumps(trainer))
+    for i, step in enumerate(("step-0000001", "step-0000002"), 1):
+        d = run / "checkpoints" / step
+        dcp.save({**{f"model.{k}": v for k, v in sd.items()}, **{f"ema.{k}": v for k, v in ema.items()}},
+                 checkpoint_id=str(d), no_dist=True)
+        dit.config.to_json(d / "config.json")
+        trainer = {"format": "torch-dcp", "step": i, "layout": {"tp": 2, "dp": 1}}
+        if i == 2:  # step 1 does not record its shards (the --vae/--text-encoder error case)
+            trainer["config"] = {"data": {"shards": str(root / "shards")}}
+        (d / "trainer.json").write_text(json.dumps(trainer))
+    (run / "checkpoints" / "latest").write_text("step-0000002\n")
     return {"root": root, "run": run, "vae": info["vae"], "text": info["text_encoder"], "info": info}
 
 
@@ -70,12 +75,13 @@ def test_demo_models_idempotent(assets):
 
 def test_resolve_checkpoint(assets, tmp_path):
     ck = assets["run"] / "checkpoints"
-    assert resolve_checkpoint(assets["run"]) == ck / "step-0000002" / "model"
-    assert resolve_checkpoint(ck) == ck / "step-0000002" / "model"
-    assert resolve_checkpoint(ck / "step-0000001") == ck / "step-0000001" / "model"
-    assert resolve_checkpoint(ck / "step-0000001" / "model") == ck / "step-0000001" / "model"
-    (tmp_path / "checkpoints" / "step-0000003").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step-0000010").mkdir()
+    assert resolve_checkpoint(assets["run"]) == ck / "step-0000002"
+    assert resolve_checkpoint(ck) == ck / "step-0000002"
+    assert resolve_checkpoint(ck / "step-0000001") == ck / "step-0000001"
+    for step in ("step-0000003", "step-0000010"):
+        (tmp_path / "checkpoints" / step).mkdir(parents=True)
+        (tmp_path / "checkpoints" / step / "trainer.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-0000011").mkdir()  # no trainer.json: an unfinished folder is skipped
     assert resolve_checkpoint(tmp_path).name == "step-0000010"  # no latest file: the newest step
 
 
@@ -161,7 +167,7 @@ def test_cli_writes_mp4_and_sidecar(assets, tmp_path):
     assert len(frames) == 9 and frames[0].shape == (48, 64, 3)
     side = json.loads(mp4s[0].with_suffix(".json").read_text())
     assert side["seed"] == 42 and side["settings"]["steps"] == 3 and side["settings"]["scheduler"] == "euler-ancestral"
-    assert side["identity"]["dit"]["meta"]["tp"] == 2 and side["identity"]["dit"]["resolved"].endswith("step-0000002/model")
+    assert side["identity"]["dit"]["meta"]["layout"]["tp"] == 2 and side["identity"]["dit"]["resolved"].endswith("step-0000002")
     assert set(side["identity"]) == {"dit", "vae", "text_encoder"}
 
 

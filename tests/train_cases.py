@@ -54,7 +54,7 @@ def main() -> None:
     from osp.common.convert import load_dit_checkpoint, save_dit_checkpoint
     from osp.stage2_train.config import TrainConfig
 
-    cfg1, sd1 = load_dit_checkpoint(work / "guarantee" / "checkpoints" / "step-0000002" / "model", prefer_ema=False)
+    cfg1, sd1 = load_dit_checkpoint(work / "guarantee" / "checkpoints" / "step-0000002", prefer_ema=False)
     save_dit_checkpoint(work / "init_ckpt", [sd1], cfg1)
     cfg = TrainConfig.load(None, [f"data.shards={good}", f"run.dir={work / 'init'}", *base, f"model.init={work / 'init_ckpt'}"])
     trainer = run.Trainer(cfg)
