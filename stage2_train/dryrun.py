@@ -191,8 +191,9 @@ class SyntheticLoader:
         self.cursor += 1
         return self._batch
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "synthetic": True}
+    def state_dict(self) -> dict:  # ShardLoader's fields (checkpoint state assembly reads them)
+        n = self._batch.moments.shape[0]
+        return {"epoch": self.epoch, "samples": self.cursor * n, "cursor": self.cursor, "seed": 0, "global_batch": n}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from osp.common.convert import load_training_weights
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
-from osp.stage2_train.parallel import gather_full_state_dict
+from tp_worker import _gather, gather_full_state_dict  # noqa: E402 (tests/ is the script's folder)
 from osp.stage2_train.run import Trainer
 
 SRC_STEPS, MORE = 6, 3
@@ -60,8 +60,6 @@ def check_loaded(trainer: Trainer, saved: dict, ema_saved: dict) -> dict:
     if shadow is None:  # DP rank 0 of each TP position checks the EMA
         return {"model_equal": bool(model_ok), "ema_equal": True}
     if trainer.layout.tp > 1:  # gather the EMA shards like the model's
-        from osp.stage2_train.parallel import _gather
-
         shadow = {k: _gather(k, v, trainer.layout.tp, trainer.tp_group) for k, v in shadow.items()}
     ema_ok = shadow.keys() == ema_saved.keys() and all(torch.equal(shadow[k], ema_saved[k]) for k in ema_saved)
     return {"model_equal": bool(model_ok), "ema_equal": bool(ema_ok)}

@@ -83,7 +83,7 @@ def step(model, inputs, reduce):
 
 
 def run(model, inputs, reduce):
-    from osp.stage2_train.parallel import gather_full_grads
+    from tp_worker import gather_full_grads
 
     return step(model, inputs, reduce), gather_full_grads(model)
 
