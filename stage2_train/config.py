@@ -16,6 +16,18 @@ from typing import Any
 from osp.common import config as C
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, is_accelerator: bool):
+    """run.precision -> the DiT activation dtype (auto: bf16 on accelerators, fp32 on CPU)."""
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if is_accelerator else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
 @dataclass
 class RunConfig:
     name: str = "demo"
@@ -26,6 +38,8 @@ class RunConfig:
     log_every: int = 1
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM
     device: str = "auto"  # auto | cuda | npu | cpu
+    precision: str = "auto"  # auto | bf16 | fp32: activation dtype of the DiT (auto = bf16 on accelerators, fp32 on
+    #                          CPU); parameters, optimizer state and EMA stay fp32 (the issue's "train.precision")
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = unknown (MFU not reported)
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
     tensorboard: bool = True  # when the tensorboard package is installed
@@ -50,7 +64,9 @@ class DataConfig:
 class ModelConfig:
     preset: str = "tiny"  # a DiT preset name, or a path to a diffusers-style config.json
     init: str = ""  # converted released checkpoint (or an osp checkpoint) loaded strictly as the start
-    grad_checkpointing: bool = False  # recompute each transformer block in backward
+    checkpointing: str = "none"  # none | selective (keep GEMM + attention outputs, recompute elementwise) | full
+    attention_backend: str = "auto"  # auto | cudnn | flash | efficient | math | fa3 | npu (osp.common.models.attention)
+    compile: bool = False  # torch.compile each transformer block
 
 
 @dataclass
@@ -144,6 +160,14 @@ class TrainConfig:
             bad("run.steps must be >= 1")
         if self.run.nonfinite not in ("stop", "skip"):
             bad("run.nonfinite must be 'stop' or 'skip'")
+        if self.run.precision not in PRECISIONS:
+            bad(f"run.precision must be one of {', '.join(PRECISIONS)}")
+        if self.model.checkpointing not in ("none", "selective", "full"):
+            bad("model.checkpointing must be 'none', 'selective' or 'full'")
+        from osp.common.models.attention import BACKENDS
+
+        if self.model.attention_backend not in BACKENDS:
+            bad(f"model.attention_backend must be one of {', '.join(BACKENDS)}")
         if self.data.batch_size < 1:
             bad("data.batch_size must be >= 1")
         if self.parallel.tp < 1:

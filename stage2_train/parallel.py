@@ -5,6 +5,13 @@ Layout per TP rank (N = TP size, S video tokens, L text tokens, D width, h heads
 * column-parallel (ColumnParallelLinear, gather_output=False): attn1/attn2 to_q, to_k, to_v and
   ff.net.0.proj -> each rank holds heads [r*h/N, (r+1)*h/N) / FFN columns; the attention module reads
   the local head count from the projection width, so the model code is unchanged;
+* fused q/k/v: the model concatenates the LOCAL q/k/v shards (head-aligned: rank r's rows of each)
+  per call and runs them through `fused_forward` = megatron's
+  `linear_with_grad_accumulation_and_async_allreduce`: ONE sequence-parallel all-gather of the block
+  input, one GEMM, only the local shard saved for backward (re-gathered there, overlapped with the
+  dgrad GEMM). Parameters, names and per-rank shards are exactly those of three separate linears;
+* precision: every linear casts its (fp32 master) weight and bias to the input's dtype, so GEMM
+  outputs, bias adds and the collectives run in the activation dtype (bf16 in a bf16 run);
 * row-parallel (RowParallelLinear, input_is_parallel=True): attn1/attn2 to_out.0 and ff.net.2, full
   bias added after the reduce;
 * replicated: pos_embed, adaln_single, caption_projection, block and final scale_shift_table,
@@ -67,11 +74,19 @@ def _column_cls():
     _, _, tp = _megatron()
 
     class ColumnLinear(_NoExtraState, tp.ColumnParallelLinear):
-        """ColumnParallelLinear returning only the output (parameter names stay weight / bias)."""
+        """ColumnParallelLinear computing in the input's dtype, returning only the output (parameter
+        names stay weight / bias). `fused_forward` also serves concatenated q/k/v weights."""
+
+        def fused_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            sp = self.sequence_parallel
+            return tp.linear_with_grad_accumulation_and_async_allreduce(
+                x, w, b, gradient_accumulation_fusion=False, allreduce_dgrad=not sp, sequence_parallel=sp,
+                tp_group=self.tp_group,
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            out, _ = super().forward(x)
-            return out
+            dt = x.dtype
+            return self.fused_forward(x, self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
 
     return ColumnLinear
 
@@ -84,8 +99,13 @@ def _row_cls():
         """RowParallelLinear (input_is_parallel) returning only the output, bias added after the reduce."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            out, _ = super().forward(x)
-            return out
+            dt = x.dtype
+            out = torch.nn.functional.linear(x, self.weight.to(dt))  # partial sums over this rank's columns
+            if self.sequence_parallel:
+                out = tp.reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+            else:
+                out = tp.reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+            return out + self.bias.to(dt)
 
     return RowLinear
 

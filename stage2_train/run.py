@@ -31,7 +31,8 @@ from osp.common import config as C
 from osp.common import shards as S
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
-from osp.stage2_train.config import TrainConfig
+from osp.common.models.attention import resolve_backend
+from osp.stage2_train.config import TrainConfig, resolve_precision
 from osp.stage2_train.data import Batch, CorruptSampleError, ShardLoader
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, sample_posterior, step_seed
 from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
@@ -124,8 +125,14 @@ class Trainer:
         if full is not None:
             load_full_state_dict(model, full, str(self.ckpt_path or cfg.model.init))
         del full, init_sd
-        model.gradient_checkpointing = cfg.model.grad_checkpointing
+        model.checkpointing = cfg.model.checkpointing
+        model.compute_dtype = resolve_precision(cfg.run.precision, self.device.is_accelerator)  # every activation
         self.model = model.to(self.device.torch_device(L.local_rank)).train()
+        d = self.dit_cfg
+        self.attention_kernel = resolve_backend(cfg.model.attention_backend, self.device.torch_device(L.local_rank),
+                                                d.num_attention_heads // L.tp, d.attention_head_dim, model.compute_dtype)
+        if cfg.model.compile:
+            self.model.compile_blocks()
         from osp.common.convert import tp_split_dim
 
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -226,7 +233,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
             self.console.print(f"[bold]run[/] {self.run_dir}  layout tp={self.layout.tp} dp={self.layout.dp} sp={self.layout.sp} "
-                               f"zero1={self.cfg.parallel.zero1} device={self.device.type}")
+                               f"zero1={self.cfg.parallel.zero1} device={self.device.type} "
+                               f"activations={str(self.model.compute_dtype).removeprefix('torch.')} attention={self.attention_kernel} "
+                               f"checkpointing={self.cfg.model.checkpointing} compile={self.cfg.model.compile}")
             self.console.print(self.cfg.to_toml().rstrip(), markup=False)
             if self.ckpt_path:
                 self.console.print(f"resuming from {self.ckpt_path} at step {self.step} (loader {self.loader.state_dict()})")
@@ -292,8 +301,8 @@ class Trainer:
         noise, t = r.noise.to(dev), r.t.to(dev)
         x_t = add_noise(z0, noise, t, self.abar)
         text, mask = self._caption_dropout(batch.text, batch.text_mask, r.drop)
-        with torch.autocast(self.device.type, dtype=self.device.autocast_dtype, enabled=self.device.is_accelerator):
-            eps_hat = self.model(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
+        # no autocast: the model casts itself (every activation in model.compute_dtype = run.precision)
+        eps_hat = self.model(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
         return diffusion_loss(eps_hat, noise, t, self.abar, cfg.diffusion.snr_gamma)
 
     def _caption_dropout(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
