@@ -14,18 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from osp.common import config as C
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def resolve_precision(precision: str, is_accelerator: bool):
-    """run.precision -> the DiT activation dtype (auto: bf16 on accelerators, fp32 on CPU)."""
-    import torch
-
-    if precision == "auto":
-        precision = "bf16" if is_accelerator else "fp32"
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+from osp.common.models.dit import PRECISIONS, resolve_precision  # noqa: F401  (re-exported for run.py)
 
 
 @dataclass

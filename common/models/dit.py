@@ -52,6 +52,18 @@ from osp.common.models.rope import RopeTable, apply_rope, rope_angles
 
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep embedding width (PixArt adaLN-single)
 
+# The precision policy (training `run.precision`, sampling `--dtype`): the dtype of every DiT activation.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, is_accelerator: bool) -> torch.dtype:
+    """auto -> bf16 on accelerators, fp32 on CPU; parameters / optimizer state / EMA stay fp32 in training."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if is_accelerator else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
 
 # ------------------------------------------------------------------------------------------------
 # config
