@@ -130,13 +130,14 @@ def test_fused_qkv_equals_three_linears():
                                                     "to_v.bias", "to_out.0.weight", "to_out.0.bias"]
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compile_blocks_equals_eager(backend):
+@pytest.mark.parametrize("backend,ckpt", [("aot_eager", "selective"), pytest.param("inductor", "none", marks=pytest.mark.slow)])
+def test_compile_blocks_equals_eager(backend, ckpt):
     """model.compile: compiled blocks (one graph each: fullgraph) give the eager output and gradients
     (fp32, CPU). aot_eager checks tracing + AOT autograd in seconds; inductor (C++ codegen, ~2 min on 2
     cores with a cold cache) is marked slow."""
     eager = _model()
     comp = copy.deepcopy(eager)
+    comp.checkpointing = ckpt  # selective recompute traced inside the compiled block
     comp.compile_blocks(backend=backend, fullgraph=True, dynamic=False)
     x, t, text, mask = _inputs()
     outs = []

@@ -308,7 +308,9 @@ class Attention(nn.Module):
         else:
             q = self.to_q(x)
             k, v = fused_linear(context, (self.to_k, self.to_v)).chunk(2, dim=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        # v as its own tensor: the fused GEMM output is then not kept alive by SDPA's saved v (RoPE keeps
+        # no input for backward), which frees 2/3 of it before backward
+        q, k, v = self._heads(q), self._heads(k), self._heads(v).contiguous()
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         o = self.core(q, k, v, bias)  # [B, h, S, hd], scale 1/sqrt(hd)
@@ -348,11 +350,22 @@ class DiTBlock(nn.Module):
         self.attn1 = Attention(d, d, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
         self.attn2 = Attention(d, cfg.cross_attention_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
         self.ff = FeedForward(d)
+        self.checkpointing = "none"  # set through OpenSoraT2V.checkpointing
 
     def _ln(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def forward(
+    def forward(self, *args) -> torch.Tensor:
+        """Checkpointing lives inside the block so that `compile` traces it too (selective recompute
+        becomes part of the compiled graph, as torchtitan applies AC before compile)."""
+        mode = self.checkpointing
+        if mode == "none" or not torch.is_grad_enabled():
+            return self._forward(*args)
+        if mode == "full":
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return checkpoint(self._forward, *args, use_reentrant=False, context_fn=_selective_context)
+
+    def _forward(
         self,
         h: torch.Tensor,  # [S, B, D]
         t6: torch.Tensor,  # [B, 6D]
@@ -409,7 +422,6 @@ class OpenSoraT2V(nn.Module):
         self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
         self.proj_out = Linear(d, cfg.patch_size_t * cfg.patch_size**2 * cfg.out_channels)
-        self.checkpointing = "none"  # none | selective | full (see CHECKPOINTING)
         self.compute_dtype: torch.dtype | None = None  # None: the weights' dtype (or autocast's)
         self._rope_cache: dict = {}
         # identity at TP=1; osp.stage2_train.parallel.parallelize replaces them
@@ -432,6 +444,18 @@ class OpenSoraT2V(nn.Module):
         return self._rope_cache[key]
 
     @property
+    def checkpointing(self) -> str:
+        """none | selective | full, applied inside every block (see CHECKPOINTING)."""
+        return self.transformer_blocks[0].checkpointing if len(self.transformer_blocks) else "none"
+
+    @checkpointing.setter
+    def checkpointing(self, mode: str) -> None:
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"model.checkpointing = {mode!r} is unknown; choose one of {', '.join(CHECKPOINTING)}")
+        for block in self.transformer_blocks:
+            block.checkpointing = mode
+
+    @property
     def gradient_checkpointing(self) -> bool:  # the former bool switch: True = full recompute
         return self.checkpointing != "none"
 
@@ -451,15 +475,7 @@ class OpenSoraT2V(nn.Module):
         for block in self.transformer_blocks:
             block.compile(**kwargs)
 
-    def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
-        mode = self.checkpointing
-        if mode not in CHECKPOINTING:
-            raise ValueError(f"model.checkpointing = {mode!r} is unknown; choose one of {', '.join(CHECKPOINTING)}")
-        if mode == "none" or not torch.is_grad_enabled():
-            return block(*args)
-        if mode == "full":
-            return checkpoint(block, *args, use_reentrant=False)
-        return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_context)
+
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, S, pt*p*p*C] ((pt, ph, pw, c) order, c fastest) -> [B, C, T, H, W]."""
@@ -524,7 +540,7 @@ class OpenSoraT2V(nn.Module):
         txt = self.scatter_text(txt.transpose(0, 1).contiguous())  # [L, B, D]
         t6 = self.t6_hook(t6)
         for block in self.transformer_blocks:
-            h = self._run_block(block, h, t6, txt, text_bias, rope, video_bias)
+            h = block(h, t6, txt, text_bias, rope, video_bias)
         h = self.gather_video(h)  # [S, B, D]
 
         shift, scale = (self.scale_shift_table.to(dtype)[None] + embedded_t[:, None]).permute(1, 0, 2).unsqueeze(1)  # [1,B,D]
