@@ -223,6 +223,10 @@ def test_gpu_bench_dry_run(tmp_path, capsys):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["fwd_bwd_ms"] > 0 and r["matmul_peak_tflops"] > 0 and r["train_tflop"] > 0
     assert 0 < r["bf16_vs_fp32"]["rel_max"] < 0.05 and r["bf16_vs_fp32"]["cosine"] > 0.999
+    # the trainer's regime: bf16 activations over fp32 masters, selective recompute, a full optimizer step
+    assert (r["precision"], r["checkpointing"], r["dp"]) == ("bfloat16", "selective", 1) and r["step_ms"] > 0
+    assert mod.NOMINAL_BF16_TFLOPS["H200 NVL"] == 835.0
+    assert next(v for k, v in mod.NOMINAL_BF16_TFLOPS.items() if k in "NVIDIA H200 NVL") == 835.0
     assert "| card |" in capsys.readouterr().out
     # analytic FLOPs of the real 93x480p model: 32 blocks at 28,800 + 512 tokens
     s = mod.Shape(32, 24, 96, 4096, 24, 60, 80, 512, 1)
