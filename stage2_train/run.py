@@ -133,6 +133,7 @@ class Trainer:
                                                 d.num_attention_heads // L.tp, d.attention_head_dim, model.compute_dtype)
         if cfg.model.compile:
             self.model.compile_blocks()
+            self.attention_kernel += " (eager probe; compiled blocks use SDPA's own order)"
         from osp.common.convert import tp_split_dim
 
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -7,6 +7,9 @@
              biased (text-masked) calls fall back to SDPA
     npu    : torch_npu.npu_fusion_attention (layout BNSD)
 
+Under `model.compile` the backend context is left out of the compiled graph, so compiled blocks
+use SDPA's own priority order (the trainer's log says so).
+
 `attention(q, k, v, bias)` takes q/k/v [B, h, S, hd] (after RoPE) and an additive bias
 [B, 1, 1, S_kv] or None and returns [B, h, S, hd], scale 1/sqrt(hd). `resolve_backend` names the
 kernel that will actually run for the training shapes (probing each candidate once), so the trainer
@@ -72,7 +75,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
             out = out[0] if isinstance(out, tuple) else out
             return out.transpose(1, 2)
     ctx = nullcontext()
-    if q.device.type == "cuda" and name in ("auto", "fa3"):
+    if torch.compiler.is_compiling():
+        pass  # compiled blocks: no backend context inside the graph (SDPA's own order applies)
+    elif q.device.type == "cuda" and name in ("auto", "fa3"):
         ctx = _sdpa_ctx(_AUTO_CUDA)
     elif name in _SDPA and q.device.type != "meta":
         ctx = _sdpa_ctx((name,))

@@ -400,8 +400,13 @@ _SAVE_OPS = {
 }
 
 
+_SAVE_NAMES = ("flash_attn", "npu_fusion_attention")  # attention kernels outside aten (FlashAttention-3, Ascend)
+
+
 def _selective_policy(ctx, func, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if func in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if func in _SAVE_OPS or any(n in str(func) for n in _SAVE_NAMES):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_context():
