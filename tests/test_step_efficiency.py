@@ -3,6 +3,7 @@ its single overridable call, torch.compile of the blocks, the config keys."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -150,3 +151,34 @@ def test_compile_blocks_equals_eager(backend, ckpt):
     torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-5)
     for k in g1:
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_step_proxy_counter_on_known_graphs():
+    """bench/step_proxies.py's tracer: exact bytes of a known elementwise chain (eager per op, fused as
+    one kernel), GEMM FLOPs, and views counted as free."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "step_proxies.py"
+    spec = importlib.util.spec_from_file_location("step_proxies", path)
+    P = importlib.util.module_from_spec(spec)
+    sys.modules["step_proxies"] = P  # dataclasses look their module up
+    spec.loader.exec_module(P)
+    n = 1000
+    with FakeTensorMode():
+        x = torch.randn(n, n)  # 4 MB fp32
+        w = torch.randn(n, 2 * n)
+        tr = P.Tracer()
+        with tr:
+            y = (x * 2.0).sin() + x  # 3 elementwise ops
+            z = y.view(-1).view(n, n).t().t() @ w  # views are free; one GEMM
+            z.sum()
+    mb = n * n * 4
+    eager_chain = 2 * mb + 2 * mb + 3 * mb  # mul r/w, sin r/w, add 2r/w
+    assert tr.counts.flops["gemm"] == 2 * n * n * 2 * n
+    # sum reads z (8 MB) and writes a scalar; the chain is one fused group reading x, writing y (read by the GEMM)
+    assert tr.counts.mem_eager == eager_chain + 2 * mb + 4
+    assert tr.fused_bytes() == mb + mb + (2 * mb + 4)
+    assert [nd.kind for nd in tr.nodes] == ["mem", "mem", "mem", "gemm", "mem"]
