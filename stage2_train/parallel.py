@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes, tp_split_dim
+from osp.common.models.dit import gelu_linear
 
 
 def _megatron():
@@ -99,8 +100,14 @@ def _row_cls():
         """RowParallelLinear (input_is_parallel) returning only the output, bias added after the reduce."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            dt = x.dtype
-            out = torch.nn.functional.linear(x, self.weight.to(dt))  # partial sums over this rank's columns
+            return self._reduce(torch.nn.functional.linear(x, self.weight.to(x.dtype)))  # partial sums
+
+        def forward_gelu_input(self, pre: torch.Tensor) -> torch.Tensor:
+            """ff.net.2 on the GELU pre-activation (GELU recomputed in backward, see dit.gelu_linear)."""
+            return self._reduce(gelu_linear(pre, self.weight.to(pre.dtype)))
+
+        def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+            dt = out.dtype
             if self.sequence_parallel:
                 out = tp.reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
             else:

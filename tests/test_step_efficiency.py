@@ -182,3 +182,23 @@ def test_step_proxy_counter_on_known_graphs():
     assert tr.counts.mem_eager == eager_chain + 2 * mb + 4
     assert tr.fused_bytes() == mb + mb + (2 * mb + 4)
     assert [nd.kind for nd in tr.nodes] == ["mem", "mem", "mem", "gemm", "mem"]
+
+
+def test_gelu_linear_keeps_only_the_pre_activation():
+    """ff.net.2 on the GELU pre-activation: same output and gradients as GELU then linear, and the
+    GELU output is not among the tensors saved for backward."""
+    from osp.common.models.dit import gelu_linear
+
+    pre = torch.randn(5, 2, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    g = torch.randn(5, 2, 8)
+    ref = torch.nn.functional.linear(torch.nn.functional.gelu(pre, approximate="tanh"), w)
+    rp, rw = torch.autograd.grad(ref, (pre, w), g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: (saved.append(s), s)[1], lambda s: s):
+        out = gelu_linear(pre, w)
+    gp, gw = torch.autograd.grad(out, (pre, w), g)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(gp, rp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-6)
+    assert all(s is pre or s is w for s in saved) and len(saved) == 2

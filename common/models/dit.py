@@ -328,15 +328,43 @@ class GELUProj(nn.Module):  # "ff.net.0": Linear then tanh-GELU
         return F.gelu(self.proj(x), approximate="tanh")
 
 
+class _GeluLinear(torch.autograd.Function):
+    """a = tanh-GELU(pre); out = a @ w^T, saving only `pre` (and w): GELU is recomputed in backward
+    (elementwise, no GEMM), so the 4D-wide GELU output is never kept. Same ops, same numbers."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pre, w)
+        return F.linear(F.gelu(pre, approximate="tanh"), w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        pre, w = ctx.saved_tensors
+        a = F.gelu(pre, approximate="tanh")
+        gw = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        ga = g @ w
+        return torch.ops.aten.gelu_backward(ga, pre, approximate="tanh"), gw
+
+
+def gelu_linear(pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """GELU(pre) @ w^T without keeping GELU(pre) for backward (plain ops under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return F.linear(F.gelu(pre, approximate="tanh"), w)
+    return _GeluLinear.apply(pre, w)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.ModuleList([GELUProj(dim, mult * dim), nn.Dropout(0.0), Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.net:
-            x = m(x)
-        return x
+        pre = self.net[0].proj(x)  # [S, B, 4D(/TP)] pre-activation
+        out = self.net[2]
+        fn = getattr(out, "forward_gelu_input", None)  # the TP plan's row-parallel linear
+        if fn is not None:
+            return fn(pre)
+        return gelu_linear(pre, out.weight.to(pre.dtype)) + out.bias.to(pre.dtype)
 
 
 class DiTBlock(nn.Module):
