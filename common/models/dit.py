@@ -426,8 +426,6 @@ _SAVE_OPS = {
     _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_attention_math.default,
 }
-
-
 _SAVE_NAMES = ("flash_attn", "npu_fusion_attention")  # attention kernels outside aten (FlashAttention-3, Ascend)
 
 
@@ -507,8 +505,6 @@ class OpenSoraT2V(nn.Module):
         """torch.compile each transformer block in place (parameter names unchanged)."""
         for block in self.transformer_blocks:
             block.compile(**kwargs)
-
-
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, S, pt*p*p*C] ((pt, ph, pw, c) order, c fastest) -> [B, C, T, H, W]."""
