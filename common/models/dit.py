@@ -333,24 +333,26 @@ class _GeluLinear(torch.autograd.Function):
     (elementwise, no GEMM), so the 4D-wide GELU output is never kept. Same ops, same numbers."""
 
     @staticmethod
-    def forward(ctx, pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, pre: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(pre, w)
-        return F.linear(F.gelu(pre, approximate="tanh"), w)
+        ctx.has_bias = b is not None
+        return F.linear(F.gelu(pre, approximate="tanh"), w, b)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         pre, w = ctx.saved_tensors
         a = F.gelu(pre, approximate="tanh")
-        gw = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
-        ga = g @ w
-        return torch.ops.aten.gelu_backward(ga, pre, approximate="tanh"), gw
+        g2 = g.reshape(-1, g.shape[-1])
+        gw = g2.t() @ a.reshape(-1, a.shape[-1])
+        gb = g2.sum(0) if ctx.has_bias else None
+        return torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh"), gw, gb
 
 
-def gelu_linear(pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """GELU(pre) @ w^T without keeping GELU(pre) for backward (plain ops under torch.compile)."""
+def gelu_linear(pre: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU(pre) @ w^T (+ b) without keeping GELU(pre) for backward (plain ops under torch.compile)."""
     if torch.compiler.is_compiling():
-        return F.linear(F.gelu(pre, approximate="tanh"), w)
-    return _GeluLinear.apply(pre, w)
+        return F.linear(F.gelu(pre, approximate="tanh"), w, b)
+    return _GeluLinear.apply(pre, w, b)
 
 
 class FeedForward(nn.Module):
@@ -364,7 +366,7 @@ class FeedForward(nn.Module):
         fn = getattr(out, "forward_gelu_input", None)  # the TP plan's row-parallel linear
         if fn is not None:
             return fn(pre)
-        return gelu_linear(pre, out.weight.to(pre.dtype)) + out.bias.to(pre.dtype)
+        return gelu_linear(pre, out.weight.to(pre.dtype), out.bias.to(pre.dtype))
 
 
 class DiTBlock(nn.Module):
