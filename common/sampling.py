@@ -165,6 +165,7 @@ def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, p
     config = DiTConfig.from_json(folder / "config.json")
     model = load_dit_weights(folder, prefer_ema=prefer_ema, device=device, dtype=dtype)
     model = model.eval().requires_grad_(False)
+    model.compute_dtype = dtype  # the precision policy: every DiT activation in the sampling dtype
     identity = {
         "path": str(Path(checkpoint).resolve()),
         "resolved": str(folder.resolve()),
@@ -224,6 +225,7 @@ def load_models(
     loaded DiT (full weights, eval, on the device) before use, e.g. to split it over tensor-parallel
     ranks; the caller owns whatever process groups it needs."""
     from osp.common.device import pick_device
+    from osp.common.models.dit import resolve_precision
     from osp.common.models.text import TextEncoder
     from osp.common.models.vae import load_vae, vae_identity
 
@@ -236,7 +238,7 @@ def load_models(
     assert vae is not None and text_encoder is not None
     dev = pick_device(device)
     tdev = dev.set_current() if dev.is_accelerator else dev.torch_device()
-    dtype = dtype or dev.autocast_dtype
+    dtype = dtype or resolve_precision("auto", dev.is_accelerator)  # bf16 on accelerators, fp32 on CPU
     dit, dit_config, dit_id = load_dit(checkpoint, tdev, dtype, prefer_ema=prefer_ema)
     if dit_transform is not None:
         dit = dit_transform(dit)

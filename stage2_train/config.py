@@ -15,9 +15,10 @@ from typing import Any, NoReturn, Sequence
 
 from osp.common import config as C
 from osp.common.errors import ConfigError
+from osp.common.models.dit import PRECISIONS, resolve_precision  # noqa: F401  (re-exported for run.py)
 
 
-CHECKPOINTING = ("none", "full")  # model.checkpointing modes
+CHECKPOINTING = ("none", "selective", "full")  # model.checkpointing modes
 
 
 @dataclass
@@ -31,6 +32,8 @@ class RunConfig:
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM
     async_ckpt: bool = True  # write checkpoints in the background (DCP async_save); training waits only for a host copy
     device: str = "auto"  # auto | cuda | npu | cpu
+    precision: str = "auto"  # auto | bf16 | fp32: activation dtype of the DiT (auto = bf16 on accelerators, fp32 on
+    #                          CPU); parameters, optimizer state and EMA stay fp32 (the "train.precision")
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = unknown (MFU not reported)
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
     tensorboard: bool = True  # when the tensorboard package is installed
@@ -56,7 +59,9 @@ class DataConfig:
 class ModelConfig:
     preset: str = "tiny"  # a DiT preset name, or a path to a diffusers-style config.json
     init: str = ""  # converted released checkpoint (or an osp checkpoint) loaded strictly as the start
-    checkpointing: str = "none"  # activation checkpointing: none | full (recompute each transformer block in backward)
+    checkpointing: str = "none"  # none | selective (keep GEMM + attention outputs, recompute elementwise) | full
+    attention_backend: str = "auto"  # auto | cudnn | flash | efficient | math | fa3 | npu (osp.common.models.attention)
+    compile: bool = False  # torch.compile each transformer block
 
 
 @dataclass
@@ -151,6 +156,12 @@ class TrainConfig:
             bad("run.steps must be >= 1")
         if self.run.nonfinite not in ("stop", "skip"):
             bad("run.nonfinite must be 'stop' or 'skip'")
+        if self.run.precision not in PRECISIONS:
+            bad(f"run.precision must be one of {', '.join(PRECISIONS)}")
+        from osp.common.models.attention import BACKENDS
+
+        if self.model.attention_backend not in BACKENDS:
+            bad(f"model.attention_backend must be one of {', '.join(BACKENDS)}")
         if self.data.batch_size < 1:
             bad("data.batch_size must be >= 1")
         if self.parallel.tp < 1:

@@ -5,6 +5,13 @@ Layout per TP rank (N = TP size, S video tokens, L text tokens, D width, h heads
 * column-parallel (ColumnParallelLinear, gather_output=False): attn1/attn2 to_q, to_k, to_v and
   ff.net.0.proj -> each rank holds heads [r*h/N, (r+1)*h/N) / FFN columns; the attention module reads
   the local head count from the projection width, so the model code is unchanged;
+* fused q/k/v: the model concatenates the LOCAL q/k/v shards (head-aligned: rank r's rows of each)
+  per call and runs them through `fused_forward` = megatron's
+  `linear_with_grad_accumulation_and_async_allreduce`: ONE sequence-parallel all-gather of the block
+  input, one GEMM, only the local shard saved for backward (re-gathered there, overlapped with the
+  dgrad GEMM). Parameters, names and per-rank shards are exactly those of three separate linears;
+* precision: every linear casts its (fp32 master) weight and bias to the input's dtype, so GEMM
+  outputs, bias adds and the collectives run in the activation dtype (bf16 in a bf16 run);
 * row-parallel (RowParallelLinear, input_is_parallel=True): attn1/attn2 to_out.0 and ff.net.2, full
   bias added after the reduce;
 * replicated: pos_embed, adaln_single, caption_projection, block and final scale_shift_table,
@@ -37,7 +44,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes
+from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes, tp_split_dim
+from osp.common.models.dit import gelu_linear
 
 
 def _megatron():
@@ -70,11 +78,19 @@ def _column_cls() -> Any:
     _, _, tp = _megatron()
 
     class ColumnLinear(_NoExtraState, tp.ColumnParallelLinear):
-        """ColumnParallelLinear returning only the output (parameter names stay weight / bias)."""
+        """ColumnParallelLinear computing in the input's dtype, returning only the output (parameter
+        names stay weight / bias). `fused_forward` also serves concatenated q/k/v weights."""
+
+        def fused_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            sp = self.sequence_parallel
+            return tp.linear_with_grad_accumulation_and_async_allreduce(
+                x, w, b, gradient_accumulation_fusion=False, allreduce_dgrad=not sp, sequence_parallel=sp,
+                tp_group=self.tp_group,
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            out, _ = super().forward(x)
-            return out
+            dt = x.dtype
+            return self.fused_forward(x, self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
 
     return ColumnLinear
 
@@ -87,8 +103,19 @@ def _row_cls() -> Any:
         """RowParallelLinear (input_is_parallel) returning only the output, bias added after the reduce."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            out, _ = super().forward(x)
-            return out
+            return self._reduce(torch.nn.functional.linear(x, self.weight.to(x.dtype)))  # partial sums
+
+        def forward_gelu_input(self, pre: torch.Tensor) -> torch.Tensor:
+            """ff.net.2 on the GELU pre-activation (GELU recomputed in backward, see dit.gelu_linear)."""
+            return self._reduce(gelu_linear(pre, self.weight.to(pre.dtype)))
+
+        def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+            dt = out.dtype
+            if self.sequence_parallel:
+                out = tp.reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+            else:
+                out = tp.reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+            return out + self.bias.to(dt)
 
     return RowLinear
 

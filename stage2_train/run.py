@@ -5,7 +5,7 @@
 
 One optimizer step = `optim.grad_accum` micro-steps; per micro-step:
     batch (DataLoader workers) -> z0 = 0.18215 * posterior sample -> noise, t, caption dropout
-    -> DiT forward (bf16 autocast on accelerators, fp32 on CPU) -> min-SNR eps loss -> backward
+    -> DiT forward (activations in run.precision: bf16 on accelerators, fp32 on CPU) -> min-SNR eps loss -> backward
 then: SP-tagged grads summed over TP, grads averaged over DP, global grad norm (TP-aware), non-finite
 check (agreed by all ranks), clip, AdamW (optionally ZeRO-1), EMA, LR schedule. A SIGTERM sets a flag
 that all ranks agree on at the next step boundary: checkpoint, exit 0.
@@ -23,7 +23,6 @@ Stage 2 never imports transformers, the VAE or stage 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -42,7 +41,8 @@ from osp.common import shards as S
 from osp.common.errors import ConfigError, MissingFileError, OspError, one_line
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
-from osp.stage2_train.config import TrainConfig
+from osp.common.models.attention import resolve_backend
+from osp.stage2_train.config import TrainConfig, resolve_precision
 from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.watchdog import Watchdog
@@ -154,11 +154,20 @@ class Trainer:
 
         from osp.stage2_train.context_parallel import apply_context_parallel
 
-        model = apply_context_parallel(build.build_local(self.dit_cfg, self.cfg.parallel.sp))
-        model.gradient_checkpointing = self.cfg.model.checkpointing == "full"
+        cfg, dev = self.cfg, self.device.torch_device(self.layout.local_rank)
+        model = apply_context_parallel(build.build_local(self.dit_cfg, cfg.parallel.sp))
+        model.checkpointing = cfg.model.checkpointing
+        # every activation in this dtype (run.precision); the dry run (meta) measures the accelerator regime
+        model.compute_dtype = resolve_precision(cfg.run.precision, self.device.is_accelerator or self.device.is_meta)
         if materialize:
-            build.materialize(model, self.device.torch_device(self.layout.local_rank))
+            build.materialize(model, dev)
         self.model = model.train()
+        d = self.dit_cfg
+        self.attention_kernel = resolve_backend(cfg.model.attention_backend, dev, d.num_attention_heads // (self.layout.tp * self.layout.cp),
+                                                d.attention_head_dim, model.compute_dtype)
+        if cfg.model.compile:
+            self.model.compile_blocks()
+            self.attention_kernel += " (eager probe; compiled blocks use SDPA's own order)"
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.sharded = [tp_split_dim(n) is not None for n, _ in named]  # TP-sharded (not replicated)
@@ -304,7 +313,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
             self.console.print(f"[bold]run[/] {self.run_dir}  layout tp={self.layout.tp} cp={self.layout.cp} dp={self.layout.dp} sp={self.layout.sp} "
-                               f"zero1={self.cfg.parallel.zero1} device={self.device.type}")
+                               f"zero1={self.cfg.parallel.zero1} device={self.device.type} "
+                               f"activations={str(self.model.compute_dtype).removeprefix('torch.')} attention={self.attention_kernel} "
+                               f"checkpointing={self.cfg.model.checkpointing} compile={self.cfg.model.compile}")
             self.console.print(self.cfg.to_toml().rstrip(), markup=False)
             if self.ckpt_path:
                 self.console.print(f"resuming from {self.ckpt_path} at step {self.step} (loader {self.loader.state_dict()})")
@@ -377,10 +388,8 @@ class Trainer:
         noise, t = r.noise.to(dev), r.t.to(dev)
         x_t = add_noise(z0, noise, t, self.abar)
         text, mask = self._caption_dropout(batch.text, batch.text_mask, r.drop)
-        autocast = (torch.autocast(self.device.type, dtype=self.device.autocast_dtype) if self.device.is_accelerator
-                    else contextlib.nullcontext())  # meta has no autocast: the dry run measures the parameters' dtype
-        with autocast:
-            eps_hat = self.model(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
+        # no autocast: the model casts itself (every activation in model.compute_dtype = run.precision)
+        eps_hat = self.model(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
         return diffusion_loss(eps_hat, noise, t, self.abar, cfg.diffusion.snr_gamma)
 
     def _caption_dropout(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):

@@ -107,10 +107,27 @@ def test_rope_cache_quirk_switch_and_bf16_angles():
     assert torch.equal(quirk.view(3, 4, 4, 24)[1, 2, :, 16:24], ytab)
     # distinct lengths: quirk has no effect (all released geometries)
     assert torch.equal(rope_angles((24, 30, 40), 96, scales, quirk_table_cache=True), rope_angles((24, 30, 40), 96, scales))
-    # angles are cast to the activation dtype before cos/sin
+    # cos/sin are evaluated in fp32 once, then cast to the activation dtype (same numbers at every TP size)
     table = RopeTable(fixed)
     cos, sin = table.cos_sin(torch.bfloat16)
-    assert cos.dtype == torch.bfloat16 and torch.equal(cos, fixed.bfloat16().cos())
+    assert cos.dtype == torch.bfloat16 and torch.equal(cos, fixed.cos().bfloat16())
+    assert not torch.equal(cos, fixed.bfloat16().cos())  # upstream's bf16-angle order differs
+
+
+def test_fused_rope_equals_reference_form_and_its_gradient():
+    """The one-op RoPE (signed sin table, swap) equals x*cos + rot(x)*sin bit for bit in fp32, and its
+    hand-written backward equals autograd through the reference form."""
+    from osp.common.models.rope import rotate_half_3d
+
+    angles = rope_angles((3, 4, 5), 24, (1.0, 1.5, 2.0))
+    x = torch.randn(2, 3, 60, 24, requires_grad=True)
+    g = torch.randn(2, 3, 60, 24)
+    ref = x * angles.cos() + rotate_half_3d(x) * angles.sin()
+    (gref,) = torch.autograd.grad(ref, x, g)
+    out = apply_rope(x, RopeTable(angles))
+    (gout,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(gout, gref, rtol=0, atol=1e-6)
 
 
 def test_timestep_embedding_cos_first():
@@ -206,6 +223,10 @@ def test_gpu_bench_dry_run(tmp_path, capsys):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["fwd_bwd_ms"] > 0 and r["matmul_peak_tflops"] > 0 and r["train_tflop"] > 0
     assert 0 < r["bf16_vs_fp32"]["rel_max"] < 0.05 and r["bf16_vs_fp32"]["cosine"] > 0.999
+    # the trainer's regime: bf16 activations over fp32 masters, selective recompute, a full optimizer step
+    assert (r["precision"], r["checkpointing"], r["dp"]) == ("bfloat16", "selective", 1) and r["step_ms"] > 0
+    assert mod.NOMINAL_BF16_TFLOPS["H200 NVL"] == 835.0
+    assert next(v for k, v in mod.NOMINAL_BF16_TFLOPS.items() if k in "NVIDIA H200 NVL") == 835.0
     assert "| card |" in capsys.readouterr().out
     # analytic FLOPs of the real 93x480p model: 32 blocks at 28,800 + 512 tokens
     s = mod.Shape(32, 24, 96, 4096, 24, 60, 80, 512, 1)

@@ -79,7 +79,7 @@ def run(model, inputs, reduce: bool):
 
     x, t, text, mask, w = inputs
     model.zero_grad(set_to_none=True)
-    out = model(x, t, text, mask)
+    out = model(x, t, text, mask).float()
     (out * w).sum().backward()
     if reduce:
         reduce_sequence_parallel_grads(model)
@@ -126,12 +126,13 @@ def worker(rank: int, port: int, out_path: str) -> None:
         inputs = make_inputs(cfg, text_len, valid, 200 + ci)
         ref = run(copy.deepcopy(base), inputs, reduce=False)
 
-        variants = [("tp2", False, True, False), ("tp2_sp", True, True, False), ("tp2_sp_ckpt", True, True, True)]
+        variants = [("tp2", False, True, "none"), ("tp2_sp", True, True, "none"), ("tp2_sp_ckpt", True, True, "full"),
+                    ("tp2_sp_selective", True, True, "selective")]
         if ci == 0:
-            variants.append(("tp2_sp_nofix", True, False, False))  # negative control: must be wrong
+            variants.append(("tp2_sp_nofix", True, False, "none"))  # negative control: must be wrong
         for vname, sp, reduce, ckpt in variants:
             m = parallelize(copy.deepcopy(base), sequence_parallel=sp)
-            m.gradient_checkpointing = ckpt
+            m.checkpointing = ckpt
             results[f"{name}/{vname}"] = compare(ref, run(m, inputs, reduce))
             if vname == "tp2_sp":
                 full = gather_full_state_dict(m)
@@ -145,9 +146,19 @@ def worker(rank: int, port: int, out_path: str) -> None:
                 load_full_state_dict(m2, sd)
                 results[f"{name}/state_dict_load"] = compare(ref, run(m2, inputs, reduce=True))
 
-        m = copy.deepcopy(base)
-        m.gradient_checkpointing = True
-        results[f"{name}/tp1_ckpt"] = compare(ref, run(m, inputs, reduce=False))
+        for mode in ("full", "selective"):
+            m = copy.deepcopy(base)
+            m.checkpointing = mode
+            results[f"{name}/tp1_ckpt_{mode}"] = compare(ref, run(m, inputs, reduce=False))
+
+        # bf16 activations (fp32 master weights): TP=2+SP vs TP=1 in bf16, and bf16 vs the fp32 reference
+        m1 = copy.deepcopy(base)
+        m1.compute_dtype = torch.bfloat16
+        ref16 = run(m1, inputs, reduce=False)
+        m2 = parallelize(copy.deepcopy(base), sequence_parallel=True)
+        m2.compute_dtype, m2.checkpointing = torch.bfloat16, "selective"
+        results[f"{name}/bf16_tp2_sp"] = compare(ref16, run(m2, inputs, reduce=True))
+        results[f"{name}/bf16_vs_fp32"] = compare(ref, ref16)
 
     # clear errors for bad sizes
     errors = {}

@@ -1,5 +1,12 @@
-"""OpenSoraT2V at real width on one H100/H200: bf16 forward+backward time, analytic FLOPs, TFLOP/s,
-MFU against a measured bf16 matmul peak, and bf16-vs-fp32 output agreement.
+"""OpenSoraT2V at real width on one H100/H200 in the trainer's regime: forward+backward and full-step
+time, analytic FLOPs, TFLOP/s, MFU against the card's nominal dense bf16 peak (the measured matmul
+rate beside it), and bf16-vs-fp32 output agreement.
+
+The regime is the trainer's (issue #12): fp32 master weights, every activation in the `--precision`
+dtype (model.compute_dtype, no autocast), `--checkpointing none|selective|full`, the
+`--attention-backend` switch (the kernel actually used is printed), optional `--compile`. The full step
+adds what the trainer does after backward: DP gradient all-reduce (when torchrun gives more ranks than
+--tp), the global grad norm + clip, AdamW and the EMA update (stage2_train.optim).
 
 Self-contained: needs only torch and the osp package (megatron-core is optional: with it,
 `torchrun --nproc_per_node N bench/gpu/bench_dit_gpu.py --tp N [--sp]` times the megatron TP/SP plan;
@@ -25,7 +32,8 @@ import torch
 
 # the osp package (installed editable, or run from a checkout without installing)
 try:
-    from osp.common.models.dit import DiTConfig, build_dit
+    from osp.common.models.attention import resolve_backend
+    from osp.common.models.dit import DiTConfig, build_dit, resolve_precision
 except ImportError:  # pragma: no cover - a bare checkout: map the folders to osp.* by hand
     import types
 
@@ -34,11 +42,13 @@ except ImportError:  # pragma: no cover - a bare checkout: map the folders to os
         mod = types.ModuleType(name)
         mod.__path__ = [os.path.join(root, folder)] if folder else []
         sys.modules[name] = mod
-    from osp.common.models.dit import DiTConfig, build_dit
+    from osp.common.models.attention import resolve_backend
+    from osp.common.models.dit import DiTConfig, build_dit, resolve_precision
 
-# Nominal dense bf16 peaks (TFLOP/s, no sparsity) for a second MFU column; the measured matmul peak
-# is the primary reference.
-NOMINAL_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.5, "H200": 989.4}
+# Nominal dense bf16 peaks (TFLOP/s, no sparsity): the MFU reference. Matched in this order against
+# torch.cuda.get_device_name ("NVIDIA GH200 480GB", "NVIDIA H200 NVL", "NVIDIA H200", "NVIDIA H100 80GB HBM3").
+NOMINAL_BF16_TFLOPS = {"GH200": 989.0, "H200 NVL": 835.0, "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0,
+                       "H100 NVL": 835.0, "H100 PCIe": 756.0}
 
 
 @dataclass
@@ -161,18 +171,20 @@ def run(args) -> dict:
                     caption_channels=s.text_dim, cross_attention_dim=s.d, sample_size=[s.height, s.width],
                     sample_size_t=s.frames)
     torch.manual_seed(0)
-    model = build_dit(cfg, device=dev)
+    model = build_dit(cfg, device=dev)  # fp32 master weights, as the trainer
     with torch.no_grad():  # non-zero modulation tables and output layer (zero-init would hide numerics)
         for name, p in model.named_parameters():
             if "scale_shift_table" in name:
                 p.copy_(torch.randn_like(p) * 0.1)
     x, t, text, mask = make_inputs(s, dev)
+    act = resolve_precision(args.precision, dev.type != "cpu")
 
-    # bf16 vs fp32 agreement of the same weights (forward, no grad)
+    # bf16 vs fp32 activations of the same fp32 weights (forward, no grad)
     with torch.no_grad():
+        model.compute_dtype = torch.float32
         ref = model(x, t, text, mask).float()
-        model_bf16 = model.to(torch.bfloat16)
-        out = model_bf16(x.bfloat16(), t, text.bfloat16(), mask).float()
+        model.compute_dtype = torch.bfloat16
+        out = model(x, t, text, mask).float()
     rel_max = float((out - ref).abs().max() / ref.abs().max())
     rel_rms = float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
@@ -181,27 +193,59 @@ def run(args) -> dict:
     if tp > 1:
         from osp.stage2_train.parallel import parallelize, reduce_sequence_parallel_grads
 
-        model_bf16 = parallelize(model_bf16, sequence_parallel=args.sp)
-    model_bf16.gradient_checkpointing = args.checkpoint
-    xb, textb = x.bfloat16(), text.bfloat16()
-    grad = torch.randn(s.batch, 4, s.frames, s.height, s.width, device=dev, dtype=torch.bfloat16)
+        model = parallelize(model, sequence_parallel=args.sp)
+    model.compute_dtype, model.checkpointing = act, args.checkpointing
+    kernel = resolve_backend(args.attention_backend, dev, s.heads // tp, s.head_dim, act)
+    if args.compile:
+        model.compile_blocks()
+    grad = torch.randn(s.batch, 4, s.frames, s.height, s.width, device=dev, dtype=act)
 
-    def step():
-        model_bf16.zero_grad(set_to_none=True)
-        model_bf16(xb, t, textb, mask).backward(grad)
+    def fwd_bwd():
+        model(x, t, text, mask).backward(grad)
         if tp > 1:
-            reduce_sequence_parallel_grads(model_bf16)
+            reduce_sequence_parallel_grads(model)
+
+    # the rest of a trainer step (stage2_train.optim): DP all-reduce, global norm + clip, AdamW, EMA
+    from osp.common.convert import tp_split_dim
+    from osp.stage2_train.optim import EMA, PlainAdamW, allreduce_grads, clip_grads, global_grad_norm
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params, sharded = [p for _, p in named], [tp_split_dim(n) is not None for n, _ in named]
+    optim = PlainAdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ema = EMA(model, 0.999)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = max(world // tp, 1)
+    tp_group = dp_group = None
+    if tp > 1 or dp > 1:
+        from megatron.core import parallel_state as ps
+
+        tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
+
+    def after_backward():
+        if dp > 1:
+            allreduce_grads(params, dp_group, dp)
+        norm = global_grad_norm(params, sharded, tp_group, rank % tp, tp)
+        clip_grads(params, norm, 1.0)
+        optim.step()
+        ema.update(model)
+
+    def full_step():
+        optim.zero_grad()
+        fwd_bwd()
+        after_backward()
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    secs = timed(step, dev, args.iters, args.warmup)
+    secs = timed(lambda: (optim.zero_grad(), fwd_bwd()), dev, args.iters, args.warmup)
+    step_secs = timed(full_step, dev, args.iters, 1)
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     with torch.no_grad():
-        fwd_secs = timed(lambda: model_bf16(xb, t, textb, mask), dev, args.iters, args.warmup)
+        fwd_secs = timed(lambda: model(x, t, text, mask), dev, args.iters, args.warmup)
     peak = matmul_peak(dev, peak_n, args.iters)
 
     fl = model_flops(s)
     tflops = fl["train"] / tp / secs / 1e12  # per GPU
+    step_tflops = fl["train"] / tp / step_secs / 1e12
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
     nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
     return {
@@ -210,17 +254,25 @@ def run(args) -> dict:
         "shape": s.__dict__,
         "tokens": s.tokens,
         "tp": tp,
+        "dp": dp,
         "sp": bool(args.sp and tp > 1),
-        "checkpointing": bool(args.checkpoint),
+        "precision": str(act).removeprefix("torch."),
+        "checkpointing": args.checkpointing,
+        "attention_kernel": kernel,
+        "compile": bool(args.compile),
         "fwd_bwd_ms": secs * 1e3,
+        "step_ms": step_secs * 1e3,
         "fwd_ms": fwd_secs * 1e3,
         "fwd_bwd_ms_per_block": secs * 1e3 / s.blocks,
         "train_tflop": fl["train"] / 1e12,
         "attention_flop_share": fl["attention_share"],
         "tflops_per_gpu": tflops,
+        "step_tflops_per_gpu": step_tflops,
         "matmul_peak_tflops": peak,
-        "mfu_measured_peak": tflops / peak,
+        "nominal_peak_tflops": nominal,
         "mfu_nominal": (tflops / nominal) if nominal else None,
+        "step_mfu_nominal": (step_tflops / nominal) if nominal else None,
+        "mfu_measured_peak": tflops / peak,
         "peak_mem_gib": peak_mem,
         "bf16_vs_fp32": {"rel_max": rel_max, "rel_rms": rel_rms, "cosine": cos},
         "rank": rank,
@@ -230,19 +282,21 @@ def run(args) -> dict:
 def markdown(r: dict) -> str:
     s = r["shape"]
     setting = (f"{s['blocks']} blocks D{s['heads'] * s['head_dim']} ({s['heads']}x{s['head_dim']}), "
-               f"{r['tokens']} video + {s['text_len']} text tokens, B{s['batch']}, bf16"
-               f"{', TP=%d' % r['tp'] if r['tp'] > 1 else ''}{'+SP' if r['sp'] else ''}{', ckpt' if r['checkpointing'] else ''}")
-    nominal = f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "n/a"
+               f"{r['tokens']} video + {s['text_len']} text tokens, B{s['batch']}, {r['precision']} activations (fp32 masters)"
+               f"{', TP=%d' % r['tp'] if r['tp'] > 1 else ''}{'+SP' if r['sp'] else ''}, DP={r['dp']}, "
+               f"checkpointing {r['checkpointing']}, {r['attention_kernel']}{', compiled' if r['compile'] else ''}")
+    pct = lambda v: f"{v:.1%}" if v is not None else "n/a (card not in NOMINAL_BF16_TFLOPS)"  # noqa: E731
     b = r["bf16_vs_fp32"]
     lines = [
         f"<!-- bench/gpu/bench_dit_gpu.py, torch {r['torch']} -->",
-        "| card | setting | fwd+bwd ms (per block) | fwd ms | TFLOP/s per GPU | matmul peak TFLOP/s | MFU (measured peak) | MFU (nominal) | peak mem GiB | bf16 vs fp32 (max rel / rms rel / cos) |",
+        "| card | setting | fwd+bwd ms (per block) | full step ms | fwd ms | TFLOP/s per GPU (fwd+bwd / step) | MFU vs nominal peak (fwd+bwd / step) | measured matmul TFLOP/s | peak mem GiB | bf16 vs fp32 (max rel / rms rel / cos) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {r['card']} | {setting} | {r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_per_block']:.1f}) | {r['fwd_ms']:.1f} | "
-        f"{r['tflops_per_gpu']:.1f} | {r['matmul_peak_tflops']:.1f} | {r['mfu_measured_peak']:.1%} | {nominal} | "
-        f"{r['peak_mem_gib']:.1f} | {b['rel_max']:.2e} / {b['rel_rms']:.2e} / {b['cosine']:.6f} |",
+        f"| {r['card']} | {setting} | {r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_per_block']:.1f}) | {r['step_ms']:.1f} | {r['fwd_ms']:.1f} | "
+        f"{r['tflops_per_gpu']:.1f} / {r['step_tflops_per_gpu']:.1f} | {pct(r['mfu_nominal'])} / {pct(r['step_mfu_nominal'])} | "
+        f"{r['matmul_peak_tflops']:.1f} | {r['peak_mem_gib']:.1f} | {b['rel_max']:.2e} / {b['rel_rms']:.2e} / {b['cosine']:.6f} |",
         "",
-        f"FLOPs: {r['train_tflop']:.2f} TFLOP per fwd+bwd (3x forward, model FLOPs incl. attention; attention share {r['attention_flop_share']:.1%}).",
+        f"FLOPs: {r['train_tflop']:.2f} TFLOP per fwd+bwd (3x forward, model FLOPs incl. attention, recompute not counted; "
+        f"attention share {r['attention_flop_share']:.1%}). Nominal peak: {r['nominal_peak_tflops']} TFLOP/s dense bf16.",
     ]
     return "\n".join(lines)
 
@@ -258,7 +312,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--checkpoint", action="store_true", help="per-block activation checkpointing")
+    p.add_argument("--checkpointing", default="selective", choices=["none", "selective", "full"], help="as model.checkpointing")
+    p.add_argument("--precision", default="bf16", choices=["auto", "bf16", "fp32"], help="as run.precision")
+    p.add_argument("--attention-backend", default="auto", help="as model.attention_backend")
+    p.add_argument("--compile", action="store_true", help="as model.compile (torch.compile each block)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node TP; needs megatron-core)")
     p.add_argument("--sp", action="store_true", help="sequence parallelism with --tp > 1")
     p.add_argument("--json", help="also write the results as JSON here")

@@ -21,24 +21,51 @@ strict=True. The blocks run sequence-first ([S, B, D], Megatron's convention) so
 (`scatter_video`, `scatter_text`, `t6_hook`, `gather_video`) without touching this file; the context
 parallel plan (`osp.stage2_train.context_parallel`) also replaces `scatter_rope` and the self-attention
 kernel `Attention.core`.
+
+Efficiency, all without changing a parameter name or shape:
+* precision: `compute_dtype` (bf16 | fp32 | None = the weights' dtype, or the autocast dtype when
+  autocast is on) is the dtype of EVERY activation: weights and biases (fp32 masters) are cast at use,
+  so bias adds, modulation, residuals, RoPE and the TP/SP collectives run in it; autocast is switched
+  off inside so LayerNorm returns the activation dtype (its statistics stay fp32 inside the kernel);
+* q/k/v (self-attention) and k/v (cross-attention) are fused at compute time: the (TP-local) weights
+  are concatenated per call and one GEMM (one SP all-gather under TP) produces all three;
+* RoPE: cos/sin once per grid in fp32, one elementwise op (rope.py);
+* `checkpointing`: none | selective (GEMM and attention outputs kept, elementwise parts recomputed:
+  torch's selective checkpoint contexts) | full (each block recomputed);
+* `Attention.core(q, k, v, bias)` is the one overridable kernel call (attention.py picks the backend);
+* `compile_blocks()` wraps every block in torch.compile.
 """
 from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from osp.common.config import MASK_BIAS, ROPE_THETA, TEXT_DIM_MT5_XXL, read_config_json
 from osp.common.errors import ConfigError
+from osp.common.models import attention as attn_kernel
 from osp.common.models.rope import RopeTable, apply_rope, rope_angles
 
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep embedding width (PixArt adaLN-single)
+
+# The precision policy (training `run.precision`, sampling `--dtype`): the dtype of every DiT activation.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, is_accelerator: bool) -> torch.dtype:
+    """auto -> bf16 on accelerators, fp32 on CPU; parameters / optimizer state / EMA stay fp32 in training."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if is_accelerator else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,6 +202,25 @@ def timestep_sinusoid(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS) -> tor
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear computing in its input's dtype (the weight and bias are cast at use: fp32 masters,
+    bf16 GEMM with the bias add inside it, bf16 output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def fused_linear(x: torch.Tensor, mods: tuple[nn.Module, ...]) -> torch.Tensor:
+    """One GEMM for several linears over the same input: their (TP-local) weights and biases are
+    concatenated per call (a D x D-sized copy) and the first module's `fused_forward` runs it (under TP
+    the plan's column-parallel linear: one SP all-gather of x). Output columns: mods in order."""
+    dt = x.dtype
+    w = torch.cat([m.weight.to(dt) for m in mods])
+    b = torch.cat([m.bias.to(dt) for m in mods]) if mods[0].bias is not None else None
+    fwd = getattr(mods[0], "fused_forward", None)
+    return fwd(x, w, b) if fwd is not None else F.linear(x, w, b)
+
+
 class PatchEmbed(nn.Module):
     """Per-frame Conv2d(k=p, s=p): [B,C,T,H,W] -> [B, T*H'*W', D], time-major token order."""
 
@@ -185,7 +231,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        x = self.proj(x)  # [B*T, D, H', W']
+        x = F.conv2d(x, self.proj.weight.to(x.dtype), self.proj.bias.to(x.dtype), stride=self.proj.stride)  # [B*T, D, H', W']
         x = x.flatten(2).transpose(1, 2)  # [B*T, H'W', D] (row-major y, x)
         return x.reshape(b, -1, x.shape[-1])  # [B, T*H'*W', D]
 
@@ -193,8 +239,8 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(TIMESTEP_CHANNELS, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(TIMESTEP_CHANNELS, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, t_freq: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(t_freq)))
@@ -212,7 +258,7 @@ class AdaLayerNormSingle(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.emb = _TimestepEmb(dim)
-        self.linear = nn.Linear(dim, 6 * dim)
+        self.linear = Linear(dim, 6 * dim)
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         embedded_t = self.emb.timestep_embedder(timestep_sinusoid(timestep).to(dtype))  # [B, D]
@@ -224,8 +270,8 @@ class CaptionProjection(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
@@ -236,16 +282,18 @@ class CaptionProjection(nn.Module):
 # ------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
     """Multi-head attention, sequence-first. The local head count is read from the projection width,
-    so the same code runs with all heads (TP=1) or the TP rank's heads (column-parallel q/k/v)."""
+    so the same code runs with all heads (TP=1) or the TP rank's heads (column-parallel q/k/v).
+    `core` is the attention kernel: q/k/v [B, h, S, hd] after RoPE (+ additive bias) -> [B, h, S, hd]."""
 
     def __init__(self, dim: int, kv_dim: int, heads: int, head_dim: int, bias: bool):
         super().__init__()
         inner = heads * head_dim
         self.head_dim = head_dim
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.to_q = Linear(dim, inner, bias=bias)
+        self.to_k = Linear(kv_dim, inner, bias=bias)
+        self.to_v = Linear(kv_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, dim), nn.Dropout(0.0)])
+        self.core = attn_kernel.attention
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [S, B, h*hd] -> [B, h, S, hd]
         s, b, _ = x.shape
@@ -261,15 +309,19 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [S, B, D] (a sequence shard under SP; q/k/v are full-length after the gather)
         context: torch.Tensor | None = None,  # [L, B, Dkv]; None = self-attention
         bias: torch.Tensor | None = None,  # additive [B, 1, 1, S_kv]
-        rope: RopeTable | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, signed sin) [S, hd]
     ) -> torch.Tensor:
-        ctx = x if context is None else context
-        q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        if context is None:  # one GEMM (one SP all-gather) for q, k, v
+            q, k, v = fused_linear(x, (self.to_q, self.to_k, self.to_v)).chunk(3, dim=-1)
+        else:
+            q = self.to_q(x)
+            k, v = fused_linear(context, (self.to_k, self.to_v)).chunk(2, dim=-1)
+        # v as its own tensor: the fused GEMM output is then not kept alive by SDPA's saved v (RoPE keeps
+        # no input for backward), which frees 2/3 of it before backward
+        q, k, v = self._heads(q), self._heads(k), self._heads(v).contiguous()
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        o = self.core(q, k, v, bias)  # [B, h, S, hd]
+        o = self.core(q, k, v, bias)  # [B, h, S, hd], scale 1/sqrt(hd)
         b, h, s, hd = o.shape
         o = o.permute(2, 0, 1, 3).reshape(s, b, h * hd)
         return self.to_out[1](self.to_out[0](o))
@@ -278,21 +330,51 @@ class Attention(nn.Module):
 class GELUProj(nn.Module):  # "ff.net.0": Linear then tanh-GELU
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.proj = nn.Linear(dim, hidden)
+        self.proj = Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.proj(x), approximate="tanh")
 
 
+class _GeluLinear(torch.autograd.Function):
+    """a = tanh-GELU(pre); out = a @ w^T, saving only `pre` (and w): GELU is recomputed in backward
+    (elementwise, no GEMM), so the 4D-wide GELU output is never kept. Same ops, same numbers."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(pre, w)
+        ctx.has_bias = b is not None
+        return F.linear(F.gelu(pre, approximate="tanh"), w, b)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        pre, w = ctx.saved_tensors
+        a = F.gelu(pre, approximate="tanh")
+        g2 = g.reshape(-1, g.shape[-1])
+        gw = g2.t() @ a.reshape(-1, a.shape[-1])
+        gb = g2.sum(0) if ctx.has_bias else None
+        return torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh"), gw, gb
+
+
+def gelu_linear(pre: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU(pre) @ w^T (+ b) without keeping GELU(pre) for backward (plain ops under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return F.linear(F.gelu(pre, approximate="tanh"), w, b)
+    return _GeluLinear.apply(pre, w, b)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GELUProj(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
+        self.net = nn.ModuleList([GELUProj(dim, mult * dim), nn.Dropout(0.0), Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.net:
-            x = m(x)
-        return x
+        pre = self.net[0].proj(x)  # [S, B, 4D(/TP)] pre-activation
+        out = self.net[2]
+        fn = getattr(out, "forward_gelu_input", None)  # the TP plan's row-parallel linear
+        if fn is not None:
+            return fn(pre)
+        return gelu_linear(pre, out.weight.to(pre.dtype), out.bias.to(pre.dtype))
 
 
 class DiTBlock(nn.Module):
@@ -306,22 +388,33 @@ class DiTBlock(nn.Module):
         self.attn1 = Attention(d, d, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
         self.attn2 = Attention(d, cfg.cross_attention_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
         self.ff = FeedForward(d)
+        self.checkpointing = "none"  # set through OpenSoraT2V.checkpointing
 
     def _ln(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def forward(
+    def forward(self, *args) -> torch.Tensor:
+        """Checkpointing lives inside the block so that `compile` traces it too (selective recompute
+        becomes part of the compiled graph, as torchtitan applies AC before compile)."""
+        mode = self.checkpointing
+        if mode == "none" or not torch.is_grad_enabled():
+            return self._forward(*args)
+        if mode == "full":
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return checkpoint(self._forward, *args, use_reentrant=False, context_fn=_selective_context)
+
+    def _forward(
         self,
         h: torch.Tensor,  # [S, B, D]
         t6: torch.Tensor,  # [B, 6D]
         text: torch.Tensor,  # [L, B, D]
         text_bias: torch.Tensor | None,  # [B, 1, 1, L]
-        rope: RopeTable,
+        rope: tuple[torch.Tensor, torch.Tensor],  # (cos, signed sin) [S, hd] in the activation dtype
         video_bias: torch.Tensor | None = None,  # [B, 1, 1, S]
     ) -> torch.Tensor:
         b, d = t6.shape[0], self.scale_shift_table.shape[-1]
         # [B,6D] -> [B,6,D] + table -> [6,B,D] -> [6,1,B,D]  (never reshape [B,6D] to [6,B,D] directly)
-        mod = (t6.view(b, 6, d) + self.scale_shift_table[None]).permute(1, 0, 2).unsqueeze(1)
+        mod = (t6.view(b, 6, d) + self.scale_shift_table.to(t6.dtype)[None]).permute(1, 0, 2).unsqueeze(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # each [1, B, D]
         n = self._ln(h) * (1 + scale_msa) + shift_msa
         h = h + gate_msa * self.attn1(n, bias=video_bias, rope=rope)
@@ -332,6 +425,28 @@ class DiTBlock(nn.Module):
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+CHECKPOINTING = ("none", "selective", "full")
+_aten = torch.ops.aten
+# selective recompute keeps the outputs of these (GEMMs and attention kernels); the rest is recomputed
+_SAVE_OPS = {
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_attention_math.default,
+}
+_SAVE_NAMES = ("flash_attn", "npu_fusion_attention")  # attention kernels outside aten (FlashAttention-3, Ascend)
+
+
+def _selective_policy(ctx, func, *args, **kwargs):
+    if func in _SAVE_OPS or any(n in str(func) for n in _SAVE_NAMES):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,8 +462,9 @@ class OpenSoraT2V(nn.Module):
         self.caption_projection = CaptionProjection(cfg.caption_channels, d)
         self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
-        self.proj_out = nn.Linear(d, cfg.patch_size_t * cfg.patch_size**2 * cfg.out_channels)
-        self.gradient_checkpointing = False
+        self.proj_out = Linear(d, cfg.patch_size_t * cfg.patch_size**2 * cfg.out_channels)
+        self.compute_dtype: torch.dtype | None = None  # None: the weights' dtype (or autocast's)
+        self._rope_cache: dict = {}
         # identity at TP=1; osp.stage2_train.parallel.parallelize replaces them
         self.scatter_video = _identity  # [S,B,D] -> this rank's sequence shard
         self.scatter_text = _identity  # [L,B,D] -> this rank's text (osp keeps text replicated)
@@ -358,10 +474,48 @@ class OpenSoraT2V(nn.Module):
 
     # -- helpers -----------------------------------------------------------------------------
     def rope_table(self, grid: tuple[int, int, int], device) -> RopeTable:
+        """fp32 cos/sin of a token grid, computed once per (grid, device) and reused."""
         cfg = self.config
-        return RopeTable(
-            rope_angles(grid, cfg.attention_head_dim, cfg.interpolation_scales, ROPE_THETA, cfg.rope_table_cache_quirk, device)
-        )
+        key = (tuple(grid), str(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = RopeTable(
+                rope_angles(grid, cfg.attention_head_dim, cfg.interpolation_scales, ROPE_THETA, cfg.rope_table_cache_quirk, device)
+            )
+        return self._rope_cache[key]
+
+    @property
+    def checkpointing(self) -> str:
+        """none | selective | full, applied inside every block (see CHECKPOINTING)."""
+        return self.transformer_blocks[0].checkpointing if len(self.transformer_blocks) else "none"
+
+    @checkpointing.setter
+    def checkpointing(self, mode: str) -> None:
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"model.checkpointing = {mode!r} is unknown; choose one of {', '.join(CHECKPOINTING)}")
+        for block in self.transformer_blocks:
+            block.checkpointing = mode
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # the former bool switch: True = full recompute
+        return self.checkpointing != "none"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.checkpointing = "full" if on else "none"
+
+    def activation_dtype(self, device_type: str) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.pos_embed.proj.weight.dtype
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each transformer block in place (parameter names unchanged)."""
+        for block in self.transformer_blocks:
+            block.compile(**kwargs)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, S, pt*p*p*C] ((pt, ph, pw, c) order, c fastest) -> [B, C, T, H, W]."""
@@ -397,6 +551,14 @@ class OpenSoraT2V(nn.Module):
         text_mask: torch.Tensor | None = None,  # [B, L] (or [B, 1, L]) in {0, 1}
         video_mask: torch.Tensor | None = None,  # [B, T, H, W] latent resolution; None = all valid
     ) -> torch.Tensor:
+        dev = x.device.type
+        dtype = self.activation_dtype(dev)
+        # every activation in `dtype`: autocast off inside (LayerNorm keeps bf16 I/O, fp32 statistics)
+        off = torch.autocast(dev, enabled=False) if dev != "meta" and torch.is_autocast_enabled(dev) else nullcontext()
+        with off:
+            return self._forward(x.to(dtype), timestep, text.to(dtype), text_mask, video_mask, dtype)
+
+    def _forward(self, x, timestep, text, text_mask, video_mask, dtype: torch.dtype) -> torch.Tensor:
         cfg = self.config
         b, _, t, hh, ww = x.shape
         p = cfg.patch_size
@@ -407,28 +569,21 @@ class OpenSoraT2V(nn.Module):
             text = text.squeeze(1)
         if timestep.dim() == 0:
             timestep = timestep.expand(b)
-        dtype = self.pos_embed.proj.weight.dtype
-        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):  # meta: no autocast
-            dtype = torch.get_autocast_dtype(x.device.type)
-
-        h = self.pos_embed(x.to(self.pos_embed.proj.weight.dtype))  # [B, S, D]
-        t6, embedded_t = self.adaln_single(timestep, self.pos_embed.proj.weight.dtype)  # [B, 6D], [B, D]
-        txt = self.caption_projection(text.to(self.pos_embed.proj.weight.dtype))  # [B, L, D]
+        h = self.pos_embed(x)  # [B, S, D]
+        t6, embedded_t = self.adaln_single(timestep, dtype)  # [B, 6D], [B, D]
+        txt = self.caption_projection(text)  # [B, L, D]
         text_bias = self._text_bias(text_mask, b, txt.shape[1], dtype, x.device)
         video_bias = self._video_bias(video_mask, dtype)
-        rope = self.scatter_rope(self.rope_table(grid, x.device))
+        rope = self.scatter_rope(self.rope_table(grid, x.device)).cos_sin(dtype)  # (cos, signed sin) [S(/CP), hd]
 
         h = self.scatter_video(h.transpose(0, 1).contiguous())  # [S(/TP), B, D]
         txt = self.scatter_text(txt.transpose(0, 1).contiguous())  # [L, B, D]
         t6 = self.t6_hook(t6)
         for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, t6, txt, text_bias, rope, video_bias, use_reentrant=False)
-            else:
-                h = block(h, t6, txt, text_bias, rope, video_bias)
+            h = block(h, t6, txt, text_bias, rope, video_bias)
         h = self.gather_video(h)  # [S, B, D]
 
-        shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).permute(1, 0, 2).unsqueeze(1)  # [1,B,D]
+        shift, scale = (self.scale_shift_table.to(dtype)[None] + embedded_t[:, None]).permute(1, 0, 2).unsqueeze(1)  # [1,B,D]
         h = F.layer_norm(h, h.shape[-1:], eps=cfg.norm_eps) * (1 + scale) + shift
         out = self.proj_out(h).transpose(0, 1)  # [B, S, pt*p*p*C]
         return self.unpatchify(out, grid)
