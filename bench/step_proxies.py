@@ -386,7 +386,7 @@ def main() -> int:
             (lay, "recompute FLOP overhead (today full / new selective)", rec_today, rec_sel),
             (lay, "TFLOP fwd+bwd (no recompute)", t0.total_flops / 1e12, n0.total_flops / 1e12),
         ]
-    print(f"| layout | figure | today | new | new / today |\n|---|---|---|---|---|")
+    print("| layout | figure | today | new | new / today |\n|---|---|---|---|---|")
     for lay, what, a, b in rows:
         ratio = f"{b / a:.3f}" if a else "-"
         print(f"| {lay} | {what} | {a:.3f} | {b:.3f} | {ratio} |")

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes, tp_split_dim
+from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes
 from osp.common.models.dit import gelu_linear
 
 
