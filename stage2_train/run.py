@@ -6,8 +6,9 @@
 One optimizer step = `optim.grad_accum` micro-steps; per micro-step:
     batch (DataLoader workers) -> z0 = 0.18215 * posterior sample -> noise, t, caption dropout
     -> DiT forward (bf16 autocast on accelerators, fp32 on CPU) -> min-SNR eps loss -> backward
-then: SP-tagged grads summed over TP, grads averaged over DP, global grad norm (TP-aware), non-finite
-check (agreed by all ranks), clip, AdamW (optionally ZeRO-1), EMA, LR schedule. A SIGTERM sets a flag
+with grads averaged over DP by torch DDP during the last micro-step's backward (bucketed, overlapped),
+then: SP-tagged grads summed over TP, global grad norm (TP-aware), non-finite check (agreed by all
+ranks), clip, AdamW (torch ZeroRedundancyOptimizer with parallel.zero1), EMA, LR schedule. A SIGTERM sets a flag
 that all ranks agree on at the next step boundary: checkpoint, exit 0.
 
 Stage 2 never imports transformers, the VAE or stage 1.
@@ -37,7 +38,8 @@ from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, Shard
 from osp.stage2_train.lock import RunLockedError, take_run_lock
 from osp.stage2_train.watchdog import Watchdog
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, sample_posterior, step_seed
-from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
+from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
+from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm, lr_at
 
 
 class NonFiniteError(RuntimeError):
@@ -142,10 +144,11 @@ class Trainer:
 
         o = cfg.optim
         adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if cfg.parallel.zero1:
-            self.optimizer = ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
-        else:
-            self.optimizer = PlainAdamW(self.params, **adamw)
+        # DP x CP replicas: torch DDP (bucketed all-reduce overlapped with backward) + ZeRO AdamW (parallel.zero1)
+        dev_ids = [L.local_rank] if self.device.type == "cuda" else None
+        self.dp = DataParallel(self.model, self.dp_cp_group, L.dp, overlap=cfg.parallel.overlap_grad_reduce,
+                               bucket_mb=cfg.parallel.bucket_mb, device_ids=dev_ids)
+        self.optimizer = ShardedAdamW(self.params, [n for n, _ in named], self.dp_cp_group, shard=cfg.parallel.zero1, **adamw)
         self.ema = EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None  # sharded over DP
 
         self.loader = ShardLoader(
@@ -299,8 +302,9 @@ class Trainer:
         )
         return dummy, 0.0
 
-    def micro_loss(self, batch: Batch, step: int, micro: int) -> torch.Tensor:
-        """Per-sample min-SNR loss [B] of one micro-batch (same numbers on every rank of a TP group)."""
+    def micro_loss(self, batch: Batch, step: int, micro: int, train: bool = False) -> torch.Tensor:
+        """Per-sample min-SNR loss [B] of one micro-batch (same numbers on every rank of a TP group).
+        `train`: the forward runs through the DDP wrapper (its backward reduces over DP)."""
         dev = self.device.torch_device(self.layout.local_rank)
         cfg, d = self.cfg, self.dit_cfg
         moments = batch.moments.to(dev, non_blocking=True)
@@ -316,7 +320,8 @@ class Trainer:
         x_t = add_noise(z0, noise, t, self.abar)
         text, mask = self._caption_dropout(batch.text, batch.text_mask, r.drop)
         with torch.autocast(self.device.type, dtype=self.device.autocast_dtype, enabled=self.device.is_accelerator):
-            eps_hat = self.model(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
+            net = self.dp.module if train else self.model
+            eps_hat = net(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
         return diffusion_loss(eps_hat, noise, t, self.abar, cfg.diffusion.snr_gamma)
 
     def _caption_dropout(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
@@ -349,9 +354,10 @@ class Trainer:
             batch = next(self.loader)
             data_wait += time.perf_counter() - tw
             batch, weight = self._prepare(batch)
-            per_sample = self.micro_loss(batch, self.step, micro)
-            loss = per_sample.mean() * (weight / accum)
-            loss.backward()
+            with self.dp.sync(final=micro == accum - 1):  # DP reduction overlaps the last micro-step's backward
+                per_sample = self.micro_loss(batch, self.step, micro, train=True)
+                loss = per_sample.mean() * (weight / accum)
+                loss.backward()
             value = float(loss.detach())
             nonfinite |= not math.isfinite(value)
             loss_sum += value
@@ -362,9 +368,10 @@ class Trainer:
         from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 
         self.watchdog.beat(f"in the gradient collectives of step {self.step + 1}")
+        # grads are already summed over DP x CP and divided by dp (data_parallel's bucket hook); what is left
+        # is linear and commutes with that sum: SP grads summed over TP, CP-complete grads / cp
         reduce_sequence_parallel_grads(self.model)
-        scale_replicated_grads(self.model)  # CP: complete grads / cp, then one sum over DP x CP, / dp
-        allreduce_grads(self.params, self.dp_cp_group, L.dp)
+        scale_replicated_grads(self.model)
         norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
 
         # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere
