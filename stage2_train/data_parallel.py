@@ -12,7 +12,16 @@ SP-tagged grads are summed over TP afterwards (`parallel.reduce_sequence_paralle
     for micro in range(accum):
         with dp.sync(micro == accum - 1):        # no DP reduction on the non-final micro-steps
             dp.module(...).backward()
-    opt = ShardedAdamW(params, names, group, shard=True, lr=...)
+    opt = ShardedAdamW(params, names, group, shard=True, keep_grads=dp.ddp is not None, lr=...)
+
+Why not megatron-core's DDP + DistributedOptimizer on accelerators: the optimizer does not build on
+CPU (hard-coded `device="cuda"`), so CI could not test the path the cluster runs; it shards a flat
+buffer across ranks mid-tensor, while checkpoints keep AdamW moments as whole tensors under the
+released parameter names (a rank owns whole parameters here); and its DDP puts grads in `main_grad`,
+outside the TP-aware norm/clip and SP/CP reductions this trainer applies to `.grad`. torch DDP gives
+the same bucketed, overlapped reduction with grads in contiguous buffers. FSDP2 (ZeRO-3) would
+re-shard the parameters around every block on top of megatron's TP layers; ZeRO-1 already fits the
+2.77 B model (bench/scaleout.py state column).
 
 `ShardedAdamW.optim` is the torch AdamW over the parameters this rank owns, its `.state[p]` holding
 exp_avg / exp_avg_sq / step: the checkpoint code reads and fills the owned moments through it
@@ -96,8 +105,8 @@ class ShardedAdamW:
     rank of `group` owns a subset of the parameters (its partition, greedy by size), keeps AdamW state
     for them only, updates them and broadcasts them to the other ranks after the step."""
 
-    def __init__(self, params: list[nn.Parameter], names: list[str], group, *, shard: bool, **adamw):
-        self.params, self.names = params, names
+    def __init__(self, params: list[nn.Parameter], names: list[str], group, *, shard: bool, keep_grads: bool = False, **adamw):
+        self.params, self.names, self.keep_grads = params, names, keep_grads
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.sharded = bool(shard) and self.size > 1
@@ -117,9 +126,12 @@ class ShardedAdamW:
             g["lr"] = lr
 
     def zero_grad(self) -> None:
-        # grads stay allocated (under DDP they are views of its bucket buffers); zeros, not None
+        """keep_grads (under DDP, whose buckets hold the grads as views): zero them in place; otherwise
+        free them until the next backward."""
         for p in self.params:
-            if p.grad is not None:
+            if not self.keep_grads:
+                p.grad = None
+            elif p.grad is not None:
                 p.grad.zero_()
 
     @torch.no_grad()

@@ -148,7 +148,8 @@ class Trainer:
         dev_ids = [L.local_rank] if self.device.type == "cuda" else None
         self.dp = DataParallel(self.model, self.dp_cp_group, L.dp, overlap=cfg.parallel.overlap_grad_reduce,
                                bucket_mb=cfg.parallel.bucket_mb, device_ids=dev_ids)
-        self.optimizer = ShardedAdamW(self.params, [n for n, _ in named], self.dp_cp_group, shard=cfg.parallel.zero1, **adamw)
+        self.optimizer = ShardedAdamW(self.params, [n for n, _ in named], self.dp_cp_group, shard=cfg.parallel.zero1,
+                                      keep_grads=self.dp.ddp is not None, **adamw)
         self.ema = EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None  # sharded over DP
 
         self.loader = ShardLoader(

@@ -113,7 +113,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
         model = apply_context_parallel(parallelize(copy.deepcopy(base), False))
         named = list(model.named_parameters())
         dp = DataParallel(model, group, layout.dp, overlap=overlap, bucket_mb=bucket_mb)
-        opt = ShardedAdamW([p for _, p in named], [n for n, _ in named], group, shard=zero1, **ADAMW)
+        opt = ShardedAdamW([p for _, p in named], [n for n, _ in named], group, shard=zero1, keep_grads=True, **ADAMW)
         r = {"grad": 0.0, "param": 0.0, "null_grad": 0.0, "null_param": 0.0, "null": sorted(null), "buckets": [], "during_backward": []}
         for s in range(STEPS):
             opt.set_lr(ADAMW["lr"])
