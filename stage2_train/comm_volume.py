@@ -1,6 +1,6 @@
 """Collective bytes of one training micro-step of OpenSoraT2V per rank, by process group and
 collective, for a (TP, SP, CP, DP) layout: what the TP/SP plan (`parallel.py`), the CP plan
-(`context_parallel.py`) and the gradient reduction (`optim.allreduce_grads`) issue, counted from the
+(`context_parallel.py`) and the gradient reduction (`data_parallel.py`: torch DDP + ZeroRedundancyOptimizer) issue, counted from the
 model's real shapes (parameter counts from the model built on the meta device).
 
 `payloads` gives the bytes handed to each collective (all-gather: the gathered output; reduce-scatter:

@@ -69,7 +69,9 @@ class ParallelConfig:
     tp: int = 1
     sp: bool = False  # megatron sequence parallelism (needs tp > 1)
     cp: int = 1  # Ulysses context parallelism over the video tokens (tp * cp must divide the heads)
-    zero1: bool = False  # shard AdamW state across data-parallel ranks
+    zero1: bool = False  # shard AdamW state across data-parallel ranks (torch ZeroRedundancyOptimizer)
+    overlap_grad_reduce: bool = True  # DP all-reduce of each gradient bucket during backward (false: blocking, same numbers)
+    bucket_mb: float = 25.0  # DDP gradient bucket size in MiB
     init_timeout_s: float = 300.0  # bound on reaching MASTER_ADDR / the other ranks
 
 
@@ -168,6 +170,8 @@ class TrainConfig:
             bad("parallel.tp must be >= 1")
         if self.parallel.cp < 1:
             bad("parallel.cp must be >= 1")
+        if self.parallel.bucket_mb <= 0:
+            bad("parallel.bucket_mb must be > 0 (MiB per DDP gradient bucket)")
         if self.parallel.sp and self.parallel.tp == 1:
             bad("parallel.sp=true needs parallel.tp > 1 (set parallel.sp=false for tp=1)")
         if self.model.checkpointing not in CHECKPOINTING:

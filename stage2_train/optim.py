@@ -1,11 +1,6 @@
-"""Optimisation pieces of the trainer: AdamW (optionally ZeRO-1 sharded over data parallelism),
-data-parallel gradient all-reduce, the global grad norm across TP shards, the LR schedule and EMA.
-
-Data parallelism is plain torch.distributed: after the last micro-step every gradient is summed over
-the DP group in ~64 MiB flat buckets and divided by the DP size (megatron's DDP needs its own
-optimizer, which is CUDA-only). ZeRO-1: parameter i is owned by one DP rank (greedy by size, a pure
-function of the parameter list), only the owner keeps AdamW state and updates it, then every owner
-broadcasts its updated parameters to the other DP ranks.
+"""Optimisation pieces of the trainer: the global grad norm across TP shards, clipping, the LR
+schedule and the DP-sharded EMA. The data-parallel reduction and the (sharded) AdamW come from the
+library: `data_parallel.py` (torch DDP + ZeroRedundancyOptimizer).
 """
 from __future__ import annotations
 
@@ -14,38 +9,9 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from osp.common.errors import ConfigError
 
-BUCKET_BYTES = 64 << 20
-
-
-def _buckets(tensors: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES):
-    bucket, size = [], 0
-    for t in tensors:
-        if bucket and (size + t.numel() * t.element_size() > bucket_bytes or t.dtype != bucket[0].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(t)
-        size += t.numel() * t.element_size()
-    if bucket:
-        yield bucket
-
-
-def allreduce_grads(params: list[nn.Parameter], group, world: int) -> None:
-    """SUM the gradients over `group`, then divide by `world` (gloo has no AVG): the DP size, also
-    when the group is DP x CP (CP-replicated grads are pre-scaled by context_parallel.scale_replicated_grads)."""
-    if world == 1 and dist.get_world_size(group) == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    for bucket in _buckets(grads):
-        flat = _flatten_dense_tensors(bucket)
-        dist.all_reduce(flat, group=group)
-        if world != 1:
-            flat.div_(world)
-        for g, r in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            g.copy_(r)
 
 
 def global_grad_norm(params: list[nn.Parameter], sharded: list[bool], tp_group, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -85,82 +51,9 @@ def lr_at(step: int, base: float, warmup: int, schedule: str, total: int, min_lr
     return base
 
 
-class ZeroAdamW:
-    """ZeRO-1 AdamW: optimizer state of parameter i lives on DP rank owner[i] only."""
-
-    def __init__(self, params: list[nn.Parameter], dp_group, dp_rank: int, dp_size: int, **adamw):
-        self.params, self.group, self.dp_rank, self.dp_size = params, dp_group, dp_rank, dp_size
-        self.owner = dp_owners([p.numel() for p in params], dp_size)  # deterministic on every rank
-        self.local = [p for p, o in zip(params, self.owner) if o == dp_rank]
-        self.optim = torch.optim.AdamW(self.local, **adamw) if self.local else None
-        self._src = [dist.get_global_rank(dp_group, r) if dp_size > 1 else dist.get_rank() for r in range(dp_size)]
-
-    def set_lr(self, lr: float) -> None:
-        # optim.param_groups is re-read: load_state_dict replaces the list
-        for g in self.optim.param_groups if self.optim else []:
-            g["lr"] = lr
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        if self.optim is not None:
-            self.optim.step()
-        if self.dp_size == 1:
-            return
-        for r in range(self.dp_size):
-            mine = [p.data for p, o in zip(self.params, self.owner) if o == r]
-            for bucket in _buckets(mine):
-                flat = _flatten_dense_tensors(bucket) if r == self.dp_rank else torch.empty(
-                    sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=bucket[0].device
-                )
-                dist.broadcast(flat, src=self._src[r], group=self.group)
-                if r != self.dp_rank:
-                    for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                        t.copy_(v)
-
-    def state_dict(self) -> dict:
-        return {"zero1": True, "dp_size": self.dp_size, "dp_rank": self.dp_rank,
-                "optim": self.optim.state_dict() if self.optim else {}}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if not sd.get("zero1") or sd.get("dp_size") != self.dp_size or sd.get("dp_rank") != self.dp_rank:
-            raise ConfigError("optimizer state was saved with another ZeRO-1 layout; resume with the same parallel.zero1 and data-parallel size")
-        if self.optim is not None:
-            self.optim.load_state_dict(sd["optim"])
-
-
-class PlainAdamW:
-    """torch AdamW with the same small interface as ZeroAdamW."""
-
-    def __init__(self, params: list[nn.Parameter], **adamw):
-        self.params = params
-        self.optim = torch.optim.AdamW(params, **adamw)
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.optim.param_groups:  # re-read: load_state_dict replaces the list
-            g["lr"] = lr
-
-    def zero_grad(self) -> None:
-        self.optim.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        self.optim.step()
-
-    def state_dict(self) -> dict:
-        return {"zero1": False, "optim": self.optim.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("zero1"):
-            raise ConfigError("optimizer state was saved with parallel.zero1=true; resume with the same setting")
-        self.optim.load_state_dict(sd["optim"])
-
-
 def dp_owners(sizes: list[int], dp_size: int) -> list[int]:
     """Owner DP rank of each tensor: greedy by size in list order, a pure function of the sizes, so
-    every rank computes the same split (ZeRO-1's AdamW state and the sharded EMA use it)."""
+    every rank computes the same split (the sharded EMA uses it)."""
     load, owner = [0] * dp_size, []
     for n in sizes:
         o = min(range(dp_size), key=lambda r: (load[r], r))

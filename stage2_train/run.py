@@ -6,8 +6,9 @@
 One optimizer step = `optim.grad_accum` micro-steps; per micro-step:
     batch (DataLoader workers) -> z0 = 0.18215 * posterior sample -> noise, t, caption dropout
     -> DiT forward (activations in run.precision: bf16 on accelerators, fp32 on CPU) -> min-SNR eps loss -> backward
-then: SP-tagged grads summed over TP, grads averaged over DP, global grad norm (TP-aware), non-finite
-check (agreed by all ranks), clip, AdamW (optionally ZeRO-1), EMA, LR schedule. A SIGTERM sets a flag
+with grads averaged over DP by torch DDP during the last micro-step's backward (bucketed, overlapped),
+then: SP-tagged grads summed over TP, global grad norm (TP-aware), non-finite check (agreed by all
+ranks), clip, AdamW (torch ZeroRedundancyOptimizer with parallel.zero1), EMA, LR schedule. A SIGTERM sets a flag
 that all ranks agree on at the next step boundary: checkpoint, exit 0.
 
 Accelerator rules (nccl/hccl map only their device type): every tensor passed to a collective lives on
@@ -47,7 +48,8 @@ from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, Shard
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.watchdog import Watchdog
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, draw_samples, sample_posterior, step_seed
-from osp.stage2_train.optim import EMA, PlainAdamW, ZeroAdamW, allreduce_grads, clip_grads, global_grad_norm, lr_at
+from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
+from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm, lr_at
 
 
 class NonFiniteError(OspError, RuntimeError):
@@ -187,11 +189,15 @@ class Trainer:
             build.fill_random(self.model, self.dit_cfg, self.cfg.run.seed, L.tp, L.tp_rank)
 
     def _build_optimizer(self):
-        o, L = self.cfg.optim, self.layout
+        """DP x CP replicas: torch DDP (bucketed all-reduce overlapped with backward) + AdamW, its state
+        sharded by ZeroRedundancyOptimizer with parallel.zero1 (osp.stage2_train.data_parallel)."""
+        o, L, p = self.cfg.optim, self.layout, self.cfg.parallel
         adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if self.cfg.parallel.zero1:
-            return ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
-        return PlainAdamW(self.params, **adamw)
+        dev_ids = [L.local_rank] if self.device.type == "cuda" else None
+        self.dp = DataParallel(self.model, self.dp_cp_group, L.dp, overlap=p.overlap_grad_reduce, bucket_mb=p.bucket_mb,
+                               device_ids=dev_ids)
+        names = [n for n, q in self.model.named_parameters() if q.requires_grad]
+        return ShardedAdamW(self.params, names, self.dp_cp_group, shard=p.zero1, keep_grads=self.dp.ddp is not None, **adamw)
 
     def _build_loader(self):
         cfg, L = self.cfg, self.layout
@@ -231,28 +237,6 @@ class Trainer:
         L = self.layout
         return {"tp": L.tp, "cp": L.cp, "dp": L.dp, "sp": L.sp, "zero1": self.cfg.parallel.zero1, "world": L.world,
                 "batch_size": self.cfg.data.batch_size, "grad_accum": self.cfg.optim.grad_accum}
-
-    def _build_optimizer(self):
-        o, L = self.cfg.optim, self.layout
-        adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if self.cfg.parallel.zero1:
-            return ZeroAdamW(self.params, self.dp_group, L.dp_rank, L.dp, **adamw)
-        return PlainAdamW(self.params, **adamw)
-
-    def _build_loader(self):
-        cfg, L = self.cfg, self.layout
-        loader = ShardLoader(
-            self.shards,
-            batch_size=cfg.data.batch_size,
-            dp_rank=L.dp_rank,
-            dp_size=L.dp,
-            seed=cfg.run.seed,
-            num_workers=cfg.data.num_workers,
-            skip_corrupt=cfg.data.skip_corrupt,  # (a corrupt row left out by the shape filter stops here)
-            shapes=self.train_shapes,
-        )
-        loader.skip_corrupt = True  # from here on corrupt samples come back in Batch.skipped; _prepare decides
-        return loader
 
     # -- checks ------------------------------------------------------------------------------
     def _check_geometry(self):
@@ -369,8 +353,9 @@ class Trainer:
         )
         return dummy, 0.0
 
-    def micro_loss(self, batch: Batch, step: int, micro: int) -> torch.Tensor:
-        """Per-sample min-SNR loss [B] of one micro-batch (same numbers on every rank of a TP group)."""
+    def micro_loss(self, batch: Batch, step: int, micro: int, train: bool = False) -> torch.Tensor:
+        """Per-sample min-SNR loss [B] of one micro-batch (same numbers on every rank of a TP group).
+        `train`: the forward runs through the DDP wrapper (its backward reduces over DP)."""
         dev = self.device.torch_device(self.layout.local_rank)
         cfg, d = self.cfg, self.dit_cfg
         moments = batch.moments.to(dev, non_blocking=True)
@@ -389,7 +374,8 @@ class Trainer:
         x_t = add_noise(z0, noise, t, self.abar)
         text, mask = self._caption_dropout(batch.text, batch.text_mask, r.drop)
         # no autocast: the model casts itself (every activation in model.compute_dtype = run.precision)
-        eps_hat = self.model(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
+        net = self.dp.module if train else self.model  # train: through DDP, whose backward reduces over DP x CP
+        eps_hat = net(x_t, t, text.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
         return diffusion_loss(eps_hat, noise, t, self.abar, cfg.diffusion.snr_gamma)
 
     def _caption_dropout(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
@@ -425,9 +411,10 @@ class Trainer:
             batch = next(self.loader)
             data_wait += time.perf_counter() - tw
             batch, weight = self._prepare(batch)
-            per_sample = self.micro_loss(batch, self.step, micro)
-            loss = per_sample.mean() * (weight / accum)
-            loss.backward()
+            with self.dp.sync(final=micro == accum - 1):  # DP reduction overlaps the last micro-step's backward
+                per_sample = self.micro_loss(batch, self.step, micro, train=True)
+                loss = per_sample.mean() * (weight / accum)
+                loss.backward()
             loss_sum += loss.detach().to(sdt)
             keys += batch.keys
             samples += len(batch.keys)
@@ -436,9 +423,10 @@ class Trainer:
         from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 
         self.watchdog.beat(f"in the gradient collectives of step {self.step + 1}")
+        # grads are already summed over DP x CP and divided by dp (data_parallel's bucket hook); what is left
+        # is linear and commutes with that sum: SP grads summed over TP, CP-complete grads / cp
         reduce_sequence_parallel_grads(self.model)
-        scale_replicated_grads(self.model)  # CP: complete grads / cp, then one sum over DP x CP, / dp
-        allreduce_grads(self.params, self.dp_cp_group, L.dp)
+        scale_replicated_grads(self.model)
         norm = global_grad_norm(self.params, self.sharded, self.tp_group, L.tp_rank, L.tp)
 
         # one world-wide agreement on: non-finite loss/grad anywhere, a stop request anywhere; then the

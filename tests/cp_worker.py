@@ -5,7 +5,8 @@ TP=1 model on output and every gradient, all layouts and geometries in one launc
 
 Each layout goes through the trainer's own code: dist.init_parallel(tp, sp, cp) -> parallelize ->
 apply_context_parallel -> forward/backward -> reduce_sequence_parallel_grads -> scale_replicated_grads
--> allreduce_grads over the DP x CP group -> gather_full_grads (TP shards).
+with the DP x CP reduction of the trainer's DDP wrapper (data_parallel.DataParallel, inside backward)
+-> gather_full_grads (TP shards).
 """
 from __future__ import annotations
 
@@ -72,20 +73,20 @@ def make_inputs(cfg, latent, text_len, valid, masked, seed):
     return x, t, text, mask, vmask, w
 
 
-def step(model, inputs, reduce):
+def step(model, inputs, reduce, forward=None):
     x, t, text, mask, vmask, w = inputs
     model.zero_grad(set_to_none=True)
-    out = model(x, t, text, mask, vmask)
+    out = (forward or model)(x, t, text, mask, vmask)
     (out * w).sum().backward()
     if reduce is not None:
         reduce(model)
     return out.detach()
 
 
-def run(model, inputs, reduce):
+def run(model, inputs, reduce, forward=None):
     from tp_worker import gather_full_grads
 
-    return step(model, inputs, reduce), gather_full_grads(model)
+    return step(model, inputs, reduce, forward), gather_full_grads(model)
 
 
 class CollectiveCounter:
@@ -137,7 +138,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
     from osp.common.models.dit import build_dit
     from osp.stage2_train import dist as D
     from osp.stage2_train.context_parallel import apply_context_parallel, scale_replicated_grads
-    from osp.stage2_train.optim import allreduce_grads
+    from osp.stage2_train.data_parallel import DataParallel
     from osp.stage2_train.parallel import parallelize, reduce_sequence_parallel_grads
 
     results: dict[str, dict] = {}
@@ -155,14 +156,16 @@ def worker(rank: int, port: int, out_path: str) -> None:
             m = apply_context_parallel(parallelize(copy.deepcopy(base), sp), skip_inverse=negative == "skip_inverse")
             m.gradient_checkpointing = ckpt
             group = D.dp_cp_group()
+            fix = negative != "no_grad_fix"
+            # the DP x CP sum / dp runs in DDP's backward; the negative control runs the bare module
+            forward = DataParallel(m, group, layout.dp).module if fix else m
 
-            def reduce(model, layout=layout, group=group, fix=negative != "no_grad_fix"):
+            def reduce(model, fix=fix):
                 reduce_sequence_parallel_grads(model)
                 if fix:
                     scale_replicated_grads(model)
-                    allreduce_grads([p for p in model.parameters()], group, layout.dp)
 
-            r = compare(ref, run(m, inputs, reduce))
+            r = compare(ref, run(m, inputs, reduce, forward))
             r["layout"] = [layout.tp, layout.cp, layout.dp]
             every = [None] * WORLD
             dist.all_gather_object(every, r)
@@ -177,7 +180,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
 
                 groups = {"tp": ps.get_tensor_model_parallel_group(), "cp": ps.get_context_parallel_group(), "dp_cp": group}
                 with CollectiveCounter(groups) as counter:
-                    step(m, inputs, reduce)
+                    step(m, inputs, reduce, forward)
                 want = payloads(cfg, tokens, text_len, 2, CommLayout(tp, sp, cp, layout.dp), act_bytes=4, grad_bytes=4)
                 every = [None] * WORLD
                 dist.all_gather_object(every, counter.counts)
