@@ -87,7 +87,7 @@ def worker(rank: int, port: int, a: argparse.Namespace) -> None:
         print(f"DiT {cfg.num_layers} blocks x D {cfg.inner_dim}: {n_params / 1e6:.2f} M params, "
               f"{n_params * 4 / 2**20:.1f} MiB fp32 grads all-reduced per step per rank in ~{buckets} buckets "
               f"of {a.bucket_mb} MiB; 2 gloo processes, {a.steps} timed steps (median)")
-        print(f"| mode | step ms | exposed DP ms |\n|---|---|---|")
+        print("| mode | step ms | exposed DP ms |\n|---|---|---|")
         for m, e in (("compute (no reduction)", None), ("blocking", exp_b), ("overlap", exp_o)):
             key = m.split()[0]
             print(f"| {m} | {med[key] * 1e3:.1f} | {'-' if e is None else f'{e * 1e3:.1f}'} |")

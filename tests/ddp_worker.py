@@ -123,7 +123,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
                 with dp.sync(final):
                     x, t, text, mask, target = (v[mine] for v in data[s * ACCUM + k])
                     x = x.clone().requires_grad_(True)  # its grad is the last one backward computes
-                    x.register_hook(lambda g: r["during_backward"].append(dp.hook.buckets - before) or g)
+                    x.register_hook(lambda g, r=r, dp=dp, before=before: r["during_backward"].append(dp.hook.buckets - before) or g)
                     (((dp.module(x, t, text, mask) - target) ** 2).mean() / ACCUM).backward()
             r["buckets"].append(dp.hook.buckets - before)
             grads = {n: p.grad for n, p in named}
