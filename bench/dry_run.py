@@ -4,7 +4,7 @@ process group), with ratios against the TP=1 layout of the same preset measured 
     python bench/dry_run.py [--preset osp12-93x480p] [--card-gb 80]
 
 Figures are counts of the real model code at real size (bytes of tensors, FLOPs of the executed ops),
-not timings; activations are fp32 (the parameters' dtype), an upper bound for a bf16 autocast run.
+not timings; activations in the accelerator regime (run.precision auto = bf16; fp32 parameters and optimizer state).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="osp12-93x480p")
     p.add_argument("--card-gb", type=float, default=80.0)
     args = p.parse_args(argv)
-    layouts = [(1, False, "none"), (1, False, "full"), (2, True, "none"), (2, True, "full"), (4, True, "full")]
+    layouts = [(1, False, "none"), (1, False, "selective"), (1, False, "full"), (2, True, "none"), (2, True, "selective"),
+               (2, True, "full"), (4, True, "full")]
     rows, base = [], None
     for tp, sp, ck in layouts:
         cfg = DR.build_config(None, ["parallel.zero1=true"], args.preset, tp, sp, ck)

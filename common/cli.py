@@ -480,6 +480,9 @@ def train_cmd(
     (exit 0 fits, 2 does not fit).
     """
     if dry_run:
+        import os
+
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the fake process group's C++ notices are noise here
         from osp.stage2_train.dryrun import main as dry_main
 
         dargs = (["--config", str(config)] if config else []) + (["--preset", preset] if preset else [])

@@ -78,13 +78,17 @@ def payloads(cfg, tokens: int, text_len: int, batch: int, layout: CommLayout, ac
         if layout.group_size(group) > 1 and nbytes:
             out[(group, op)] = out.get((group, op), 0) + int(nbytes)
 
+    # per block, column-parallel GEMMs on the video: fused q/k/v, cross-attention q, FFN in (3); row-parallel:
+    # the two attention outputs and the FFN out (3); cross-attention k/v is one fused GEMM on the text
     if tp > 1:
         if layout.sp:
-            add("tp", "all_gather", n * 13 * m + 2 * m)  # blocks; scatter (backward) + gather (forward) of the video
-            add("tp", "reduce_scatter", n * 8 * m)
-            add("tp", "all_reduce", n * 2 * t + b * 6 * d * e + n * 9 * d * g)  # text k/v, t6 copy_to, SP-tagged grads
+            # all-gather: 3 column inputs forward + the same 3 again in backward + 3 row grads; plus the video's
+            # scatter (backward) and gather (forward); reduce-scatter: 3 row outputs + 3 column input grads
+            add("tp", "all_gather", n * 9 * m + 2 * m)
+            add("tp", "reduce_scatter", n * 6 * m)
+            add("tp", "all_reduce", n * t + b * 6 * d * e + n * 9 * d * g)  # text k/v, t6 copy_to, SP-tagged grads
         else:
-            add("tp", "all_reduce", n * (8 * m + 2 * t))
+            add("tp", "all_reduce", n * (6 * m + t))  # 3 row outputs + 3 column input grads; the text k/v grad
     if cp > 1:
         add("cp", "all_to_all", n * 8 * sc * b * (d // tp) * e)
         add("cp", "all_gather", 2 * s * b * d * e)

@@ -18,12 +18,13 @@ Everything reported is MEASURED on the model code as it is, not derived from for
   step FLOPs                                    torch's FlopCounterMode over a whole step (activation recompute and
                                                 the fused attention backward's score recompute included)
 Attention runs through the fused (flash-style) kernel accelerators use, so no S x S matrix is saved;
-its FLOPs use torch's own SDPA formulas. Bf16 autocast does not exist on `meta`: activations are
-measured in the parameters' dtype (fp32 today), an upper bound for an autocast run.
+its FLOPs use torch's own SDPA formulas. Activations are in `run.precision` (`auto` means the
+accelerator regime here: bf16, parameters and optimizer state fp32).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import contextlib
 import json
 import sys
@@ -149,27 +150,23 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [v for p, s in inner.state.items() for v in s.values() if isinstance(v, torch.Tensor) and v.device == p.device]
 
 
-def saved_activation_bytes(trainer: Trainer, batch: Batch, full_checkpointing: bool) -> int:
-    """Bytes autograd saves for backward in one micro-step forward (parameters excluded)."""
+def saved_activation_bytes(trainer: Trainer, batch: Batch, checkpointing: str) -> int:
+    """Bytes one micro-step's forward leaves alive for backward under `checkpointing` (none | selective |
+    full): storages created during the forward that are still alive after it, i.e. tensors saved by
+    autograd and the selective-recompute cache alike (parameters and earlier tensors excluded)."""
     model = trainer.model
-    params = {p.untyped_storage()._cdata for p in list(model.parameters()) + list(model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        st = t.untyped_storage()
-        if st._cdata not in params:
-            saved[st._cdata] = st.nbytes()
-        return t
-
-    before = model.gradient_checkpointing
-    model.gradient_checkpointing = full_checkpointing
+    tracker = PeakMemory(next(model.parameters()).device.type)
+    before = model.checkpointing
+    model.checkpointing = checkpointing
     try:
-        with FusedAttention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with FusedAttention(), tracker:
             loss = trainer.micro_loss(batch, trainer.step, 0)
+        gc.collect()  # what only reference cycles keep alive is not held for backward
+        held = tracker.current
         del loss
     finally:
-        model.gradient_checkpointing = before
-    return sum(saved.values())
+        model.checkpointing = before
+    return held
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,6 +257,7 @@ class DryRunReport:
     card_gb: float
     seconds: float
     suggestions: list = field(default_factory=list)
+    precision: str = "bf16"  # dtype of the activations (the model's compute_dtype)
 
     @property
     def usable(self) -> float:
@@ -295,7 +293,7 @@ class DryRunReport:
             f"{'checkpoint state written by this rank':<44}{g(self.checkpoint_state)}",
             f"step FLOPs on this rank: {self.step_flops / 1e12:,.4g} TFLOP (forward + backward"
             f"{' + recompute' if self.checkpointing != 'none' else ''})",
-            "activations are measured in the parameters' dtype (no autocast on meta): an upper bound for bf16 autocast",
+            f"activations in {self.precision} (run.precision; auto = the accelerator regime, bf16)",
         ]
         budget = f"{self.card_gb:g} GiB card, {HEADROOM:.0%} kept free -> {self.usable / GIB:.1f} GiB usable"
         if self.fits:
@@ -363,7 +361,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             L = trainer.layout
             batch = next(trainer.loader)
             tokens = _tokens(trainer, batch)
-            activations = {m: saved_activation_bytes(trainer, batch, m == "full") for m in CHECKPOINTING}
+            activations = {m: saved_activation_bytes(trainer, batch, m) for m in CHECKPOINTING}
 
             grads = {}
             zero_grad = trainer.optimizer.zero_grad
@@ -403,6 +401,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                 checkpoint_state=ckpt_bytes,
                 card_gb=card_gb,
                 seconds=0.0,
+                precision=str(trainer.model.compute_dtype).removeprefix("torch."),
             )
             report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
             report.seconds = time.perf_counter() - t0

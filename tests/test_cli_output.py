@@ -45,8 +45,9 @@ def test_train_cli_quiet_run_and_one_line_errors(tmp_path):
     want = f"{tmp_path / 'missing'}/manifest.json: missing"
     assert sorted(line.split(":")[0] for line in lines[:2]) == ["error (rank 0)", "error (rank 1)"], lines
     assert all(want in line for line in lines[:2]), lines
-    assert lines[2:] == ["error: training failed on rank 0 (exit code 1); its message is above"] or \
-        lines[2:] == ["error: training failed on rank 1 (exit code 1); its message is above"], lines
+    # then the launcher's one line (no torchrun traceback block), naming the rank that failed first
+    assert len(lines) == 3 and re.fullmatch(r"error: rank [01] failed first \(exit code 1; its error is above\); "
+                                            r"torchrun stopped the other ranks", lines[2]), lines
 
 
 def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, capsys):

@@ -200,19 +200,14 @@ def run(args) -> dict:
         model.compile_blocks()
     grad = torch.randn(s.batch, 4, s.frames, s.height, s.width, device=dev, dtype=act)
 
-    def fwd_bwd():
-        model(x, t, text, mask).backward(grad)
-        if tp > 1:
-            reduce_sequence_parallel_grads(model)
-
-    # the rest of a trainer step (stage2_train.optim): DP all-reduce, global norm + clip, AdamW, EMA
+    # the rest of a trainer step, with the trainer's parts: DP reduction (torch DDP, overlapped with
+    # backward), SP grads over TP, global norm + clip, AdamW, EMA
     from osp.common.convert import tp_split_dim
-    from osp.stage2_train.optim import EMA, PlainAdamW, allreduce_grads, clip_grads, global_grad_norm
+    from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
+    from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params, sharded = [p for _, p in named], [tp_split_dim(n) is not None for n, _ in named]
-    optim = PlainAdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    ema = EMA(model, 0.999)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = max(world // tp, 1)
     tp_group = dp_group = None
@@ -220,10 +215,17 @@ def run(args) -> dict:
         from megatron.core import parallel_state as ps
 
         tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
+    ddp = DataParallel(model, dp_group, dp, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+    optim = ShardedAdamW(params, [n for n, _ in named], dp_group, shard=False, keep_grads=ddp.ddp is not None,
+                         lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ema = EMA(model, 0.999)
+
+    def fwd_bwd():
+        ddp.module(x, t, text, mask).backward(grad)  # DP reduction (if any) runs inside this backward
+        if tp > 1:
+            reduce_sequence_parallel_grads(model)
 
     def after_backward():
-        if dp > 1:
-            allreduce_grads(params, dp_group, dp)
         norm = global_grad_norm(params, sharded, tp_group, rank % tp, tp)
         clip_grads(params, norm, 1.0)
         optim.step()
