@@ -4,6 +4,7 @@ the same run on the same captions. Prints microseconds per caption and the ratio
 
     .venv/bin/python bench/caption_cleaner.py
 """
+
 from __future__ import annotations
 
 import time
@@ -44,8 +45,10 @@ def main() -> None:
     with mock.patch.object(T, "BeautifulSoup", _Plain), mock.patch.object(T.ftfy, "fix_text", lambda s: s):
         rules = _per_caption_us(T.clean_caption)
     ident = T.cleaner_identity()
-    print(f"caption cleaner ({ident['name']}, ftfy {ident['ftfy']}, beautifulsoup4 {ident['beautifulsoup4']}), "
-          f"{len(CAPTIONS)} captions, best of 3")
+    print(
+        f"caption cleaner ({ident['name']}, ftfy {ident['ftfy']}, beautifulsoup4 {ident['beautifulsoup4']}), "
+        f"{len(CAPTIONS)} captions, best of 3"
+    )
     print(f"  full cleaner (upstream-equal): {full:8.1f} us/caption")
     print(f"  IF rules only (baseline):      {rules:8.1f} us/caption")
     print(f"  ratio full / rules only:       {full / rules:8.2f}x")

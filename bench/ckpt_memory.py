@@ -15,6 +15,7 @@ The real OpenSoraT2V width (24 heads x 96 = 2304, mT5-XXL captions) with --layer
 
 Usage: python bench/ckpt_memory.py [--layers 4] [--preset osp12-93x480p]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,7 +81,10 @@ def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir:
             if dcp_dir:  # leave a training checkpoint (weights only) for the dcp mode
                 import torch.distributed.checkpoint as dcp
 
-                dcp.save({f"model.{k}": ckpt._global(k, v, mesh, 2) for k, v in ckpt._tensor_state(model).items()}, checkpoint_id=dcp_dir)
+                dcp.save(
+                    {f"model.{k}": ckpt._global(k, v, mesh, 2) for k, v in ckpt._tensor_state(model).items()},
+                    checkpoint_id=dcp_dir,
+                )
         else:
             ckpt.load_weights(dcp_dir, model=model, mesh=mesh, tp=2, prefer_ema=False)
     dt = time.perf_counter() - t0
@@ -128,25 +132,36 @@ def main(argv=None) -> int:
         from safetensors.torch import save_file
 
         torch.manual_seed(0)  # random weights in the released layout (values do not matter here)
-        save_file({k: torch.randn(v.shape) * 0.02 for k, v in model.state_dict().items()}, str(folder / DIFFUSERS_WEIGHTS))
+        save_file(
+            {k: torch.randn(v.shape) * 0.02 for k, v in model.state_dict().items()}, str(folder / DIFFUSERS_WEIGHTS)
+        )
         cfg_json = str(folder / "config.json")
         dcp_dir = str(Path(tmp, "dcp"))
         res = {}
         for mode in ("full", "slices", "dcp"):
-            mp.start_processes(worker, args=(_port(), mode, cfg_json, str(folder), dcp_dir, tmp), nprocs=2, join=True,
-                               start_method="spawn")
+            mp.start_processes(
+                worker,
+                args=(_port(), mode, cfg_json, str(folder), dcp_dir, tmp),
+                nprocs=2,
+                join=True,
+                start_method="spawn",
+            )
             res[mode] = [tuple(float(x) for x in Path(tmp, f"{mode}-{r}.txt").read_text().split()) for r in (0, 1)]
     n = full_bytes // 4
-    print(f"DiT {args.preset} width {cfg.inner_dim}, {args.layers} of 32 layers: {n / 1e9:.3f} B parameters, "
-          f"{full_bytes / 2**30:.2f} GiB fp32 in full, {res['slices'][0][1] / 2**30:.2f} GiB per TP=2 rank")
+    print(
+        f"DiT {args.preset} width {cfg.inner_dim}, {args.layers} of 32 layers: {n / 1e9:.3f} B parameters, "
+        f"{full_bytes / 2**30:.2f} GiB fp32 in full, {res['slices'][0][1] / 2**30:.2f} GiB per TP=2 rank"
+    )
     print(f"{'mode':8} {'peak GiB rank0':>15} {'rank1':>8} {'load s':>8}")
     for mode, rows in res.items():
         print(f"{mode:8} {rows[0][0]:15.2f} {rows[1][0]:8.2f} {max(r[2] for r in rows):8.1f}")
     ratio = max(r[0] for r in res["slices"]) / max(r[0] for r in res["full"])
     ratio_dcp = max(r[0] for r in res["dcp"]) / max(r[0] for r in res["full"])
     sync_s, async_s = (max(r[i] for r in res["dcp"]) for i in (3, 4))
-    print(f"save of the weights ({res['dcp'][0][1] / 2**30:.2f} GiB per rank) blocks training: synchronous {sync_s:.2f} s, "
-          f"async_save {async_s:.2f} s (host copy; ratio {async_s / sync_s:.2f})")
+    print(
+        f"save of the weights ({res['dcp'][0][1] / 2**30:.2f} GiB per rank) blocks training: synchronous {sync_s:.2f} s, "
+        f"async_save {async_s:.2f} s (host copy; ratio {async_s / sync_s:.2f})"
+    )
     print(f"peak per rank, slices / full: {ratio:.2f} (target <= {TARGET}); dcp / full: {ratio_dcp:.2f}")
     from osp.common.convert import tp_split_dim
 
@@ -155,9 +170,11 @@ def main(argv=None) -> int:
     real_local = sum(v.numel() * 4 // (2 if tp_split_dim(k) is not None else 1) for k, v in real.items())
     full_x = max(r[0] for r in res["full"]) * 2**30 / full_bytes  # measured peak / full model bytes
     slices_x = max(r[0] for r in res["slices"]) * 2**30 / res["slices"][0][1]  # measured peak / local shard bytes
-    print(f"at the real 32 layers (exact counts, fp32): full model {real_full / 2**30:.2f} GiB, one TP=2 shard "
-          f"{real_local / 2**30:.2f} GiB; with this run's peak factors ({full_x:.2f} x full, {slices_x:.2f} x shard) the "
-          f"estimated peak per rank is {full_x * real_full / 2**30:.1f} GiB (full build) vs {slices_x * real_local / 2**30:.1f} GiB (meta + slices)")
+    print(
+        f"at the real 32 layers (exact counts, fp32): full model {real_full / 2**30:.2f} GiB, one TP=2 shard "
+        f"{real_local / 2**30:.2f} GiB; with this run's peak factors ({full_x:.2f} x full, {slices_x:.2f} x shard) the "
+        f"estimated peak per rank is {full_x * real_full / 2**30:.1f} GiB (full build) vs {slices_x * real_local / 2**30:.1f} GiB (meta + slices)"
+    )
     return 0 if ratio <= TARGET else 1
 
 

@@ -12,6 +12,7 @@ ratio, measured in the same run.
 
 Usage: python bench/dp_overlap.py [--steps 12] [--layers 6] [--dim 288] [--bucket-mb 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,9 +85,11 @@ def worker(rank: int, port: int, a: argparse.Namespace) -> None:
     if rank == 0:
         med = {m: max(e[m] for e in every) for m in MODES}  # a step ends when the slower rank ends
         exp_b, exp_o = med["blocking"] - med["compute"], med["overlap"] - med["compute"]
-        print(f"DiT {cfg.num_layers} blocks x D {cfg.inner_dim}: {n_params / 1e6:.2f} M params, "
-              f"{n_params * 4 / 2**20:.1f} MiB fp32 grads all-reduced per step per rank in ~{buckets} buckets "
-              f"of {a.bucket_mb} MiB; 2 gloo processes, {a.steps} timed steps (median)")
+        print(
+            f"DiT {cfg.num_layers} blocks x D {cfg.inner_dim}: {n_params / 1e6:.2f} M params, "
+            f"{n_params * 4 / 2**20:.1f} MiB fp32 grads all-reduced per step per rank in ~{buckets} buckets "
+            f"of {a.bucket_mb} MiB; 2 gloo processes, {a.steps} timed steps (median)"
+        )
         print("| mode | step ms | exposed DP ms |\n|---|---|---|")
         for m, e in (("compute (no reduction)", None), ("blocking", exp_b), ("overlap", exp_o)):
             key = m.split()[0]

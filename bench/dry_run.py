@@ -6,6 +6,7 @@ process group), with ratios against the TP=1 layout of the same preset measured 
 Figures are counts of the real model code at real size (bytes of tensors, FLOPs of the executed ops),
 not timings; activations in the accelerator regime (run.precision auto = bf16; fp32 parameters and optimizer state).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,15 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="osp12-93x480p")
     p.add_argument("--card-gb", type=float, default=80.0)
     args = p.parse_args(argv)
-    layouts = [(1, False, "none"), (1, False, "selective"), (1, False, "full"), (2, True, "none"), (2, True, "selective"),
-               (2, True, "full"), (4, True, "full")]
+    layouts = [
+        (1, False, "none"),
+        (1, False, "selective"),
+        (1, False, "full"),
+        (2, True, "none"),
+        (2, True, "selective"),
+        (2, True, "full"),
+        (4, True, "full"),
+    ]
     rows, base = [], None
     for tp, sp, ck in layouts:
         cfg = DR.build_config(None, ["parallel.zero1=true"], args.preset, tp, sp, ck)
@@ -33,13 +41,17 @@ def main(argv=None) -> int:
         base = base or r
         rows.append((tp, sp, ck, r))
     print(f"{args.preset}, world 8, ZeRO-1, batch 1, rank 0; ratios against TP=1 without checkpointing (same run)")
-    print("| TP | SP | checkpointing | params GiB | optim GiB | saved act. GiB | peak GiB | peak ratio | step TFLOP | FLOP ratio | fits "
-          f"{args.card_gb:g} GiB | dry run s |")
+    print(
+        "| TP | SP | checkpointing | params GiB | optim GiB | saved act. GiB | peak GiB | peak ratio | step TFLOP | FLOP ratio | fits "
+        f"{args.card_gb:g} GiB | dry run s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tp, sp, ck, r in rows:
-        print(f"| {tp} | {'yes' if sp else 'no'} | {ck} | {r.params / GIB:.2f} | {r.optimizer / GIB:.2f} | {r.activations[ck] / GIB:.2f} | "
-              f"{r.peak / GIB:.2f} | {r.peak / base.peak:.3f} | {r.step_flops / 1e12:,.1f} | {r.step_flops / base.step_flops:.3f} | "
-              f"{'yes' if r.fits else 'no'} | {r.seconds:.0f} |")
+        print(
+            f"| {tp} | {'yes' if sp else 'no'} | {ck} | {r.params / GIB:.2f} | {r.optimizer / GIB:.2f} | {r.activations[ck] / GIB:.2f} | "
+            f"{r.peak / GIB:.2f} | {r.peak / base.peak:.3f} | {r.step_flops / 1e12:,.1f} | {r.step_flops / base.step_flops:.3f} | "
+            f"{'yes' if r.fits else 'no'} | {r.seconds:.0f} |"
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ is excluded); best of `rounds`, interleaved. Target: pipelined / sequential <= 0
 Bytes per sample are compared with storing the same sample naively (fp32 moments + fp32 text padded
 to 512 tokens).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +58,24 @@ def main() -> None:
         def run(name: str, workers: int, batch: int) -> dict:
             out = tmp / name
             shutil.rmtree(out, ignore_errors=True)
-            r = encode(EncodeOptions(
-                data=data, out=str(out), preset=args.preset, vae=vae, text_encoder=text, frames=args.frames,
-                height=args.height, width=args.width, clips_per_video=args.clips_per_video, workers=workers,
-                batch_size=batch, device=args.device, progress=False, samples_per_shard=64,
-            ))
+            r = encode(
+                EncodeOptions(
+                    data=data,
+                    out=str(out),
+                    preset=args.preset,
+                    vae=vae,
+                    text_encoder=text,
+                    frames=args.frames,
+                    height=args.height,
+                    width=args.width,
+                    clips_per_video=args.clips_per_video,
+                    workers=workers,
+                    batch_size=batch,
+                    device=args.device,
+                    progress=False,
+                    samples_per_shard=64,
+                )
+            )
             r["tar_bytes"] = sum(S.shard_path(out, i).stat().st_size for i in S.published_shards(out))
             return r
 
@@ -79,13 +93,17 @@ def main() -> None:
         c, t, h, w = manifest["latent"]["shape"]
         naive = c * t * h * w * 4 + TEXT_MAX_LENGTH * manifest["text"]["dim"] * 4
         ratio = pipe["encode_seconds"] / seq["encode_seconds"]
-        print(f"inputs: {n} clips ({pipe['errors']} errors), {manifest['geometry']['num_frames']}x{args.height}x{args.width}, "
-              f"device {args.device}, workers {args.workers}, batch {args.batch_size}")
+        print(
+            f"inputs: {n} clips ({pipe['errors']} errors), {manifest['geometry']['num_frames']}x{args.height}x{args.width}, "
+            f"device {args.device}, workers {args.workers}, batch {args.batch_size}"
+        )
         print(f"sequential: {seq['encode_seconds']:.2f} s  {n / seq['encode_seconds']:.2f} clips/s")
         print(f"pipelined:  {pipe['encode_seconds']:.2f} s  {n / pipe['encode_seconds']:.2f} clips/s")
         print(f"pipelined / sequential wall time: {ratio:.2f}  (target <= 0.7)")
-        print(f"bytes/sample: {pipe['tar_bytes'] / n:,.0f} (tar, incl. json + headers) vs naive fp32 padded-512 "
-              f"{naive:,} -> {pipe['tar_bytes'] / n / naive:.3f}")
+        print(
+            f"bytes/sample: {pipe['tar_bytes'] / n:,.0f} (tar, incl. json + headers) vs naive fp32 padded-512 "
+            f"{naive:,} -> {pipe['tar_bytes'] / n / naive:.3f}"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -10,6 +10,7 @@ absurd annotation values.
 2. plan: peak traced memory of planning a record that claims 1e12 s / 1e308 fps (an error row) ÷
    planning a normal 5 s record. Target: <= 2 (no memory in proportion to the claimed duration).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,13 @@ def bench_plan() -> tuple[int, int]:
     peaks = []
     for fps, duration in ((24.0, 5.0), (1e308, 1e12)):
         tmp = Path(tempfile.mkdtemp(prefix="osp-bench-plan-"))
-        rec = {"path": "a.mp4", "cap": "x", "fps": fps, "duration": duration, "resolution": {"height": 480, "width": 640}}
+        rec = {
+            "path": "a.mp4",
+            "cap": "x",
+            "fps": fps,
+            "duration": duration,
+            "resolution": {"height": 480, "width": 640},
+        }
         (tmp / "annotation.json").write_text(json.dumps([rec]))
         records = list_records(resolve_sources(tmp))
         tracemalloc.start()
@@ -73,11 +80,15 @@ def main() -> None:
     a = p.parse_args()
     checked, raw = bench_reader(a.samples)
     ratio = raw / checked
-    print(f"reader with verify's checks: {checked / a.samples * 1e3:.2f} ms/sample, without checks {raw / a.samples * 1e3:.2f} ms/sample; "
-          f"throughput ratio {ratio:.2f} (target >= 0.5) {'ok' if ratio >= 0.5 else 'MISSED'}")
+    print(
+        f"reader with verify's checks: {checked / a.samples * 1e3:.2f} ms/sample, without checks {raw / a.samples * 1e3:.2f} ms/sample; "
+        f"throughput ratio {ratio:.2f} (target >= 0.5) {'ok' if ratio >= 0.5 else 'MISSED'}"
+    )
     bad, good = bench_plan()
-    print(f"plan peak memory: 1e12 s / 1e308 fps record {bad / 1024:.1f} KiB, normal record {good / 1024:.1f} KiB; "
-          f"ratio {bad / good:.2f} (target <= 2) {'ok' if bad <= 2 * good else 'MISSED'}")
+    print(
+        f"plan peak memory: 1e12 s / 1e308 fps record {bad / 1024:.1f} KiB, normal record {good / 1024:.1f} KiB; "
+        f"ratio {bad / good:.2f} (target <= 2) {'ok' if bad <= 2 * good else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":

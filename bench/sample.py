@@ -13,6 +13,7 @@ tiny pipeline (random weights, tiny preset 9 x 64 x 64) through the real `osp sa
 
 Usage: python bench/sample.py [--steps 10] [--size 128] [--device cpu]   (about a minute on 2 cores)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,15 @@ def main() -> None:
     from osp.common.demo_models import write_demo_models
     from osp.common.device import pick_device
     from osp.common.models.dit import build_dit
-    from osp.common.sampling import (decode_latents, denoise, initial_noise, load_models, make_scheduler,
-                                     prepare_prompt, trained_size)
+    from osp.common.sampling import (
+        decode_latents,
+        denoise,
+        initial_noise,
+        load_models,
+        make_scheduler,
+        prepare_prompt,
+        trained_size,
+    )
 
     dev = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +128,9 @@ def main() -> None:
         shape = (1, 4, latent_frames(f), h // 8, w // 8)
 
         t0 = time.perf_counter()
-        emb, mask = m.text_encoder.encode([prepare_prompt(NEGATIVE_PROMPT, template=False), prepare_prompt("a red ball")])
+        emb, mask = m.text_encoder.encode(
+            [prepare_prompt(NEGATIVE_PROMPT, template=False), prepare_prompt("a red ball")]
+        )
         dev.synchronize()
         t_text = time.perf_counter() - t0
         emb = emb.to(m.dtype)

@@ -16,6 +16,7 @@ estimate, not a measurement).
 
 Usage: python bench/scaleout.py [--world 8] [--text 512] [--link-gbps 400]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", type=int, default=8)
     ap.add_argument("--text", type=int, default=TEXT_MAX_LENGTH)
-    ap.add_argument("--link-gbps", type=float, default=400.0, help="assumed per-rank link bandwidth for the time estimate")
+    ap.add_argument(
+        "--link-gbps", type=float, default=400.0, help="assumed per-rank link bandwidth for the time estimate"
+    )
     a = ap.parse_args()
     base_layout = CommLayout(tp=2, sp=True, cp=1, dp=a.world // 2, zero1=True)
     import json
@@ -60,9 +63,13 @@ def main() -> None:
             return w
 
         base = figures(base_layout)
-        print(f"\n## {preset}: {tokens} video tokens, {a.text} text tokens, {a.world} ranks "
-              f"(baseline {base_layout.name()}: {base['total'] / 1e9:.2f} GB sent per rank per step)\n")
-        print("| layout | TP GB | CP GB | DP GB | total GB | ÷ today | GB/sample | ÷ today | est. ms @ link | attn TFLOP/rank (fwd) | ÷ today | params/rank (M) | state GiB/rank | ckpt inputs GiB/rank |")
+        print(
+            f"\n## {preset}: {tokens} video tokens, {a.text} text tokens, {a.world} ranks "
+            f"(baseline {base_layout.name()}: {base['total'] / 1e9:.2f} GB sent per rank per step)\n"
+        )
+        print(
+            "| layout | TP GB | CP GB | DP GB | total GB | ÷ today | GB/sample | ÷ today | est. ms @ link | attn TFLOP/rank (fwd) | ÷ today | params/rank (M) | state GiB/rank | ckpt inputs GiB/rank |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for lay in layouts(a.world):
             try:
@@ -70,11 +77,13 @@ def main() -> None:
             except ValueError:
                 continue
             f = figures(lay)
-            print(f"| {lay.name()} | {f['tp'] / 1e9:.2f} | {f['cp'] / 1e9:.2f} | {(f['dp_cp'] + f['dp']) / 1e9:.2f} | "
-                  f"{f['total'] / 1e9:.2f} | {f['total'] / base['total']:.2f} | {f['total'] / lay.dp / 1e9:.2f} | "
-                  f"{f['total'] / lay.dp / (base['total'] / base_layout.dp):.2f} | {f['total'] / (a.link_gbps * 1e9) * 1e3:.0f} | "
-                  f"{f['attn'] / 1e12:.1f} | {f['attn'] / base['attn']:.2f} | {f['params'] / 1e6:.0f} | "
-                  f"{f['state'] / 2**30:.1f} | {f['ckpt_act'] / 2**30:.2f} |")
+            print(
+                f"| {lay.name()} | {f['tp'] / 1e9:.2f} | {f['cp'] / 1e9:.2f} | {(f['dp_cp'] + f['dp']) / 1e9:.2f} | "
+                f"{f['total'] / 1e9:.2f} | {f['total'] / base['total']:.2f} | {f['total'] / lay.dp / 1e9:.2f} | "
+                f"{f['total'] / lay.dp / (base['total'] / base_layout.dp):.2f} | {f['total'] / (a.link_gbps * 1e9) * 1e3:.0f} | "
+                f"{f['attn'] / 1e12:.1f} | {f['attn'] / base['attn']:.2f} | {f['params'] / 1e6:.0f} | "
+                f"{f['state'] / 2**30:.1f} | {f['ckpt_act'] / 2**30:.2f} |"
+            )
 
 
 if __name__ == "__main__":

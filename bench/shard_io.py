@@ -8,6 +8,7 @@ Both reads run with the tars in the page cache (best of 3 interleaved rounds), s
 the reader's own overhead (CRC-32C of every byte, parsing) against plain byte copying; from a cold
 disk the raw read is slower and the ratio higher.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,19 @@ def write_dir(out: Path, n: int, latent_dtype: str, per_shard: int = 24) -> floa
         with S.ShardWriter(out, sid, latent_dtype=latent_dtype) as w:
             for j in range(sid * per_shard, min(n, (sid + 1) * per_shard)):
                 text_len = TEXT_LEN + (j % 21) - 10  # ~150 real tokens
-                w.write(f"s{j:06d}", torch.randn(LATENT, generator=g),
-                        torch.randn(text_len, TEXT_DIM_MT5_XXL, generator=g).to(torch.bfloat16),
-                        {"cap": "a red ball bouncing on a green field " * 4, "path": f"folder_01/clip_{j}.mp4",
-                         "start": 0, "stride": 1, "frames": 93, "fps": 24.0})
+                w.write(
+                    f"s{j:06d}",
+                    torch.randn(LATENT, generator=g),
+                    torch.randn(text_len, TEXT_DIM_MT5_XXL, generator=g).to(torch.bfloat16),
+                    {
+                        "cap": "a red ball bouncing on a green field " * 4,
+                        "path": f"folder_01/clip_{j}.mp4",
+                        "start": 0,
+                        "stride": 1,
+                        "frames": 93,
+                        "fps": 24.0,
+                    },
+                )
             w.publish()
     S.write_manifest(out, {"latent_dtype": latent_dtype})
     S.merge_index(out)
@@ -62,8 +72,10 @@ def main() -> None:
         index = S.ShardIndex.open(out)
         tars = [S.shard_path(out, s) for s in sorted(S.published_shards(out))]
         total = sum(p.stat().st_size for p in tars)
-        print(f"wrote {len(index)} samples in {len(tars)} shards, {total / 2**20:.1f} MiB, {wtime:.1f} s "
-              f"({total / 2**20 / wtime:.0f} MiB/s write)")
+        print(
+            f"wrote {len(index)} samples in {len(tars)} shards, {total / 2**20:.1f} MiB, {wtime:.1f} s "
+            f"({total / 2**20 / wtime:.0f} MiB/s write)"
+        )
 
         def raw():
             for p in tars:
@@ -94,12 +106,16 @@ def main() -> None:
         t_raw, t_idx, t_idx_nv, t_stream = best["raw"], best["idx"], best["idx_nv"], best["stream"]
         mib = total / 2**20
         print(f"raw sequential read        {mib / t_raw:8.0f} MiB/s")
-        print(f"read_sample (random order) {mib / t_idx:8.0f} MiB/s   ratio {t_raw / t_idx:.2f}  (checksum verified; target >= 0.5)")
+        print(
+            f"read_sample (random order) {mib / t_idx:8.0f} MiB/s   ratio {t_raw / t_idx:.2f}  (checksum verified; target >= 0.5)"
+        )
         print(f"read_sample, no checksum   {mib / t_idx_nv:8.0f} MiB/s   ratio {t_raw / t_idx_nv:.2f}")
         print(f"iter_shard (streaming)     {mib / t_stream:8.0f} MiB/s   ratio {t_raw / t_stream:.2f}")
 
         naive = TEXT_MAX_LENGTH * TEXT_DIM_MT5_XXL * 4 + torch.Size(LATENT).numel() * 4
-        print(f"naive bytes/sample (text padded to {TEXT_MAX_LENGTH} fp32 + fp32 moments {LATENT}): {naive / 2**20:.2f} MiB")
+        print(
+            f"naive bytes/sample (text padded to {TEXT_MAX_LENGTH} fp32 + fp32 moments {LATENT}): {naive / 2**20:.2f} MiB"
+        )
         per = {"float16": total / len(index)}
         for dtype in ("bfloat16", "float32"):
             d = base / dtype

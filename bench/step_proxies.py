@@ -24,6 +24,7 @@ recompute (the real-run config's `grad_checkpointing = true`). "new" is osp's Di
 A roofline step-time estimate for 8 x H100 SXM (TP=2 + SP, DP=4) follows from the counts: an ESTIMATE,
 not a measurement, with the device rates printed. Usage: python bench/step_proxies.py
 """
+
 from __future__ import annotations
 
 import gc
@@ -48,10 +49,37 @@ LINK_GBPS = 360.0  # NVLink all-gather / reduce-scatter bus bandwidth per GPU
 TARGETS = {"mem": 0.25, "allgather": 0.4, "saved": 0.6, "recompute": 0.05, "mfu": 40.0}
 
 VIEW_OPS = {
-    "view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select",
-    "split", "split_with_sizes", "chunk", "unbind", "alias", "as_strided", "detach", "_reshape_alias",
-    "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_split",
-    "unflatten", "reshape", "flatten", "view_as", "expand_as", "numpy_T",
+    "view",
+    "_unsafe_view",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "unsqueeze",
+    "squeeze",
+    "slice",
+    "select",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "alias",
+    "as_strided",
+    "detach",
+    "_reshape_alias",
+    "lift_fresh",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "_unsafe_split",
+    "unflatten",
+    "reshape",
+    "flatten",
+    "view_as",
+    "expand_as",
+    "numpy_T",
 }
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 
@@ -226,8 +254,14 @@ def today_block(blk, h, t6, txt, text_bias, angles, tp: int):
         if tp == 1:
             return dense(x, lin)
         return mtp.linear_with_grad_accumulation_and_async_allreduce(
-            x, lin.weight, lin.bias, gradient_accumulation_fusion=False, allreduce_dgrad=not seq, sequence_parallel=seq,
-            tp_group=lin.tp_group)
+            x,
+            lin.weight,
+            lin.bias,
+            gradient_accumulation_fusion=False,
+            allreduce_dgrad=not seq,
+            sequence_parallel=seq,
+            tp_group=lin.tp_group,
+        )
 
     def row(x, lin):  # megatron row linear: bf16 GEMM, bf16 reduce(-scatter), fp32 bias add
         if tp == 1:
@@ -244,7 +278,9 @@ def today_block(blk, h, t6, txt, text_bias, angles, tp: int):
         return x * a.cos() + _rotate_half_3d(x) * a.sin()
 
     def attn(q, k, v, bias=None):  # SDPA under autocast: bf16
-        o = F.scaled_dot_product_attention(q.to(bf), k.to(bf), v.to(bf), attn_mask=None if bias is None else bias.to(bf))
+        o = F.scaled_dot_product_attention(
+            q.to(bf), k.to(bf), v.to(bf), attn_mask=None if bias is None else bias.to(bf)
+        )
         b, hh, s, hd = o.shape
         return o.permute(2, 0, 1, 3).reshape(s, b, hh * hd)
 
@@ -299,7 +335,11 @@ def run_block(model, tp: int, regime: str, ckpt: str, tracer=None, saved=None) -
         fn = lambda: blk(*args)  # noqa: E731
     else:
         args = (blk, h, t6, txt, bias, table.angles, tp)
-        fn = (lambda: checkpoint(today_block, *args, use_reentrant=False)) if ckpt == "full" else (lambda: today_block(*args))  # noqa: E731
+        fn = (
+            (lambda: checkpoint(today_block, *args, use_reentrant=False))
+            if ckpt == "full"
+            else (lambda: today_block(*args))
+        )  # noqa: E731
     if saved is not None:
         with saved:
             out = fn()
@@ -333,11 +373,21 @@ def measure(model, tp: int, regime: str, ckpt: str) -> Counts:
 
 def roofline(c: Counts, tp: int, mem: int, params_per_rank: int, dp: int) -> dict:
     """Step-time estimate (s) of LAYERS blocks + DP gradient all-reduce + AdamW + EMA on one H100."""
-    block = (c.flops["gemm"] / (GEMM_TFLOPS * 1e12) + c.flops["attn"] / (ATTN_TFLOPS * 1e12) + mem / (HBM_TBPS * 1e12)
-             + (c.coll["allgather"] + c.coll["reducescatter"] + 2 * c.coll["allreduce"]) * (tp - 1) / tp / (LINK_GBPS * 1e9))
+    block = (
+        c.flops["gemm"] / (GEMM_TFLOPS * 1e12)
+        + c.flops["attn"] / (ATTN_TFLOPS * 1e12)
+        + mem / (HBM_TBPS * 1e12)
+        + (c.coll["allgather"] + c.coll["reducescatter"] + 2 * c.coll["allreduce"]) * (tp - 1) / tp / (LINK_GBPS * 1e9)
+    )
     dp_ar = 2 * (dp - 1) / dp * params_per_rank * 4 / (LINK_GBPS * 1e9)  # fp32 grads, ring all-reduce
     optim = params_per_rank * (28 + 12 + 4) / (HBM_TBPS * 1e12)  # AdamW (p, g, m, v) + EMA + grad-norm bytes
-    return {"block": block, "blocks": LAYERS * block, "dp": dp_ar, "optim": optim, "step": LAYERS * block + dp_ar + optim}
+    return {
+        "block": block,
+        "blocks": LAYERS * block,
+        "dp": dp_ar,
+        "optim": optim,
+        "step": LAYERS * block + dp_ar + optim,
+    }
 
 
 def main() -> int:
@@ -360,18 +410,31 @@ def main() -> int:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
         model = build(tp)  # real weights of one block (fake tensors are made from them on use)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            for regime, ckpt in (("today", "none"), ("today", "full"), ("new", "none"), ("new", "selective"), ("new", "full")):
+            for regime, ckpt in (
+                ("today", "none"),
+                ("today", "full"),
+                ("new", "none"),
+                ("new", "selective"),
+                ("new", "full"),
+            ):
                 res[(tp, regime, ckpt)] = measure(model, tp, regime, ckpt)
             del model
     params_rank = sum(p.numel() for p in build_meta_params())
 
     G = 1e9
-    print(f"step proxies at {PRESET} (S = {math.prod(GRID):,} video + {TEXT_LEN} text tokens, batch {BATCH}), "
-          "per block per rank, fake tensors; today = the pre-#12 code in its bf16-autocast regime")
+    print(
+        f"step proxies at {PRESET} (S = {math.prod(GRID):,} video + {TEXT_LEN} text tokens, batch {BATCH}), "
+        "per block per rank, fake tensors; today = the pre-#12 code in its bf16-autocast regime"
+    )
     rows = []
     for tp in (1, 2):
         lay = "TP=1" if tp == 1 else "TP=2+SP"
-        t0, tf, n0, ns = res[(tp, "today", "none")], res[(tp, "today", "full")], res[(tp, "new", "none")], res[(tp, "new", "selective")]
+        t0, tf, n0, ns = (
+            res[(tp, "today", "none")],
+            res[(tp, "today", "full")],
+            res[(tp, "new", "none")],
+            res[(tp, "new", "selective")],
+        )
         ag_t, ag_n = t0.coll["allgather"], n0.coll["allgather"]
         rec_today = tf.total_flops / t0.total_flops - 1
         rec_sel = ns.total_flops / n0.total_flops - 1
@@ -379,8 +442,12 @@ def main() -> int:
             (lay, "memory-bound GB (eager)", t0.mem_eager / G, n0.mem_eager / G),
             (lay, "memory-bound GB (new fused = model.compile)", t0.mem_eager / G, n0.mem_fused / G),
             (lay, "all-gather GB", ag_t / G, ag_n / G),
-            (lay, "reduce-scatter + all-reduce GB", (t0.coll["reducescatter"] + t0.coll["allreduce"]) / G,
-             (n0.coll["reducescatter"] + n0.coll["allreduce"]) / G),
+            (
+                lay,
+                "reduce-scatter + all-reduce GB",
+                (t0.coll["reducescatter"] + t0.coll["allreduce"]) / G,
+                (n0.coll["reducescatter"] + n0.coll["allreduce"]) / G,
+            ),
             (lay, "saved activations GB (no recompute)", t0.saved / G, n0.saved / G),
             (lay, "saved activations GB (today full / new selective)", tf.saved / G, ns.saved / G),
             (lay, "recompute FLOP overhead (today full / new selective)", rec_today, rec_sel),
@@ -391,7 +458,12 @@ def main() -> int:
         ratio = f"{b / a:.3f}" if a else "-"
         print(f"| {lay} | {what} | {a:.3f} | {b:.3f} | {ratio} |")
 
-    t0, tf, n0, ns = res[(2, "today", "none")], res[(2, "today", "full")], res[(2, "new", "none")], res[(2, "new", "selective")]
+    t0, tf, n0, ns = (
+        res[(2, "today", "none")],
+        res[(2, "today", "full")],
+        res[(2, "new", "none")],
+        res[(2, "new", "selective")],
+    )
     checks = [
         ("memory-bound bytes (new fused vs today)", n0.mem_fused / t0.mem_eager, TARGETS["mem"]),
         ("all-gather bytes", n0.coll["allgather"] / t0.coll["allgather"], TARGETS["allgather"]),
@@ -404,17 +476,25 @@ def main() -> int:
         print(f"  {what}: {v:.3f} (target <= {tgt}) {'met' if v <= tgt else 'MISSED'}")
 
     model_flops = LAYERS * n0.total_flops  # per rank, no recompute
-    print(f"\nroofline ESTIMATE, 8xH100 SXM (TP=2+SP, DP=4), device rates: peak {PEAK_TFLOPS:.0f} TFLOP/s bf16 dense, "
-          f"GEMM {GEMM_TFLOPS:.0f}, attention {ATTN_TFLOPS:.0f} TFLOP/s, HBM {HBM_TBPS:.2f} TB/s, NVLink {LINK_GBPS:.0f} GB/s; "
-          f"{LAYERS} blocks + DP all-reduce + AdamW + EMA (no overlap assumed)")
+    print(
+        f"\nroofline ESTIMATE, 8xH100 SXM (TP=2+SP, DP=4), device rates: peak {PEAK_TFLOPS:.0f} TFLOP/s bf16 dense, "
+        f"GEMM {GEMM_TFLOPS:.0f}, attention {ATTN_TFLOPS:.0f} TFLOP/s, HBM {HBM_TBPS:.2f} TB/s, NVLink {LINK_GBPS:.0f} GB/s; "
+        f"{LAYERS} blocks + DP all-reduce + AdamW + EMA (no overlap assumed)"
+    )
     est = {}
-    for name, c, mem in (("today (full recompute, eager)", tf, tf.mem_eager), ("new, no recompute, eager", n0, n0.mem_eager),
-                         ("new, selective, eager", ns, ns.mem_eager), ("new, selective, compiled", ns, ns.mem_fused),
-                         ("new, no recompute, compiled", n0, n0.mem_fused)):
+    for name, c, mem in (
+        ("today (full recompute, eager)", tf, tf.mem_eager),
+        ("new, no recompute, eager", n0, n0.mem_eager),
+        ("new, selective, eager", ns, ns.mem_eager),
+        ("new, selective, compiled", ns, ns.mem_fused),
+        ("new, no recompute, compiled", n0, n0.mem_fused),
+    ):
         r = roofline(c, 2, mem, params_rank, 4)
         est[name] = 100 * model_flops / (r["step"] * PEAK_TFLOPS * 1e12)
-        print(f"  {name}: step {r['step']:.3f} s (blocks {r['blocks']:.3f}, DP {r['dp'] * 1e3:.1f} ms, optimizer+EMA "
-              f"{r['optim'] * 1e3:.1f} ms) -> MFU {est[name]:.1f} %")
+        print(
+            f"  {name}: step {r['step']:.3f} s (blocks {r['blocks']:.3f}, DP {r['dp'] * 1e3:.1f} ms, optimizer+EMA "
+            f"{r['optim'] * 1e3:.1f} ms) -> MFU {est[name]:.1f} %"
+        )
     layout = "TP=2+SP, bf16, selective, compiled"
     print(f"roofline MFU estimate (8xH100, 93x480p, {layout}): {est['new, selective, compiled']:.1f} %")
     return 0

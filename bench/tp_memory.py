@@ -12,6 +12,7 @@ unsharded under SP is the replicated part (text, adaLN vectors, the final layer 
 
 Usage: python bench/tp_memory.py [--layers 4] [--frames 3 --size 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,15 @@ class SavedBytes:
 def build(args):
     from osp.common.models.dit import DiTConfig, build_dit
 
-    cfg = DiTConfig(num_layers=args.layers, num_attention_heads=24, attention_head_dim=12, caption_channels=64,
-                    cross_attention_dim=288, sample_size=[args.size, args.size], sample_size_t=args.frames)
+    cfg = DiTConfig(
+        num_layers=args.layers,
+        num_attention_heads=24,
+        attention_head_dim=12,
+        caption_channels=64,
+        cross_attention_dim=288,
+        sample_size=[args.size, args.size],
+        sample_size_t=args.frames,
+    )
     torch.manual_seed(0)
     return build_dit(cfg)
 
@@ -121,7 +129,9 @@ def report(per_rank, args) -> None:
     mib = 1 / 2**20
     tokens = args.frames * (args.size // 2) ** 2
     ref_total, ref_params, _ = per_rank[0]["tp1"]
-    print(f"DiT {args.layers} blocks, 24 heads x 12 (D 288), B={args.batch}, {tokens} video tokens, {args.text_len} text tokens, fp32 CPU")
+    print(
+        f"DiT {args.layers} blocks, 24 heads x 12 (D 288), B={args.batch}, {tokens} video tokens, {args.text_len} text tokens, fp32 CPU"
+    )
     print(f"{'config':<14}{'saved/rank MiB':>16}{'ratio':>8}{'params/rank MiB':>18}{'ratio':>8}{'fwd+bwd s':>11}")
     rows = [("TP=1", per_rank[0]["tp1"]), ("TP=1 +ckpt", per_rank[0]["tp1_ckpt"])]
     for name, key in (("TP=2", "tp2"), ("TP=2 +SP", "tp2_sp")):
@@ -130,7 +140,9 @@ def report(per_rank, args) -> None:
     ratios = {}
     for name, (total, params, secs) in rows:
         ratios[name] = ratio = total / ref_total
-        print(f"{name:<14}{total * mib:>16.1f}{ratio:>8.3f}{params * mib:>18.2f}{params / ref_params:>8.3f}{secs:>11.2f}")
+        print(
+            f"{name:<14}{total * mib:>16.1f}{ratio:>8.3f}{params * mib:>18.2f}{params / ref_params:>8.3f}{secs:>11.2f}"
+        )
     r = ratios["TP=2 +SP"]
     print(f"saved-for-backward TP=2+SP / TP=1 = {r:.3f} (target <= {TARGET}: {'met' if r <= TARGET else 'MISSED'})")
 

@@ -12,6 +12,7 @@ This bench may import the encoders (it is not stage 2); the trainer itself never
 At the real size the encoders dominate far more (VAE at 93x480x640, mT5-XXL); the GPU script in
 bench/gpu/ measures the DiT step there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,12 @@ def timed(trainer, steps: int, warmup: int) -> dict:
     wall = time.perf_counter() - t0
     samples = sum(m["samples_per_s"] * m["step_time_s"] for m in ms)
     wait = sum(m["data_wait_s"] for m in ms)
-    return {"samples_per_s": samples / wall, "data_wait_frac": wait / wall, "step_s": wall / steps, "loss": ms[-1]["loss"]}
+    return {
+        "samples_per_s": samples / wall,
+        "data_wait_frac": wait / wall,
+        "step_s": wall / steps,
+        "loss": ms[-1]["loss"],
+    }
 
 
 def main() -> None:
@@ -98,19 +104,59 @@ def main() -> None:
         write_demo_dataset(tmp / "data")
         data = tmp / "data"
         models = write_demo_models(tmp / "models")
-        opts = EncodeOptions(data=str(data), out=str(tmp / "shards"), preset="tiny", vae=str(models["vae"]),
-                             text_encoder=str(models["text_encoder"]), workers=args.workers, device=args.device, progress=False)
+        opts = EncodeOptions(
+            data=str(data),
+            out=str(tmp / "shards"),
+            preset="tiny",
+            vae=str(models["vae"]),
+            text_encoder=str(models["text_encoder"]),
+            workers=args.workers,
+            device=args.device,
+            progress=False,
+        )
         t0 = time.perf_counter()  # stage 1 in its own process, as `make encode` runs it
-        subprocess.run([sys.executable, "-m", "osp.common.cli", "encode", "--data", opts.data, "--out", opts.out, "--preset", "tiny",
-                        "--vae", opts.vae, "--text-encoder", opts.text_encoder, "--workers", str(args.workers),
-                        "--device", args.device, "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "osp.common.cli",
+                "encode",
+                "--data",
+                opts.data,
+                "--out",
+                opts.out,
+                "--preset",
+                "tiny",
+                "--vae",
+                opts.vae,
+                "--text-encoder",
+                opts.text_encoder,
+                "--workers",
+                str(args.workers),
+                "--device",
+                args.device,
+                "--no-progress",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         encode_s = time.perf_counter() - t0
 
-        cfg = TrainConfig.load(None, [
-            f"data.shards={tmp / 'shards'}", f"run.dir={tmp / 'run'}", "run.steps=1000000", "run.ckpt_every=0",
-            "run.log_every=0", "run.tensorboard=false", f"run.device={args.device}", "parallel.tp=1",
-            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
-        ])
+        cfg = TrainConfig.load(
+            None,
+            [
+                f"data.shards={tmp / 'shards'}",
+                f"run.dir={tmp / 'run'}",
+                "run.steps=1000000",
+                "run.ckpt_every=0",
+                "run.log_every=0",
+                "run.tensorboard=false",
+                f"run.device={args.device}",
+                "parallel.tp=1",
+                f"data.batch_size={args.batch_size}",
+                f"data.num_workers={args.workers}",
+            ],
+        )
         trainer = Trainer(cfg)
         cached = timed(trainer, args.steps, args.warmup)
 
@@ -126,12 +172,18 @@ def main() -> None:
         D.shutdown()
 
         n = len(items)
-        print(f"tiny preset, {n} demo clips, batch {args.batch_size}, device {trainer.device.type}, "
-              f"{args.steps} timed steps after {args.warmup}; stage-1 encode of all clips once (incl. process start): {encode_s:.1f} s")
-        print(f"cached shards : {cached['samples_per_s']:8.2f} samples/s  {cached['step_s'] * 1e3:7.1f} ms/step  "
-              f"data wait / step time {cached['data_wait_frac']:.1%}")
-        print(f"online encode : {online['samples_per_s']:8.2f} samples/s  {online['step_s'] * 1e3:7.1f} ms/step  "
-              f"data wait / step time {online['data_wait_frac']:.1%}")
+        print(
+            f"tiny preset, {n} demo clips, batch {args.batch_size}, device {trainer.device.type}, "
+            f"{args.steps} timed steps after {args.warmup}; stage-1 encode of all clips once (incl. process start): {encode_s:.1f} s"
+        )
+        print(
+            f"cached shards : {cached['samples_per_s']:8.2f} samples/s  {cached['step_s'] * 1e3:7.1f} ms/step  "
+            f"data wait / step time {cached['data_wait_frac']:.1%}"
+        )
+        print(
+            f"online encode : {online['samples_per_s']:8.2f} samples/s  {online['step_s'] * 1e3:7.1f} ms/step  "
+            f"data wait / step time {online['data_wait_frac']:.1%}"
+        )
         print(f"ratio cached / online samples/s: {cached['samples_per_s'] / online['samples_per_s']:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

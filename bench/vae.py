@@ -16,6 +16,7 @@ for decode; encode throughput is reported for tiny and for the real-width osp12.
     .venv/bin/python bench/vae.py            # 93 x 120 x 160, about 2-4 min on 2 cores
     .venv/bin/python bench/vae.py --scale 8  # 93 x 60 x 80, about 1-2 min (fixed costs blur the ratio)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,13 @@ def child(args) -> dict:
             del out
     peak = _rss_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "op": args.op, "preset": args.preset, "tiled": args.tiled, "shape": shape,
-        "seconds": min(times[args.warmup:]), "peak_mib": (peak - base) / 1024, "peak_exact": exact,
+        "op": args.op,
+        "preset": args.preset,
+        "tiled": args.tiled,
+        "shape": shape,
+        "seconds": min(times[args.warmup :]),
+        "peak_mib": (peak - base) / 1024,
+        "peak_exact": exact,
     }
 
 
@@ -97,7 +103,9 @@ def run_child(extra: list[str], timeout: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", type=int, default=4, choices=(1, 2, 4, 8), help="spatial down-scale of 480x640 (default 4)")
+    p.add_argument(
+        "--scale", type=int, default=4, choices=(1, 2, 4, 8), help="spatial down-scale of 480x640 (default 4)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--op", choices=("decode", "encode"), default="decode", help=argparse.SUPPRESS)
@@ -117,17 +125,37 @@ def main() -> None:
     for tiled in (False, True):
         rows.append(run_child(["--op", "decode", "--preset", "tiny", *common] + (["--tiled"] if tiled else []), 1800))
     for preset, clip, warm, rep in (("tiny", (9, 64, 64), 1, 3), ("osp12", (9, 64, 64), 1, 1)):
-        rows.append(run_child(["--op", "encode", "--preset", preset, "--clip", *map(str, clip),
-                               "--warmup", str(warm), "--repeats", str(rep), *common], 1800))
+        rows.append(
+            run_child(
+                [
+                    "--op",
+                    "encode",
+                    "--preset",
+                    preset,
+                    "--clip",
+                    *map(str, clip),
+                    "--warmup",
+                    str(warm),
+                    "--repeats",
+                    str(rep),
+                    *common,
+                ],
+                1800,
+            )
+        )
     print(f"{'op':8} {'preset':7} {'tiled':6} {'pixels TxHxW':14} {'seconds':>8} {'peak MiB':>9}")
     for r in rows:
-        print(f"{r['op']:8} {r['preset']:7} {str(r['tiled']):6} {'x'.join(map(str, r['shape'])):14} "
-              f"{r['seconds']:8.2f} {r['peak_mib']:9.1f}")
+        print(
+            f"{r['op']:8} {r['preset']:7} {str(r['tiled']):6} {'x'.join(map(str, r['shape'])):14} "
+            f"{r['seconds']:8.2f} {r['peak_mib']:9.1f}"
+        )
     untiled, tiled = rows[0], rows[1]
     ratio = tiled["peak_mib"] / untiled["peak_mib"]
-    print(f"decode peak memory tiled / untiled = {ratio:.3f} (target <= 0.25 at 93x480x640 tile counts; "
-          f"here 93x{480 // args.scale}x{640 // args.scale}, tiles {512 // args.scale} px); "
-          f"time tiled / untiled = {tiled['seconds'] / untiled['seconds']:.2f}")
+    print(
+        f"decode peak memory tiled / untiled = {ratio:.3f} (target <= 0.25 at 93x480x640 tile counts; "
+        f"here 93x{480 // args.scale}x{640 // args.scale}, tiles {512 // args.scale} px); "
+        f"time tiled / untiled = {tiled['seconds'] / untiled['seconds']:.2f}"
+    )
     for r in rows[2:]:
         print(f"encode {r['preset']}: {1 / r['seconds']:.2f} clips/s at {'x'.join(map(str, r['shape']))}")
     if not untiled["peak_exact"]:

@@ -1,5 +1,6 @@
 """The `osp` command line. Commands import their stage lazily, so `osp --help` stays fast and
 `osp.common` never imports stage code at module level."""
+
 from __future__ import annotations
 
 from enum import StrEnum
@@ -126,7 +127,9 @@ def shards_verify(dir: Path = typer.Argument(..., help="Shard directory (written
 
 
 @shards_app.command("upgrade")
-def shards_upgrade(dir: Path = typer.Argument(..., help="Shard directory written by an older osp (schema v1).")) -> None:
+def shards_upgrade(
+    dir: Path = typer.Argument(..., help="Shard directory written by an older osp (schema v1)."),
+) -> None:
     """Upgrade a schema v1 cache in place (checks every old checksum, writes row-covering v2 checksums).
 
     Example: osp shards upgrade shards/demo
@@ -152,36 +155,72 @@ def demo_models(
     from osp.common.demo_models import write_demo_models
 
     info = write_demo_models(out, seed=seed)
-    typer.echo(f"vae: {info['vae']}\ntext encoder: {info['text_encoder']}\nwritten: {info['written'] or 'none'}; kept: {info['kept'] or 'none'}")
+    typer.echo(
+        f"vae: {info['vae']}\ntext encoder: {info['text_encoder']}\nwritten: {info['written'] or 'none'}; kept: {info['kept'] or 'none'}"
+    )
 
 
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
+_DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
 
 
 @app.command("sample")
 def sample(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="osp run dir (latest checkpoint), an osp checkpoint dir or a released diffusers DiT folder."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder (config.json + weights). Default: the one that encoded the run's shards."),
-    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Local mT5 folder (google/mt5-xxl, models/demo/text_encoder). Default: the one that encoded the run's shards."),
+    checkpoint: Path = typer.Option(
+        ...,
+        "--checkpoint",
+        "-c",
+        help="osp run dir (latest checkpoint), an osp checkpoint dir or a released diffusers DiT folder.",
+    ),
+    vae: Optional[Path] = typer.Option(
+        None, "--vae", help="CausalVAE folder (config.json + weights). Default: the one that encoded the run's shards."
+    ),
+    text_encoder: Optional[Path] = typer.Option(
+        None,
+        "--text-encoder",
+        help="Local mT5 folder (google/mt5-xxl, models/demo/text_encoder). Default: the one that encoded the run's shards.",
+    ),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Text file, one prompt per line."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Default: the upstream negative prompt."),
+    negative_prompt: Optional[str] = typer.Option(
+        None, "--negative-prompt", help="Default: the upstream negative prompt."
+    ),
     steps: int = typer.Option(100, "--steps", help="Denoising steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="CFG scale; 1.0 = conditional only (no negative pass)."),
-    scheduler: Scheduler = typer.Option("euler-ancestral", "--scheduler", help="Diffusers scheduler with the training noise schedule."),
+    scheduler: Scheduler = typer.Option(
+        "euler-ancestral", "--scheduler", help="Diffusers scheduler with the training noise schedule."
+    ),
     seed: int = typer.Option(42, "--seed", help="Seed of prompt i is seed + i."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Default: the checkpoint's trained length (1 + 4k)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Default: the checkpoint's trained height (multiple of 16)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Default: the checkpoint's trained width (multiple of 16)."),
-    allow_untrained_size: bool = typer.Option(False, "--allow-untrained-size", help="Warn instead of refusing sizes the weights were not trained for."),
-    template: bool = typer.Option(True, "--template/--no-template", help="Wrap prompts in the upstream prompt template."),
+    height: Optional[int] = typer.Option(
+        None, "--height", help="Default: the checkpoint's trained height (multiple of 16)."
+    ),
+    width: Optional[int] = typer.Option(
+        None, "--width", help="Default: the checkpoint's trained width (multiple of 16)."
+    ),
+    allow_untrained_size: bool = typer.Option(
+        False, "--allow-untrained-size", help="Warn instead of refusing sizes the weights were not trained for."
+    ),
+    template: bool = typer.Option(
+        True, "--template/--no-template", help="Wrap prompts in the upstream prompt template."
+    ),
     tiling: bool = typer.Option(True, "--tiling/--no-tiling", help="Tiled VAE decode (upstream sampling tiles)."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights of an osp checkpoint when present."),
     device: str = typer.Option("auto", "--device", help="auto, cuda, npu or cpu."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32; default bf16 on accelerators, fp32 on CPU."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="bf16, fp16 or fp32; default bf16 on accelerators, fp32 on CPU."
+    ),
     out: Path = typer.Option(Path("samples"), "--out", help="Output folder for the mp4s and JSON sidecars."),
     fps: int = typer.Option(24, "--fps", help="Frames per second of the mp4."),
-    sp: bool = typer.Option(False, "--sp", help="Under torchrun: sequence parallelism on top of tensor parallelism (the training plan)."),
+    sp: bool = typer.Option(
+        False, "--sp", help="Under torchrun: sequence parallelism on top of tensor parallelism (the training plan)."
+    ),
 ) -> None:
     """Prompts -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4 + JSON sidecar.
 
@@ -210,8 +249,17 @@ def sample(
         if dtype is not None and dtype.lower() not in _DTYPES:
             fail(f"--dtype {dtype!r} is unknown; use bf16, fp16 or fp32")
         settings = SampleSettings(
-            prompts=prompts, steps=steps, guidance=guidance, scheduler=scheduler.value, seed=seed,
-            frames=frames, height=height, width=width, template=template, tiling=tiling, fps=fps,
+            prompts=prompts,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler.value,
+            seed=seed,
+            frames=frames,
+            height=height,
+            width=width,
+            template=template,
+            tiling=tiling,
+            fps=fps,
             allow_untrained_size=allow_untrained_size,
         )
         if negative_prompt is not None:
@@ -225,8 +273,15 @@ def sample(
             heads = DiTConfig.from_json(resolve_checkpoint(checkpoint) / "config.json").num_attention_heads
             parallel = init_sample_parallel(device, sp, heads)
             is_main = parallel[0].is_main
-        models = load_models(checkpoint, vae, text_encoder, device=device, dtype=torch_dtype, prefer_ema=ema,
-                             dit_transform=parallel[1] if parallel else None)
+        models = load_models(
+            checkpoint,
+            vae,
+            text_encoder,
+            device=device,
+            dtype=torch_dtype,
+            prefer_ema=ema,
+            dit_transform=parallel[1] if parallel else None,
+        )
         if parallel:
             models.parallel = {"tp": parallel[0].tp, "sp": parallel[0].sp, "world": parallel[0].world}
         with warnings.catch_warnings(record=True) as caught:
@@ -245,18 +300,24 @@ def sample(
     if not is_main:
         return
     for rec in records:
-        typer.echo(f"wrote {rec['video']} ({rec['frames']}x{rec['height']}x{rec['width']}, seed {rec['seed']}, "
-                   f"denoise {rec['seconds']['denoise']:.1f} s, decode {rec['seconds']['decode']:.1f} s)")
+        typer.echo(
+            f"wrote {rec['video']} ({rec['frames']}x{rec['height']}x{rec['width']}, seed {rec['seed']}, "
+            f"denoise {rec['seconds']['denoise']:.1f} s, decode {rec['seconds']['decode']:.1f} s)"
+        )
 
 
 # ---- osp convert: DiT checkpoints (released diffusers folder <-> osp TP-sharded checkpoint) -------
-convert_app = typer.Typer(help="DiT checkpoint conversion: import released weights, merge TP shards, export.", no_args_is_help=True)
+convert_app = typer.Typer(
+    help="DiT checkpoint conversion: import released weights, merge TP shards, export.", no_args_is_help=True
+)
 app.add_typer(convert_app, name="convert")
 
 
 @convert_app.command("import")
 def convert_import_cmd(
-    src: Path = typer.Argument(..., help="Released diffusers folder (config.json + diffusion_pytorch_model.safetensors)."),
+    src: Path = typer.Argument(
+        ..., help="Released diffusers folder (config.json + diffusion_pytorch_model.safetensors)."
+    ),
     out: Path = typer.Argument(..., help="Output osp checkpoint folder."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size to shard for (must divide the head count)."),
 ) -> None:
@@ -311,11 +372,17 @@ def convert_export_cmd(
 def vae_roundtrip(
     video: Path = typer.Argument(..., help="Input video (any container decord reads)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output mp4 of the reconstruction."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder (config.json + weights); default: a random model of --preset."),
+    vae: Optional[Path] = typer.Option(
+        None, "--vae", help="CausalVAE folder (config.json + weights); default: a random model of --preset."
+    ),
     preset: str = typer.Option("tiny", "--preset", help="VAE preset used when --vae is not given (tiny | osp12)."),
     frames: int = typer.Option(17, "--frames", help="Read up to this many frames (cut to 1 + 4k)."),
-    size: int = typer.Option(256, "--size", help="Resize so the short side is at most SIZE, then centre-crop H and W to multiples of 8."),
-    tiled: bool = typer.Option(False, "--tiled", help="Tiled encode/decode with the sampling settings (512 px / 29 frames, overlap 0.125)."),
+    size: int = typer.Option(
+        256, "--size", help="Resize so the short side is at most SIZE, then centre-crop H and W to multiples of 8."
+    ),
+    tiled: bool = typer.Option(
+        False, "--tiled", help="Tiled encode/decode with the sampling settings (512 px / 29 frames, overlap 0.125)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
 ) -> None:
     """Encode a clip with the CausalVAE, decode the posterior mode, write the mp4 and print the PSNR.
@@ -340,7 +407,9 @@ def vae_roundtrip(
     except OspError as e:
         fail(one_line(e))
     if vae is None:
-        typer.echo(f"no --vae given: using a RANDOMLY initialised {preset!r} CausalVAE (plumbing check only; expect a low PSNR)")
+        typer.echo(
+            f"no --vae given: using a RANDOMLY initialised {preset!r} CausalVAE (plumbing check only; expect a low PSNR)"
+        )
         try:
             torch.manual_seed(0)
             model = build_vae(preset, device=dev)
@@ -367,25 +436,47 @@ def vae_roundtrip(
 
 @app.command("encode")
 def encode_cmd(
-    data: Path = typer.Option(..., "--data", help="Dataset root with annotation.json (pixabay_v2), an annotation .json, or a list file of DATA_ROOT,ANNOTATION_JSON lines."),
-    out: Path = typer.Option(..., "--out", "-o", help="Shard directory to write (resumes when it holds shards of the same plan)."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Dataset root with annotation.json (pixabay_v2), an annotation .json, or a list file of DATA_ROOT,ANNOTATION_JSON lines.",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Shard directory to write (resumes when it holds shards of the same plan)."
+    ),
     preset: Preset = typer.Option("tiny", "--preset", help="Pipeline preset: clip geometry and the models' sizes."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder; default for the tiny preset: models/demo/vae (written when absent)."),
-    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Local mT5 folder (google/mt5-xxl layout); tiny default: models/demo/text_encoder."),
+    vae: Optional[Path] = typer.Option(
+        None, "--vae", help="CausalVAE folder; default for the tiny preset: models/demo/vae (written when absent)."
+    ),
+    text_encoder: Optional[Path] = typer.Option(
+        None, "--text-encoder", help="Local mT5 folder (google/mt5-xxl layout); tiny default: models/demo/text_encoder."
+    ),
     frames: Optional[int] = typer.Option(None, "--frames", help="Override the preset's frames (1 + 4k)."),
     height: Optional[int] = typer.Option(None, "--height", help="Override the preset's height (multiple of 8)."),
     width: Optional[int] = typer.Option(None, "--width", help="Override the preset's width (multiple of 8)."),
-    clips_per_video: int = typer.Option(1, "--clips-per-video", help="Up to N non-overlapping clips per video (centred block)."),
-    all_captions: bool = typer.Option(False, "--all-captions", help="One sample per caption instead of the first caption."),
-    drop_long: bool = typer.Option(False, "--drop-long", help="Apply upstream's filter: drop videos longer than 2 x frames / 24 s."),
-    samples_per_shard: int = typer.Option(256, "--samples-per-shard", help="Valid inputs per shard (fixes shard membership)."),
+    clips_per_video: int = typer.Option(
+        1, "--clips-per-video", help="Up to N non-overlapping clips per video (centred block)."
+    ),
+    all_captions: bool = typer.Option(
+        False, "--all-captions", help="One sample per caption instead of the first caption."
+    ),
+    drop_long: bool = typer.Option(
+        False, "--drop-long", help="Apply upstream's filter: drop videos longer than 2 x frames / 24 s."
+    ),
+    samples_per_shard: int = typer.Option(
+        256, "--samples-per-shard", help="Valid inputs per shard (fixes shard membership)."
+    ),
     batch_size: int = typer.Option(4, "--batch-size", help="Clips per VAE/mT5 forward (equal shapes)."),
     workers: int = typer.Option(2, "--workers", help="DataLoader decode processes (0 = decode in the main process)."),
     device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
     latent_dtype: str = typer.Option("float16", "--latent-dtype", help="Stored moments dtype: float16 | float32."),
     vae_dtype: str = typer.Option("float32", "--vae-dtype", help="VAE compute dtype (upstream: float32)."),
-    tiling: bool = typer.Option(True, "--tiling/--no-tiling", help="Tiled VAE encode with the training tile sizes (upstream)."),
-    merge_timeout: float = typer.Option(86400.0, "--merge-timeout", help="Seconds rank 0 waits for the other ranks' shards before merging."),
+    tiling: bool = typer.Option(
+        True, "--tiling/--no-tiling", help="Tiled VAE encode with the training tile sizes (upstream)."
+    ),
+    merge_timeout: float = typer.Option(
+        86400.0, "--merge-timeout", help="Seconds rank 0 waits for the other ranks' shards before merging."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress bar."),
 ) -> None:
     """Encode a video dataset once (CausalVAE moments + unpadded mT5 states) into WebDataset shards.
@@ -398,11 +489,26 @@ def encode_cmd(
     from osp.stage1_encode.run import EncodeOptions, encode
 
     opts = EncodeOptions(
-        data=str(data), out=str(out), preset=preset.value, vae=str(vae) if vae else None,
-        text_encoder=str(text_encoder) if text_encoder else None, frames=frames, height=height, width=width,
-        clips_per_video=clips_per_video, all_captions=all_captions, drop_long=drop_long,
-        samples_per_shard=samples_per_shard, batch_size=batch_size, workers=workers, device=device,
-        latent_dtype=latent_dtype, vae_dtype=vae_dtype, tiling=tiling, merge_timeout=merge_timeout, progress=progress,
+        data=str(data),
+        out=str(out),
+        preset=preset.value,
+        vae=str(vae) if vae else None,
+        text_encoder=str(text_encoder) if text_encoder else None,
+        frames=frames,
+        height=height,
+        width=width,
+        clips_per_video=clips_per_video,
+        all_captions=all_captions,
+        drop_long=drop_long,
+        samples_per_shard=samples_per_shard,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        latent_dtype=latent_dtype,
+        vae_dtype=vae_dtype,
+        tiling=tiling,
+        merge_timeout=merge_timeout,
+        progress=progress,
     )
     try:
         result = encode(opts)
@@ -412,7 +518,9 @@ def encode_cmd(
     typer.echo(json.dumps(result))
     if manifest is not None:
         c = manifest["counts"]
-        typer.echo(f"{out}: {c['samples']} samples + {c['errors']} errors = {c['inputs']} inputs in {c['shards']} shards (errors: {out}/errors.jsonl)")
+        typer.echo(
+            f"{out}: {c['samples']} samples + {c['errors']} errors = {c['inputs']} inputs in {c['shards']} shards (errors: {out}/errors.jsonl)"
+        )
 
 
 @shards_app.command("preview")
@@ -420,7 +528,9 @@ def shards_preview(
     dir: Path = typer.Argument(..., help="Shard directory (written by osp encode)."),
     key: str = typer.Option(..., "--key", "-k", help="Sample key (see osp shards inspect / index.zarr)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output mp4."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="CausalVAE folder; default: the one recorded in manifest.json."),
+    vae: Optional[Path] = typer.Option(
+        None, "--vae", help="CausalVAE folder; default: the one recorded in manifest.json."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
     tiling: bool = typer.Option(True, "--tiling/--no-tiling", help="Tiled decode (sampling tile sizes)."),
     force: bool = typer.Option(False, "--force", help="Decode even if the VAE differs from the manifest's."),
@@ -436,8 +546,14 @@ def shards_preview(
     except OspError as e:
         fail(one_line(e))
     if info["vae_mismatch"]:
-        typer.secho("warning: decoded with a VAE that differs from the one that encoded these shards", fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"{info['key']} -> {info['out']}: {info['frames']} frames {info['size'][0]}x{info['size'][1]}, latent {info['latent']}, caption {info['caption']!r}")
+        typer.secho(
+            "warning: decoded with a VAE that differs from the one that encoded these shards",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"{info['key']} -> {info['out']}: {info['frames']} frames {info['size'][0]}x{info['size'][1]}, latent {info['latent']}, caption {info['caption']!r}"
+    )
 
 
 class _TrainCommand(TyperCommand):
@@ -454,22 +570,40 @@ class _TrainCommand(TyperCommand):
 
 @app.command("train", cls=_TrainCommand)
 def train_cmd(
-    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides, e.g. run.steps=10 parallel.tp=1"),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="section.key=value overrides, e.g. run.steps=10 parallel.tp=1"
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config (stage2_train/configs/demo.toml)."),
-    resume: str = typer.Option("", "--resume", help="'auto' (the run's latest checkpoint, if any) or a checkpoint folder."),
+    resume: str = typer.Option(
+        "", "--resume", help="'auto' (the run's latest checkpoint, if any) or a checkpoint folder."
+    ),
     init: str = typer.Option("", "--init", help="Converted released DiT checkpoint to start from (strict)."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes on this machine; > 1 launches torchrun (TP/DP over processes)."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes on this machine; > 1 launches torchrun (TP/DP over processes)."
+    ),
     master_port: int = typer.Option(29512, "--master-port", help="Rendezvous port when --nproc > 1."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Run one rank of the layout on `meta` (no device, no data, no files): per-rank memory, FLOPs, a fits/does-not-fit verdict."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Dry run: DiT preset (model.preset), e.g. osp12-93x720p."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Run one rank of the layout on `meta` (no device, no data, no files): per-rank memory, FLOPs, a fits/does-not-fit verdict.",
+    ),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Dry run: DiT preset (model.preset), e.g. osp12-93x720p."
+    ),
     tp: Optional[int] = typer.Option(None, "--tp", help="Dry run: tensor-parallel size (parallel.tp)."),
     sp: Optional[bool] = typer.Option(None, "--sp/--no-sp", help="Dry run: sequence parallelism (parallel.sp)."),
     cp: Optional[int] = typer.Option(None, "--cp", help="Dry run: context-parallel (Ulysses) size (parallel.cp)."),
-    world: Optional[int] = typer.Option(None, "--world", help="Dry run: ranks of the whole job, e.g. 16 for 2 nodes x 8 (default: tp x cp)."),
+    world: Optional[int] = typer.Option(
+        None, "--world", help="Dry run: ranks of the whole job, e.g. 16 for 2 nodes x 8 (default: tp x cp)."
+    ),
     rank: int = typer.Option(0, "--rank", help="Dry run: the rank to play."),
     card_gb: float = typer.Option(80.0, "--card-gb", help="Dry run: accelerator memory per rank, GiB."),
-    checkpointing: Optional[str] = typer.Option(None, "--checkpointing", help="Dry run: model.checkpointing (none | full)."),
-    shards: Optional[str] = typer.Option(None, "--shards", help="Dry run: take the sample shape from this shard folder (default: the preset's)."),
+    checkpointing: Optional[str] = typer.Option(
+        None, "--checkpointing", help="Dry run: model.checkpointing (none | full)."
+    ),
+    shards: Optional[str] = typer.Option(
+        None, "--shards", help="Dry run: take the sample shape from this shard folder (default: the preset's)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Dry run: print the report as JSON."),
 ) -> None:
     """Train the DiT on cached shards. The resolved config is printed and saved in the run folder.
@@ -488,17 +622,42 @@ def train_cmd(
         dargs = (["--config", str(config)] if config else []) + (["--preset", preset] if preset else [])
         dargs += (["--tp", str(tp)] if tp is not None else []) + ([] if sp is None else ["--sp" if sp else "--no-sp"])
         dargs += ["--cp", str(cp)] if cp is not None else []
-        dargs += (["--world", str(world)] if world is not None else []) + ["--rank", str(rank), "--card-gb", str(card_gb)]
-        dargs += (["--checkpointing", checkpointing] if checkpointing else []) + (["--shards", shards] if shards else [])
+        dargs += (["--world", str(world)] if world is not None else []) + [
+            "--rank",
+            str(rank),
+            "--card-gb",
+            str(card_gb),
+        ]
+        dargs += (["--checkpointing", checkpointing] if checkpointing else []) + (
+            ["--shards", shards] if shards else []
+        )
         dargs += (["--json"] if json_out else []) + list(overrides or [])
         raise typer.Exit(dry_main(dargs))
-    args = (["--config", str(config)] if config else []) + (["--resume", resume] if resume else []) + (["--init", init] if init else [])
+    args = (
+        (["--config", str(config)] if config else [])
+        + (["--resume", resume] if resume else [])
+        + (["--init", init] if init else [])
+    )
     args += list(overrides or [])
     if nproc > 1:
         from osp.stage2_train.launch import main as launch
 
-        launch(["--nnodes", "1", "--node_rank", "0", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                "--master_port", str(master_port), "--", *args])  # replaces this process with torchrun
+        launch(
+            [
+                "--nnodes",
+                "1",
+                "--node_rank",
+                "0",
+                "--nproc_per_node",
+                str(nproc),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(master_port),
+                "--",
+                *args,
+            ]
+        )  # replaces this process with torchrun
     from osp.stage2_train.run import main as run_main
 
     raise typer.Exit(run_main(args))

@@ -4,6 +4,7 @@ Model-specific config dataclasses (CausalVAEConfig, DiTConfig) live next to thei
 their defaults from here; the pipeline presets below tie one geometry to one VAE, DiT and text
 encoder preset so that stage 1, stage 2 and sampling agree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

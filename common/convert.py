@@ -29,6 +29,7 @@ a training checkpoint (torch DCP: `.metadata` + config.json + trainer.json, keys
 `SliceReader` reads one TP rank's pieces of released or osp-dit safetensors with
 `safe_open(...).get_slice`, so a rank never reads (or holds) more than its shard.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,9 @@ def shard_tensor(key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tens
     if dim is None or tp == 1:
         return full
     if full.shape[dim] % tp:
-        raise ConfigError(f"{key}: dim {dim} of shape {tuple(full.shape)} is not divisible by TP={tp}; choose a TP size dividing the head count")
+        raise ConfigError(
+            f"{key}: dim {dim} of shape {tuple(full.shape)} is not divisible by TP={tp}; choose a TP size dividing the head count"
+        )
     return full.chunk(tp, dim=dim)[rank]
 
 
@@ -80,7 +83,9 @@ def check_tp(config: DiTConfig, tp: int) -> None:
         raise ConfigError(f"TP={tp} must divide num_attention_heads={config.num_attention_heads}; choose a divisor")
 
 
-def split_state_dict(sd: dict[str, torch.Tensor], tp: int, config: DiTConfig | None = None) -> list[dict[str, torch.Tensor]]:
+def split_state_dict(
+    sd: dict[str, torch.Tensor], tp: int, config: DiTConfig | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Full (TP=1) state dict -> one dict per TP rank (views into `sd`)."""
     if config is not None:
         check_tp(config, tp)
@@ -97,7 +102,9 @@ def merge_state_dicts(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     for r, sd in enumerate(sds[1:], 1):
         if set(sd) != set(keys):
             diff = sorted(set(sd) ^ set(keys))
-            raise ConfigError(f"TP shard {r} has different keys than shard 0: {diff[:8]}{' ...' if len(diff) > 8 else ''}")
+            raise ConfigError(
+                f"TP shard {r} has different keys than shard 0: {diff[:8]}{' ...' if len(diff) > 8 else ''}"
+            )
     out = {}
     for k in keys:
         dim = tp_split_dim(k)
@@ -105,7 +112,9 @@ def merge_state_dicts(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
         if dim is None or len(sds) == 1:
             for r, p in enumerate(parts[1:], 1):
                 if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
-                    raise ConfigError(f"replicated tensor {k} differs between TP shard 0 and {r}; the checkpoint is corrupt")
+                    raise ConfigError(
+                        f"replicated tensor {k} differs between TP shard 0 and {r}; the checkpoint is corrupt"
+                    )
             out[k] = parts[0]
         else:
             out[k] = torch.cat(parts, dim=dim)
@@ -128,8 +137,13 @@ def check_keys(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], so
     if unexpected:
         parts.append(f"unexpected keys: {', '.join(unexpected)}")
     if shapes:
-        parts.append("shape mismatch: " + ", ".join(f"{k} expected {tuple(expected[k])} got {tuple(got[k].shape)}" for k in shapes))
-    raise ConfigError(f"{source}: state dict does not match the DiT ({'; '.join(parts)}); check the config.json/preset and TP size")
+        parts.append(
+            "shape mismatch: "
+            + ", ".join(f"{k} expected {tuple(expected[k])} got {tuple(got[k].shape)}" for k in shapes)
+        )
+    raise ConfigError(
+        f"{source}: state dict does not match the DiT ({'; '.join(parts)}); check the config.json/preset and TP size"
+    )
 
 
 def tensor_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
@@ -172,8 +186,9 @@ def save_dit_checkpoint(
         raise ValueError(f"ema_per_rank has {len(ema_per_rank)} shards, model has {tp}")
     for r, sd in enumerate(per_rank_state_dicts):
         write_dit_shard(out_dir, r, tp, sd, ema_per_rank[r] if ema_per_rank is not None else None)
-    return finish_dit_checkpoint(out_dir, config, tp, ema=ema_per_rank is not None,
-                                 dtype=state_dict_dtypes(per_rank_state_dicts[0]), extra=extra)
+    return finish_dit_checkpoint(
+        out_dir, config, tp, ema=ema_per_rank is not None, dtype=state_dict_dtypes(per_rank_state_dicts[0]), extra=extra
+    )
 
 
 def state_dict_dtypes(sd: dict[str, torch.Tensor]) -> str:
@@ -181,7 +196,11 @@ def state_dict_dtypes(sd: dict[str, torch.Tensor]) -> str:
 
 
 def write_dit_shard(
-    out_dir: str | Path, rank: int, tp: int, model_sd: dict[str, torch.Tensor], ema_sd: dict[str, torch.Tensor] | None = None
+    out_dir: str | Path,
+    rank: int,
+    tp: int,
+    model_sd: dict[str, torch.Tensor],
+    ema_sd: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write TP rank `rank`'s model (and EMA) shard. Each TP rank can call this for itself, so a
     2.7 B model is never gathered in one process; `finish_dit_checkpoint` then completes the folder."""
@@ -199,8 +218,12 @@ def finish_dit_checkpoint(
     """Write config.json and, last, the metadata that marks the folder complete (every shard must exist)."""
     out = Path(out_dir)
     check_tp(config, tp)
-    missing = [shard_file(kind, r, tp) for kind in ("model", "ema")[: 1 + ema] for r in range(tp)
-               if not (out / shard_file(kind, r, tp)).is_file()]
+    missing = [
+        shard_file(kind, r, tp)
+        for kind in ("model", "ema")[: 1 + ema]
+        for r in range(tp)
+        if not (out / shard_file(kind, r, tp)).is_file()
+    ]
     if missing:
         raise MissingFileError(f"{out}: shard files missing: {missing}; every TP rank must write its shard first")
     config.to_json(out / "config.json")
@@ -225,7 +248,9 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     except FileNotFoundError:
         raise MissingFileError(f"{path}: missing; the folder is not a (complete) osp DiT checkpoint") from None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}; convert it with `osp convert`")
+        raise ConfigError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not {CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}; convert it with `osp convert`"
+        )
     return meta
 
 
@@ -238,7 +263,9 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return (p / "config.json").is_file() and ((p / DIFFUSERS_WEIGHTS).is_file() or (p / DIFFUSERS_INDEX).is_file())
 
 
-def load_dit_shards(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, list[dict[str, torch.Tensor]], dict]:
+def load_dit_shards(
+    ckpt_dir: str | Path, prefer_ema: bool = True
+) -> tuple[DiTConfig, list[dict[str, torch.Tensor]], dict]:
     """An osp checkpoint's per-rank state dicts (EMA if present and preferred) and its metadata."""
     d = Path(ckpt_dir)
     meta = read_checkpoint_meta(d)
@@ -294,7 +321,7 @@ def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tupl
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(sd, checkpoint_id=str(d), no_dist=True)
-    return config, {k[len(prefix):]: v for k, v in sd.items()}
+    return config, {k[len(prefix) :]: v for k, v in sd.items()}
 
 
 def load_dit_checkpoint(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
@@ -338,8 +365,10 @@ class SliceReader:
             else:
                 files = sorted({d / f for f in json.loads((d / DIFFUSERS_INDEX).read_text())["weight_map"].values()})
         else:
-            raise MissingFileError(f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder "
-                                    f"(config.json + {DIFFUSERS_WEIGHTS}); pass the folder itself as model.init")
+            raise MissingFileError(
+                f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder "
+                f"(config.json + {DIFFUSERS_WEIGHTS}); pass the folder itself as model.init"
+            )
         self.config = DiTConfig.from_json(d / "config.json")
         self._open: dict[str, object] = {}  # file -> safe_open handle (memory-mapped, read lazily)
         for i, f in enumerate(files):
@@ -373,7 +402,9 @@ class SliceReader:
             return self._handle(files[0][0]).get_tensor(key)
         full = self.shape(key)
         if full[dim] % tp:
-            raise ValueError(f"{key}: dim {dim} of shape {full} is not divisible by TP={tp}; choose a TP size dividing the head count")
+            raise ValueError(
+                f"{key}: dim {dim} of shape {full} is not divisible by TP={tp}; choose a TP size dividing the head count"
+            )
         lo, hi = rank * full[dim] // tp, (rank + 1) * full[dim] // tp  # wanted [lo, hi) of the full dim
         parts, start = [], 0
         for f, _ in files:
@@ -408,7 +439,9 @@ def load_dit(ckpt_dir: str | Path, prefer_ema: bool = True, device=None, dtype=N
 def convert_import(src: str | Path, out: str | Path, tp: int = 1) -> Path:
     """Released diffusers folder -> osp checkpoint sharded for TP `tp` (strict key check first)."""
     if not is_diffusers_folder(src):
-        raise MissingFileError(f"{src}: not a diffusers DiT folder (config.json + {DIFFUSERS_WEIGHTS}); pass e.g. Open-Sora-Plan-v1.2.0/93x480p")
+        raise MissingFileError(
+            f"{src}: not a diffusers DiT folder (config.json + {DIFFUSERS_WEIGHTS}); pass e.g. Open-Sora-Plan-v1.2.0/93x480p"
+        )
     config = DiTConfig.from_json(Path(src) / "config.json")
     sd = load_diffusers_state_dict(src)
     _check_full(config, sd, str(src))

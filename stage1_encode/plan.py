@@ -17,6 +17,7 @@ deterministic, unique and dot-free. Shards hold `samples_per_shard` valid inputs
 seq order; a plan-time error row belongs to the shard of the next valid input (trailing ones to the
 last shard), so it is published atomically with that shard, exactly once, also across resumes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -101,12 +102,18 @@ class Plan:
     def digest(self) -> str:
         """sha256 over everything that determines the shard bytes (options, membership, captions)."""
         h = hashlib.sha256()
-        h.update(json.dumps({"v": PLAN_VERSION, "spec": asdict(self.spec), "sps": self.samples_per_shard},
-                            sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                {"v": PLAN_VERSION, "spec": asdict(self.spec), "sps": self.samples_per_shard}, sort_keys=True
+            ).encode()
+        )
         for s in self.shards:
             for it in s.items:
-                h.update(json.dumps([s.id, it.seq, it.key, it.path, it.caption, it.clip, it.clips],
-                                    ensure_ascii=True).encode())
+                h.update(
+                    json.dumps(
+                        [s.id, it.seq, it.key, it.path, it.caption, it.clip, it.clips], ensure_ascii=True
+                    ).encode()
+                )
             for e in s.errors:
                 h.update(json.dumps([s.id, e], sort_keys=True, ensure_ascii=True).encode())
         return h.hexdigest()
@@ -177,7 +184,9 @@ def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:
     res = _resolution(rec, required=(kind == "video"))
     if res is not None and not aspect_ok(res[0], res[1], spec.height, spec.width):
         a = spec.height / spec.width
-        raise ClipError(f"aspect ratio h/w = {res[0]}/{res[1]} outside [{a / ASPECT_TOLERANCE:.3f}, {a * ASPECT_TOLERANCE:.3f}] of the target {spec.height}x{spec.width}")
+        raise ClipError(
+            f"aspect ratio h/w = {res[0]}/{res[1]} outside [{a / ASPECT_TOLERANCE:.3f}, {a * ASPECT_TOLERANCE:.3f}] of the target {spec.height}x{spec.width}"
+        )
     if res is not None:
         check_size(res[0], res[1], spec.height, spec.width)
     if kind == "image":
@@ -188,7 +197,9 @@ def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:
         raise ClipError(f"longer than {2 * spec.num_frames / spec.fps:.2f} s (upstream length filter, --drop-long)")
     n_res = resample_count(n_src, fps, spec.fps)
     if n_res < spec.num_frames:
-        raise ClipError(f"too short: {duration:g} s at {fps:g} fps gives {n_res} frames at {spec.fps} fps, need {spec.num_frames}")
+        raise ClipError(
+            f"too short: {duration:g} s at {fps:g} fps gives {n_res} frames at {spec.fps} fps, need {spec.num_frames}"
+        )
     return min(spec.clips_per_video, n_res // spec.num_frames)
 
 
@@ -227,7 +238,9 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
             clips = _check_record(rec, kind, spec)
             first = seen.get((r.root, rel))
             if first is not None:
-                raise ClipError(f"duplicate path: also record {first.index} of {first.annotation}; only the first is encoded")
+                raise ClipError(
+                    f"duplicate path: also record {first.index} of {first.annotation}; only the first is encoded"
+                )
             seen[(r.root, rel)] = r
         except (ClipError, ValueError) as e:
             entries.append(("error", error_row(seq, r, file, str(e), "plan")))
@@ -241,9 +254,25 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
                     key += f"_c{j}"
                 if spec.clips_per_video > 1:
                     key += f"_k{c}"
-                entries.append(("item", dict(seq=seq, key=key, path=os.path.join(r.root, rel), rel=rel, root=r.root,
-                                             kind=kind, caption=cap, caption_index=j, clip=c, clips=clips,
-                                             annotation=r.annotation, record=r.index)))
+                entries.append(
+                    (
+                        "item",
+                        dict(
+                            seq=seq,
+                            key=key,
+                            path=os.path.join(r.root, rel),
+                            rel=rel,
+                            root=r.root,
+                            kind=kind,
+                            caption=cap,
+                            caption_index=j,
+                            clip=c,
+                            clips=clips,
+                            annotation=r.annotation,
+                            record=r.index,
+                        ),
+                    )
+                )
                 seq += 1
 
     # Shard membership: consecutive valid inputs; errors join the shard of the next valid input.

@@ -5,6 +5,7 @@ so it shows what the cache holds without sampling noise. The VAE used must be th
 the shards: its weight sha256 is checked against the manifest and a mismatch is refused unless
 `force` (then the video is labelled as decoded by a different VAE).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,15 @@ def find_key(index: S.ShardIndex, key: str, where: Path) -> int:
 
 
 @torch.no_grad()
-def preview(shard_dir: str | Path, key: str, out: str | Path, vae: str | Path | None = None,
-            device: str = "auto", tiling: bool = True, force: bool = False) -> dict:
+def preview(
+    shard_dir: str | Path,
+    key: str,
+    out: str | Path,
+    vae: str | Path | None = None,
+    device: str = "auto",
+    tiling: bool = True,
+    force: bool = False,
+) -> dict:
     """Decode sample `key` of `shard_dir` with the VAE and write `out` (mp4). Returns a summary."""
     from osp.common.device import pick_device
     from osp.common.models.vae import DiagonalGaussian, load_vae, vae_identity
@@ -64,5 +72,12 @@ def preview(shard_dir: str | Path, key: str, out: str | Path, vae: str | Path | 
     out.parent.mkdir(parents=True, exist_ok=True)
     fps = int(manifest.get("geometry", {}).get("fps", 24))
     write_mp4(out, frames, fps=fps)
-    return {"key": key, "out": str(out), "frames": int(frames.shape[0]), "size": list(frames.shape[1:3]),
-            "latent": list(sample.latent.shape), "vae_mismatch": mismatch, "caption": sample.meta.get("caption")}
+    return {
+        "key": key,
+        "out": str(out),
+        "frames": int(frames.shape[0]),
+        "size": list(frames.shape[1:3]),
+        "latent": list(sample.latent.shape),
+        "vae_mismatch": mismatch,
+        "caption": sample.meta.get("caption"),
+    }

@@ -13,6 +13,7 @@ When all shards are published, rank 0 writes `uncond.safetensors` (the encoding 
 index (`index.zarr`, `errors.jsonl`) and writes `manifest.json`. Other ranks exit after their shards;
 rank 0 polls for theirs (a shared output folder is required across nodes) up to `merge_timeout`.
 """
+
 from __future__ import annotations
 
 import json
@@ -133,8 +134,15 @@ def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int, pin_me
         yield from (ds[i] for i in range(len(ds)))
         return
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False, pin_memory=pin_memory,
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_identity,
+        worker_init_fn=_worker_init,
+        prefetch_factor=2,
+        persistent_workers=False,
+        pin_memory=pin_memory,
     )
     yield from loader
 
@@ -199,16 +207,30 @@ def sample_meta(it: WorkItem, caption_clean: str, spec: EncodeSpec, info: dict) 
 
 def _decode_error(it: WorkItem, reason: str, stage: str = "decode") -> dict:
     return {
-        "input": it.seq, "key": it.key, "file": it.rel, "root": it.root, "annotation": it.annotation, "record": it.record,
-        "stage": stage, "reason": reason,
+        "input": it.seq,
+        "key": it.key,
+        "file": it.rel,
+        "root": it.root,
+        "annotation": it.annotation,
+        "record": it.record,
+        "stage": stage,
+        "reason": reason,
     }
 
 
 class ShardEncoder:
     """Consumes the decoded clips of one shard in plan order, batches them, writes and publishes."""
 
-    def __init__(self, out: str, shard: ShardPlan, spec: EncodeSpec, enc: Encoders, batch_size: int,
-                 latent_dtype: str, on_done=None):
+    def __init__(
+        self,
+        out: str,
+        shard: ShardPlan,
+        spec: EncodeSpec,
+        enc: Encoders,
+        batch_size: int,
+        latent_dtype: str,
+        on_done=None,
+    ):
         from osp.common.models.text import clean_caption
 
         self.clean = clean_caption
@@ -251,10 +273,19 @@ class ShardEncoder:
         texts = self.enc.encode_text(captions)
         for (seq, _, info), m, t, cap in zip(batch, moments, texts, captions):
             if not torch.isfinite(m).all():
-                self.pending[seq] = ("error", _decode_error(self.items[seq], "VAE produced non-finite moments", "encode"))
+                self.pending[seq] = (
+                    "error",
+                    _decode_error(self.items[seq], "VAE produced non-finite moments", "encode"),
+                )
             elif m.abs().max() > self.latent_max:
-                self.pending[seq] = ("error", _decode_error(
-                    self.items[seq], "moments exceed the latent dtype's range; re-encode with --latent-dtype float32", "encode"))
+                self.pending[seq] = (
+                    "error",
+                    _decode_error(
+                        self.items[seq],
+                        "moments exceed the latent dtype's range; re-encode with --latent-dtype float32",
+                        "encode",
+                    ),
+                )
             else:
                 self.pending[seq] = ("sample", m, t, sample_meta(self.items[seq], cap, self.spec, info))
 
@@ -305,7 +336,9 @@ def _model_dirs(opts: EncodeOptions) -> tuple[str, str]:
     if vae and text:
         return vae, text
     if get_preset(opts.preset).vae != "tiny":
-        raise EncodeError(f"preset {opts.preset} needs --vae DIR (the released vae/ folder) and --text-encoder DIR (a local google/mt5-xxl)")
+        raise EncodeError(
+            f"preset {opts.preset} needs --vae DIR (the released vae/ folder) and --text-encoder DIR (a local google/mt5-xxl)"
+        )
     demo = Path(DEFAULT_DEMO_MODELS)
     if not ((demo / "vae").is_dir() and (demo / "text_encoder").is_dir()):
         from osp.common.demo_models import write_demo_models
@@ -321,10 +354,14 @@ def _check_model_dirs(vae_dir: str, text_dir: str) -> None:
 
     weights = weight_file(vae_dir)  # the folder and a weight file
     if not (weights.parent / CONFIG_NAME).is_file():
-        raise EncodeError(f"{weights.parent}: no {CONFIG_NAME}; --vae must be a CausalVAE folder (config.json + weights)")
+        raise EncodeError(
+            f"{weights.parent}: no {CONFIG_NAME}; --vae must be a CausalVAE folder (config.json + weights)"
+        )
     text = Path(text_dir)
     if not (text / "config.json").is_file():
-        raise EncodeError(f"{text}/config.json not found: --text-encoder must be a local mT5 folder (e.g. a download of google/mt5-xxl)")
+        raise EncodeError(
+            f"{text}/config.json not found: --text-encoder must be a local mT5 folder (e.g. a download of google/mt5-xxl)"
+        )
     if not any(p.suffix in (".safetensors", ".bin") for p in text.iterdir()):
         raise EncodeError(f"{text}: no *.safetensors or *.bin weights; --text-encoder must hold the mT5 weights")
 
@@ -385,14 +422,24 @@ def _check_plan_file(out: Path, summary: dict, rank: int) -> None:
 
 
 def _progress(enabled: bool, rank: int, world: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn(f"[bold]encode[/] r{rank}/{world}" if world > 1 else "[bold]encode[/]"),
-        BarColumn(), MofNCompleteColumn(),
+        BarColumn(),
+        MofNCompleteColumn(),
         TextColumn("{task.fields[speed]} clips/s"),
         TextColumn("errors {task.fields[errors]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         disable=not enabled,
     )
 
@@ -417,7 +464,12 @@ def encode(opts: EncodeOptions) -> dict:
     done = S.published_shards(out)
     mine = [s for s in plan.shards if s.id % world == rank and s.id not in done]
     t0 = time.perf_counter()
-    stats: dict[str, float] = {"samples": 0, "errors": 0, "shards": 0, "skipped_shards": sum(1 for s in plan.shards if s.id % world == rank) - len(mine)}
+    stats: dict[str, float] = {
+        "samples": 0,
+        "errors": 0,
+        "shards": 0,
+        "skipped_shards": sum(1 for s in plan.shards if s.id % world == rank) - len(mine),
+    }
     enc = None
     if mine or rank == 0:
         enc = Encoders(vae_dir, text_dir, opts.device, opts.vae_dtype, opts.tiling, opts.text_pad_to_max)
@@ -436,8 +488,9 @@ def encode(opts: EncodeOptions) -> dict:
     return result
 
 
-def _encode_shards(mine: list[ShardPlan], spec: EncodeSpec, enc: Encoders, opts: EncodeOptions,
-                   rank: int, world: int, stats: dict) -> None:
+def _encode_shards(
+    mine: list[ShardPlan], spec: EncodeSpec, enc: Encoders, opts: EncodeOptions, rank: int, world: int, stats: dict
+) -> None:
     items = [it for s in mine for it in s.items]
     total = len(items) + sum(len(s.errors) for s in mine)
     prog = _progress(opts.progress, rank, world)
@@ -526,8 +579,13 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
             "dtype": opts.latent_dtype,
             "scale_factor": VAE_SCALE_FACTOR,
         },
-        "text": {"dtype": str(enc.text.dtype).removeprefix("torch."), "dim": enc.text.dim, "unpadded": True,
-                 "max_length": enc.text.max_length, "uncond_len": int(uncond.shape[0])},
+        "text": {
+            "dtype": str(enc.text.dtype).removeprefix("torch."),
+            "dim": enc.text.dim,
+            "unpadded": True,
+            "max_length": enc.text.max_length,
+            "uncond_len": int(uncond.shape[0]),
+        },
         "counts": {
             "records": plan.n_records,
             "inputs": plan.n_inputs,

@@ -9,6 +9,7 @@
 No rank ever holds the full model when it starts from a checkpoint or released weights; only a run
 from random weights builds the full model once (its init must not depend on the TP size).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,7 +46,9 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def fill_from_folder(model: nn.Module, folder: str | Path, tp: int, rank: int, prefer_ema: bool = True, progress: bool = False) -> None:
+def fill_from_folder(
+    model: nn.Module, folder: str | Path, tp: int, rank: int, prefer_ema: bool = True, progress: bool = False
+) -> None:
     """Copy this rank's slices of a released diffusers folder or an osp-dit checkpoint (any saved TP
     size) into the materialised model. Strict: keys and full shapes are checked first."""
     from osp.common.models.dit import build_dit

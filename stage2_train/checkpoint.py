@@ -28,6 +28,7 @@ therefore never becomes `latest`. With `async_save` the write runs in a backgrou
 gloo group while training continues; the state is copied first (host copy, the only stall).
 Multi-node runs need the run directory on a shared filesystem.
 """
+
 from __future__ import annotations
 
 import json
@@ -206,7 +207,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
             dit_config.to_json(tmp / TRAINING_CONFIG_FILE)
         dist.barrier()
-        sd = state_dict(model=model, ema=ema, optimizer=optimizer, counters=counters, mesh=self.mesh, tp=self.tp, rank=self.rank)
+        sd = state_dict(
+            model=model, ema=ema, optimizer=optimizer, counters=counters, mesh=self.mesh, tp=self.tp, rank=self.rank
+        )
         info = {"format": FORMAT, **meta, "step": step}
         if self.async_save:
             fut = dcp.async_save(sd, storage_writer=_writer(tmp), process_group=self.group, async_stager=_CopyStager())
@@ -271,10 +274,14 @@ def find(run_dir: Path, resume: str) -> Path | None:
         if (path / "checkpoints" / LATEST).is_file():
             path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
     if not (path / TRAINER_FILE).is_file():
-        raise MissingFileError(f"{path}: not a complete training checkpoint (no {TRAINER_FILE}); pass --resume auto or a step-XXXXXXX folder")
+        raise MissingFileError(
+            f"{path}: not a complete training checkpoint (no {TRAINER_FILE}); pass --resume auto or a step-XXXXXXX folder"
+        )
     if read_trainer_state(path).get("format") != FORMAT:
-        raise CheckpointError(f"{path}: written by an older osp ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
-                         f"model.init={path / 'model'} (weights only)")
+        raise CheckpointError(
+            f"{path}: written by an older osp ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
+            f"model.init={path / 'model'} (weights only)"
+        )
     return path
 
 
@@ -302,8 +309,10 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
             sd[f"ema.{k}"] = _global(k, v, mesh, tp)
     missing = sorted(k for k in sd if k not in have)
     if missing:
-        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
-                         "resume with the model.preset / config.json it was trained with")
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
+            "resume with the model.preset / config.json it was trained with"
+        )
     opt, moments = _adamw(optimizer), {}
     for name, p in _owned(optimizer, model):
         if f"optim.exp_avg.{name}" not in have:
@@ -314,7 +323,7 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
             sd[f"optim.{m}.{name}"] = _global(name, st[m], mesh, tp)
         sd[f"optim.step.{name}"] = st["step"]
         moments[p] = st
-    counters = {k[len("state."):]: torch.zeros((), dtype=torch.int64) for k in have if k.startswith("state.")}
+    counters = {k[len("state.") :]: torch.zeros((), dtype=torch.int64) for k in have if k.startswith("state.")}
     sd.update({f"state.{k}": v for k, v in counters.items()})
     rng = {kind: f"rng.{kind}.rank{rank:05d}" for kind in RNG_KINDS if f"rng.{kind}.rank{rank:05d}" in have}
     rng_t = {kind: torch.zeros(have[key].size, dtype=have[key].properties.dtype) for kind, key in rng.items()}
@@ -340,6 +349,8 @@ def load_weights(path: Path, *, model, mesh, tp: int, prefer_ema: bool = True) -
     sd = {f"{prefix}{k}": _global(k, v, mesh, tp) for k, v in _tensor_state(model).items()}
     missing = sorted(k for k in sd if k not in have)
     if missing:
-        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
-                         "use the model.preset / config.json it was trained with")
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
+            "use the model.preset / config.json it was trained with"
+        )
     dcp.load(sd, checkpoint_id=str(path))

@@ -21,6 +21,7 @@ Outside the blocks: SP scatter/gather of the video M each, t6 [B, 6D] all-reduce
 full sequence S B D e twice, the text and t6 all-reduce; SP-tagged grads (9 D per block, fp32) over TP;
 every local parameter's fp32 grad all-reduced over DP x CP (+ a broadcast over DP with ZeRO-1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,8 +64,16 @@ def local_param_count(cfg_json: str, tp: int) -> int:
     return sum(p.numel() // (tp if tp_split_dim(n) is not None else 1) for n, p in model.named_parameters())
 
 
-def payloads(cfg, tokens: int, text_len: int, batch: int, layout: CommLayout, act_bytes: int = 2, grad_bytes: int = 4,
-             params: int | None = None) -> dict[tuple[str, str], int]:
+def payloads(
+    cfg,
+    tokens: int,
+    text_len: int,
+    batch: int,
+    layout: CommLayout,
+    act_bytes: int = 2,
+    grad_bytes: int = 4,
+    params: int | None = None,
+) -> dict[tuple[str, str], int]:
     """{(group, collective): payload bytes} of one micro-step (forward, backward, gradient reduction)."""
     import json
 

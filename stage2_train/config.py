@@ -5,6 +5,7 @@
 Defaults are the upstream v1.2 recipe (constants from `osp.common.config`); the demo config in
 `stage2_train/configs/demo.toml` only changes what the tiny CPU demo needs.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ class RunConfig:
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
     tensorboard: bool = True  # when the tensorboard package is installed
     log_keys: bool = False  # write the sample keys of every step to keys-rankNNNNN.jsonl (data-order audits)
-    watchdog_s: float = 1800.0  # a rank whose step (data wait, collectives, checkpoint) makes no progress this long stops; 0 = off
+    watchdog_s: float = (
+        1800.0  # a rank whose step (data wait, collectives, checkpoint) makes no progress this long stops; 0 = off
+    )
 
     @property
     def path(self) -> Path:
@@ -70,7 +73,9 @@ class ParallelConfig:
     sp: bool = False  # megatron sequence parallelism (needs tp > 1)
     cp: int = 1  # Ulysses context parallelism over the video tokens (tp * cp must divide the heads)
     zero1: bool = False  # shard AdamW state across data-parallel ranks (torch ZeroRedundancyOptimizer)
-    overlap_grad_reduce: bool = True  # DP all-reduce of each gradient bucket during backward (false: blocking, same numbers)
+    overlap_grad_reduce: bool = (
+        True  # DP all-reduce of each gradient bucket during backward (false: blocking, same numbers)
+    )
     bucket_mb: float = 25.0  # DDP gradient bucket size in MiB
     init_timeout_s: float = 300.0  # bound on reaching MASTER_ADDR / the other ranks
 
@@ -127,7 +132,9 @@ class TrainConfig:
             try:
                 data = tomllib.loads(Path(path).read_text())
             except FileNotFoundError:
-                raise ConfigError(f"{path}: config file not found; pass --config stage2_train/configs/demo.toml or a copy of it") from None
+                raise ConfigError(
+                    f"{path}: config file not found; pass --config stage2_train/configs/demo.toml or a copy of it"
+                ) from None
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{path}: not valid TOML ({e}); fix the file") from None
         cfg = cls.from_dict(data, source)

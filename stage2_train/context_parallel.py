@@ -26,6 +26,7 @@ data x context parallel group (megatron's `with_context_parallel=True` group) di
 gives the exact averaged gradient for every parameter. Forgetting it is a gradient-only bug (outputs
 stay right), which tests/test_cp.py checks with a negative control.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,9 @@ def _megatron():
 def _cp_state():
     ps, _ = _megatron()
     if not ps.model_parallel_is_initialized():
-        raise RuntimeError("megatron parallel_state is not initialised; call osp.stage2_train.dist.init_parallel(..., cp=CP) first")
+        raise RuntimeError(
+            "megatron parallel_state is not initialised; call osp.stage2_train.dist.init_parallel(..., cp=CP) first"
+        )
     return ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(), ps.get_context_parallel_group()
 
 
@@ -83,8 +86,10 @@ class UlyssesAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         h = q.shape[1]
         if h % self.cp:
-            raise LayoutError(f"context parallelism splits the {h} attention heads of a rank over parallel.cp={self.cp}; "
-                              "choose parallel.tp x parallel.cp dividing the DiT's heads")
+            raise LayoutError(
+                f"context parallelism splits the {h} attention heads of a rank over parallel.cp={self.cp}; "
+                "choose parallel.tp x parallel.cp dividing the DiT's heads"
+            )
         q, k, v = ulysses_to_heads(torch.stack([q, k, v]), self.group, self.cp).unbind(0)
         o = self.kernel(q, k, v, bias)  # [B, h/C, S, hd]
         if self.skip_inverse:
@@ -132,7 +137,9 @@ def apply_context_parallel(model: nn.Module, skip_inverse: bool = False) -> nn.M
         return inner_scatter(tensor_parallel.scatter_to_sequence_parallel_region(x, group=group))
 
     def gather_video(x: torch.Tensor) -> torch.Tensor:
-        return tensor_parallel.gather_from_sequence_parallel_region(inner_gather(x), tensor_parallel_output_grad=False, group=group)
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            inner_gather(x), tensor_parallel_output_grad=False, group=group
+        )
 
     def t6_hook(x: torch.Tensor) -> torch.Tensor:
         return tensor_parallel.copy_to_tensor_model_parallel_region(inner_t6(x), group=group)

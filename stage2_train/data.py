@@ -26,6 +26,7 @@ worker returns a structured record {"corrupt", key, row, tar, error} that rides 
 The main process decides: `skip_corrupt` counts and skips it, otherwise `ShardLoader` raises
 `CorruptSampleError` (one line: shard, key, reason) after shutting its workers down.
 """
+
 from __future__ import annotations
 
 import signal
@@ -46,8 +47,10 @@ class CorruptSampleError(OspError, RuntimeError):
 
 
 def corrupt_message(item: dict, root: str | Path) -> str:
-    return (f"{item['tar']}: sample {item['key']!r} is corrupt ({item['error']}); re-encode that shard "
-            f"(osp shards verify {root}), or set data.skip_corrupt=true to skip such samples")
+    return (
+        f"{item['tar']}: sample {item['key']!r} is corrupt ({item['error']}); re-encode that shard "
+        f"(osp shards verify {root}), or set data.skip_corrupt=true to skip such samples"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,7 +76,9 @@ class PlanSampler(Sampler):
     """Yields this dp rank's row ids for the micro-batches [start, end) of one epoch's plan
     (`accum` micro-batches per global batch)."""
 
-    def __init__(self, plan: list[np.ndarray], dp_rank: int, batch_size: int, start: int = 0, dp_size: int = 1, accum: int = 1):
+    def __init__(
+        self, plan: list[np.ndarray], dp_rank: int, batch_size: int, start: int = 0, dp_size: int = 1, accum: int = 1
+    ):
         self.plan, self.dp_rank, self.batch_size, self.start = plan, dp_rank, batch_size, start
         self.dp_size, self.accum = dp_size, accum
 
@@ -182,9 +187,15 @@ class ShardLoader:
         """`shapes`: the latent (T, H, W) shapes to train on (None = all); other rows are left out."""
         self.root = Path(root)
         index = S.ShardIndex.open(self.root)
-        self.shapes = np.stack([np.asarray(index.latent_t), np.asarray(index.latent_h), np.asarray(index.latent_w)], 1).astype(np.int64)
+        self.shapes = np.stack(
+            [np.asarray(index.latent_t), np.asarray(index.latent_h), np.asarray(index.latent_w)], 1
+        ).astype(np.int64)
         self.keys = np.asarray(index.key)
-        keep = np.ones(len(self.shapes), bool) if shapes is None else np.array([tuple(int(v) for v in r) in shapes for r in self.shapes], bool)
+        keep = (
+            np.ones(len(self.shapes), bool)
+            if shapes is None
+            else np.array([tuple(int(v) for v in r) in shapes for r in self.shapes], bool)
+        )
         self.rows = np.nonzero(keep)[0]  # the rows that take part in the plan
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.accum = grad_accum
@@ -199,7 +210,14 @@ class ShardLoader:
         self._it: Iterator[Batch] | None = None
         self._check_left_out(np.nonzero(~keep)[0])
         if not self._plan(0):
-            counts = {tuple(int(x) for x in k): int(v) for k, v in zip(*np.unique(self.shapes[self.rows], axis=0, return_counts=True))} if len(self.rows) else {}
+            counts = (
+                {
+                    tuple(int(x) for x in k): int(v)
+                    for k, v in zip(*np.unique(self.shapes[self.rows], axis=0, return_counts=True))
+                }
+                if len(self.rows)
+                else {}
+            )
             raise ConfigError(
                 f"{self.root}: no latent shape has enough samples for one global batch of {self.global_batch} "
                 f"(data.batch_size {batch_size} x {dp_size} data-parallel ranks x {grad_accum} accumulation steps; samples per shape {counts}); "
@@ -223,8 +241,13 @@ class ShardLoader:
     # position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Position: `samples` consumed in `epoch` (`cursor` = this loader's micro-batches of it)."""
-        return {"epoch": self.epoch, "samples": self.cursor * self.micro_batch, "cursor": self.cursor,
-                "seed": self.seed, "global_batch": self.global_batch}
+        return {
+            "epoch": self.epoch,
+            "samples": self.cursor * self.micro_batch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after `samples` of `epoch` (see the module docstring for another global batch)."""
@@ -237,10 +260,12 @@ class ShardLoader:
             cursor = samples // self.micro_batch
         else:
             cursor = -(-samples // self.global_batch) * self.accum
-            self.notice = (f"data order: the global batch changed ({saved} -> {self.global_batch} samples per step); epoch "
-                           f"{epoch} is re-cut and continues after {cursor // self.accum} of its new global batches "
-                           f"({samples} samples were consumed), so some samples of this epoch may repeat or be left out; "
-                           f"from epoch {epoch + 1} on the order is exact")
+            self.notice = (
+                f"data order: the global batch changed ({saved} -> {self.global_batch} samples per step); epoch "
+                f"{epoch} is re-cut and continues after {cursor // self.accum} of its new global batches "
+                f"({samples} samples were consumed), so some samples of this epoch may repeat or be left out; "
+                f"from epoch {epoch + 1} on the order is exact"
+            )
         self.epoch, self.cursor = epoch, cursor
         self._it = None
 

@@ -27,6 +27,7 @@ re-shard the parameters around every block on top of megatron's TP layers; ZeRO-
 exp_avg / exp_avg_sq / step: the checkpoint code reads and fills the owned moments through it
 (`owned_state` / `load_owned_state` by parameter name).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,8 +73,16 @@ class DataParallel:
     `module` is what the forward runs through; `sync(final)` is the context of one micro-step's
     forward + backward (reduction only on the final one)."""
 
-    def __init__(self, model: nn.Module, group, dp_size: int, *, overlap: bool = True, bucket_mb: float = 25.0,
-                 device_ids: list[int] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        group,
+        dp_size: int,
+        *,
+        overlap: bool = True,
+        bucket_mb: float = 25.0,
+        device_ids: list[int] | None = None,
+    ):
         self.model = model
         self.size = dist.get_world_size(group) if group is not None else 1
         self.hook = _HookState(group, float(dp_size), overlap)
@@ -105,7 +114,9 @@ class ShardedAdamW:
     rank of `group` owns a subset of the parameters (its partition, greedy by size), keeps AdamW state
     for them only, updates them and broadcasts them to the other ranks after the step."""
 
-    def __init__(self, params: list[nn.Parameter], names: list[str], group, *, shard: bool, keep_grads: bool = False, **adamw):
+    def __init__(
+        self, params: list[nn.Parameter], names: list[str], group, *, shard: bool, keep_grads: bool = False, **adamw
+    ):
         self.params, self.names, self.keep_grads = params, names, keep_grads
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -168,7 +179,11 @@ class ShardedAdamW:
         return {"zero1": self.sharded, "dp_size": self.size, "dp_rank": self.rank, "optim": self.optim.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        if bool(sd.get("zero1")) != self.sharded or (self.sharded and (sd.get("dp_size"), sd.get("dp_rank")) != (self.size, self.rank)):
-            raise ValueError("optimizer state was saved with another parallel.zero1 / data-parallel layout; "
-                             "resume with the same parallel.zero1 and data-parallel size")
+        if bool(sd.get("zero1")) != self.sharded or (
+            self.sharded and (sd.get("dp_size"), sd.get("dp_rank")) != (self.size, self.rank)
+        ):
+            raise ValueError(
+                "optimizer state was saved with another parallel.zero1 / data-parallel layout; "
+                "resume with the same parallel.zero1 and data-parallel size"
+            )
         self.optim.load_state_dict(sd["optim"])

@@ -12,6 +12,7 @@ resume, and independent of the layout (DP size, batch_size x grad_accum split, T
 on another layout draws what an uninterrupted run on that layout draws. (`draw` with `step_seed` of
 (seed, step, micro, dp_rank) remains for batches without rows.)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from osp.common import config as C
 
 
 def alphas_cumprod(
-    num_steps: int = C.DDPM_NUM_TRAIN_TIMESTEPS, beta_start: float = C.DDPM_BETA_START, beta_end: float = C.DDPM_BETA_END
+    num_steps: int = C.DDPM_NUM_TRAIN_TIMESTEPS,
+    beta_start: float = C.DDPM_BETA_START,
+    beta_end: float = C.DDPM_BETA_END,
 ) -> torch.Tensor:
     """abar_t of the linear-beta DDPM schedule, in fp32 like diffusers' DDPMScheduler. [num_steps]"""
     betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float32)
@@ -76,7 +79,11 @@ class Draws:
 
 
 def draw(
-    shape: tuple[int, ...], seed: int, noise_offset: float, cfg_dropout: float, num_steps: int = C.DDPM_NUM_TRAIN_TIMESTEPS
+    shape: tuple[int, ...],
+    seed: int,
+    noise_offset: float,
+    cfg_dropout: float,
+    num_steps: int = C.DDPM_NUM_TRAIN_TIMESTEPS,
 ) -> Draws:
     """shape = (B, C, T, H, W) of the latent z0."""
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +105,12 @@ def sample_seed(seed: int, step: int, row: int) -> int:
 
 
 def draw_samples(
-    shape: tuple[int, ...], seed: int, step: int, rows: list[int], noise_offset: float, cfg_dropout: float,
+    shape: tuple[int, ...],
+    seed: int,
+    step: int,
+    rows: list[int],
+    noise_offset: float,
+    cfg_dropout: float,
     num_steps: int = C.DDPM_NUM_TRAIN_TIMESTEPS,
 ) -> Draws:
     """`draw` per sample (seeded by `sample_seed(seed, step, row)`), stacked: shape[0] == len(rows)."""
@@ -109,7 +121,9 @@ def draw_samples(
     return Draws(*(torch.cat([getattr(d, f) for d in ds]) for f in ("eps_post", "noise", "t", "drop")))
 
 
-def diffusion_loss(eps_hat: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, gamma: float) -> torch.Tensor:
+def diffusion_loss(
+    eps_hat: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """Min-SNR weighted epsilon MSE in fp32, per sample: [B]."""
     mse = (eps_hat.float() - eps.float()) ** 2
     per_sample = mse.mean(dim=tuple(range(1, mse.dim())))

@@ -14,6 +14,7 @@ plain `python -m osp.stage2_train.run` (one process, an in-memory store). The ba
 device layer (cuda -> nccl, npu -> hccl, cpu -> gloo). Reaching MASTER_ADDR is bounded by
 `parallel.init_timeout_s`; a failure is one line naming the address and the fix.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -62,7 +63,9 @@ def check_layout(world: int, tp: int, sp: bool, heads: int, tokens: int | None =
             f"(NNODES x GPUS_PER_NODE with make train) or change {'parallel.tp / parallel.cp' if cp > 1 else 'parallel.tp'}"
         )
     if heads % tp:
-        raise LayoutError(f"parallel.tp={tp} must divide the DiT's {heads} attention heads; choose a divisor of {heads}")
+        raise LayoutError(
+            f"parallel.tp={tp} must divide the DiT's {heads} attention heads; choose a divisor of {heads}"
+        )
     if sp and tp == 1:
         raise LayoutError("parallel.sp=true needs parallel.tp > 1; set parallel.sp=false")
     if sp and tokens is not None and tokens % tp:

@@ -21,6 +21,7 @@ Attention runs through the fused (flash-style) kernel accelerators use, so no S 
 its FLOPs use torch's own SDPA formulas. Activations are in `run.precision` (`auto` means the
 accelerator regime here: bf16, parameters and optimizer state fp32).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ class FusedAttention:
 
 
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    out, _ = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p=dropout_p, is_causal=is_causal,
-                                                              attn_mask=attn_mask, scale=scale)
+    out, _ = aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p=dropout_p, is_causal=is_causal, attn_mask=attn_mask, scale=scale
+    )
     return out
 
 
@@ -89,10 +91,15 @@ def flop_counter():
         count._get_raw = True
         return count
 
-    return fc.FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: same_as(aten._scaled_dot_product_flash_attention),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: same_as(aten._scaled_dot_product_flash_attention_backward),
-    })
+    return fc.FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: same_as(aten._scaled_dot_product_flash_attention),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: same_as(
+                aten._scaled_dot_product_flash_attention_backward
+            ),
+        },
+    )
 
 
 class PeakMemory(TorchDispatchMode):
@@ -147,7 +154,9 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     if inner is None:
         return []
     # AdamW's `step` counters stay on the host (not capturable/fused): only what lives beside the parameters
-    return [v for p, s in inner.state.items() for v in s.values() if isinstance(v, torch.Tensor) and v.device == p.device]
+    return [
+        v for p, s in inner.state.items() for v in s.values() if isinstance(v, torch.Tensor) and v.device == p.device
+    ]
 
 
 def saved_activation_bytes(trainer: Trainer, batch: Batch, checkpointing: str) -> int:
@@ -178,10 +187,15 @@ class SyntheticLoader:
     def __init__(self, batch_size: int, channels: int, shape: tuple, text_len: int, text_dim: int):
         self.shapes = [shape]
         self.epoch = 0
-        self._batch = Batch(torch.zeros(batch_size, channels, *shape, dtype=torch.float16),
-                            torch.zeros(batch_size, text_len, text_dim, dtype=torch.float16),
-                            torch.ones(batch_size, text_len, dtype=torch.long),
-                            [f"synthetic-{i}" for i in range(batch_size)], list(range(batch_size)), [], shape)
+        self._batch = Batch(
+            torch.zeros(batch_size, channels, *shape, dtype=torch.float16),
+            torch.zeros(batch_size, text_len, text_dim, dtype=torch.float16),
+            torch.ones(batch_size, text_len, dtype=torch.long),
+            [f"synthetic-{i}" for i in range(batch_size)],
+            list(range(batch_size)),
+            [],
+            shape,
+        )
         self.cursor = 0
 
     def __next__(self) -> Batch:
@@ -220,8 +234,13 @@ class DryRunTrainer(Trainer):
         if not self.synthetic:
             return super()._build_loader()
         d = self.dit_cfg
-        return SyntheticLoader(self.cfg.data.batch_size, self.latent_channels, next(iter(self.train_shapes)),
-                               C.TEXT_MAX_LENGTH, d.caption_channels)
+        return SyntheticLoader(
+            self.cfg.data.batch_size,
+            self.latent_channels,
+            next(iter(self.train_shapes)),
+            C.TEXT_MAX_LENGTH,
+            d.caption_channels,
+        )
 
     def _writers(self) -> None:
         self.tb = None
@@ -311,8 +330,10 @@ def _suggestions(r: DryRunReport, cfg: TrainConfig, heads: int) -> list[str]:
     usable = r.usable
     if r.checkpointing == "none" and "full" in r.activations:
         est = r.peak - (r.activations["none"] - r.activations["full"]) * cfg.data.batch_size
-        out.append(f"--checkpointing full (model.checkpointing=full): peak ~{est / GIB:.1f} GiB (estimate)"
-                   + ("" if est <= usable else ", not enough alone"))
+        out.append(
+            f"--checkpointing full (model.checkpointing=full): peak ~{est / GIB:.1f} GiB (estimate)"
+            + ("" if est <= usable else ", not enough alone")
+        )
     if not cfg.parallel.zero1 and L["dp"] > 1:
         est = r.peak - r.optimizer * (1 - 1 / L["dp"])
         out.append(f"parallel.zero1=true (AdamW state over {L['dp']} DP ranks): peak ~{est / GIB:.1f} GiB (estimate)")
@@ -374,7 +395,9 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             with FusedAttention(), flop_counter() as flops:  # step 1 creates the optimizer state
                 trainer.train_step()
             peak = PeakMemory("meta")
-            state = list(trainer.model.parameters()) + list(trainer.model.buffers()) + optimizer_tensors(trainer.optimizer)
+            state = (
+                list(trainer.model.parameters()) + list(trainer.model.buffers()) + optimizer_tensors(trainer.optimizer)
+            )
             peak.track(state + (list(trainer.ema.shadow.values()) if trainer.ema is not None else []))
             with FusedAttention(), peak:  # a steady-state step: the peak with optimizer state in place
                 trainer.train_step()
@@ -382,12 +405,25 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             ckpt_state = trainer.model.state_dict()
             opt_sd = trainer.optimizer.state_dict()
             json.dumps(trainer.counters_state())  # the checkpoint's state.* integers
-            ckpt_bytes = tensor_bytes(list(ckpt_state.values()) + list(trainer.ema.shadow.values() if trainer.ema else [])
-                                      + [v for s in opt_sd["optim"].get("state", {}).values() for v in s.values()])
+            ckpt_bytes = tensor_bytes(
+                list(ckpt_state.values())
+                + list(trainer.ema.shadow.values() if trainer.ema else [])
+                + [v for s in opt_sd["optim"].get("state", {}).values() for v in s.values()]
+            )
             report = DryRunReport(
                 preset=cfg.model.preset,
-                layout={"world": L.world, "rank": L.rank, "tp": L.tp, "cp": L.cp, "dp": L.dp, "sp": L.sp, "tp_rank": L.tp_rank,
-                        "cp_rank": L.cp_rank, "dp_rank": L.dp_rank, "zero1": cfg.parallel.zero1},
+                layout={
+                    "world": L.world,
+                    "rank": L.rank,
+                    "tp": L.tp,
+                    "cp": L.cp,
+                    "dp": L.dp,
+                    "sp": L.sp,
+                    "tp_rank": L.tp_rank,
+                    "cp_rank": L.cp_rank,
+                    "dp_rank": L.dp_rank,
+                    "zero1": cfg.parallel.zero1,
+                },
                 checkpointing=cfg.model.checkpointing,
                 batch_size=cfg.data.batch_size,
                 tokens=tokens,
@@ -420,8 +456,15 @@ def _tokens(trainer: Trainer, batch: Batch) -> int:
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-def build_config(config: str | None, overrides: list[str], preset: str | None, tp: int | None, sp: bool | None,
-                 checkpointing: str | None, cp: int | None = None) -> TrainConfig:
+def build_config(
+    config: str | None,
+    overrides: list[str],
+    preset: str | None,
+    tp: int | None,
+    sp: bool | None,
+    checkpointing: str | None,
+    cp: int | None = None,
+) -> TrainConfig:
     """The run's config (file + overrides) with the dry run's layout flags applied last."""
     extra = []
     if preset:
@@ -444,13 +487,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None)
     p.add_argument("--preset", default=None, help="DiT preset (model.preset), e.g. osp12-93x480p, osp12-93x720p")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (parallel.tp)")
-    p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallelism (parallel.sp)")
+    p.add_argument(
+        "--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallelism (parallel.sp)"
+    )
     p.add_argument("--cp", type=int, default=None, help="context-parallel (Ulysses) size (parallel.cp)")
     p.add_argument("--world", type=int, default=None, help="total ranks of the job (default: tp x cp)")
     p.add_argument("--rank", type=int, default=0, help="the rank to play")
     p.add_argument("--card-gb", type=float, default=80.0, help="accelerator memory per rank in GiB")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default=None, help="model.checkpointing")
-    p.add_argument("--shards", default=None, help="take the sample shape from this shard folder (default: the preset's)")
+    p.add_argument(
+        "--shards", default=None, help="take the sample shape from this shard folder (default: the preset's)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_intermixed_args(argv)

@@ -22,6 +22,7 @@ On accelerators the ranks also get CUDA_DEVICE_MAX_CONNECTIONS=1 (`dist.accelera
 already in the environment wins): megatron's sequence-parallel communication overlap needs it set
 before any device context exists, i.e. before torchrun starts the ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,9 @@ def check_master(addr: str, port: int, node_rank: int, nnodes: int, timeout: flo
     try:
         infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        _fail(f"MASTER_ADDR={addr!r} does not resolve ({e.strerror}); set MASTER_ADDR to the IP of the NODE_RANK=0 node")
+        _fail(
+            f"MASTER_ADDR={addr!r} does not resolve ({e.strerror}); set MASTER_ADDR to the IP of the NODE_RANK=0 node"
+        )
     if node_rank == 0:
         family, _, _, _, sockaddr = infos[0]
         try:
@@ -85,7 +88,9 @@ def check_master(addr: str, port: int, node_rank: int, nnodes: int, timeout: flo
             )
         busy = _port_in_use(sockaddr[0], port)
         if busy:
-            _fail(f"MASTER_PORT={port} on {addr} is busy ({busy}; another job?); pick a free port, e.g. MASTER_PORT={port + 1}")
+            _fail(
+                f"MASTER_PORT={port} on {addr} is busy ({busy}; another job?); pick a free port, e.g. MASTER_PORT={port + 1}"
+            )
         return
     deadline = time.monotonic() + timeout
     last = ""
@@ -115,9 +120,13 @@ def check_nodes(addr: str, port: int, node_rank: int, nnodes: int, timeout: floa
         store = dist.TCPStore(addr, port, nnodes, node_rank == 0, timeout=wait, wait_for_workers=False)
     except (RuntimeError, OSError) as e:
         if node_rank == 0:
-            _fail(f"MASTER_PORT={port} on {addr}: cannot host the rendezvous ({str(e).splitlines()[0]}); pick a free MASTER_PORT")
-        _fail(f"NODE_RANK={node_rank}: could not reach the rendezvous at MASTER_ADDR={addr}:{port} within {timeout:g} s; "
-              "start NODE_RANK=0 first (or together) with the same MASTER_ADDR/MASTER_PORT")
+            _fail(
+                f"MASTER_PORT={port} on {addr}: cannot host the rendezvous ({str(e).splitlines()[0]}); pick a free MASTER_PORT"
+            )
+        _fail(
+            f"NODE_RANK={node_rank}: could not reach the rendezvous at MASTER_ADDR={addr}:{port} within {timeout:g} s; "
+            "start NODE_RANK=0 first (or together) with the same MASTER_ADDR/MASTER_PORT"
+        )
     store.set(f"{_PRECHECK}/node{node_rank}", socket.gethostname())
     if node_rank == 0:
         while True:
@@ -138,8 +147,10 @@ def check_nodes(addr: str, port: int, node_rank: int, nnodes: int, timeout: floa
         try:
             store.wait([f"{_PRECHECK}/all"], timedelta(seconds=max(1.0, timeout - (time.monotonic() - t0)) + 5))
         except RuntimeError:
-            _fail(f"NODE_RANK={node_rank}: the other nodes did not all come within {timeout:g} s (NODE_RANK 0 says which); "
-                  "start every node with the same NNODES/MASTER_ADDR/MASTER_PORT")
+            _fail(
+                f"NODE_RANK={node_rank}: the other nodes did not all come within {timeout:g} s (NODE_RANK 0 says which); "
+                "start every node with the same NNODES/MASTER_ADDR/MASTER_PORT"
+            )
         store.set(f"{_PRECHECK}/done{node_rank}", "1")
     del store
     if node_rank == 0:  # the server socket closes with the store; torchrun binds the port next
@@ -175,7 +186,9 @@ def _set_pdeathsig() -> None:  # preexec_fn of torchrun: it dies with the launch
 def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run torchrun in its own session; forward a stop signal to its ranks as SIGTERM; return its rc."""
     env = {**(os.environ if env is None else env), DIE_WITH_PARENT_ENV: "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None
+    )
     stopping: list[str] = []
 
     def on_signal(signum, _frame):
@@ -197,9 +210,16 @@ def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> int:
             continue
     if stopping:
         if rc == 0:
-            print(f"stopped on {stopping[0]}: every rank wrote its checkpoint and exited 0 (resume with --resume auto)", flush=True)
+            print(
+                f"stopped on {stopping[0]}: every rank wrote its checkpoint and exited 0 (resume with --resume auto)",
+                flush=True,
+            )
         else:
-            print(f"error: stopped on {stopping[0]}, but torchrun exited {rc}; see the rank errors above", file=sys.stderr, flush=True)
+            print(
+                f"error: stopped on {stopping[0]}, but torchrun exited {rc}; see the rank errors above",
+                file=sys.stderr,
+                flush=True,
+            )
     return rc
 
 
@@ -233,11 +253,16 @@ def agent(argv: list[str]) -> None:
         bad = sorted((f.timestamp, rank, f.exitcode) for rank, f in e.failures.items())
         _, rank, code = bad[0]
         what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        print(f"error: rank {rank} failed first ({what}; its error is above); torchrun stopped the other ranks",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: rank {rank} failed first ({what}; its error is above); torchrun stopped the other ranks",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)
     except SignalException as e:
-        print(f"error: torchrun got {signal.Signals(e.sigval).name}; its ranks were stopped", file=sys.stderr, flush=True)
+        print(
+            f"error: torchrun got {signal.Signals(e.sigval).name}; its ranks were stopped", file=sys.stderr, flush=True
+        )
         sys.exit(128 + int(e.sigval))
 
 
@@ -272,13 +297,23 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m osp.stage2_train.launch")
     p.add_argument("--nnodes", type=int, default=int(os.environ.get("NNODES", 1)))
     p.add_argument("--node_rank", type=int, default=int(os.environ.get("NODE_RANK", 0)))
-    p.add_argument("--nproc_per_node", type=int, default=int(os.environ.get("GPUS_PER_NODE") or os.environ.get("NPUS_PER_NODE") or 2))
+    p.add_argument(
+        "--nproc_per_node",
+        type=int,
+        default=int(os.environ.get("GPUS_PER_NODE") or os.environ.get("NPUS_PER_NODE") or 2),
+    )
     p.add_argument("--master_addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
     p.add_argument("--master_port", type=int, default=int(os.environ.get("MASTER_PORT", 29512)))
     p.add_argument("--rdzv_timeout", type=float, default=float(os.environ.get("OSP_RDZV_TIMEOUT", 300)))
-    p.add_argument("--precheck_timeout", type=float, default=float(os.environ.get("OSP_PRECHECK_TIMEOUT", 60)),
-                   help="seconds every node may take to reach the rendezvous pre-check (short: a missing node is named early)")
-    p.add_argument("--precheck_only", action="store_true", help="run the pre-checks and exit (used before other torchrun jobs)")
+    p.add_argument(
+        "--precheck_timeout",
+        type=float,
+        default=float(os.environ.get("OSP_PRECHECK_TIMEOUT", 60)),
+        help="seconds every node may take to reach the rendezvous pre-check (short: a missing node is named early)",
+    )
+    p.add_argument(
+        "--precheck_only", action="store_true", help="run the pre-checks and exit (used before other torchrun jobs)"
+    )
     a = p.parse_args(argv)
     if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         _fail(f"NODE_RANK={a.node_rank} must be in [0, NNODES={a.nnodes})")
@@ -289,12 +324,26 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so it prints no banner about it
     cmd = [
-        sys.executable, "-m", "osp.stage2_train.launch", "--torchrun",
-        "--nnodes", str(a.nnodes), "--node_rank", str(a.node_rank), "--nproc_per_node", str(a.nproc_per_node),
-        "--master_addr", a.master_addr, "--master_port", str(a.master_port),
-        "--rdzv_conf", f"timeout={int(a.rdzv_timeout)}",
-        "-m", "osp.stage2_train.run",
-        *run_args, f"parallel.init_timeout_s={a.rdzv_timeout}",
+        sys.executable,
+        "-m",
+        "osp.stage2_train.launch",
+        "--torchrun",
+        "--nnodes",
+        str(a.nnodes),
+        "--node_rank",
+        str(a.node_rank),
+        "--nproc_per_node",
+        str(a.nproc_per_node),
+        "--master_addr",
+        a.master_addr,
+        "--master_port",
+        str(a.master_port),
+        "--rdzv_conf",
+        f"timeout={int(a.rdzv_timeout)}",
+        "-m",
+        "osp.stage2_train.run",
+        *run_args,
+        f"parallel.init_timeout_s={a.rdzv_timeout}",
     ]
     env = child_env(os.environ, _device_type())
     sys.stdout.flush()

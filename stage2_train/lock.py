@@ -5,6 +5,7 @@ life of the process. The kernel drops the lock when the process dies, however it
 job never leaves it stale; the file's text (pid, host, start time) only serves the error message.
 All ranks agree on the outcome, so a second job stops on every rank with one line.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -40,7 +41,9 @@ class RunLock:
                 "or train into a new run (run.name=...)"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}".encode(), 0
+        )
         self.fd = fd
         return self
 

@@ -2,6 +2,7 @@
 schedule and the DP-sharded EMA. The data-parallel reduction and the (sharded) AdamW come from the
 library: `data_parallel.py` (torch DDP + ZeroRedundancyOptimizer).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ from torch import nn
 from osp.common.errors import ConfigError
 
 
-
-def global_grad_norm(params: list[nn.Parameter], sharded: list[bool], tp_group, tp_rank: int, tp_size: int) -> torch.Tensor:
+def global_grad_norm(
+    params: list[nn.Parameter], sharded: list[bool], tp_group, tp_rank: int, tp_size: int
+) -> torch.Tensor:
     """L2 norm of all gradients of the (TP-sharded) model: TP-sharded params (`sharded[i]`, from the key
     rule table `osp.common.convert.tp_split_dim`) summed over TP, replicated params counted once (on TP
     rank 0). Identical on every rank. fp32 scalar tensor."""

@@ -33,6 +33,7 @@ Never tag adaln_single or the final table as well: that double counts (spec §8.
 
 Works on CUDA (nccl), NPU (hccl) and CPU (gloo, with `osp.common.megatron_cpu.apply()`).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -84,7 +85,12 @@ def _column_cls() -> Any:
         def fused_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             sp = self.sequence_parallel
             return tp.linear_with_grad_accumulation_and_async_allreduce(
-                x, w, b, gradient_accumulation_fusion=False, allreduce_dgrad=not sp, sequence_parallel=sp,
+                x,
+                w,
+                b,
+                gradient_accumulation_fusion=False,
+                allreduce_dgrad=not sp,
+                sequence_parallel=sp,
                 tp_group=self.tp_group,
             )
 
@@ -149,8 +155,14 @@ def _swap(parent: nn.Module, name: str, new: Any, old: nn.Linear, key_w: str, ke
 def _tp_state():
     _, ps, _ = _megatron()
     if not ps.model_parallel_is_initialized():
-        raise RuntimeError("megatron parallel_state is not initialised; call parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP) first")
-    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+        raise RuntimeError(
+            "megatron parallel_state is not initialised; call parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP) first"
+        )
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 def parallelize(model: Any, sequence_parallel: bool) -> Any:
@@ -179,12 +191,28 @@ def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
     rep_cfg = _make_config(tp, False, dtype) if sequence_parallel else seq_cfg  # for the replicated text
 
     def column(lin: nn.Linear, c) -> nn.Module:
-        return Column(lin.in_features, lin.out_features, config=c, init_method=_noop_init,
-                      bias=lin.bias is not None, gather_output=False, skip_bias_add=False, tp_group=group)
+        return Column(
+            lin.in_features,
+            lin.out_features,
+            config=c,
+            init_method=_noop_init,
+            bias=lin.bias is not None,
+            gather_output=False,
+            skip_bias_add=False,
+            tp_group=group,
+        )
 
     def row(lin: nn.Linear) -> nn.Module:
-        return Row(lin.in_features, lin.out_features, config=seq_cfg, init_method=_noop_init,
-                   bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=group)
+        return Row(
+            lin.in_features,
+            lin.out_features,
+            config=seq_cfg,
+            init_method=_noop_init,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=group,
+        )
 
     for i, block in enumerate(model.transformer_blocks):
         pre = f"transformer_blocks.{i}"
@@ -197,11 +225,21 @@ def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
             old = attn.to_out[0]
             _swap(attn.to_out, "0", row(old), old, f"{pre}.{an}.to_out.0.weight", f"{pre}.{an}.to_out.0.bias", tp, rank)
         old = block.ff.net[0].proj
-        _swap(block.ff.net[0], "proj", column(old, seq_cfg), old, f"{pre}.ff.net.0.proj.weight", f"{pre}.ff.net.0.proj.bias", tp, rank)
+        _swap(
+            block.ff.net[0],
+            "proj",
+            column(old, seq_cfg),
+            old,
+            f"{pre}.ff.net.0.proj.weight",
+            f"{pre}.ff.net.0.proj.bias",
+            tp,
+            rank,
+        )
         old = block.ff.net[2]
         _swap(block.ff.net, "2", row(old), old, f"{pre}.ff.net.2.weight", f"{pre}.ff.net.2.bias", tp, rank)
 
     if sequence_parallel:
+
         def scatter_video(x: torch.Tensor) -> torch.Tensor:
             if x.shape[0] % tp:
                 raise ValueError(
@@ -211,7 +249,9 @@ def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
             return tensor_parallel.scatter_to_sequence_parallel_region(x, group=group)
 
         def gather_video(x: torch.Tensor) -> torch.Tensor:
-            return tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
+            return tensor_parallel.gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=False, group=group
+            )
 
         def t6_hook(x: torch.Tensor) -> torch.Tensor:
             return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)

@@ -21,6 +21,7 @@ from model.init by slices, or from the seeded init (`osp.stage2_train.build`).
 
 Stage 2 never imports transformers, the VAE or stage 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,15 @@ from osp.stage2_train.config import TrainConfig, resolve_precision
 from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.watchdog import Watchdog
-from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, draw_samples, sample_posterior, step_seed
+from osp.stage2_train.diffusion import (
+    add_noise,
+    alphas_cumprod,
+    diffusion_loss,
+    draw,
+    draw_samples,
+    sample_posterior,
+    step_seed,
+)
 from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
 from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm, lr_at
 
@@ -109,8 +118,14 @@ class Trainer:
         self.shards = Path(cfg.data.shards)
         self.uncond, self.latent_channels, tokens = self._check_geometry()
 
-        self.layout = D.init_parallel(cfg.parallel.tp, cfg.parallel.sp, self.dit_cfg.num_attention_heads, tokens,
-                                      cfg.parallel.init_timeout_s, cp=cfg.parallel.cp)
+        self.layout = D.init_parallel(
+            cfg.parallel.tp,
+            cfg.parallel.sp,
+            self.dit_cfg.num_attention_heads,
+            tokens,
+            cfg.parallel.init_timeout_s,
+            cp=cfg.parallel.cp,
+        )
         L = self.layout
         self.tp_group, self.dp_group, self.dp_cp_group = D.tp_group(), D.dp_group(), D.dp_cp_group()
         from megatron.core import tensor_parallel
@@ -125,14 +140,21 @@ class Trainer:
             self._init_weights()
         self.optimizer = self._build_optimizer()
         o = cfg.optim
-        self.ema = EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None  # sharded over DP
+        self.ema = (
+            EMA(self.model, o.ema_decay, self.dp_group, L.dp_rank, L.dp) if o.ema_decay > 0 else None
+        )  # sharded over DP
         self.loader = self._build_loader()
         self.abar = alphas_cumprod().to(self.device.torch_device(L.local_rank))
         self.step = 0
         self.counters = {"skipped_corrupt": 0, "skipped_nonfinite": 0}
         self.resume_notes: list[str] = []
-        self.checkpointer = None if meta else ckpt.Checkpointer(
-            self.run_dir, mesh=self.mesh, tp=L.tp, rank=L.rank, is_main=L.is_main, async_save=cfg.run.async_ckpt)
+        self.checkpointer = (
+            None
+            if meta
+            else ckpt.Checkpointer(
+                self.run_dir, mesh=self.mesh, tp=L.tp, rank=L.rank, is_main=L.is_main, async_save=cfg.run.async_ckpt
+            )
+        )
         if self.ckpt_path is not None:
             self._load_checkpoint()
         self._writers()
@@ -145,8 +167,10 @@ class Trainer:
             return get_dit_config(self.cfg.model.preset)
         f = Path(self.cfg.model.init) / "config.json"
         if not f.is_file():
-            raise MissingFileError(f"model.init={self.cfg.model.init}: no config.json; pass a released DiT folder, an osp "
-                                   "checkpoint (osp convert import) or a training checkpoint step-* folder")
+            raise MissingFileError(
+                f"model.init={self.cfg.model.init}: no config.json; pass a released DiT folder, an osp "
+                "checkpoint (osp convert import) or a training checkpoint step-* folder"
+            )
         return DiTConfig.from_json(f)
 
     def _build_model(self, materialize: bool = True) -> None:
@@ -165,8 +189,13 @@ class Trainer:
             build.materialize(model, dev)
         self.model = model.train()
         d = self.dit_cfg
-        self.attention_kernel = resolve_backend(cfg.model.attention_backend, dev, d.num_attention_heads // (self.layout.tp * self.layout.cp),
-                                                d.attention_head_dim, model.compute_dtype)
+        self.attention_kernel = resolve_backend(
+            cfg.model.attention_backend,
+            dev,
+            d.num_attention_heads // (self.layout.tp * self.layout.cp),
+            d.attention_head_dim,
+            model.compute_dtype,
+        )
         if cfg.model.compile:
             self.model.compile_blocks()
             self.attention_kernel += " (eager probe; compiled blocks use SDPA's own order)"
@@ -194,10 +223,13 @@ class Trainer:
         o, L, p = self.cfg.optim, self.layout, self.cfg.parallel
         adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         dev_ids = [L.local_rank] if self.device.type == "cuda" else None
-        self.dp = DataParallel(self.model, self.dp_cp_group, L.dp, overlap=p.overlap_grad_reduce, bucket_mb=p.bucket_mb,
-                               device_ids=dev_ids)
+        self.dp = DataParallel(
+            self.model, self.dp_cp_group, L.dp, overlap=p.overlap_grad_reduce, bucket_mb=p.bucket_mb, device_ids=dev_ids
+        )
         names = [n for n, q in self.model.named_parameters() if q.requires_grad]
-        return ShardedAdamW(self.params, names, self.dp_cp_group, shard=p.zero1, keep_grads=self.dp.ddp is not None, **adamw)
+        return ShardedAdamW(
+            self.params, names, self.dp_cp_group, shard=p.zero1, keep_grads=self.dp.ddp is not None, **adamw
+        )
 
     def _build_loader(self):
         cfg, L = self.cfg, self.layout
@@ -220,23 +252,47 @@ class Trainer:
         L = self.layout
         assert self.ckpt_path is not None
         saved = ckpt.read_trainer_state(self.ckpt_path).get("layout", {})
-        c = ckpt.load(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.optimizer, mesh=self.mesh, tp=L.tp, rank=L.rank)
+        c = ckpt.load(
+            self.ckpt_path,
+            model=self.model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            mesh=self.mesh,
+            tp=L.tp,
+            rank=L.rank,
+        )
         self.step = c["step"]
         if self.ema is not None:
             self.ema.updates = c["ema_updates"]
         self.counters.update({k: c[k] for k in self.counters if k in c})
-        self.loader.load_state_dict({"epoch": c["loader_epoch"], "samples": c["loader_samples"],
-                                     "global_batch": c["loader_global_batch"], "seed": c["loader_seed"]})
+        self.loader.load_state_dict(
+            {
+                "epoch": c["loader_epoch"],
+                "samples": c["loader_samples"],
+                "global_batch": c["loader_global_batch"],
+                "seed": c["loader_seed"],
+            }
+        )
         ours = self._layout_dict()
         self.resume_notes = [n for n in (self.loader.notice,) if n]
         changed = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved.get(k) != v}
         if changed:
-            self.resume_notes.insert(0, "resharded from the saved layout: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            self.resume_notes.insert(
+                0, "resharded from the saved layout: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            )
 
     def _layout_dict(self) -> dict:
         L = self.layout
-        return {"tp": L.tp, "cp": L.cp, "dp": L.dp, "sp": L.sp, "zero1": self.cfg.parallel.zero1, "world": L.world,
-                "batch_size": self.cfg.data.batch_size, "grad_accum": self.cfg.optim.grad_accum}
+        return {
+            "tp": L.tp,
+            "cp": L.cp,
+            "dp": L.dp,
+            "sp": L.sp,
+            "zero1": self.cfg.parallel.zero1,
+            "world": L.world,
+            "batch_size": self.cfg.data.batch_size,
+            "grad_accum": self.cfg.optim.grad_accum,
+        }
 
     # -- checks ------------------------------------------------------------------------------
     def _check_geometry(self):
@@ -271,10 +327,14 @@ class Trainer:
                 f"({manifest.get('preset', 'see manifest.json')}) or re-encode"
             )
         self.train_shapes = {want, image} if self.cfg.data.images else {want}
-        n_used = sum(int((t, h, w) in self.train_shapes) for t, h, w in zip(index.latent_t, index.latent_h, index.latent_w))
+        n_used = sum(
+            int((t, h, w) in self.train_shapes) for t, h, w in zip(index.latent_t, index.latent_h, index.latent_w)
+        )
         if n_used < len(index) and dist.get_rank() == 0:
-            self.console.print(f"{root}: training on the {n_used} samples of shape {want}; "
-                               f"{len(index) - n_used} single-frame samples left out (data.images=true includes them)")
+            self.console.print(
+                f"{root}: training on the {n_used} samples of shape {want}; "
+                f"{len(index) - n_used} single-frame samples left out (data.images=true includes them)"
+            )
         p, pt = cfg.patch_size, cfg.patch_size_t
         tokens = (want[0] // pt) * (want[1] // p) * (want[2] // p)
         return uncond, c, tokens
@@ -296,13 +356,17 @@ class Trainer:
         if self.layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
-            self.console.print(f"[bold]run[/] {self.run_dir}  layout tp={self.layout.tp} cp={self.layout.cp} dp={self.layout.dp} sp={self.layout.sp} "
-                               f"zero1={self.cfg.parallel.zero1} device={self.device.type} "
-                               f"activations={str(self.model.compute_dtype).removeprefix('torch.')} attention={self.attention_kernel} "
-                               f"checkpointing={self.cfg.model.checkpointing} compile={self.cfg.model.compile}")
+            self.console.print(
+                f"[bold]run[/] {self.run_dir}  layout tp={self.layout.tp} cp={self.layout.cp} dp={self.layout.dp} sp={self.layout.sp} "
+                f"zero1={self.cfg.parallel.zero1} device={self.device.type} "
+                f"activations={str(self.model.compute_dtype).removeprefix('torch.')} attention={self.attention_kernel} "
+                f"checkpointing={self.cfg.model.checkpointing} compile={self.cfg.model.compile}"
+            )
             self.console.print(self.cfg.to_toml().rstrip(), markup=False)
             if self.ckpt_path:
-                self.console.print(f"resuming from {self.ckpt_path} at step {self.step} (loader {self.loader.state_dict()})")
+                self.console.print(
+                    f"resuming from {self.ckpt_path} at step {self.step} (loader {self.loader.state_dict()})"
+                )
                 for note in getattr(self, "resume_notes", []):
                     self.console.print(f"[yellow]{note}[/]")
             if self.cfg.run.tensorboard:
@@ -317,16 +381,30 @@ class Trainer:
     def counters_state(self) -> dict[str, int]:
         """The integers of the training state (saved as DCP `state.*` tensors)."""
         pos = self.loader.state_dict()
-        return {"step": self.step, "ema_updates": self.ema.updates if self.ema is not None else 0,
-                "loader_epoch": pos["epoch"], "loader_samples": pos["samples"], "loader_global_batch": pos["global_batch"],
-                "loader_seed": pos["seed"], **self.counters}
+        return {
+            "step": self.step,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "loader_epoch": pos["epoch"],
+            "loader_samples": pos["samples"],
+            "loader_global_batch": pos["global_batch"],
+            "loader_seed": pos["seed"],
+            **self.counters,
+        }
 
     def save(self) -> Path:
-        path = self.checkpointer.save(self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
-                                      counters=self.counters_state(), dit_config=self.dit_cfg,
-                                      meta={"layout": self._layout_dict(), "config": self.cfg.to_dict()})
+        path = self.checkpointer.save(
+            self.step,
+            model=self.model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            counters=self.counters_state(),
+            dit_config=self.dit_cfg,
+            meta={"layout": self._layout_dict(), "config": self.cfg.to_dict()},
+        )
         if self.layout.is_main:
-            self.console.print(f"checkpoint {path}{' (writing in the background)' if self.checkpointer.pending else ''}")
+            self.console.print(
+                f"checkpoint {path}{' (writing in the background)' if self.checkpointer.pending else ''}"
+            )
         return path
 
     # -- one micro-step ----------------------------------------------------------------------
@@ -362,9 +440,16 @@ class Trainer:
         b = moments.shape[0]
         shape = (b, d.in_channels) + tuple(moments.shape[2:])
         if batch.rows:  # per-sample draws: the same numbers at any layout (resume on another layout)
-            r = draw_samples(shape, cfg.run.seed, step, batch.rows, cfg.diffusion.noise_offset, cfg.diffusion.cfg_dropout)
+            r = draw_samples(
+                shape, cfg.run.seed, step, batch.rows, cfg.diffusion.noise_offset, cfg.diffusion.cfg_dropout
+            )
         else:
-            r = draw(shape, step_seed(cfg.run.seed, step, micro, self.layout.dp_rank), cfg.diffusion.noise_offset, cfg.diffusion.cfg_dropout)
+            r = draw(
+                shape,
+                step_seed(cfg.run.seed, step, micro, self.layout.dp_rank),
+                cfg.diffusion.noise_offset,
+                cfg.diffusion.cfg_dropout,
+            )
         if moments.shape[1] == 2 * d.in_channels:
             z0 = sample_posterior(moments, r.eps_post.to(dev))
         else:
@@ -433,14 +518,24 @@ class Trainer:
         # step's only host sync (all tensors on `dev`: nccl/hccl refuse CPU tensors)
         loss_ok = torch.isfinite(loss_sum)
         nonfinite_t = torch.logical_not(loss_ok)
-        flags = torch.stack([torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).to(sdt),
-                             torch.full((), float(self.stop_requested), dtype=sdt, device=dev),
-                             torch.full((), float(bool(self.corrupt)), dtype=sdt, device=dev)])
+        flags = torch.stack(
+            [
+                torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).to(sdt),
+                torch.full((), float(self.stop_requested), dtype=sdt, device=dev),
+                torch.full((), float(bool(self.corrupt)), dtype=sdt, device=dev),
+            ]
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stats = torch.stack([torch.where(loss_ok, loss_sum, torch.zeros_like(loss_sum)),
-                             torch.full((), float(samples), dtype=sdt, device=dev)])
+        stats = torch.stack(
+            [
+                torch.where(loss_ok, loss_sum, torch.zeros_like(loss_sum)),
+                torch.full((), float(samples), dtype=sdt, device=dev),
+            ]
+        )
         dist.all_reduce(stats, group=self.dp_group)
-        host = self._host_sync(torch.cat([flags, stats, norm.detach().to(sdt).reshape(1), nonfinite_t.to(sdt).reshape(1)]))
+        host = self._host_sync(
+            torch.cat([flags, stats, norm.detach().to(sdt).reshape(1), nonfinite_t.to(sdt).reshape(1)])
+        )
         flag_bad, flag_stop, flag_corrupt, loss_total, global_samples, norm_value = host[:6]
         nonfinite = host[6] > 0
         if flag_corrupt > 0:  # a corrupt sample on any rank and data.skip_corrupt off: every rank stops now
@@ -509,8 +604,15 @@ class Trainer:
         self.stop_requested |= _EARLY_SIGTERM[0]  # a SIGTERM during start-up stops after the first step
         metrics_path = self.run_dir / "metrics.jsonl"
         keys_path = self.run_dir / f"keys-rank{L.rank:05d}.jsonl"
-        progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                            TimeRemainingColumn(), console=self.console, disable=not L.is_main)
+        progress = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not L.is_main,
+        )
         try:
             with progress:
                 task = progress.add_task("train", total=cfg.run.steps, completed=self.step, info="")
@@ -523,7 +625,15 @@ class Trainer:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(m) + "\n")
                         if self.tb is not None:
-                            for k in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_device", "peak_mem_gb"):
+                            for k in (
+                                "loss",
+                                "lr",
+                                "grad_norm",
+                                "samples_per_s",
+                                "tokens_per_s",
+                                "tflops_per_device",
+                                "peak_mem_gb",
+                            ):
                                 if m.get(k) is not None:
                                     self.tb.add_scalar(f"train/{k}", m[k], m["step"])
                         loss_txt = f"{m['loss']:.5f}" if m["loss"] is not None else "skipped"
@@ -595,8 +705,12 @@ def _console(enabled: bool):
 def parse_args(argv=None) -> argparse.Namespace:
     from osp.stage2_train.config import config_keys_help
 
-    p = argparse.ArgumentParser(prog="python -m osp.stage2_train.run", description="Train the OpenSoraT2V DiT on cached shards.",
-                                epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m osp.stage2_train.run",
+        description="Train the OpenSoraT2V DiT on cached shards.",
+        epilog=config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default=None, help="TOML config (stage2_train/configs/demo.toml)")
     p.add_argument("--resume", default="", help="'auto' (latest checkpoint of the run, if any) or a checkpoint folder")
     p.add_argument("--init", default="", help="converted released DiT checkpoint (or osp checkpoint) to start from")
@@ -622,8 +736,10 @@ def main(argv=None) -> int:
         return 0
     except pickle.UnpicklingError as e:  # a resume file holding more than tensors (weights_only load refused it)
         what = next((x.strip() for x in str(e).splitlines() if "GLOBAL" in x), "objects beyond tensors")
-        sys.stderr.write(f"error (rank {rank}): a checkpoint file was refused ({what}); it would run code when unpickled. "
-                         "Resume from a checkpoint this osp wrote (--resume DIR)\n")
+        sys.stderr.write(
+            f"error (rank {rank}): a checkpoint file was refused ({what}); it would run code when unpickled. "
+            "Resume from a checkpoint this osp wrote (--resume DIR)\n"
+        )
         return 1
     except OspError as e:  # a user error: one line (OSP_TRACEBACK=1 adds the traceback); bugs keep theirs
         sys.stderr.write(f"error (rank {rank}): {one_line(e)}\n")  # one write: ranks sharing a pipe keep whole lines

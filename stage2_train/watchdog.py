@@ -6,6 +6,7 @@ limit it writes one line naming the rank, where it waits and for how long, and e
 (exit code 3): a rank blocked in a collective cannot be unwound from another thread, and a hung job
 otherwise holds every accelerator of the job until a person notices. 0 turns the watchdog off.
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ Scenarios (same seed, data and global batch of 2 samples per step):
     *_ref        the uninterrupted run of 9 steps at that layout
 OUT/<scenario>-rank<r>.json: losses, per-step sample keys (this rank's), layout, checks.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,19 @@ LAYOUTS = {
 
 def config(out: Path, name: str, shards: str) -> TrainConfig:
     layout = LAYOUTS[name.removesuffix("_ref")]
-    d = {"run": {"seed": 5, "steps": SRC_STEPS if name == "src" else SRC_STEPS + MORE, "ckpt_every": 0, "log_every": 0,
-                 "tensorboard": False, "dir": str(out / name)},
-         "data": {"shards": shards, "num_workers": 0, **layout["data"]},
-         "optim": {"lr": 1e-4, "warmup_steps": 2},
-         "parallel": layout["parallel"]}
+    d = {
+        "run": {
+            "seed": 5,
+            "steps": SRC_STEPS if name == "src" else SRC_STEPS + MORE,
+            "ckpt_every": 0,
+            "log_every": 0,
+            "tensorboard": False,
+            "dir": str(out / name),
+        },
+        "data": {"shards": shards, "num_workers": 0, **layout["data"]},
+        "optim": {"lr": 1e-4, "warmup_steps": 2},
+        "parallel": layout["parallel"],
+    }
     return TrainConfig.from_dict(d)
 
 

@@ -7,6 +7,7 @@
 Writes OUT/result-rank<r>.json: the layout, and per run the losses, grad norms and sample keys per step
 (under CP also a run checkpointed at step 2 and resumed).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,18 +22,34 @@ from osp.stage2_train.run import Trainer
 
 STEPS, CUT = 4, 2
 # 4 heads so that the layout is the tiny DiT with heads divisible by CP (the preset has 2)
-DIT = {"num_layers": 2, "num_attention_heads": 4, "attention_head_dim": 12, "caption_channels": 64,
-       "cross_attention_dim": 48, "sample_size": [6, 8], "sample_size_t": 3}
+DIT = {
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 12,
+    "caption_channels": 64,
+    "cross_attention_dim": 48,
+    "sample_size": [6, 8],
+    "sample_size_t": 3,
+}
 
 
 def config(shards: str, run_dir: Path, cp: int, steps: int, preset: Path) -> TrainConfig:
-    return TrainConfig.from_dict({
-        "run": {"seed": 7, "steps": steps, "ckpt_every": 0, "log_every": 0, "tensorboard": False, "dir": str(run_dir)},
-        "data": {"batch_size": 2, "num_workers": 0, "shards": shards},
-        "model": {"preset": str(preset)},
-        "parallel": {"tp": 1, "cp": cp},
-        "optim": {"lr": 1e-3},
-    })
+    return TrainConfig.from_dict(
+        {
+            "run": {
+                "seed": 7,
+                "steps": steps,
+                "ckpt_every": 0,
+                "log_every": 0,
+                "tensorboard": False,
+                "dir": str(run_dir),
+            },
+            "data": {"batch_size": 2, "num_workers": 0, "shards": shards},
+            "model": {"preset": str(preset)},
+            "parallel": {"tp": 1, "cp": cp},
+            "optim": {"lr": 1e-3},
+        }
+    )
 
 
 def train(cfg: TrainConfig, resume: str = "") -> tuple[Trainer, dict]:
@@ -59,16 +76,23 @@ def sharded_ema(shards: str, out: Path, preset: Path) -> dict:
         trainer.train_step()
         ref.update(trainer.model)
     ema = trainer.ema
-    res = {"dp": trainer.layout.dp, "owned": sum(t.numel() for t in ema.shadow.values()),
-           "total": sum(t.numel() for t in ref.shadow.values()), "owned_equal": all(torch.equal(v, ref.shadow[k]) for k, v in ema.shadow.items())}
+    res = {
+        "dp": trainer.layout.dp,
+        "owned": sum(t.numel() for t in ema.shadow.values()),
+        "total": sum(t.numel() for t in ref.shadow.values()),
+        "owned_equal": all(torch.equal(v, ref.shadow[k]) for k, v in ema.shadow.items()),
+    }
     full = ema.gathered(trainer.model)
     if full is not None:
-        res["gathered_equal"] = set(full) == set(ref.shadow) and all(torch.equal(full[k].to(v.device), v) for k, v in ref.shadow.items())
+        res["gathered_equal"] = set(full) == set(ref.shadow) and all(
+            torch.equal(full[k].to(v.device), v) for k, v in ref.shadow.items()
+        )
     trainer.save()
     trainer.close()
     resumed = Trainer(cfg, resume="auto")
     res["resumed_equal"] = set(resumed.ema.shadow) == set(ema.shadow) and all(
-        torch.equal(v, ema.shadow[k]) for k, v in resumed.ema.shadow.items())
+        torch.equal(v, ema.shadow[k]) for k, v in resumed.ema.shadow.items()
+    )
     res["resumed_updates"] = resumed.ema.updates
     resumed.close()
     return res

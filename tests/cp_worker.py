@@ -8,6 +8,7 @@ apply_context_parallel -> forward/backward -> reduce_sequence_parallel_grads -> 
 with the DP x CP reduction of the trainer's DDP wrapper (data_parallel.DataParallel, inside backward)
 -> gather_full_grads (TP shards).
 """
+
 from __future__ import annotations
 
 import copy
@@ -99,9 +100,14 @@ class CollectiveCounter:
         import megatron.core.tensor_parallel.mappings as mappings
 
         self.groups, self.counts, self._undo = groups, {}, []
-        self._targets = [(layers, "dist_all_gather_func", "all_gather", 0), (layers, "dist_reduce_scatter_func", "reduce_scatter", 1),
-                         (mappings, "dist_all_gather_func", "all_gather", 0), (mappings, "dist_reduce_scatter_func", "reduce_scatter", 1),
-                         (dist, "all_reduce", "all_reduce", 0), (dist, "all_to_all_single", "all_to_all", 1)]
+        self._targets = [
+            (layers, "dist_all_gather_func", "all_gather", 0),
+            (layers, "dist_reduce_scatter_func", "reduce_scatter", 1),
+            (mappings, "dist_all_gather_func", "all_gather", 0),
+            (mappings, "dist_reduce_scatter_func", "reduce_scatter", 1),
+            (dist, "all_reduce", "all_reduce", 0),
+            (dist, "all_to_all_single", "all_to_all", 1),
+        ]
 
     def _name(self, group) -> str:
         for name, g in self.groups.items():
@@ -178,13 +184,20 @@ def worker(rank: int, port: int, out_path: str) -> None:
 
                 from osp.stage2_train.comm_volume import CommLayout, payloads
 
-                groups = {"tp": ps.get_tensor_model_parallel_group(), "cp": ps.get_context_parallel_group(), "dp_cp": group}
+                groups = {
+                    "tp": ps.get_tensor_model_parallel_group(),
+                    "cp": ps.get_context_parallel_group(),
+                    "dp_cp": group,
+                }
                 with CollectiveCounter(groups) as counter:
                     step(m, inputs, reduce, forward)
                 want = payloads(cfg, tokens, text_len, 2, CommLayout(tp, sp, cp, layout.dp), act_bytes=4, grad_bytes=4)
                 every = [None] * WORLD
                 dist.all_gather_object(every, counter.counts)
-                results[f"{gname}/{lname}/bytes"] = {"counted": every, "model": {f"{g}/{op}": v for (g, op), v in want.items()}}
+                results[f"{gname}/{lname}/bytes"] = {
+                    "counted": every,
+                    "model": {f"{g}/{op}": v for (g, op), v in want.items()},
+                }
     if rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
     dist.barrier()

@@ -5,6 +5,7 @@ small DDP buckets: uninterrupted, checkpointed at step 2 and resumed, and with t
 
 Writes OUT/result-rank<r>.json: per run the losses and grad norms per step.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,21 @@ STEPS, CUT = 4, 2
 
 
 def config(shards: str, run_dir: Path, steps: int, overlap: bool = True) -> TrainConfig:
-    return TrainConfig.from_dict({
-        "run": {"seed": 7, "steps": steps, "ckpt_every": 0, "log_every": 0, "tensorboard": False, "dir": str(run_dir)},
-        "data": {"batch_size": 1, "num_workers": 0, "shards": shards},
-        "parallel": {"tp": 1, "zero1": True, "overlap_grad_reduce": overlap, "bucket_mb": 0.05},
-        "optim": {"lr": 1e-3, "grad_accum": 2, "ema_decay": 0.9},
-    })
+    return TrainConfig.from_dict(
+        {
+            "run": {
+                "seed": 7,
+                "steps": steps,
+                "ckpt_every": 0,
+                "log_every": 0,
+                "tensorboard": False,
+                "dir": str(run_dir),
+            },
+            "data": {"batch_size": 1, "num_workers": 0, "shards": shards},
+            "parallel": {"tp": 1, "zero1": True, "overlap_grad_reduce": overlap, "bucket_mb": 0.05},
+            "optim": {"lr": 1e-3, "grad_accum": 2, "ema_decay": 0.9},
+        }
+    )
 
 
 def train(cfg: TrainConfig, resume: str = "") -> tuple[Trainer, dict]:
@@ -37,8 +47,14 @@ def train(cfg: TrainConfig, resume: str = "") -> tuple[Trainer, dict]:
         m = trainer.train_step()
         losses.append(m["loss"])
         norms.append(m["grad_norm"])
-    return trainer, {"from": start, "losses": losses, "grad_norms": norms, "dp": trainer.layout.dp,
-                     "buckets": trainer.dp.hook.buckets, "zero": trainer.optimizer.zero is not None}
+    return trainer, {
+        "from": start,
+        "losses": losses,
+        "grad_norms": norms,
+        "dp": trainer.layout.dp,
+        "buckets": trainer.dp.hook.buckets,
+        "zero": trainer.optimizer.zero is not None,
+    }
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ Per case, 3 optimizer steps of 2 micro-steps each (gradient accumulation: the DP
 second): the reduced gradients and the parameters after every step vs the reference, plus bucket
 counts, the sharding of the AdamW state and a resume of the owned state.
 """
+
 from __future__ import annotations
 
 import copy
@@ -114,7 +115,15 @@ def worker(rank: int, port: int, out_path: str) -> None:
         named = list(model.named_parameters())
         dp = DataParallel(model, group, layout.dp, overlap=overlap, bucket_mb=bucket_mb)
         opt = ShardedAdamW([p for _, p in named], [n for n, _ in named], group, shard=zero1, keep_grads=True, **ADAMW)
-        r = {"grad": 0.0, "param": 0.0, "null_grad": 0.0, "null_param": 0.0, "null": sorted(null), "buckets": [], "during_backward": []}
+        r = {
+            "grad": 0.0,
+            "param": 0.0,
+            "null_grad": 0.0,
+            "null_param": 0.0,
+            "null": sorted(null),
+            "buckets": [],
+            "during_backward": [],
+        }
         for s in range(STEPS):
             opt.set_lr(ADAMW["lr"])
             before = dp.hook.buckets
@@ -123,7 +132,9 @@ def worker(rank: int, port: int, out_path: str) -> None:
                 with dp.sync(final):
                     x, t, text, mask, target = (v[mine] for v in data[s * ACCUM + k])
                     x = x.clone().requires_grad_(True)  # its grad is the last one backward computes
-                    x.register_hook(lambda g, r=r, dp=dp, before=before: r["during_backward"].append(dp.hook.buckets - before) or g)
+                    x.register_hook(
+                        lambda g, r=r, dp=dp, before=before: r["during_backward"].append(dp.hook.buckets - before) or g
+                    )
                     (((dp.module(x, t, text, mask) - target) ** 2).mean() / ACCUM).backward()
             r["buckets"].append(dp.hook.buckets - before)
             grads = {n: p.grad for n, p in named}

@@ -1,4 +1,5 @@
 """Helpers of tests/test_faults.py: the kinds of damage a cache meets, applied to a real shard directory."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 Launch budget: one 2-process and one 4-process torchrun (tests/ckpt_worker.py), three 1-process runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,19 @@ def read_all(path: Path, skip: tuple[str, ...] = ("rng.",)) -> dict[str, torch.T
 
 
 def _torchrun(nproc: int, shards: Path, out: Path, names: str) -> None:
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(HERE / "ckpt_worker.py"), str(shards), str(out), names]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(HERE / "ckpt_worker.py"),
+        str(shards),
+        str(out),
+        names,
+    ]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
 
@@ -101,10 +113,25 @@ def test_resume_on_another_layout(resharded, new):
 # kill -9 during an asynchronous save
 # ------------------------------------------------------------------------------------------------
 def _run(run: Path, shards: Path, steps: int, env: dict | None = None) -> subprocess.Popen:
-    cmd = [PY, "-m", "osp.stage2_train.run", "--config", str(ROOT / "stage2_train" / "configs" / "demo.toml"),
-           "--resume", "auto", f"data.shards={shards}", f"run.dir={run}", f"run.steps={steps}", "run.ckpt_every=2",
-           "data.num_workers=0", "run.log_every=0", "run.tensorboard=false", "parallel.tp=1", "parallel.sp=false",
-           "run.async_ckpt=true"]
+    cmd = [
+        PY,
+        "-m",
+        "osp.stage2_train.run",
+        "--config",
+        str(ROOT / "stage2_train" / "configs" / "demo.toml"),
+        "--resume",
+        "auto",
+        f"data.shards={shards}",
+        f"run.dir={run}",
+        f"run.steps={steps}",
+        "run.ckpt_every=2",
+        "data.num_workers=0",
+        "run.log_every=0",
+        "run.tensorboard=false",
+        "parallel.tp=1",
+        "parallel.sp=false",
+        "run.async_ckpt=true",
+    ]
     return subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -174,8 +201,12 @@ def test_slice_reader_reads_each_tp_piece_from_any_saved_tp(tmp_path):
     torch.manual_seed(0)
     dit = build_dit("tiny")
     full = dit.state_dict()
-    save_dit_checkpoint(tmp_path / "tp2", split_state_dict(full, 2), dit.config, ema_per_rank=split_state_dict(
-        {k: v + 1 for k, v in full.items()}, 2))
+    save_dit_checkpoint(
+        tmp_path / "tp2",
+        split_state_dict(full, 2),
+        dit.config,
+        ema_per_rank=split_state_dict({k: v + 1 for k, v in full.items()}, 2),
+    )
     save_dit_checkpoint(tmp_path / "tp1", [full], dit.config)
     for folder, ema in ((tmp_path / "tp2", False), (tmp_path / "tp1", False), (tmp_path / "tp2", True)):
         reader = SliceReader(folder, prefer_ema=ema)

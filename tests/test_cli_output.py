@@ -1,5 +1,6 @@
 """What a user sees: a normal run prints no third-party noise, a user error is one line per rank (plus
 one launcher line, no torchrun traceback block), a bug keeps its traceback."""
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,29 @@ from train_helpers import free_port, make_shards  # noqa: E402
 from osp.common.errors import ConfigError  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "stage2_train" / "configs" / "demo.toml"
-NOISE = re.compile(r"megatron|Transformer Engine|Apex|FutureWarning|UserWarning|DeprecationWarning|Traceback|"
-                   r"ChildFailedError|OMP_NUM_THREADS|CUDA_DEVICE_MAX_CONNECTIONS|\*{5}")
+NOISE = re.compile(
+    r"megatron|Transformer Engine|Apex|FutureWarning|UserWarning|DeprecationWarning|Traceback|"
+    r"ChildFailedError|OMP_NUM_THREADS|CUDA_DEVICE_MAX_CONNECTIONS|\*{5}"
+)
 
 
 def _osp_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     osp = Path(sys.executable).with_name("osp")
-    cmd = [str(osp), "train", "--config", str(DEMO), "--nproc", "2", "--master-port", str(free_port()),
-           f"run.dir={tmp_path / 'run'}", "run.steps=2", "run.ckpt_every=0", "data.num_workers=0", *overrides]
+    cmd = [
+        str(osp),
+        "train",
+        "--config",
+        str(DEMO),
+        "--nproc",
+        "2",
+        "--master-port",
+        str(free_port()),
+        f"run.dir={tmp_path / 'run'}",
+        "run.steps=2",
+        "run.ckpt_every=0",
+        "data.num_workers=0",
+        *overrides,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "OMP_NUM_THREADS")}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -46,8 +62,11 @@ def test_train_cli_quiet_run_and_one_line_errors(tmp_path):
     assert sorted(line.split(":")[0] for line in lines[:2]) == ["error (rank 0)", "error (rank 1)"], lines
     assert all(want in line for line in lines[:2]), lines
     # then the launcher's one line (no torchrun traceback block), naming the rank that failed first
-    assert len(lines) == 3 and re.fullmatch(r"error: rank [01] failed first \(exit code 1; its error is above\); "
-                                            r"torchrun stopped the other ranks", lines[2]), lines
+    assert len(lines) == 3 and re.fullmatch(
+        r"error: rank [01] failed first \(exit code 1; its error is above\); "
+        r"torchrun stopped the other ranks",
+        lines[2],
+    ), lines
 
 
 def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, capsys):
@@ -75,20 +94,32 @@ def test_quiet_filters_are_narrow(device_type):
 
     from osp.common.quiet import quiet_device_warnings, quiet_third_party_warnings
 
-    cuda_hint = ("When using sequence parallelism it is recommended to set the environment variable "
-                 "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup")
+    cuda_hint = (
+        "When using sequence parallelism it is recommended to set the environment variable "
+        "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_third_party_warnings()
         quiet_device_warnings(device_type)
-        warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.", UserWarning, stacklevel=1)
-        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning, stacklevel=1)
+        warnings.warn(
+            "Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+            UserWarning,
+            stacklevel=1,
+        )
+        warnings.warn(
+            "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning, stacklevel=1
+        )
         warnings.warn(cuda_hint, UserWarning, stacklevel=1)
         warnings.warn("a library warning osp does not know", UserWarning, stacklevel=1)
-        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated", UserWarning, stacklevel=1)  # other category
+        warnings.warn(
+            "`torch.distributed.all_gather_into_tensor` is deprecated", UserWarning, stacklevel=1
+        )  # other category
     shown = [str(w.message) for w in caught]
     expected = ([cuda_hint] if device_type == "cuda" else []) + [
-        "a library warning osp does not know", "`torch.distributed.all_gather_into_tensor` is deprecated"]
+        "a library warning osp does not know",
+        "`torch.distributed.all_gather_into_tensor` is deprecated",
+    ]
     assert shown == expected
 
 
@@ -98,8 +129,20 @@ def test_encode_checks_weight_folders_before_planning(tmp_path):
     from osp.common.cli import app
 
     # --data does not exist either: the weight folders are checked first (seconds), the dataset after
-    res = CliRunner().invoke(app, ["encode", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "out"),
-                                   "--vae", str(tmp_path / "no-vae"), "--text-encoder", str(tmp_path / "no-te")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "encode",
+            "--data",
+            str(tmp_path / "no-data"),
+            "--out",
+            str(tmp_path / "out"),
+            "--vae",
+            str(tmp_path / "no-vae"),
+            "--text-encoder",
+            str(tmp_path / "no-te"),
+        ],
+    )
     assert res.exit_code == 1, res.output
     assert f"{tmp_path / 'no-vae'}: no such VAE folder" in res.output
     assert not (tmp_path / "out").exists()

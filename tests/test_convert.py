@@ -1,5 +1,6 @@
 """DiT checkpoint conversion: TP split/merge and import/merge/export round trips are bit-exact;
 strict-load errors name the keys."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,13 @@ def test_key_rules():
     assert tp_split_dim("transformer_blocks.0.ff.net.0.proj.bias") == 0
     assert tp_split_dim("transformer_blocks.3.attn2.to_out.0.weight") == 1
     assert tp_split_dim("transformer_blocks.3.ff.net.2.weight") == 1
-    for k in ("transformer_blocks.3.attn1.to_out.0.bias", "transformer_blocks.3.ff.net.2.bias",
-              "transformer_blocks.1.scale_shift_table", "proj_out.weight", "adaln_single.linear.weight"):
+    for k in (
+        "transformer_blocks.3.attn1.to_out.0.bias",
+        "transformer_blocks.3.ff.net.2.bias",
+        "transformer_blocks.1.scale_shift_table",
+        "proj_out.weight",
+        "adaln_single.linear.weight",
+    ):
         assert tp_split_dim(k) is None, k
 
 
@@ -98,7 +104,9 @@ def test_import_merge_export_round_trip(tmp_path):
 def test_ema_preferred_and_extra(tmp_path):
     cfg = get_dit_config("tiny")
     model_sd, ema_sd = tiny_sd(2), tiny_sd(3)
-    save_dit_checkpoint(tmp_path / "c", split_state_dict(model_sd, 2), cfg, split_state_dict(ema_sd, 2), extra={"step": 7})
+    save_dit_checkpoint(
+        tmp_path / "c", split_state_dict(model_sd, 2), cfg, split_state_dict(ema_sd, 2), extra={"step": 7}
+    )
     assert_bit_equal(load_dit_checkpoint(tmp_path / "c")[1], ema_sd)
     assert_bit_equal(load_dit_checkpoint(tmp_path / "c", prefer_ema=False)[1], model_sd)
     assert json.loads((tmp_path / "c" / "osp_checkpoint.json").read_text())["extra"] == {"step": 7}

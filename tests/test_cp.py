@@ -1,6 +1,7 @@
 """Ulysses context parallelism: CP=2, CP=4, TP=2 x CP=2 (with and without SP) equal the plain TP=1 model
 on output and every gradient (one 4-process gloo launch, tests/cp_worker.py), negative controls, layout
 errors, and a short TP=1 x CP=2 training (with a resume) matching TP=1 x CP=1 (tests/cp_train_worker.py)."""
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,26 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("cp") / "results.json"
-    proc = subprocess.run([sys.executable, str(HERE / "cp_worker.py"), str(out)], env=ENV, capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "cp_worker.py"), str(out)], env=ENV, capture_output=True, text=True, timeout=500
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
-LAYOUTS = {"tp1_cp2": [1, 2, 2], "tp1_cp4": [1, 4, 1], "tp2_cp2": [2, 2, 1], "tp2_sp_cp2": [2, 2, 1], "tp2_sp_cp2_ckpt": [2, 2, 1]}
-CASES = [(g, lay) for g in ("720p_432", "odd_60") for lay in LAYOUTS
-         if not (g == "odd_60" and lay == "tp2_cp2") and not (g == "720p_432" and lay == "tp2_sp_cp2_ckpt")]
+LAYOUTS = {
+    "tp1_cp2": [1, 2, 2],
+    "tp1_cp4": [1, 4, 1],
+    "tp2_cp2": [2, 2, 1],
+    "tp2_sp_cp2": [2, 2, 1],
+    "tp2_sp_cp2_ckpt": [2, 2, 1],
+}
+CASES = [
+    (g, lay)
+    for g in ("720p_432", "odd_60")
+    for lay in LAYOUTS
+    if not (g == "odd_60" and lay == "tp2_cp2") and not (g == "720p_432" and lay == "tp2_sp_cp2_ckpt")
+]
 
 
 @pytest.mark.dist
@@ -67,9 +80,15 @@ def test_layout_errors_are_one_line():
     from osp.stage2_train.dist import check_layout
 
     cases = [
-        (dict(world=4, tp=1, sp=False, heads=24, tokens=86400, cp=3), "world size 4 is not divisible by parallel.tp x parallel.cp = 1 x 3"),
+        (
+            dict(world=4, tp=1, sp=False, heads=24, tokens=86400, cp=3),
+            "world size 4 is not divisible by parallel.tp x parallel.cp = 1 x 3",
+        ),
         (dict(world=8, tp=2, sp=True, heads=6, tokens=96, cp=4), "2 x 4 must divide the DiT's 6 attention heads"),
-        (dict(world=4, tp=2, sp=True, heads=24, tokens=90, cp=2), "90 video tokens per sample (T*H/2*W/2) over cp x tp = 2 x 2"),
+        (
+            dict(world=4, tp=2, sp=True, heads=24, tokens=90, cp=2),
+            "90 video tokens per sample (T*H/2*W/2) over cp x tp = 2 x 2",
+        ),
         (dict(world=2, tp=1, sp=False, heads=24, tokens=45, cp=2), "over cp=2 ranks"),
     ]
     for kw, msg in cases:
@@ -87,7 +106,9 @@ def test_config_and_make_variable():
     assert TrainConfig.load(None, ["parallel.cp=4"]).parallel.cp == 4
     with pytest.raises(ValueError, match="parallel.cp must be >= 1"):
         TrainConfig.load(None, ["parallel.cp=0"])
-    make = subprocess.run(["make", "-n", "train", "CP=2", "TP=2"], cwd=HERE.parent, capture_output=True, text=True, env=ENV)
+    make = subprocess.run(
+        ["make", "-n", "train", "CP=2", "TP=2"], cwd=HERE.parent, capture_output=True, text=True, env=ENV
+    )
     assert "parallel.cp=2" in make.stdout and "parallel.tp=2" in make.stdout, make.stdout + make.stderr
 
 
@@ -97,7 +118,9 @@ def test_launcher_sets_cuda_device_max_connections():
     assert child_env({}, "cuda")["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert child_env({}, "npu")["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in child_env({}, "cpu")
-    assert child_env({"CUDA_DEVICE_MAX_CONNECTIONS": "8"}, "cuda")["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"  # the user's value wins
+    assert (
+        child_env({"CUDA_DEVICE_MAX_CONNECTIONS": "8"}, "cuda")["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+    )  # the user's value wins
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,10 +131,29 @@ def training(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("cp_train")
     shards = make_shards(work / "shards", 8)
     worker = str(HERE / "cp_train_worker.py")
-    ref = subprocess.run([sys.executable, worker, str(shards), str(work / "cp1"), "1"], env=ENV, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(
+        [sys.executable, worker, str(shards), str(work / "cp1"), "1"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ref.returncode == 0, ref.stderr[-4000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), worker, str(shards), str(work / "cp2"), "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        worker,
+        str(shards),
+        str(work / "cp2"),
+        "2",
+    ]
     cp2 = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert cp2.returncode == 0, cp2.stderr[-4000:]
     cmd[cmd.index("--master_port") + 1] = str(free_port())
@@ -154,7 +196,7 @@ def test_dp_sharded_ema(training):
 def test_cp2_resume_matches_uninterrupted(training):
     for r in range(2):
         got = training[f"cp2_rank{r}"]
-        assert got["resumed"]["losses"] == got["full"]["losses"][got["resumed"]["from"]:], got
+        assert got["resumed"]["losses"] == got["full"]["losses"][got["resumed"]["from"] :], got
 
 
 @pytest.mark.dist

@@ -1,4 +1,5 @@
 """Stage 1 listing, clip reading and planning (no models): fast unit tests."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,17 @@ def test_crop_resize():
     # chunking over frames equals one interpolate over all frames
     x = torch.randint(0, 256, (C.RESIZE_CHUNK + 3, 20, 30, 3), dtype=torch.uint8)
     out, (t, l, h, w) = C.crop_resize(x, 16, 16)
-    ref = F.interpolate(x[:, t:t + h, l:l + w].permute(0, 3, 1, 2).float() / 255, size=(16, 16), mode="bilinear",
-                        align_corners=True, antialias=True) * 2 - 1
+    ref = (
+        F.interpolate(
+            x[:, t : t + h, l : l + w].permute(0, 3, 1, 2).float() / 255,
+            size=(16, 16),
+            mode="bilinear",
+            align_corners=True,
+            antialias=True,
+        )
+        * 2
+        - 1
+    )
     torch.testing.assert_close(out, ref.permute(1, 0, 2, 3), atol=1e-6, rtol=0)
 
 
@@ -82,8 +92,10 @@ def test_read_video_clip_frame_indices(tmp_path, reader, monkeypatch):
     path = tmp_path / "counter.mp4"
     write_counter_video(path, n_frames=60, fps=30)
     if reader == "pyav":  # force the fallback
+
         def broken(path, plan):
             raise C._DecoderFailed("decord: forced")
+
         monkeypatch.setattr(C, "_decord_read", broken)
     clip, info = C.read_video_clip(str(path), 9, 16, 16, clips=2, clip=1)
     res = C.resample_indices(60, 30)  # 48 frames at 24 fps; 2 clips of 9 centred -> start 15
@@ -118,7 +130,8 @@ def test_listing_forms(tmp_path):
     (root / "f1").mkdir(parents=True)
     (root / "f1" / "annotation.json").write_text(json.dumps([_rec("f1/v.mp4")]))
     assert [(s.root, s.annotation) for s in resolve_sources(root)] == [  # per-folder fallback, paths from root
-        (str(root.resolve()), str((root / "f1" / "annotation.json").resolve()))]
+        (str(root.resolve()), str((root / "f1" / "annotation.json").resolve()))
+    ]
     (root / "annotation.json").write_text(json.dumps([_rec("f1/v.mp4")]))
     assert resolve_sources(root)[0].annotation == str((root / "annotation.json").resolve())  # root wins
     lst = tmp_path / "merge.txt"

@@ -2,6 +2,7 @@
 DP=2 equals DP=1 with twice the batch (one 2-process gloo launch, tests/ddp_worker.py), with a negative
 control, bucketed reduction during backward only on the final micro-step, sharded AdamW state and an
 exact resume of the owned state."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ POSITIVE = ["zero1_overlap", "zero1_blocking", "replicated_overlap"]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp") / "results.json"
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), str(out)], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -83,8 +86,20 @@ def training(tmp_path_factory) -> dict:
 
     work = tmp_path_factory.mktemp("ddp_train")
     shards = make_shards(work / "shards", 8)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "ddp_train_worker.py"), str(shards), str(work / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "ddp_train_worker.py"),
+        str(shards),
+        str(work / "out"),
+    ]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {r: json.loads((work / "out" / f"result-rank{r}.json").read_text()) for r in range(2)}

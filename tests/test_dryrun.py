@@ -4,6 +4,7 @@ Real width: osp12-93x480p at TP=2+SP, DP=2 (ranks 0 and 3) with ZeRO-1, and osp1
 Negative control: a CPU tensor passed to a collective inside the train step fails the dry run.
 Accuracy: the dry run's figures for the tiny preset against a real CPU run of the same Trainer (<= 10 %).
 """
+
 from __future__ import annotations
 
 import sys
@@ -55,8 +56,12 @@ def _check_parts(r, zero1: bool):
 
 def test_480p_tp2_sp_dp2_zero1_ranks_0_and_3():
     # rank 3 is judged against a 40 GiB card: the same work, another verdict
-    reports = {rank: _dry("osp12-93x480p", 2, True, 4, rank, overrides=["parallel.zero1=true"], card_gb=80.0 if rank == 0 else 40.0)
-               for rank in (0, 3)}
+    reports = {
+        rank: _dry(
+            "osp12-93x480p", 2, True, 4, rank, overrides=["parallel.zero1=true"], card_gb=80.0 if rank == 0 else 40.0
+        )
+        for rank in (0, 3)
+    }
     for rank, r in reports.items():
         assert (r.layout["tp"], r.layout["dp"], r.layout["sp"]) == (2, 2, True)
         assert (r.layout["tp_rank"], r.layout["dp_rank"]) == ((0, 0) if rank == 0 else (1, 1))
@@ -111,29 +116,54 @@ def test_cpu_tensor_in_a_collective_fails_the_dry_run(monkeypatch):
 
 def test_figures_match_a_real_cpu_run_of_the_tiny_preset(shards, tmp_path):
     """Same measurement code, meta (dry run) vs real CPU tensors (a real step): within 10 %."""
-    dry = _dry("tiny", 1, None, 1, 0, checkpointing="none", shards=str(shards), overrides=["run.precision=fp32"])  # as on CPU
+    dry = _dry(
+        "tiny", 1, None, 1, 0, checkpointing="none", shards=str(shards), overrides=["run.precision=fp32"]
+    )  # as on CPU
 
-    cfg = TrainConfig.load(None, [f"data.shards={shards}", "model.preset=tiny", "run.device=cpu", f"run.dir={tmp_path / 'run'}",
-                                  "data.num_workers=0", "run.tensorboard=false"])
+    cfg = TrainConfig.load(
+        None,
+        [
+            f"data.shards={shards}",
+            "model.preset=tiny",
+            "run.device=cpu",
+            f"run.dir={tmp_path / 'run'}",
+            "data.num_workers=0",
+            "run.tensorboard=false",
+        ],
+    )
     trainer = R.Trainer(cfg)
     try:
         batch = next(trainer.loader)
         act = {m: DR.saved_activation_bytes(trainer, batch, m) for m in ("none", "selective", "full")}
         trainer.train_step()  # creates the optimizer state
         peak = DR.PeakMemory("cpu")
-        state = list(trainer.model.parameters()) + list(trainer.model.buffers()) + DR.optimizer_tensors(trainer.optimizer)
+        state = (
+            list(trainer.model.parameters()) + list(trainer.model.buffers()) + DR.optimizer_tensors(trainer.optimizer)
+        )
         peak.track(state + list(trainer.ema.shadow.values()))
         with peak:
             trainer.train_step()
-        real = {"params": DR.tensor_bytes(trainer.model.parameters()), "optimizer": DR.tensor_bytes(DR.optimizer_tensors(trainer.optimizer)),
-                "ema": DR.tensor_bytes(trainer.ema.shadow.values()), "peak": peak.peak, **{f"act_{k}": v for k, v in act.items()}}
+        real = {
+            "params": DR.tensor_bytes(trainer.model.parameters()),
+            "optimizer": DR.tensor_bytes(DR.optimizer_tensors(trainer.optimizer)),
+            "ema": DR.tensor_bytes(trainer.ema.shadow.values()),
+            "peak": peak.peak,
+            **{f"act_{k}": v for k, v in act.items()},
+        }
     finally:
         trainer.close()
         from osp.stage2_train import dist as D
 
         D.shutdown()
-    predicted = {"params": dry.params, "optimizer": dry.optimizer, "ema": dry.ema, "peak": dry.peak,
-                 "act_none": dry.activations["none"], "act_selective": dry.activations["selective"], "act_full": dry.activations["full"]}
+    predicted = {
+        "params": dry.params,
+        "optimizer": dry.optimizer,
+        "ema": dry.ema,
+        "peak": dry.peak,
+        "act_none": dry.activations["none"],
+        "act_selective": dry.activations["selective"],
+        "act_full": dry.activations["full"],
+    }
     for k, v in real.items():
         assert abs(predicted[k] - v) <= 0.10 * v, (k, predicted[k], v)
 
@@ -174,7 +204,9 @@ def test_gpu_smoke_pieces_on_cpu(tmp_path):
     info = probe_video(root / "clips" / "clip001.mp4")
     assert (info["num_frames"], info["height"], info["width"]) == (9, 64, 96)
     s = smoke.summary({"step_time_s": 2.0, "peak_mem_gb": 30.0}, 40.0, 4e14, 1000.0, 800.0)
-    assert s["tflops"] == 200.0 and s["mfu_nominal"] == 0.2 and s["mfu_matmul"] == 0.25 and s["peak_vs_prediction"] == 0.75
+    assert (
+        s["tflops"] == 200.0 and s["mfu_nominal"] == 0.2 and s["mfu_matmul"] == 0.25 and s["peak_vs_prediction"] == 0.75
+    )
     with pytest.raises(smoke.SmokeError, match="train: no checkpoint"):
         smoke.check(False, "train", "no checkpoint")
 

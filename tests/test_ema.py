@@ -1,4 +1,5 @@
 """The vectorised EMA update (one torch._foreach_lerp_) equals the per-tensor rule, fp32 and bf16 models."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ One reference run (`osp encode`, 1 rank, 2 decode workers) is compared byte for 
 run and with a run killed by SIGKILL and resumed. All runs are subprocesses with one intra-op
 thread, so that the comparison is about the pipeline, not about BLAS threading.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,27 @@ def _env(**extra) -> dict:
 
 
 def _cmd(data, out, models, *more) -> list[str]:
-    return [sys.executable, "-m", "osp.common.cli", "encode", "--data", str(data), "--out", str(out), *GEOMETRY,
-            "--vae", str(models / "vae"), "--text-encoder", str(models / "text_encoder"),
-            "--samples-per-shard", SPS, "--batch-size", "3", "--no-progress", *more]
+    return [
+        sys.executable,
+        "-m",
+        "osp.common.cli",
+        "encode",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *GEOMETRY,
+        "--vae",
+        str(models / "vae"),
+        "--text-encoder",
+        str(models / "text_encoder"),
+        "--samples-per-shard",
+        SPS,
+        "--batch-size",
+        "3",
+        "--no-progress",
+        *more,
+    ]
 
 
 def _run(cmd, **env) -> dict:
@@ -127,8 +146,16 @@ def test_text_rows_equal_padded_512_encoding(ref):
 def test_two_ranks_byte_identical(ref):
     out = ref["base"] / "ranks"
     cmd = _cmd(ref["data"], out, ref["models"], "--workers", "1")
-    procs = [subprocess.Popen(cmd, env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (1, 0)
+    ]
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr
@@ -149,7 +176,9 @@ def test_sigkill_then_resume_byte_identical(ref):
     p.wait()
     published = S.published_shards(out)
     for sid in published:  # whatever is visible is complete: the same bytes as the uninterrupted run's shard
-        assert S.shard_path(out, sid).read_bytes() == S.shard_path(ref["out"], sid).read_bytes(), f"shard {sid}, seed {seed}"
+        assert S.shard_path(out, sid).read_bytes() == S.shard_path(ref["out"], sid).read_bytes(), (
+            f"shard {sid}, seed {seed}"
+        )
     result = _run(cmd)
     assert result["skipped_shards"] == len(published), f"seed {seed}"
     _assert_same_tree(ref["out"], out)
@@ -180,15 +209,35 @@ def test_manifest_vae_identity_follows_weights(ref):
     save_file(sd, str(wfile), metadata={"format": "pt"})
     # the reference folder refuses a resume with other weights
     with pytest.raises(EncodeError, match="different plan"):
-        encode(EncodeOptions(data=str(ref["data"]), out=str(ref["out"]), vae=str(models / "vae"),
-                             text_encoder=str(models / "text_encoder"), height=48, width=64, samples_per_shard=4))
+        encode(
+            EncodeOptions(
+                data=str(ref["data"]),
+                out=str(ref["out"]),
+                vae=str(models / "vae"),
+                text_encoder=str(models / "text_encoder"),
+                height=48,
+                width=64,
+                samples_per_shard=4,
+            )
+        )
     # an encode with the changed VAE records the new identity (list-file form, images only: fast)
     data = ref["data"]
     lst = ref["base"] / "images.txt"
     lst.write_text(f"{data},{data / 'folder_05' / 'annotation.json'}\n")
     out = ref["base"] / "vae2"
-    encode(EncodeOptions(data=str(lst), out=str(out), vae=str(models / "vae"), text_encoder=str(models / "text_encoder"),
-                         height=48, width=64, samples_per_shard=4, workers=0, progress=False))
+    encode(
+        EncodeOptions(
+            data=str(lst),
+            out=str(out),
+            vae=str(models / "vae"),
+            text_encoder=str(models / "text_encoder"),
+            height=48,
+            width=64,
+            samples_per_shard=4,
+            workers=0,
+            progress=False,
+        )
+    )
     old, new = S.read_manifest(ref["out"])["vae"], S.read_manifest(out)["vae"]
     assert new["weights_sha256"] != old["weights_sha256"]
     from osp.common.models.vae import vae_identity

@@ -6,6 +6,7 @@ directory stops; a missing node / busy port fail with one line; the watchdog nam
 Shards: swapped or edited index rows, damaged tar headers, removed padding, deleted sidecars and a
 changed uncond fail in `verify` and in training alike. Encode faults are in test_faults_encode.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,36 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONWAR
 
 
 def _args(shards: Path, run: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "stage2_train" / "configs" / "demo.toml"), f"data.shards={shards}", f"run.dir={run}",
-            "run.log_every=0", "run.tensorboard=false", "parallel.tp=1", "parallel.sp=false", "data.num_workers=1", *extra]
+    return [
+        "--config",
+        str(ROOT / "stage2_train" / "configs" / "demo.toml"),
+        f"data.shards={shards}",
+        f"run.dir={run}",
+        "run.log_every=0",
+        "run.tensorboard=false",
+        "parallel.tp=1",
+        "parallel.sp=false",
+        "data.num_workers=1",
+        *extra,
+    ]
 
 
 def _launch(run_args: list[str], *launch: str, port: int | None = None) -> subprocess.Popen:
-    cmd = [PY, "-m", "osp.stage2_train.launch", "--nproc_per_node", "2", "--master_port", str(port or free_port()), *launch, "--", *run_args]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        PY,
+        "-m",
+        "osp.stage2_train.launch",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port or free_port()),
+        *launch,
+        "--",
+        *run_args,
+    ]
+    return subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
@@ -73,7 +97,9 @@ def test_damage_fails_verify_and_training_alike(shards, tmp_path, kind):
     assert S.verify(out) == []
     damaged_keys = damage(out, kind)
     problems = S.verify(out)
-    assert problems and any(k in " ".join(problems) or kind in ("strip_padding", "delete_sidecar", "truncate") for k in damaged_keys), problems
+    assert problems and any(
+        k in " ".join(problems) or kind in ("strip_padding", "delete_sidecar", "truncate") for k in damaged_keys
+    ), problems
     loader = ShardLoader(out, batch_size=1, dp_rank=0, dp_size=1, seed=0, num_workers=0, skip_corrupt=True)
     seen = set()
     for _ in range(len(loader.rows)):
@@ -112,7 +138,9 @@ def test_uncond_pinned_by_manifest_and_old_schema_upgrade(shards, tmp_path):
     m = S.read_manifest(out)
     assert m["uncond_checksum"].startswith("crc32c:")
     # a different uncond whose bytes are valid safetensors: verify and read_uncond both refuse it
-    (out / S.UNCOND_NAME).write_bytes(__import__("safetensors.torch", fromlist=["save"]).save({"text": torch.zeros(1, 64)}))
+    (out / S.UNCOND_NAME).write_bytes(
+        __import__("safetensors.torch", fromlist=["save"]).save({"text": torch.zeros(1, 64)})
+    )
     assert any("pinned" in p for p in S.verify(out))
     with pytest.raises(S.ShardError, match="pinned in manifest.json"):
         S.read_uncond(out)
@@ -132,7 +160,10 @@ def test_v1_cache_gets_one_line_error_and_upgrades(shards, tmp_path):
         tar = out / side["tar"]
         data = tar.read_bytes()
         for r in side["rows"]:
-            r["checksum"] = S.checksum(data[r["st_offset"] : r["st_offset"] + r["st_size"]], data[r["json_offset"] : r["json_offset"] + r["json_size"]])
+            r["checksum"] = S.checksum(
+                data[r["st_offset"] : r["st_offset"] + r["st_size"]],
+                data[r["json_offset"] : r["json_offset"] + r["json_size"]],
+            )
         side["schema_version"] = 1
         side_path.write_text(json.dumps(side))
     m = json.loads((out / S.MANIFEST_NAME).read_text())
@@ -141,7 +172,9 @@ def test_v1_cache_gets_one_line_error_and_upgrades(shards, tmp_path):
     with pytest.raises(S.ShardError, match="osp shards upgrade") as e:
         S.read_manifest(out)
     assert "\n" not in str(e.value)
-    r = subprocess.run([str(Path(PY).parent / "osp"), "shards", "upgrade", str(out)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(Path(PY).parent / "osp"), "shards", "upgrade", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "8 rows upgraded" in r.stdout, r.stderr
     assert S.verify(out) == []
     idx, ref = S.ShardIndex.open(out), S.ShardIndex.open(shards)
@@ -165,13 +198,20 @@ def test_run_lock_excludes_a_second_job_and_never_goes_stale(tmp_path):
 
 
 def test_watchdog_names_rank_and_place():
-    code = ("from osp.stage2_train.watchdog import Watchdog; import time\n"
-            "w = Watchdog(0.5, rank=3); w.beat('waiting for the data loader (step 7)'); time.sleep(30)")
+    code = (
+        "from osp.stage2_train.watchdog import Watchdog; import time\n"
+        "w = Watchdog(0.5, rank=3); w.beat('waiting for the data loader (step 7)'); time.sleep(30)"
+    )
     t0 = time.time()
     p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 3 and time.time() - t0 < 20
     line = p.stderr.strip()
-    assert line.count("\n") == 0 and "rank 3" in line and "waiting for the data loader (step 7)" in line and "run.watchdog_s" in line
+    assert (
+        line.count("\n") == 0
+        and "rank 3" in line
+        and "waiting for the data loader (step 7)" in line
+        and "run.watchdog_s" in line
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,9 +220,30 @@ def test_watchdog_names_rank_and_place():
 def test_missing_node_and_busy_port_fail_with_one_line():
     port = free_port()
     t0 = time.time()
-    p = subprocess.run([PY, "-m", "osp.stage2_train.launch", "--nnodes", "2", "--node_rank", "0", "--nproc_per_node", "1",
-                        "--master_port", str(port), "--precheck_timeout", "3", "--", "--config", "x"],
-                       env=ENV, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "osp.stage2_train.launch",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            "0",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            str(port),
+            "--precheck_timeout",
+            "3",
+            "--",
+            "--config",
+            "x",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     took = time.time() - t0
     err = p.stderr.strip()
     assert p.returncode == 2 and err.count("\n") == 0, err
@@ -191,8 +252,24 @@ def test_missing_node_and_busy_port_fail_with_one_line():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen()
-        p = subprocess.run([PY, "-m", "osp.stage2_train.launch", "--nproc_per_node", "1", "--master_port", str(port), "--", "--config", "x"],
-                           env=ENV, capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [
+                PY,
+                "-m",
+                "osp.stage2_train.launch",
+                "--nproc_per_node",
+                "1",
+                "--master_port",
+                str(port),
+                "--",
+                "--config",
+                "x",
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     err = p.stderr.strip()
     assert p.returncode == 2 and err.count("\n") == 0 and f"MASTER_PORT={port}" in err and "busy" in err, err
 

@@ -1,4 +1,5 @@
 """Encode under bad inputs (issue #15): bounded validation, README promises, reproducible reasons."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,14 @@ def _reasons(plan) -> dict:
 
 
 def test_huge_annotation_values_are_error_rows_with_bounded_memory(tmp_path):
-    recs = [_rec("dur.mp4", duration=1e12), _rec("fps.mp4", fps=1e308), _rec("long.mp4", duration=3e6),
-            _rec("big.mp4", h=1e9, w=1.4e9), _rec("nan.mp4", fps=float("nan")),
-            _rec("ok_long.mp4", fps=999.0, duration=86000.0)]  # inside the bounds: 8.6e7 source frames
+    recs = [
+        _rec("dur.mp4", duration=1e12),
+        _rec("fps.mp4", fps=1e308),
+        _rec("long.mp4", duration=3e6),
+        _rec("big.mp4", h=1e9, w=1.4e9),
+        _rec("nan.mp4", fps=float("nan")),
+        _rec("ok_long.mp4", fps=999.0, duration=86000.0),
+    ]  # inside the bounds: 8.6e7 source frames
     raw = json.dumps(recs).replace("NaN", "1e999").encode()  # 1e999 parses to inf
     tracemalloc.start()
     plan = _plan(tmp_path / "ds", None, raw=raw)
@@ -66,8 +72,14 @@ def test_readme_promises_symlinks_duplicates_bom_malformed_min_size(tmp_path):
     (root / "a" / "link.mp4").symlink_to(outside)
     (root / "a" / "inner.mp4").write_bytes(b"x")
     (root / "a" / "ok_link.mp4").symlink_to(root / "a" / "inner.mp4")  # inside the root: fine
-    recs = [_rec("a/x.mp4", cap="first"), _rec("a/link.mp4"), _rec("a/x.mp4", cap="second"), _rec("a/./x.mp4", cap="third"),
-            _rec("a/ok_link.mp4"), _rec("tiny.mp4", h=16, w=16)]
+    recs = [
+        _rec("a/x.mp4", cap="first"),
+        _rec("a/link.mp4"),
+        _rec("a/x.mp4", cap="second"),
+        _rec("a/./x.mp4", cap="third"),
+        _rec("a/ok_link.mp4"),
+        _rec("tiny.mp4", h=16, w=16),
+    ]
     bom = b"\xef\xbb\xbf" + json.dumps(recs).encode()  # a UTF-8 BOM is tolerated
     plan = _plan(root, None, raw=bom)
     items = {it.rel: it for s in plan.shards for it in s.items}
@@ -112,8 +124,14 @@ def _bad_media(d: Path) -> None:
 
 def test_decoder_failures_in_user_terms(tmp_path):
     _bad_media(tmp_path)
-    want = {"audio_only": "no video stream", "header_only": "truncated or damaged file", "random": "truncated or damaged file",
-            "dir": "not a regular file", "fifo": "not a regular file", "missing": "file not found"}
+    want = {
+        "audio_only": "no video stream",
+        "header_only": "truncated or damaged file",
+        "random": "truncated or damaged file",
+        "dir": "not a regular file",
+        "fifo": "not a regular file",
+        "missing": "file not found",
+    }
     for name, phrase in want.items():
         with pytest.raises(ClipError) as e:
             read_video_clip(str(tmp_path / f"{name}.mp4"), 9, 48, 64)
@@ -127,16 +145,39 @@ def test_two_encodes_with_decoder_errors_are_byte_identical(tmp_path):
 
     data, models = tmp_path / "data", tmp_path / "models"
     _bad_media(data / "v")
-    recs = [_rec(f"v/{n}.mp4", h=96, w=128) for n in ("good", "audio_only", "header_only", "random", "dir", "fifo", "missing")]
+    recs = [
+        _rec(f"v/{n}.mp4", h=96, w=128)
+        for n in ("good", "audio_only", "header_only", "random", "dir", "fifo", "missing")
+    ]
     (data / "annotation.json").write_text(json.dumps(recs))
     write_demo_models(models)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OSP_DEVICE": "cpu"}
     outs = []
     for k in range(2):
         out = tmp_path / f"out{k}"
-        cmd = [sys.executable, "-m", "osp.common.cli", "encode", "--data", str(data), "--out", str(out), "--preset", "tiny",
-               "--height", "48", "--width", "64", "--vae", str(models / "vae"), "--text-encoder", str(models / "text_encoder"),
-               "--samples-per-shard", "4", "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "osp.common.cli",
+            "encode",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--height",
+            "48",
+            "--width",
+            "64",
+            "--vae",
+            str(models / "vae"),
+            "--text-encoder",
+            str(models / "text_encoder"),
+            "--samples-per-shard",
+            "4",
+            "--no-progress",
+        ]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         outs.append(out)

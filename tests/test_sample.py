@@ -1,4 +1,5 @@
 """`osp sample` on tiny models: video output, reproducibility, CFG, schedulers, errors."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,11 @@ def assets(tmp_path_factory):
     write_manifest(root / "shards", {"vae": {"path": info["vae"]}, "text_encoder": {"path": info["text_encoder"]}})
     for i, step in enumerate(("step-0000001", "step-0000002"), 1):
         d = run / "checkpoints" / step
-        dcp.save({**{f"model.{k}": v for k, v in sd.items()}, **{f"ema.{k}": v for k, v in ema.items()}},
-                 checkpoint_id=str(d), no_dist=True)
+        dcp.save(
+            {**{f"model.{k}": v for k, v in sd.items()}, **{f"ema.{k}": v for k, v in ema.items()}},
+            checkpoint_id=str(d),
+            no_dist=True,
+        )
         dit.config.to_json(d / "config.json")
         trainer = {"format": "torch-dcp", "step": i, "layout": {"tp": 2, "dp": 1}}
         if i == 2:  # step 1 does not record its shards (the --vae/--text-encoder error case)
@@ -111,7 +115,9 @@ def cfg_text(models):
 def test_every_scheduler_runs(models, cfg_text, name):
     emb, mask = cfg_text
     noise = initial_noise((1, 4, 3, 8, 8), seed=1)
-    out = denoise(models.dit, make_scheduler(name), noise, emb, mask, steps=4, guidance=7.5, seed=1, dtype=torch.float32)
+    out = denoise(
+        models.dit, make_scheduler(name), noise, emb, mask, steps=4, guidance=7.5, seed=1, dtype=torch.float32
+    )
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, noise * make_scheduler(name).init_noise_sigma)
 
@@ -121,8 +127,9 @@ def test_guidance_one_is_the_conditional_path(models):
     from diffusers import DDIMScheduler
 
     prompt, seed, steps = "a red ball bouncing", 7, 4
-    rec = sample_videos(models, SampleSettings(prompts=[prompt], steps=steps, guidance=1.0, scheduler="ddim", seed=seed),
-                        progress=False)[0]
+    rec = sample_videos(
+        models, SampleSettings(prompts=[prompt], steps=steps, guidance=1.0, scheduler="ddim", seed=seed), progress=False
+    )[0]
     assert rec["negative_prompt_used"] is None
 
     te = models.text_encoder
@@ -130,7 +137,9 @@ def test_guidance_one_is_the_conditional_path(models):
     from osp.common.models.text import clean_caption
 
     emb, mask = te.encode([clean_caption(text)])
-    sched = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, clip_sample=False)
+    sched = DDIMScheduler(
+        beta_start=1e-4, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, clip_sample=False
+    )
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 3, 6, 8, generator=g)  # the tiny geometry: 9 x 48 x 64 px
@@ -155,8 +164,24 @@ def test_cli_writes_mp4_and_sidecar(assets, tmp_path):
     import av
 
     out = tmp_path / "out"
-    r = _cli("--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"],
-             "--prompt", "a red ball", "--prompt", "a green field", "--steps", 3, "--device", "cpu", "--out", out)
+    r = _cli(
+        "--checkpoint",
+        assets["run"],
+        "--vae",
+        assets["vae"],
+        "--text-encoder",
+        assets["text"],
+        "--prompt",
+        "a red ball",
+        "--prompt",
+        "a green field",
+        "--steps",
+        3,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     mp4s = sorted(out.glob("*.mp4"))
     assert len(mp4s) == 2
@@ -167,7 +192,9 @@ def test_cli_writes_mp4_and_sidecar(assets, tmp_path):
     assert len(frames) == 9 and frames[0].shape == (48, 64, 3)
     side = json.loads(mp4s[0].with_suffix(".json").read_text())
     assert side["seed"] == 42 and side["settings"]["steps"] == 3 and side["settings"]["scheduler"] == "euler-ancestral"
-    assert side["identity"]["dit"]["meta"]["layout"]["tp"] == 2 and side["identity"]["dit"]["resolved"].endswith("step-0000002")
+    assert side["identity"]["dit"]["meta"]["layout"]["tp"] == 2 and side["identity"]["dit"]["resolved"].endswith(
+        "step-0000002"
+    )
     assert set(side["identity"]) == {"dit", "vae", "text_encoder"}
 
 
@@ -179,7 +206,9 @@ def test_seed_reproducibility(models):
     emb, mask = models.text_encoder.encode(["a cat"])
 
     def latents(seed):
-        return denoise(models.dit, make_scheduler(), initial_noise((1, 4, 3, 8, 8), seed), emb, mask, 3, 1.0, seed, torch.float32)
+        return denoise(
+            models.dit, make_scheduler(), initial_noise((1, 4, 3, 8, 8), seed), emb, mask, 3, 1.0, seed, torch.float32
+        )
 
     torch.testing.assert_close(latents(3), latents(3), atol=0, rtol=0)
     assert not torch.allclose(latents(3), latents(4))
@@ -211,7 +240,11 @@ def test_cli_errors(assets, tmp_path, extra, message):
         base.pop("--vae")
     for k in extra[::2]:
         base.pop(k, None)
-    args = [x for kv in base.items() for x in kv] + extra + ["--prompt", "x", "--steps", 1, "--device", "cpu", "--out", tmp_path]
+    args = (
+        [x for kv in base.items() for x in kv]
+        + extra
+        + ["--prompt", "x", "--steps", 1, "--device", "cpu", "--out", tmp_path]
+    )
     r = _cli(*args)
     assert r.exit_code != 0
     assert message in r.output and "error:" in r.output
@@ -257,17 +290,44 @@ def test_tp2_sample_matches_single_process(assets, models, tmp_path, monkeypatch
     env = {**os.environ, "OSP_SAMPLE_DUMP_LATENTS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    args = ["sample", "--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"],
-            "--prompt", "a red ball", "--steps", 3, "--device", "cpu"]
+    args = [
+        "sample",
+        "--checkpoint",
+        assets["run"],
+        "--vae",
+        assets["vae"],
+        "--text-encoder",
+        assets["text"],
+        "--prompt",
+        "a red ball",
+        "--steps",
+        3,
+        "--device",
+        "cpu",
+    ]
 
     def run(out, *extra):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "osp.common.cli"]
-        p = subprocess.run(cmd + [str(a) for a in args] + ["--out", str(out), *extra], env=env,
-                           capture_output=True, text=True, timeout=180)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "osp.common.cli",
+        ]
+        p = subprocess.run(
+            cmd + [str(a) for a in args] + ["--out", str(out), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         return p
 
@@ -302,8 +362,22 @@ def test_tp_sample_layout_errors(assets, tmp_path, monkeypatch):
     line before any process group starts."""
     import torch.distributed as dist
 
-    base = ["--checkpoint", assets["run"], "--vae", assets["vae"], "--text-encoder", assets["text"],
-            "--prompt", "x", "--steps", 1, "--device", "cpu", "--out", tmp_path]
+    base = [
+        "--checkpoint",
+        assets["run"],
+        "--vae",
+        assets["vae"],
+        "--text-encoder",
+        assets["text"],
+        "--prompt",
+        "x",
+        "--steps",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path,
+    ]
     r = _cli(*base, "--sp")
     assert r.exit_code != 0 and "--sp needs several ranks" in r.output
     monkeypatch.setenv("WORLD_SIZE", "3")

@@ -1,5 +1,6 @@
 """Shard contract v1: round trips, interop with plain tarfile / webdataset / zarr, atomic publish,
 corruption detection, and that a pickle member is never executed."""
+
 from __future__ import annotations
 
 import io
@@ -25,12 +26,14 @@ def _samples(seed: int, n: int, shard: int):
     for j in range(n):
         t, hw = 1 + (j % 3), 4 + 2 * (j % 2)
         text_dtype = torch.bfloat16 if j % 2 else torch.float32
-        out.append((
-            f"s{shard:02d}_{j:03d}",
-            torch.randn(8, t, hw, hw, generator=g),
-            torch.randn(3 + 2 * j, 16, generator=g).to(text_dtype),
-            {"cap": f"caption {j} \u00e9\u4e2d", "path": f"folder/clip_{j}.mp4", "fps": 24.0, "start": j},
-        ))
+        out.append(
+            (
+                f"s{shard:02d}_{j:03d}",
+                torch.randn(8, t, hw, hw, generator=g),
+                torch.randn(3 + 2 * j, 16, generator=g).to(text_dtype),
+                {"cap": f"caption {j} \u00e9\u4e2d", "path": f"folder/clip_{j}.mp4", "fps": 24.0, "start": j},
+            )
+        )
     return out
 
 
@@ -44,7 +47,9 @@ def _write_dir(out: Path, n_shards: int = 2, per_shard: int = 3, latent_dtype: s
             w.add_error({"path": f"bad_{sid}.mp4", "reason": "truncated"})
             rows = w.publish()
         assert [r["shard"] for r in rows] == [sid] * per_shard
-    S.write_manifest(out, {"latent_dtype": latent_dtype, "preset": "tiny", "counts": {"inputs": n_shards * (per_shard + 1)}})
+    S.write_manifest(
+        out, {"latent_dtype": latent_dtype, "preset": "tiny", "counts": {"inputs": n_shards * (per_shard + 1)}}
+    )
     S.write_uncond(out, torch.randn(1, 16, generator=torch.Generator().manual_seed(0)))
     assert S.merge_index(out) == n_shards * per_shard
     return expected
@@ -77,7 +82,10 @@ def test_round_trip_indexed_and_streaming(shard_dir):
         _check(s, expected)
     assert torch.equal(S.read_uncond(out), S.read_uncond(out)) and S.read_uncond(out).shape == (1, 16)
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
-    assert errors == [{"path": "bad_0.mp4", "reason": "truncated", "shard": 0}, {"path": "bad_1.mp4", "reason": "truncated", "shard": 1}]
+    assert errors == [
+        {"path": "bad_0.mp4", "reason": "truncated", "shard": 0},
+        {"path": "bad_1.mp4", "reason": "truncated", "shard": 1},
+    ]
     m = S.read_manifest(out)
     assert m["counts"] == {"inputs": 8, "samples": 6, "errors": 2, "shards": 2}
     assert S.verify(out) == []
@@ -157,7 +165,9 @@ def test_killed_writer_leaves_no_visible_shard(tmp_path):
     assert leftovers and all(".tmp-" in n for n in leftovers)
     assert S.published_shards(out) == set() and S.merge_index(out) == 0
     # Killed between the sidecar rename and the tar rename: rows alone are not a shard.
-    (out / "shard-000003.rows.json").write_text(json.dumps({"schema_version": 1, "shard": 3, "tar_size": 1024, "rows": [], "errors": []}))
+    (out / "shard-000003.rows.json").write_text(
+        json.dumps({"schema_version": 1, "shard": 3, "tar_size": 1024, "rows": [], "errors": []})
+    )
     assert S.published_shards(out) == set()
     # The next writer of shard 7 cleans the leftovers and publishes.
     w = S.ShardWriter(out, 7)
@@ -244,19 +254,28 @@ def test_pickle_member_is_never_executed(tmp_path):
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w") as tar:
-        for m, data in members + [(tarfile.TarInfo("good.pyd"), payload), (tarfile.TarInfo("evil.pickle"), payload),
-                                  (tarfile.TarInfo("evil.pth"), payload)]:
+        for m, data in members + [
+            (tarfile.TarInfo("good.pyd"), payload),
+            (tarfile.TarInfo("evil.pickle"), payload),
+            (tarfile.TarInfo("evil.pth"), payload),
+        ]:
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = list(S.iter_shard(path))
     assert [s.key for s in got] == ["good"] and set(got[0].meta) == {"cap"}
-    assert {n for n in ("good.pyd", "evil.pickle", "evil.pth") if any(n in str(c.message) for c in caught)} == {"good.pyd", "evil.pickle", "evil.pth"}
+    assert {n for n in ("good.pyd", "evil.pickle", "evil.pth") if any(n in str(c.message) for c in caught)} == {
+        "good.pyd",
+        "evil.pickle",
+        "evil.pth",
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for ds in (wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode(S.decode_member, pre=[], post=[]),
-                   wds.WebDataset(str(path), shardshuffle=False, empty_check=False).map(S.wds_decode)):
+        for ds in (
+            wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode(S.decode_member, pre=[], post=[]),
+            wds.WebDataset(str(path), shardshuffle=False, empty_check=False).map(S.wds_decode),
+        ):
             decoded = {d["__key__"]: d for d in ds}
             assert isinstance(decoded["good"]["pyd"], bytes) and isinstance(decoded["evil"]["pickle"], bytes)
             assert isinstance(decoded["evil"]["pth"], bytes) and decoded["good"]["json"] == {"cap": "x"}

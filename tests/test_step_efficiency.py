@@ -1,5 +1,6 @@
 """Issue #12 switches on the tiny DiT: bf16 activations end to end, the attention kernel switch and
 its single overridable call, torch.compile of the blocks, the config keys."""
+
 from __future__ import annotations
 
 import copy
@@ -64,10 +65,14 @@ def test_bf16_activations_end_to_end():
     assert big_fp32 == [], big_fp32[:5]
     assert sum(1 for _, dt, n in audit.seen if dt == torch.bfloat16 and n >= act) > 50  # the audit saw the blocks
     params = {id(p) for p in m.parameters()}
-    saved_fp32 = [tuple(s.shape) for s in saved if s.dtype == torch.float32 and s.numel() >= act and id(s) not in params]
+    saved_fp32 = [
+        tuple(s.shape) for s in saved if s.dtype == torch.float32 and s.numel() >= act and id(s) not in params
+    ]
     assert saved_fp32 == [], saved_fp32[:5]
     out.float().square().mean().backward()
-    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+    assert all(
+        p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters()
+    )
     # negative control: the fp32 policy leaves activations fp32
     m.compute_dtype = torch.float32
     audit = _DtypeAudit()
@@ -81,10 +86,21 @@ def test_precision_switch_and_config_keys():
 
     assert resolve_precision("auto", True) == torch.bfloat16 and resolve_precision("auto", False) == torch.float32
     assert resolve_precision("bf16", False) == torch.bfloat16
-    cfg = TrainConfig.load(None, ["run.precision=bf16", "model.checkpointing=selective", "model.attention_backend=math", "model.compile=true"])
-    assert (cfg.run.precision, cfg.model.checkpointing, cfg.model.attention_backend, cfg.model.compile) == ("bf16", "selective", "math", True)
-    for bad, msg in [("run.precision=fp16", "run.precision"), ("model.checkpointing=some", "model.checkpointing"),
-                     ("model.attention_backend=xformers", "model.attention_backend")]:
+    cfg = TrainConfig.load(
+        None,
+        ["run.precision=bf16", "model.checkpointing=selective", "model.attention_backend=math", "model.compile=true"],
+    )
+    assert (cfg.run.precision, cfg.model.checkpointing, cfg.model.attention_backend, cfg.model.compile) == (
+        "bf16",
+        "selective",
+        "math",
+        True,
+    )
+    for bad, msg in [
+        ("run.precision=fp16", "run.precision"),
+        ("model.checkpointing=some", "model.checkpointing"),
+        ("model.attention_backend=xformers", "model.attention_backend"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             TrainConfig.load(None, [bad])
 
@@ -127,11 +143,21 @@ def test_fused_qkv_equals_three_linears():
     from osp.common.models.dit import fused_linear
 
     torch.testing.assert_close(fused_linear(h, (a.to_q, a.to_k, a.to_v)), fused, rtol=1e-6, atol=1e-6)
-    assert [n for n, _ in a.named_parameters()] == ["to_q.weight", "to_q.bias", "to_k.weight", "to_k.bias", "to_v.weight",
-                                                    "to_v.bias", "to_out.0.weight", "to_out.0.bias"]
+    assert [n for n, _ in a.named_parameters()] == [
+        "to_q.weight",
+        "to_q.bias",
+        "to_k.weight",
+        "to_k.bias",
+        "to_v.weight",
+        "to_v.bias",
+        "to_out.0.weight",
+        "to_out.0.bias",
+    ]
 
 
-@pytest.mark.parametrize("backend,ckpt", [("aot_eager", "selective"), pytest.param("inductor", "none", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "backend,ckpt", [("aot_eager", "selective"), pytest.param("inductor", "none", marks=pytest.mark.slow)]
+)
 def test_compile_blocks_equals_eager(backend, ckpt):
     """model.compile: compiled blocks (one graph each: fullgraph) give the eager output and gradients
     (fp32, CPU). aot_eager checks tracing + AOT autograd in seconds; inductor (C++ codegen, ~2 min on 2

@@ -1,4 +1,5 @@
 """Caption cleaner (hand-written expectations) and the mT5 wrapper on the tiny text encoder."""
+
 from __future__ import annotations
 
 import pytest
@@ -153,7 +154,9 @@ def _clean_in_fresh_interpreter(raws: list[str], blocked: tuple[str, ...]):
         "from osp.common.models.text import clean_caption\n"
         "print(json.dumps([clean_caption(c) for c in json.loads(sys.stdin.read())]))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], input=json.dumps(raws), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(raws), capture_output=True, text=True, timeout=120
+    )
     return p.returncode, (json.loads(p.stdout) if p.returncode == 0 else p.stderr)
 
 

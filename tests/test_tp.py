@@ -1,5 +1,6 @@
 """TP=2 (SP off / on) equals TP=1 on output and every gradient: one 2-process gloo launch runs all cases
 (tests/tp_worker.py), this file checks the results."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ Launch budget: one 2-process torchrun with four trainings (tests/train_worker.py
 the single-process cases (tests/train_cases.py), a two-"node" run, and a SIGKILL / SIGTERM / resume
 chain of three launches.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,15 @@ def shards(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------
 def test_config_overrides_and_errors(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[run]\nsteps = 5\n[parallel]\ntp = 2\nsp = true\n[optim]\nbetas = [0.9, 0.95]\n')
+    f.write_text("[run]\nsteps = 5\n[parallel]\ntp = 2\nsp = true\n[optim]\nbetas = [0.9, 0.95]\n")
     cfg = TrainConfig.load(f, ["run.steps=7", "optim.lr=3e-4", "data.shards=x/y", "parallel.sp=false"])
-    assert (cfg.run.steps, cfg.parallel.tp, cfg.parallel.sp, cfg.optim.lr, cfg.optim.betas) == (7, 2, False, 3e-4, [0.9, 0.95])
+    assert (cfg.run.steps, cfg.parallel.tp, cfg.parallel.sp, cfg.optim.lr, cfg.optim.betas) == (
+        7,
+        2,
+        False,
+        3e-4,
+        [0.9, 0.95],
+    )
     assert cfg.data.shards == "x/y"
     assert TrainConfig.from_dict(__import__("tomllib").loads(cfg.to_toml())) == cfg  # the saved config round-trips
     with pytest.raises(ValueError, match="unknown key 'run.stepz'"):
@@ -102,7 +109,9 @@ def test_loader_position_resumes_with_the_next_batch(shards):
 
 
 def test_loader_leaves_out_other_shapes(tmp_path):
-    d = make_shards(tmp_path / "mixed", 8, latent=(3, 8, 8), extra_shapes={"clip0001": (1, 8, 8), "clip0005": (1, 8, 8)})
+    d = make_shards(
+        tmp_path / "mixed", 8, latent=(3, 8, 8), extra_shapes={"clip0001": (1, 8, 8), "clip0005": (1, 8, 8)}
+    )
     videos = ShardLoader(d, batch_size=2, dp_rank=0, dp_size=1, seed=0, shapes={(3, 8, 8)})
     seen = {k for _ in range(6) for k in next(videos).keys}
     assert seen and not seen & {"clip0001", "clip0005"}
@@ -170,8 +179,18 @@ def _errors(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def worker(shards, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("worker")
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(HERE / "train_worker.py"), str(shards), str(out)]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "train_worker.py"),
+        str(shards),
+        str(out),
+    ]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, _errors(p.stderr)
     return {r: json.loads((out / f"result-rank{r}.json").read_text()) for r in (0, 1)}
@@ -180,7 +199,9 @@ def worker(shards, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def cases(shards, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("cases")
-    p = subprocess.run([PY, str(HERE / "train_cases.py"), str(work), str(shards)], env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [PY, str(HERE / "train_cases.py"), str(work), str(shards)], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads((work / "cases.json").read_text())
 
@@ -265,15 +286,43 @@ STEPS = 24
 
 
 def _run_args(shards: Path, run: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "stage2_train" / "configs" / "demo.toml"), f"data.shards={shards}", f"run.dir={run}",
-            f"run.steps={STEPS}", "run.ckpt_every=4", "data.num_workers=1", "run.log_every=0", "run.tensorboard=false", *extra]
+    return [
+        "--config",
+        str(ROOT / "stage2_train" / "configs" / "demo.toml"),
+        f"data.shards={shards}",
+        f"run.dir={run}",
+        f"run.steps={STEPS}",
+        "run.ckpt_every=4",
+        "data.num_workers=1",
+        "run.log_every=0",
+        "run.tensorboard=false",
+        *extra,
+    ]
 
 
 def _launch(nnodes: int, node_rank: int, nproc: int, port: int, run_args: list[str], **kw) -> subprocess.Popen:
-    cmd = [PY, "-m", "osp.stage2_train.launch", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
-           "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port), "--rdzv_timeout", "60",
-           "--", *run_args]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    cmd = [
+        PY,
+        "-m",
+        "osp.stage2_train.launch",
+        "--nnodes",
+        str(nnodes),
+        "--node_rank",
+        str(node_rank),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "--rdzv_timeout",
+        "60",
+        "--",
+        *run_args,
+    ]
+    return subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
+    )
 
 
 def _losses(run: Path) -> list[dict]:
@@ -362,14 +411,60 @@ def test_sigkill_then_sigterm_then_resume_is_bit_exact(shards, two_nodes, tmp_pa
 def test_wrong_master_addr_fails_fast_with_a_clear_message():
     t0 = time.time()
     port = free_port()  # nothing listens there
-    p = subprocess.run([PY, "-m", "osp.stage2_train.launch", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "1",
-                        "--master_addr", "127.0.0.1", "--master_port", str(port), "--rdzv_timeout", "3", "--", "--config", "x"],
-                       env=ENV, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "osp.stage2_train.launch",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            "1",
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--rdzv_timeout",
+            "3",
+            "--",
+            "--config",
+            "x",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and f"could not reach MASTER_ADDR=127.0.0.1:{port} within 3 s" in p.stderr, p.stderr
     assert time.time() - t0 < 30
-    p = subprocess.run([PY, "-m", "osp.stage2_train.launch", "--nnodes", "2", "--node_rank", "0", "--master_addr", "10.255.255.1",
-                        "--", "--config", "x"], env=ENV, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "osp.stage2_train.launch",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            "0",
+            "--master_addr",
+            "10.255.255.1",
+            "--",
+            "--config",
+            "x",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "MASTER_ADDR=10.255.255.1 is not an address of this machine" in p.stderr, p.stderr
-    p = subprocess.run([PY, "-m", "osp.stage2_train.launch", "--master_addr", "no-such-host.invalid", "--", "--config", "x"],
-                       env=ENV, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [PY, "-m", "osp.stage2_train.launch", "--master_addr", "no-such-host.invalid", "--", "--config", "x"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "does not resolve" in p.stderr, p.stderr

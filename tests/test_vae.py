@@ -3,6 +3,7 @@
 All model runs use the `tiny` preset (same structure as osp12 at 1/8 width) on clips of at most
 17 x 48 x 48 pixels, so the file runs in well under a minute on 2 cores.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -468,7 +469,10 @@ def test_ckpt_selection_rule(tmp_path, mini):
     ema = {f"module.{k}": v + 1 for k, v in sd.items()}
     payload = {
         "epoch": 3,
-        "state_dict": {"gen_model": {**sd, "loss.discriminator.weight": torch.zeros(2)}, "dics_model": {"w": torch.zeros(1)}},
+        "state_dict": {
+            "gen_model": {**sd, "loss.discriminator.weight": torch.zeros(2)},
+            "dics_model": {"w": torch.zeros(1)},
+        },
         "ema_state_dict": ema,
     }
     d = _write_ckpt(tmp_path / "a", payload)
@@ -481,7 +485,9 @@ def test_ckpt_selection_rule(tmp_path, mini):
     with pytest.raises(ValueError, match="ema=True"):
         load_vae(d, ema=True)
     ident_a, ident_b = vae_identity(tmp_path / "a"), vae_identity(tmp_path / "b")
-    assert ident_a["weights_sha256"] != ident_b["weights_sha256"] and ident_a["config_sha256"] == ident_b["config_sha256"]
+    assert (
+        ident_a["weights_sha256"] != ident_b["weights_sha256"] and ident_a["config_sha256"] == ident_b["config_sha256"]
+    )
 
 
 class _NotATensor:

@@ -1,5 +1,6 @@
 """2-process gloo worker for tests/test_tp.py: TP=2 (SP off / on) vs TP=1 on the tiny DiT, all cases in
 one launch. Usage: python tests/tp_worker.py OUT.json  (rank 0 writes the per-case results)."""
+
 from __future__ import annotations
 
 import copy
@@ -126,8 +127,12 @@ def worker(rank: int, port: int, out_path: str) -> None:
         inputs = make_inputs(cfg, text_len, valid, 200 + ci)
         ref = run(copy.deepcopy(base), inputs, reduce=False)
 
-        variants = [("tp2", False, True, "none"), ("tp2_sp", True, True, "none"), ("tp2_sp_ckpt", True, True, "full"),
-                    ("tp2_sp_selective", True, True, "selective")]
+        variants = [
+            ("tp2", False, True, "none"),
+            ("tp2_sp", True, True, "none"),
+            ("tp2_sp_ckpt", True, True, "full"),
+            ("tp2_sp_selective", True, True, "selective"),
+        ]
         if ci == 0:
             variants.append(("tp2_sp_nofix", True, False, "none"))  # negative control: must be wrong
         for vname, sp, reduce, ckpt in variants:

@@ -5,6 +5,7 @@
 Each case calls the real entry point `osp.stage2_train.run.main` (or the Trainer) and records its
 exit code, its stderr line and the metrics it wrote.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,15 @@ def main() -> None:
 
     # 1. a real step, then: no transformers, no VAE, no stage 1 in this process
     call("guarantee", good, "run.ckpt_every=1")
-    banned = [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")
-              or m == "osp.common.models.vae" or m.startswith("osp.stage1_encode") or m == "osp.common.models.text"]
+    banned = [
+        m
+        for m in sys.modules
+        if m == "transformers"
+        or m.startswith("transformers.")
+        or m == "osp.common.models.vae"
+        or m.startswith("osp.stage1_encode")
+        or m == "osp.common.models.text"
+    ]
     results["guarantee"]["banned_modules"] = banned
 
     # 2. --init from a converted checkpoint (the model weights of case 1), strict
@@ -56,7 +64,9 @@ def main() -> None:
 
     cfg1, sd1 = load_dit_checkpoint(work / "guarantee" / "checkpoints" / "step-0000002", prefer_ema=False)
     save_dit_checkpoint(work / "init_ckpt", [sd1], cfg1)
-    cfg = TrainConfig.load(None, [f"data.shards={good}", f"run.dir={work / 'init'}", *base, f"model.init={work / 'init_ckpt'}"])
+    cfg = TrainConfig.load(
+        None, [f"data.shards={good}", f"run.dir={work / 'init'}", *base, f"model.init={work / 'init_ckpt'}"]
+    )
     trainer = run.Trainer(cfg)
     results["init"] = {"equal": all(bool((trainer.model.state_dict()[k] == v).all()) for k, v in sd1.items())}
     trainer.close()

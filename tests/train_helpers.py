@@ -1,4 +1,5 @@
 """Helpers of tests/test_train.py: tiny shard directories written with the real ShardWriter, free ports."""
+
 from __future__ import annotations
 
 import socket

@@ -5,6 +5,7 @@
 Writes OUT/result-rank<r>.json with, per scenario, the loss sequence, the sample keys of every step
 and a fixed-noise evaluation loss before and after training.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,15 @@ def main() -> None:
             norms.append(m["grad_norm"])
             keys.append(trainer.last_keys)
         after = eval_loss(trainer, probe)
-        results[name] = {"losses": losses, "keys": keys, "grad_norms": norms, "eval_before": before, "eval_after": after,
-                         "tp_rank": trainer.layout.tp_rank, "dp_rank": trainer.layout.dp_rank}
+        results[name] = {
+            "losses": losses,
+            "keys": keys,
+            "grad_norms": norms,
+            "eval_before": before,
+            "eval_after": after,
+            "tp_rank": trainer.layout.tp_rank,
+            "dp_rank": trainer.layout.dp_rank,
+        }
         trainer.close()
     rank = torch.distributed.get_rank()
     (out / f"result-rank{rank}.json").write_text(json.dumps(results))

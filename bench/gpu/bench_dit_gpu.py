@@ -19,6 +19,7 @@ OpenSoraT2V definition (D 2304, 24 heads x 96, FFN 9216, text 4096) with --block
 
 It prints a markdown block ready to paste into bench/RESULTS.md (with torch.cuda.get_device_name).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,12 @@ except ImportError:  # pragma: no cover - a bare checkout: map the folders to os
     import types
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for name, folder in (("osp", None), ("osp.common", "common"), ("osp.common.models", "common/models"), ("osp.stage2_train", "stage2_train")):
+    for name, folder in (
+        ("osp", None),
+        ("osp.common", "common"),
+        ("osp.common.models", "common/models"),
+        ("osp.stage2_train", "stage2_train"),
+    ):
         mod = types.ModuleType(name)
         mod.__path__ = [os.path.join(root, folder)] if folder else []
         sys.modules[name] = mod
@@ -47,8 +53,15 @@ except ImportError:  # pragma: no cover - a bare checkout: map the folders to os
 
 # Nominal dense bf16 peaks (TFLOP/s, no sparsity): the MFU reference. Matched in this order against
 # torch.cuda.get_device_name ("NVIDIA GH200 480GB", "NVIDIA H200 NVL", "NVIDIA H200", "NVIDIA H100 80GB HBM3").
-NOMINAL_BF16_TFLOPS = {"GH200": 989.0, "H200 NVL": 835.0, "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0,
-                       "H100 NVL": 835.0, "H100 PCIe": 756.0}
+NOMINAL_BF16_TFLOPS = {
+    "GH200": 989.0,
+    "H200 NVL": 835.0,
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+}
 
 
 @dataclass
@@ -125,7 +138,7 @@ def make_inputs(s: Shape, dev: torch.device, seed: int = 0):
     t = torch.linspace(100, 900, s.batch).to(dev)
     text = torch.randn(s.batch, s.text_len, s.text_dim, generator=g).to(dev)
     mask = torch.ones(s.batch, s.text_len, device=dev)
-    mask[:, (3 * s.text_len) // 4:] = 0  # some padding, so the masked (efficient) kernel path is exercised
+    mask[:, (3 * s.text_len) // 4 :] = 0  # some padding, so the masked (efficient) kernel path is exercised
     return x, t, text, mask
 
 
@@ -139,7 +152,9 @@ def init_tp(args):
     try:
         from megatron.core import parallel_state
     except ImportError:
-        raise SystemExit("--tp > 1 needs megatron-core (pip install megatron-core==0.16.1); run without --tp for one GPU") from None
+        raise SystemExit(
+            "--tp > 1 needs megatron-core (pip install megatron-core==0.16.1); run without --tp for one GPU"
+        ) from None
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -167,9 +182,15 @@ def run(args) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference must be true fp32
     torch.backends.cudnn.allow_tf32 = False
 
-    cfg = DiTConfig(num_layers=s.blocks, num_attention_heads=s.heads, attention_head_dim=s.head_dim,
-                    caption_channels=s.text_dim, cross_attention_dim=s.d, sample_size=[s.height, s.width],
-                    sample_size_t=s.frames)
+    cfg = DiTConfig(
+        num_layers=s.blocks,
+        num_attention_heads=s.heads,
+        attention_head_dim=s.head_dim,
+        caption_channels=s.text_dim,
+        cross_attention_dim=s.d,
+        sample_size=[s.height, s.width],
+        sample_size_t=s.frames,
+    )
     torch.manual_seed(0)
     model = build_dit(cfg, device=dev)  # fp32 master weights, as the trainer
     with torch.no_grad():  # non-zero modulation tables and output layer (zero-init would hide numerics)
@@ -216,8 +237,17 @@ def run(args) -> dict:
 
         tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
     ddp = DataParallel(model, dp_group, dp, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
-    optim = ShardedAdamW(params, [n for n, _ in named], dp_group, shard=False, keep_grads=ddp.ddp is not None,
-                         lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    optim = ShardedAdamW(
+        params,
+        [n for n, _ in named],
+        dp_group,
+        shard=False,
+        keep_grads=ddp.ddp is not None,
+        lr=1e-4,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.01,
+    )
     ema = EMA(model, 0.999)
 
     def fwd_bwd():
@@ -283,10 +313,12 @@ def run(args) -> dict:
 
 def markdown(r: dict) -> str:
     s = r["shape"]
-    setting = (f"{s['blocks']} blocks D{s['heads'] * s['head_dim']} ({s['heads']}x{s['head_dim']}), "
-               f"{r['tokens']} video + {s['text_len']} text tokens, B{s['batch']}, {r['precision']} activations (fp32 masters)"
-               f"{', TP=%d' % r['tp'] if r['tp'] > 1 else ''}{'+SP' if r['sp'] else ''}, DP={r['dp']}, "
-               f"checkpointing {r['checkpointing']}, {r['attention_kernel']}{', compiled' if r['compile'] else ''}")
+    setting = (
+        f"{s['blocks']} blocks D{s['heads'] * s['head_dim']} ({s['heads']}x{s['head_dim']}), "
+        f"{r['tokens']} video + {s['text_len']} text tokens, B{s['batch']}, {r['precision']} activations (fp32 masters)"
+        f"{', TP=%d' % r['tp'] if r['tp'] > 1 else ''}{'+SP' if r['sp'] else ''}, DP={r['dp']}, "
+        f"checkpointing {r['checkpointing']}, {r['attention_kernel']}{', compiled' if r['compile'] else ''}"
+    )
     pct = lambda v: f"{v:.1%}" if v is not None else "n/a (card not in NOMINAL_BF16_TFLOPS)"  # noqa: E731
     b = r["bf16_vs_fp32"]
     lines = [
@@ -314,11 +346,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--checkpointing", default="selective", choices=["none", "selective", "full"], help="as model.checkpointing")
+    p.add_argument(
+        "--checkpointing", default="selective", choices=["none", "selective", "full"], help="as model.checkpointing"
+    )
     p.add_argument("--precision", default="bf16", choices=["auto", "bf16", "fp32"], help="as run.precision")
     p.add_argument("--attention-backend", default="auto", help="as model.attention_backend")
     p.add_argument("--compile", action="store_true", help="as model.compile (torch.compile each block)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node TP; needs megatron-core)")
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node TP; needs megatron-core)"
+    )
     p.add_argument("--sp", action="store_true", help="sequence parallelism with --tp > 1")
     p.add_argument("--json", help="also write the results as JSON here")
     args = p.parse_args(argv)

@@ -15,6 +15,7 @@ Steps (each one checked; any failure exits non-zero with the step's name):
   7. report    SDPA backend actually used, step time, MFU against the card's nominal dense bf16 peak and
                against the measured bf16 matmul rate, peak memory beside the dry run's prediction
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,13 @@ def sdpa_backend(device: torch.device, heads: int = 4, seq: int = 256, head_dim:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
-    names = [e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product") or e.name.startswith("aten::_flash")
-             or e.name.startswith("aten::_efficient")]
+    names = [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::_scaled_dot_product")
+        or e.name.startswith("aten::_flash")
+        or e.name.startswith("aten::_efficient")
+    ]
     kernels = [n for n in names if n != "aten::scaled_dot_product_attention"]
     return kernels[0].removeprefix("aten::") if kernels else "math"
 
@@ -90,8 +96,16 @@ def write_clips(root: Path, n: int, frames: int, height: int, width: int, fps: i
                 video[f, :, :, c] = (base[c] + xx * (c + 1) // 4 + yy // 3 + 7 * f * (i + 1)) % 256
         name = f"clips/clip{i:03d}.mp4"
         write_mp4(root / name, video, fps)
-        records.append({"path": name, "cap": f"a smoke test clip number {i}", "fps": float(fps), "num_frames": frames,
-                        "duration": frames / fps, "resolution": {"height": height, "width": width}})
+        records.append(
+            {
+                "path": name,
+                "cap": f"a smoke test clip number {i}",
+                "fps": float(fps),
+                "num_frames": frames,
+                "duration": frames / fps,
+                "resolution": {"height": height, "width": width},
+            }
+        )
     (root / "annotation.json").write_text(json.dumps(records))
     return root
 
@@ -141,7 +155,12 @@ def run(out: Path, device: str, tiny: bool) -> dict:
     check(dev.type == "cpu" or torch.cuda.is_available(), "setup", "no CUDA device; run with --device cpu --tiny")
 
     t = time.perf_counter()
-    overrides = [f"model.preset={size['preset']}", "model.checkpointing=full", "optim.ema_decay=0.9999", "data.batch_size=1"]
+    overrides = [
+        f"model.preset={size['preset']}",
+        "model.checkpointing=full",
+        "optim.ema_decay=0.9999",
+        "data.batch_size=1",
+    ]
     cfg = dryrun.build_config(None, overrides, None, 1, None, None)
     report = dryrun.dry_run(cfg, 1, 0, 80.0)
     times["predict"] = time.perf_counter() - t
@@ -156,35 +175,87 @@ def run(out: Path, device: str, tiny: bool) -> dict:
 
     t = time.perf_counter()
     shards = out / "shards"
-    osp("encode", "--data", str(out / "data"), "--out", str(shards), "--preset", size["preset"], "--vae", str(models / "vae"),
-        "--text-encoder", str(models / "text_encoder"), "--vae-dtype", "bfloat16" if dev.type == "cuda" else "float32",
-        "--workers", "0", "--device", device, "--no-progress", "--batch-size", "1")
+    osp(
+        "encode",
+        "--data",
+        str(out / "data"),
+        "--out",
+        str(shards),
+        "--preset",
+        size["preset"],
+        "--vae",
+        str(models / "vae"),
+        "--text-encoder",
+        str(models / "text_encoder"),
+        "--vae-dtype",
+        "bfloat16" if dev.type == "cuda" else "float32",
+        "--workers",
+        "0",
+        "--device",
+        device,
+        "--no-progress",
+        "--batch-size",
+        "1",
+    )
     times["encode"] = time.perf_counter() - t
     check((shards / "manifest.json").exists(), "encode", f"{shards}/manifest.json missing")
 
     t = time.perf_counter()
     run_dir = out / "run"
-    common = [f"data.shards={shards}", f"run.dir={run_dir}", f"run.device={device}", "data.num_workers=0",
-              "run.tensorboard=false", "parallel.tp=1", *overrides]
+    common = [
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        f"run.device={device}",
+        "data.num_workers=0",
+        "run.tensorboard=false",
+        "parallel.tp=1",
+        *overrides,
+    ]
     osp("train", "run.steps=2", "run.ckpt_every=2", *common)
     check((run_dir / "checkpoints" / "latest").exists(), "train", "no checkpoint after 2 steps")
     osp("train", "--resume", "auto", "run.steps=3", *common)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times["train"] = time.perf_counter() - t
-    check([m["step"] for m in metrics] == [1, 2, 3], "train", f"steps logged {[m['step'] for m in metrics]}, expected 1, 2, 3")
+    check(
+        [m["step"] for m in metrics] == [1, 2, 3],
+        "train",
+        f"steps logged {[m['step'] for m in metrics]}, expected 1, 2, 3",
+    )
     check(all(m["loss"] is not None and m["loss"] == m["loss"] for m in metrics), "train", "a non-finite loss")
 
     t = time.perf_counter()
-    osp("sample", "--checkpoint", str(run_dir), "--vae", str(models / "vae"), "--text-encoder", str(models / "text_encoder"),
-        "--prompt", "a smoke test", "--steps", "2", "--out", str(out / "samples"), "--device", device)
+    osp(
+        "sample",
+        "--checkpoint",
+        str(run_dir),
+        "--vae",
+        str(models / "vae"),
+        "--text-encoder",
+        str(models / "text_encoder"),
+        "--prompt",
+        "a smoke test",
+        "--steps",
+        "2",
+        "--out",
+        str(out / "samples"),
+        "--device",
+        device,
+    )
     times["sample"] = time.perf_counter() - t
     check(any((out / "samples").glob("*.mp4")), "sample", "no mp4 written")
 
     nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
     matmul = matmul_peak(dev, 8192 if dev.type == "cuda" else 256, 5)
     s = summary(metrics[-1], report.peak / 2**30, report.step_flops, nominal, matmul)
-    return {"card": name, "preset": size["preset"], "sdpa": sdpa_backend(dev), "matmul_tflops": matmul, **s,
-            "times_s": times, "dry_run": {"peak_gib": report.peak / 2**30, "step_tflop": report.step_flops / 1e12}}
+    return {
+        "card": name,
+        "preset": size["preset"],
+        "sdpa": sdpa_backend(dev),
+        "matmul_tflops": matmul,
+        **s,
+        "times_s": times,
+        "dry_run": {"peak_gib": report.peak / 2**30, "step_tflop": report.step_flops / 1e12},
+    }
 
 
 def main(argv=None) -> int:
@@ -201,12 +272,20 @@ def main(argv=None) -> int:
         return 1
     mfu = f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "n/a (card not in NOMINAL_BF16_TFLOPS)"
     print(f"card {r['card']}  preset {r['preset']}  SDPA kernel {r['sdpa']}")
-    print(f"step time {r['step_time_s']:.2f} s  {r['tflops']:.1f} TFLOP/s (executed FLOPs of the dry run's count, recompute "
-          f"included)  MFU {mfu} of nominal bf16, "
-          f"{r['mfu_matmul']:.1%} of the measured bf16 matmul rate ({r['matmul_tflops']:.0f} TFLOP/s)")
-    print(f"peak memory {r['peak_gib']:.2f} GiB; dry-run prediction {r['predicted_peak_gib']:.2f} GiB "
-          f"(ratio {r['peak_vs_prediction']:.2f}; the dry run measures the same bf16 regime on meta tensors)")
-    print("times " + "  ".join(f"{k} {v:.0f} s" for k, v in r["times_s"].items()) + f"  total {time.perf_counter() - t0:.0f} s")
+    print(
+        f"step time {r['step_time_s']:.2f} s  {r['tflops']:.1f} TFLOP/s (executed FLOPs of the dry run's count, recompute "
+        f"included)  MFU {mfu} of nominal bf16, "
+        f"{r['mfu_matmul']:.1%} of the measured bf16 matmul rate ({r['matmul_tflops']:.0f} TFLOP/s)"
+    )
+    print(
+        f"peak memory {r['peak_gib']:.2f} GiB; dry-run prediction {r['predicted_peak_gib']:.2f} GiB "
+        f"(ratio {r['peak_vs_prediction']:.2f}; the dry run measures the same bf16 regime on meta tensors)"
+    )
+    print(
+        "times "
+        + "  ".join(f"{k} {v:.0f} s" for k, v in r["times_s"].items())
+        + f"  total {time.perf_counter() - t0:.0f} s"
+    )
     (Path(args.out) / "smoke.json").write_text(json.dumps(r, indent=1))
     print("SMOKE OK")
     return 0

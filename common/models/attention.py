@@ -15,6 +15,7 @@ use SDPA's own priority order (the trainer's log says so).
 kernel that will actually run for the training shapes (probing each candidate once), so the trainer
 logs it once at start.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,9 @@ def _npu_attention(q, k, v, bias):
     import torch_npu  # noqa: F401  (Ascend only)
 
     mask = None if bias is None else (bias < 0).expand(-1, 1, q.shape[2], -1)  # True = masked out
-    out = torch_npu.npu_fusion_attention(q, k, v, q.shape[1], "BNSD", atten_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    out = torch_npu.npu_fusion_attention(
+        q, k, v, q.shape[1], "BNSD", atten_mask=mask, scale=1.0 / math.sqrt(q.shape[-1])
+    )
     return out[0]
 
 
@@ -85,7 +88,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def resolve_backend(name: str, device: torch.device, heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 256) -> str:
+def resolve_backend(
+    name: str, device: torch.device, heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 256
+) -> str:
     """The kernel that `attention` runs for unbiased [1, heads, tokens, head_dim] inputs in `dtype` on
     `device` (probed: the first candidate that runs). One-line error when a forced backend cannot run."""
     set_backend(name, device.type)
@@ -108,5 +113,5 @@ def resolve_backend(name: str, device: torch.device, heads: int, head_dim: int, 
             continue
     raise ValueError(
         f"model.attention_backend = {name!r} cannot run on {device.type} with head dim {head_dim} in {dtype}; "
-        "set model.attention_backend = \"auto\""
+        'set model.attention_backend = "auto"'
     )

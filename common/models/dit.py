@@ -35,6 +35,7 @@ Efficiency, all without changing a parameter name or shape:
 * `Attention.core(q, k, v, bias)` is the one overridable kernel call (attention.py picks the backend);
 * `compile_blocks()` wraps every block in torch.compile.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,16 +105,30 @@ class DiTConfig:
     rope_table_cache_quirk: bool = False
 
     def __post_init__(self) -> None:
-        self.sample_size = list(self.sample_size) if isinstance(self.sample_size, (list, tuple)) else [self.sample_size] * 2
+        self.sample_size = (
+            list(self.sample_size) if isinstance(self.sample_size, (list, tuple)) else [self.sample_size] * 2
+        )
         checks = [
             (self.norm_type == "ada_norm_single", f"norm_type must be 'ada_norm_single', got {self.norm_type!r}"),
-            (not self.norm_elementwise_affine, "norm_elementwise_affine must be false (v1.2 LayerNorms have no parameters)"),
+            (
+                not self.norm_elementwise_affine,
+                "norm_elementwise_affine must be false (v1.2 LayerNorms have no parameters)",
+            ),
             (self.use_rope, "use_rope must be true (v1.2 uses 3-D RoPE, no absolute position embedding)"),
             (self.downsampler in (None, "", "null"), f"downsampler must be null, got {self.downsampler!r}"),
             (self.patch_size_t == 1, f"patch_size_t must be 1 (per-frame patch embedding), got {self.patch_size_t}"),
-            (self.activation_fn == "gelu-approximate", f"activation_fn must be 'gelu-approximate', got {self.activation_fn!r}"),
-            (self.attention_head_dim % 6 == 0, f"attention_head_dim must be a multiple of 6 for 3-D RoPE, got {self.attention_head_dim}"),
-            (self.cross_attention_dim == self.inner_dim, f"cross_attention_dim must equal heads*head_dim = {self.inner_dim} (text is projected to D first)"),
+            (
+                self.activation_fn == "gelu-approximate",
+                f"activation_fn must be 'gelu-approximate', got {self.activation_fn!r}",
+            ),
+            (
+                self.attention_head_dim % 6 == 0,
+                f"attention_head_dim must be a multiple of 6 for 3-D RoPE, got {self.attention_head_dim}",
+            ),
+            (
+                self.cross_attention_dim == self.inner_dim,
+                f"cross_attention_dim must equal heads*head_dim = {self.inner_dim} (text is projected to D first)",
+            ),
             (self.dropout == 0.0, "dropout must be 0.0"),
         ]
         for ok, msg in checks:
@@ -167,14 +182,22 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "osp12-29x480p": DiTConfig(sample_size=[60, 80], sample_size_t=8),
     "osp12-93x480p": DiTConfig(sample_size=[60, 80], sample_size_t=24),
     "osp12-93x720p": DiTConfig(
-        sample_size=[90, 160], sample_size_t=24,
-        interpolation_scale_t=1.0, interpolation_scale_h=1.5, interpolation_scale_w=2.0,
+        sample_size=[90, 160],
+        sample_size_t=24,
+        interpolation_scale_t=1.0,
+        interpolation_scale_h=1.5,
+        interpolation_scale_w=2.0,
     ),
     # Same architecture, narrow: 2 blocks, 2 heads x 24 (D 48), text width 64 (= the tiny mT5's d_model),
     # latent 4 x 3 x 6 x 8 (the tiny pipeline preset: 9 x 48 x 64 px) -> 3 x 3 x 4 = 36 tokens.
     "tiny": DiTConfig(
-        num_layers=2, num_attention_heads=2, attention_head_dim=24, caption_channels=64,
-        cross_attention_dim=48, sample_size=[6, 8], sample_size_t=3,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=24,
+        caption_channels=64,
+        cross_attention_dim=48,
+        sample_size=[6, 8],
+        sample_size_t=3,
     ),
 }
 
@@ -188,7 +211,9 @@ def get_dit_config(preset_or_config: str | DiTConfig | dict | Path) -> DiTConfig
         return DiTConfig.from_json(preset_or_config)
     if preset_or_config in DIT_PRESETS:
         return replace(DIT_PRESETS[preset_or_config])
-    raise ConfigError(f"unknown DiT preset {preset_or_config!r}; choose one of {sorted(DIT_PRESETS)} or pass a config.json")
+    raise ConfigError(
+        f"unknown DiT preset {preset_or_config!r}; choose one of {sorted(DIT_PRESETS)} or pass a config.json"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +256,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        x = F.conv2d(x, self.proj.weight.to(x.dtype), self.proj.bias.to(x.dtype), stride=self.proj.stride)  # [B*T, D, H', W']
+        x = F.conv2d(
+            x, self.proj.weight.to(x.dtype), self.proj.bias.to(x.dtype), stride=self.proj.stride
+        )  # [B*T, D, H', W']
         x = x.flatten(2).transpose(1, 2)  # [B*T, H'W', D] (row-major y, x)
         return x.reshape(b, -1, x.shape[-1])  # [B, T*H'*W', D]
 
@@ -386,7 +413,9 @@ class DiTBlock(nn.Module):
         self.eps = cfg.norm_eps
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
         self.attn1 = Attention(d, d, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
-        self.attn2 = Attention(d, cfg.cross_attention_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
+        self.attn2 = Attention(
+            d, cfg.cross_attention_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias
+        )
         self.ff = FeedForward(d)
         self.checkpointing = "none"  # set through OpenSoraT2V.checkpointing
 
@@ -431,9 +460,14 @@ CHECKPOINTING = ("none", "selective", "full")
 _aten = torch.ops.aten
 # selective recompute keeps the outputs of these (GEMMs and attention kernels); the rest is recomputed
 _SAVE_OPS = {
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
-    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_attention_math.default,
 }
 _SAVE_NAMES = ("flash_attn", "npu_fusion_attention")  # attention kernels outside aten (FlashAttention-3, Ascend)
@@ -481,7 +515,14 @@ class OpenSoraT2V(nn.Module):
             if len(self._rope_cache) >= 8:
                 self._rope_cache.clear()
             self._rope_cache[key] = RopeTable(
-                rope_angles(grid, cfg.attention_head_dim, cfg.interpolation_scales, ROPE_THETA, cfg.rope_table_cache_quirk, device)
+                rope_angles(
+                    grid,
+                    cfg.attention_head_dim,
+                    cfg.interpolation_scales,
+                    ROPE_THETA,
+                    cfg.rope_table_cache_quirk,
+                    device,
+                )
             )
         return self._rope_cache[key]
 
@@ -583,7 +624,9 @@ class OpenSoraT2V(nn.Module):
             h = block(h, t6, txt, text_bias, rope, video_bias)
         h = self.gather_video(h)  # [S, B, D]
 
-        shift, scale = (self.scale_shift_table.to(dtype)[None] + embedded_t[:, None]).permute(1, 0, 2).unsqueeze(1)  # [1,B,D]
+        shift, scale = (
+            (self.scale_shift_table.to(dtype)[None] + embedded_t[:, None]).permute(1, 0, 2).unsqueeze(1)
+        )  # [1,B,D]
         h = F.layer_norm(h, h.shape[-1:], eps=cfg.norm_eps) * (1 + scale) + shift
         out = self.proj_out(h).transpose(0, 1)  # [B, S, pt*p*p*C]
         return self.unpatchify(out, grid)

@@ -32,6 +32,7 @@ cross-call state is not reproduced). The default is OFF: every released geometry
 30 vs 40 rows/cols at 480p; 45 vs 80 at 720p) has three distinct lengths, so both settings give
 bit-identical results there, and for new geometries each axis uses its own documented scale.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ BeautifulSoup(caption, "html.parser").text and ftfy.fix_text (both are dependenc
 pyproject.toml), so a cache does not depend on what else a machine has installed; the shard manifest
 records the cleaner's identity (`cleaner_identity()`: rules + ftfy and beautifulsoup4 versions).
 """
+
 from __future__ import annotations
 
 import html
@@ -197,7 +198,9 @@ class TextEncoder:
             model = MT5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         except pickle.UnpicklingError as e:  # a .bin whose pickle holds more than tensors: refused, one line
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            what = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "not plain tensors")
+            what = next(
+                (x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "not plain tensors"
+            )
             raise ValueError(
                 f"{path}: the .bin weights were refused ({what.rstrip('.')}); they would run code when unpickled. "
                 "Use the folder's model.safetensors (or convert the .bin in a trusted environment)"

@@ -13,6 +13,7 @@ numerically causal as a whole.
 Callers apply VAE_SCALE_FACTOR themselves: z_dit = 0.18215 * z_vae (training), z_vae = z_dit / 0.18215
 (sampling, before `decode`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -150,7 +151,9 @@ class GroupNorm(nn.GroupNorm):
 
     def __init__(self, channels: int, groups: int):
         if channels % groups:
-            raise ConfigError(f"GroupNorm: {channels} channels are not divisible by norm_num_groups={groups}; fix the VAE config")
+            raise ConfigError(
+                f"GroupNorm: {channels} channels are not divisible by norm_num_groups={groups}; fix the VAE config"
+            )
         super().__init__(groups, channels, eps=GN_EPS, affine=True)
 
 
@@ -352,8 +355,10 @@ class Encoder(nn.Module):
             if len(getattr(cfg, name)) != n:
                 raise ConfigError(f"VAE config: {name} needs {n} entries (one per hidden_size_mult level)")
         if any(cfg.encoder_temporal_downsample):
-            raise ConfigError("VAE config: separate temporal downsample modules are not part of v1.2; use \"\" entries")
-        self.conv_in = _cls(_CONV_CLASSES, cfg.encoder_conv_in, "encoder_conv_in")(PIXEL_CHANNELS, cfg.hidden_size, 3, stride=1, padding=1)
+            raise ConfigError('VAE config: separate temporal downsample modules are not part of v1.2; use "" entries')
+        self.conv_in = _cls(_CONV_CLASSES, cfg.encoder_conv_in, "encoder_conv_in")(
+            PIXEL_CHANNELS, cfg.hidden_size, 3, stride=1, padding=1
+        )
         attn_cls = _cls(_ATTN_CLASSES, cfg.encoder_attention, "encoder_attention")
         widths_in = [cfg.hidden_size] + [cfg.hidden_size * m for m in cfg.hidden_size_mult]
         res = cfg.resolution
@@ -370,7 +375,9 @@ class Encoder(nn.Module):
                 if res in cfg.attn_resolutions:
                     level.attn.append(attn_cls(c, g))
             if cfg.encoder_spatial_downsample[i]:
-                level.downsample = _cls(_DOWN_CLASSES, cfg.encoder_spatial_downsample[i], f"encoder_spatial_downsample[{i}]")(c, c)
+                level.downsample = _cls(
+                    _DOWN_CLASSES, cfg.encoder_spatial_downsample[i], f"encoder_spatial_downsample[{i}]"
+                )(c, c)
                 res //= 2
             self.down.append(level)
         mid_cls = _cls(_RESNET_CLASSES, cfg.encoder_mid_resnet, "encoder_mid_resnet")
@@ -409,11 +416,13 @@ class Decoder(nn.Module):
             if len(getattr(cfg, name)) != n:
                 raise ConfigError(f"VAE config: {name} needs {n} entries (one per hidden_size_mult level)")
         if any(cfg.decoder_temporal_upsample):
-            raise ConfigError("VAE config: separate temporal upsample modules are not part of v1.2; use \"\" entries")
+            raise ConfigError('VAE config: separate temporal upsample modules are not part of v1.2; use "" entries')
         attn_cls = _cls(_ATTN_CLASSES, cfg.decoder_attention, "decoder_attention")
         c = cfg.hidden_size * cfg.hidden_size_mult[-1]
         res = cfg.resolution // 2 ** (n - 1)
-        self.conv_in = _cls(_CONV_CLASSES, cfg.decoder_conv_in, "decoder_conv_in")(cfg.z_channels, c, 3, stride=1, padding=1)
+        self.conv_in = _cls(_CONV_CLASSES, cfg.decoder_conv_in, "decoder_conv_in")(
+            cfg.z_channels, c, 3, stride=1, padding=1
+        )
         mid_cls = _cls(_RESNET_CLASSES, cfg.decoder_mid_resnet, "decoder_mid_resnet")
         self.mid = nn.Module()
         self.mid.block_1 = mid_cls(c, c, cfg.dropout, g)
@@ -431,12 +440,16 @@ class Decoder(nn.Module):
                 if res in cfg.attn_resolutions:
                     level.attn.append(attn_cls(c, g))
             if cfg.decoder_spatial_upsample[i]:
-                level.upsample = _cls(_UP_CLASSES, cfg.decoder_spatial_upsample[i], f"decoder_spatial_upsample[{i}]")(c, c)
+                level.upsample = _cls(_UP_CLASSES, cfg.decoder_spatial_upsample[i], f"decoder_spatial_upsample[{i}]")(
+                    c, c
+                )
                 res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = GroupNorm(c, g)
-        self.conv_out = _cls(_CONV_CLASSES, cfg.decoder_conv_out, "decoder_conv_out")(c, PIXEL_CHANNELS, 3, stride=1, padding=1)
+        self.conv_out = _cls(_CONV_CLASSES, cfg.decoder_conv_out, "decoder_conv_out")(
+            c, PIXEL_CHANNELS, 3, stride=1, padding=1
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
@@ -516,7 +529,9 @@ class CausalVAE(nn.Module):
             raise ValueError(f"encode_moments: expected video [B, 3, T, H, W], got {tuple(video.shape)}")
         t, h, w = video.shape[2:]
         if (t - 1) % 4 or h % 8 or w % 8:
-            raise ValueError(f"encode_moments: need T = 1+4k and H, W multiples of 8, got T={t} H={h} W={w}; crop or resize the clip")
+            raise ValueError(
+                f"encode_moments: need T = 1+4k and H, W multiples of 8, got T={t} H={h} W={w}; crop or resize the clip"
+            )
         video = video.to(dtype=self.dtype)
         if tiling is not None:
             from osp.common.models.vae_tiling import needs_tiling_encode, tiled_encode
@@ -551,7 +566,9 @@ def build_vae(preset_or_config: str | CausalVAEConfig, device=None, dtype=None) 
         p = Path(preset_or_config)
         cfg = CausalVAEConfig.from_json(p / CONFIG_NAME if p.is_dir() else p)
     else:
-        raise ConfigError(f"unknown VAE preset {preset_or_config!r}; choose one of {sorted(VAE_PRESETS)} or a config.json")
+        raise ConfigError(
+            f"unknown VAE preset {preset_or_config!r}; choose one of {sorted(VAE_PRESETS)} or a config.json"
+        )
     model = CausalVAE(cfg)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
@@ -568,14 +585,18 @@ def weight_file(path: str | Path) -> Path:
     if p.is_file():
         return p
     if not p.is_dir():
-        raise MissingFileError(f"{p}: no such VAE folder; pass a folder with config.json and checkpoint.ckpt or *.safetensors")
+        raise MissingFileError(
+            f"{p}: no such VAE folder; pass a folder with config.json and checkpoint.ckpt or *.safetensors"
+        )
     ckpts = sorted(p.glob("*.ckpt"))
     if ckpts:
         return ckpts[-1]
     for name in SAFETENSORS_NAMES:
         if (p / name).is_file():
             return p / name
-    raise MissingFileError(f"{p}: no *.ckpt, {' or '.join(SAFETENSORS_NAMES)} in the VAE folder; copy the weights there")
+    raise MissingFileError(
+        f"{p}: no *.ckpt, {' or '.join(SAFETENSORS_NAMES)} in the VAE folder; copy the weights there"
+    )
 
 
 def _config_path(path: str | Path) -> Path:
@@ -590,7 +611,9 @@ def _select_ckpt_state(obj, file: Path, ema) -> dict:
     ema_sd = obj.get("ema_state_dict")
     has_ema = isinstance(ema_sd, dict) and len(ema_sd) > 0
     if ema is True and not has_ema:
-        raise ConfigError(f"{file}: ema=True but the checkpoint has no non-empty ema_state_dict; use ema='auto' or False")
+        raise ConfigError(
+            f"{file}: ema=True but the checkpoint has no non-empty ema_state_dict; use ema='auto' or False"
+        )
     if has_ema and ema in ("auto", True):
         return {k.replace("module.", ""): v for k, v in dict(ema_sd or {}).items()}
     if "state_dict" in obj:
@@ -607,7 +630,9 @@ def _read_state_dict(file: Path, ema) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(file), device="cpu")
         except SafetensorError as e:
-            raise ConfigError(f"{file}: not a readable safetensors file ({e}); re-download or re-save the VAE weights") from None
+            raise ConfigError(
+                f"{file}: not a readable safetensors file ({e}); re-download or re-save the VAE weights"
+            ) from None
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -617,7 +642,9 @@ def _read_state_dict(file: Path, ema) -> dict[str, torch.Tensor]:
             f"(weights_only load: {first}); convert it to safetensors in a trusted environment"
         ) from None
     except (RuntimeError, EOFError) as e:
-        raise ConfigError(f"{file}: not a readable torch checkpoint ({str(e).splitlines()[0]}); re-download the VAE weights") from None
+        raise ConfigError(
+            f"{file}: not a readable torch checkpoint ({str(e).splitlines()[0]}); re-download the VAE weights"
+        ) from None
     return _select_ckpt_state(obj, file, ema)
 
 
@@ -629,7 +656,9 @@ def load_state_dict_strict(model: nn.Module, sd: dict, file: Path | str) -> None
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad_shape = [
-        f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" if isinstance(sd[k], torch.Tensor) else f"{k} is a {type(sd[k]).__name__}"
+        f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}"
+        if isinstance(sd[k], torch.Tensor)
+        else f"{k} is a {type(sd[k]).__name__}"
         for k in sorted(set(sd) & set(own))
         if not isinstance(sd[k], torch.Tensor) or sd[k].shape != own[k].shape
     ]
@@ -639,7 +668,9 @@ def load_state_dict_strict(model: nn.Module, sd: dict, file: Path | str) -> None
             shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise ConfigError(f"{file}: weights do not match the VAE config ({'; '.join(problems)}); check config.json and the weight file belong together")
+        raise ConfigError(
+            f"{file}: weights do not match the VAE config ({'; '.join(problems)}); check config.json and the weight file belong together"
+        )
     model.load_state_dict(sd, strict=True)
 
 
@@ -702,7 +733,9 @@ def read_clip_for_vae(path: str | Path, max_frames: int = 17, max_side: int = 25
             raise ConfigError(f"{path}: the video has no frames")
         frames = vr.get_batch(list(range(n))).asnumpy()  # [T, H, W, 3] uint8
     except (RuntimeError, decord.DECORDError) as e:  # DECORDError is not a RuntimeError
-        raise ConfigError(f"{path}: decord cannot read this video ({str(e).splitlines()[0][:200]}); re-encode it as H.264 mp4") from None
+        raise ConfigError(
+            f"{path}: decord cannot read this video ({str(e).splitlines()[0][:200]}); re-encode it as H.264 mp4"
+        ) from None
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
     h, w = x.shape[2:]
     scale = min(1.0, max_side / min(h, w))
@@ -722,7 +755,20 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__: Sequence[str] = [
-    "CausalVAEConfig", "VAE_PRESETS", "build_vae", "CausalVAE", "DiagonalGaussian", "load_vae",
-    "save_vae", "vae_identity", "weight_file", "Encoder", "Decoder", "CausalConv3d",
-    "AttnBlock3DFix", "AttnBlock3D", "count_parameters", "read_clip_for_vae",
+    "CausalVAEConfig",
+    "VAE_PRESETS",
+    "build_vae",
+    "CausalVAE",
+    "DiagonalGaussian",
+    "load_vae",
+    "save_vae",
+    "vae_identity",
+    "weight_file",
+    "Encoder",
+    "Decoder",
+    "CausalConv3d",
+    "AttnBlock3DFix",
+    "AttnBlock3D",
+    "count_parameters",
+    "read_clip_for_vae",
 ]

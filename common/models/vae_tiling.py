@@ -10,6 +10,7 @@ rows/columns and concatenated.
 The functions take the per-tile map as a callable, so the same code serves the model and tests that
 check the bookkeeping with maps whose exact tiled result is known.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -30,10 +31,14 @@ def validate_tiling(tile: TileConfig) -> None:
         raise ValueError(f"{where}: sample_size must be {VAE_STRIDE_H} x latent_size (e.g. 256/32 or 512/64)")
     blend = tile.latent_size * tile.overlap
     if abs(blend - round(blend)) > 1e-9:
-        raise ValueError(f"{where}: latent_size x overlap = {blend} must be a whole number, else tiled shapes differ from untiled; e.g. 32 or 64 with 0.125")
+        raise ValueError(
+            f"{where}: latent_size x overlap = {blend} must be a whole number, else tiled shapes differ from untiled; e.g. 32 or 64 with 0.125"
+        )
     for size in (tile.latent_size, tile.sample_size):  # float rounding in int(size * (1 - f)) must not lose a row
         if int(size * (1 - tile.overlap)) + int(size * tile.overlap) != size:
-            raise ValueError(f"{where}: stride int({size} x (1 - overlap)) and blend int({size} x overlap) do not add up to {size}; pick an overlap like 0.125 or 0.25")
+            raise ValueError(
+                f"{where}: stride int({size} x (1 - overlap)) and blend int({size} x overlap) do not add up to {size}; pick an overlap like 0.125 or 0.25"
+            )
     if int(tile.latent_size * (1 - tile.overlap)) < 1:
         raise ValueError(f"{where}: tile stride is 0; lower the overlap")
     if tile.sample_size_t < 2 or (tile.sample_size_t - 1) % VAE_STRIDE_T:
