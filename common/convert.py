@@ -301,16 +301,16 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 def _training_keys(ckpt_dir: str | Path, prefix: str) -> dict:
     """Key -> DCP metadata of a training checkpoint's tensors whose key starts with `prefix`."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    meta = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    meta = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
     return {k: m for k, m in meta.items() if k.startswith(prefix)}
 
 
 def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
     """(config, full TP=1 state dict) of a training checkpoint, read offline (no process group):
     DCP assembles each global tensor from the chunks every rank wrote. EMA if present and preferred."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     d = Path(ckpt_dir)
     config = DiTConfig.from_json(d / TRAINING_CONFIG_FILE)
@@ -320,7 +320,7 @@ def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tupl
 
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(sd, checkpoint_id=str(d), no_dist=True)
+        dcp_load(sd, checkpoint_id=str(d), no_dist=True)
     return config, {k[len(prefix) :]: v for k, v in sd.items()}
 
 
@@ -370,7 +370,7 @@ class SliceReader:
                 f"(config.json + {DIFFUSERS_WEIGHTS}); pass the folder itself as model.init"
             )
         self.config = DiTConfig.from_json(d / "config.json")
-        self._open: dict[str, object] = {}  # file -> safe_open handle (memory-mapped, read lazily)
+        self._open: dict[str, safe_open] = {}  # file -> safe_open handle (memory-mapped, read lazily)
         for i, f in enumerate(files):
             if not f.is_file():
                 raise MissingFileError(f"{f}: missing; the checkpoint is incomplete")

@@ -454,12 +454,10 @@ class ShardIndex:
         return len(self.columns["key"])
 
     def row(self, i: int) -> IndexRow:
-        return IndexRow(
-            **{
-                f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i])
-                for f in fields(IndexRow)
-            }
-        )  # pyright: ignore[reportArgumentType]
+        values: dict[str, Any] = {
+            f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i]) for f in fields(IndexRow)
+        }
+        return IndexRow(**values)
 
 
 # --- readers -----------------------------------------------------------------------------------------
@@ -555,7 +553,7 @@ def _shard_problem(out_dir: str | os.PathLike, index: ShardIndex, sid: int) -> s
             size, problem = None, "tar missing"
         if problem is None and (not isinstance(side, dict) or side.get("schema_version") != SCHEMA_VERSION):
             problem = f"{rows.name} has schema version {side.get('schema_version') if isinstance(side, dict) else None}, not {SCHEMA_VERSION}"
-        elif problem is None and side.get("tar_size") != size:
+        elif problem is None and isinstance(side, dict) and side.get("tar_size") != size:
             problem = f"size {size} != {side.get('tar_size')} recorded at publish (truncated or modified)"
         cache[sid] = problem
     return cache[sid]
@@ -905,7 +903,9 @@ def upgrade(out_dir: str | os.PathLike) -> int:
         raise _version_error(mpath, manifest.get("schema_version"))
     n = 0
     for tar in sorted(p for p in out.iterdir() if SHARD_PATTERN.match(p.name)):
-        sid = int(SHARD_PATTERN.match(tar.name).group(1))
+        m = SHARD_PATTERN.match(tar.name)
+        assert m is not None  # the filter above
+        sid = int(m.group(1))
         try:
             side = json.loads(rows_path(out, sid).read_bytes())
         except (OSError, ValueError):

@@ -26,6 +26,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 from osp.common.config import ASPECT_TOLERANCE, TRAIN_FPS, latent_frames
 
@@ -174,9 +175,10 @@ def _resolution(rec: dict, required: bool) -> tuple[int, int] | None:
     h, w = res.get("height"), res.get("width")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (h, w)):
         raise ClipError("'resolution' needs positive 'height' and 'width'")
+    h, w = cast(float, h), cast(float, w)  # numbers, checked above
     if h > MAX_SIDE or w > MAX_SIDE:
         raise ClipError(f"'resolution' {h:g}x{w:g} is above the limit {MAX_SIDE} per side; fix the annotation")
-    return int(h), int(w)  # pyright: ignore[reportArgumentType] (checked above)
+    return int(h), int(w)
 
 
 def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:

@@ -13,14 +13,18 @@ from random weights builds the full model once (its init must not depend on the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from osp.common.convert import SliceReader, check_keys, shard_tensor, tensor_shapes
 
+if TYPE_CHECKING:
+    from osp.common.models.dit import OpenSoraT2V
 
-def build_local(dit_cfg, sequence_parallel: bool) -> nn.Module:
+
+def build_local(dit_cfg, sequence_parallel: bool) -> OpenSoraT2V:
     """OpenSoraT2V on the meta device with this rank's TP/SP plan applied (fp32 parameters)."""
     from osp.common.models.dit import build_dit
     from osp.stage2_train.parallel import parallelize

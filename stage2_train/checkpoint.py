@@ -37,11 +37,15 @@ import shutil
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from osp.common.convert import TRAINING_CONFIG_FILE, TRAINING_META_FILE, tp_split_dim
@@ -130,6 +134,7 @@ def state_dict(*, model, ema, optimizer, counters: dict[str, int], mesh, tp: int
             sd[f"ema.{k}"] = _global(k, v, mesh, tp)
     opt = _adamw(optimizer)
     for name, p in _owned(optimizer, model):
+        assert opt is not None  # _owned is empty without it
         st = opt.state.get(p) or {}
         if "exp_avg" not in st:
             continue  # no optimizer step yet (or a skipped one)
@@ -169,9 +174,9 @@ def _writer(path: Path):
     """DCP's file writer; tests may make it pause before writing (to kill a save mid-way)."""
     delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
     if not delay:
-        return dcp.FileSystemWriter(str(path))
+        return FileSystemWriter(str(path))
 
-    class _SlowWriter(dcp.FileSystemWriter):
+    class _SlowWriter(FileSystemWriter):
         def write_data(self, plan, planner):
             time.sleep(delay)
             return super().write_data(plan, planner)
@@ -191,7 +196,7 @@ class Checkpointer:
         self.async_save = async_save
         # DCP's own collectives run on a separate gloo group: a background save never interleaves
         # with the training collectives (and gloo serves CPU staging on any accelerator)
-        self.group = dist.new_group(backend="gloo")
+        self.group = cast("dist.ProcessGroup", dist.new_group(backend="gloo"))  # every rank is a member
         if is_main and self.ckroot.is_dir():  # leftovers of saves killed before they were published
             for stale in self.ckroot.glob(".tmp-step-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -212,10 +217,11 @@ class Checkpointer:
         )
         info = {"format": FORMAT, **meta, "step": step}
         if self.async_save:
-            fut = dcp.async_save(sd, storage_writer=_writer(tmp), process_group=self.group, async_stager=_CopyStager())
+            fut = dcp_async_save(sd, storage_writer=_writer(tmp), process_group=self.group, async_stager=_CopyStager())
+            assert isinstance(fut, Future)  # a stager that returns the staged dict itself: the upload future
             self.pending = (fut, tmp, final, info)
         else:
-            dcp.save(sd, storage_writer=_writer(tmp), process_group=self.group)
+            dcp_save(sd, storage_writer=_writer(tmp), process_group=self.group)
             self._publish(tmp, final, info)
         return final
 
@@ -291,7 +297,7 @@ def read_trainer_state(path: Path) -> dict:
 
 def saved_keys(path: Path) -> dict:
     """Key -> DCP metadata (global size and dtype for tensors) of a checkpoint."""
-    return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
 
 
 def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict[str, int]:
@@ -329,9 +335,10 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
     rng_t = {kind: torch.zeros(have[key].size, dtype=have[key].properties.dtype) for kind, key in rng.items()}
     sd.update({rng[kind]: t for kind, t in rng_t.items()})
 
-    dcp.load(sd, checkpoint_id=str(path))
+    dcp_load(sd, checkpoint_id=str(path))
 
     for p, st in moments.items():
+        assert opt is not None  # moments come from _owned, empty without it
         opt.state[p] = st
     if "torch" in rng_t:
         torch.set_rng_state(rng_t["torch"])
@@ -340,7 +347,7 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
     return {k: int(v) for k, v in counters.items()}
 
 
-def load_weights(path: Path, *, model, mesh, tp: int, prefer_ema: bool = True) -> None:
+def load_weights(path: str | Path, *, model, mesh, tp: int, prefer_ema: bool = True) -> None:
     """Only the weights (EMA if present and preferred) of a training checkpoint into `model`, resharded:
     `model.init=<run>/checkpoints/step-*` starts a new run from them. Collective."""
     path = Path(path)
@@ -353,4 +360,4 @@ def load_weights(path: Path, *, model, mesh, tp: int, prefer_ema: bool = True) -
             f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
             "use the model.preset / config.json it was trained with"
         )
-    dcp.load(sd, checkpoint_id=str(path))
+    dcp_load(sd, checkpoint_id=str(path))

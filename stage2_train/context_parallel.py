@@ -29,11 +29,16 @@ stay right), which tests/test_cp.py checks with a negative control.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
 from osp.common.models.rope import RopeTable
 from osp.stage2_train.dist import LayoutError
+
+if TYPE_CHECKING:
+    from osp.common.models.dit import DiTBlock, OpenSoraT2V
 
 BLOCK_PREFIX = "transformer_blocks."  # parameters that see only the CP rank's tokens
 
@@ -116,7 +121,7 @@ def check_context_parallel(heads: int, tokens: int | None, tp: int, cp: int, sp:
         )
 
 
-def apply_context_parallel(model: nn.Module, skip_inverse: bool = False) -> nn.Module:
+def apply_context_parallel(model: OpenSoraT2V, skip_inverse: bool = False) -> OpenSoraT2V:
     """Apply the Ulysses CP plan in place (after `parallel.parallelize`), with megatron's CP group.
     CP size 1 leaves the model unchanged."""
     if getattr(model, "_osp_cp", None) is not None:
@@ -154,7 +159,8 @@ def apply_context_parallel(model: nn.Module, skip_inverse: bool = False) -> nn.M
     model.scatter_video, model.gather_video, model.t6_hook = scatter_video, gather_video, t6_hook
     model.scatter_text, model.scatter_rope = scatter_text, scatter_rope
     for block in model.transformer_blocks:
-        block.attn1.core = UlyssesAttention(block.attn1.core, group, cp, rank, skip_inverse)
+        attn = cast("DiTBlock", block).attn1
+        attn.core = UlyssesAttention(attn.core, group, cp, rank, skip_inverse)
     model._osp_cp = {"cp": cp, "rank": rank}
     return model
 
@@ -173,4 +179,5 @@ def scale_replicated_grads(model: nn.Module) -> None:
         return
     grads = [p.grad for n, p in model.named_parameters() if not n.startswith(BLOCK_PREFIX) and p.grad is not None]
     if grads:
-        torch._foreach_div_(grads, float(cp))
+        # the foreach ops are torch's public fused list ops, only missing from torch.__all__
+        torch._foreach_div_(grads, float(cp))  # pyright: ignore[reportPrivateImportUsage]

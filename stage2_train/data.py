@@ -305,5 +305,6 @@ class ShardLoader:
 
     def close(self) -> None:
         it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()  # joins (or terminates) the workers now, not at interpreter exit
+        shutdown = getattr(it, "_shutdown_workers", None)  # None for it = None, too
+        if shutdown is not None:
+            shutdown()  # joins (or terminates) the workers now, not at interpreter exit

@@ -59,6 +59,7 @@ def _reduce_bucket(state, bucket):  # no annotations: DDP checks them and they a
     if state.divisor != 1.0:
         buf.div_(state.divisor)
     work = dist.all_reduce(buf, group=state.group, async_op=True)
+    assert work is not None  # async_op=True returns the Work handle
     if not state.overlap:
         work.wait()
         fut = torch.futures.Future()
@@ -133,7 +134,7 @@ class ShardedAdamW:
 
     def set_lr(self, lr: float) -> None:
         # re-read every time: load_state_dict replaces the local optimizer's param_groups
-        for g in self._groups if self.sharded else self.optim.param_groups:
+        for g in self._groups if self._groups is not None else self.optim.param_groups:  # set iff sharded
             g["lr"] = lr
 
     def zero_grad(self) -> None:

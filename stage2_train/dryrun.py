@@ -483,7 +483,7 @@ def build_config(
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="osp train --dry-run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="osp train --dry-run", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--config", default=None)
     p.add_argument("--preset", default=None, help="DiT preset (model.preset), e.g. osp12-93x480p, osp12-93x720p")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (parallel.tp)")

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import NoReturn
 
@@ -86,7 +87,7 @@ def check_master(addr: str, port: int, node_rank: int, nnodes: int, timeout: flo
                 f"MASTER_ADDR={addr} is not an address of this machine, but NODE_RANK=0 hosts the rendezvous; "
                 f"on NODE_RANK=0 set MASTER_ADDR to this node's own IP ({_own_ip()}) and use that same value on every node"
             )
-        busy = _port_in_use(sockaddr[0], port)
+        busy = _port_in_use(str(sockaddr[0]), port)  # the host of an AF_INET/AF_INET6 address
         if busy:
             _fail(
                 f"MASTER_PORT={port} on {addr} is busy ({busy}; another job?); pick a free port, e.g. MASTER_PORT={port + 1}"
@@ -117,7 +118,10 @@ def check_nodes(addr: str, port: int, node_rank: int, nnodes: int, timeout: floa
     t0 = time.monotonic()
     wait = timedelta(seconds=max(1.0, timeout))
     try:
-        store = dist.TCPStore(addr, port, nnodes, node_rank == 0, timeout=wait, wait_for_workers=False)
+        # TCPStore is documented public torch.distributed API; torch's stubs only omit it from the exports
+        store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+            addr, port, nnodes, node_rank == 0, timeout=wait, wait_for_workers=False
+        )
     except (RuntimeError, OSError) as e:
         if node_rank == 0:
             _fail(
@@ -266,7 +270,7 @@ def agent(argv: list[str]) -> None:
         sys.exit(128 + int(e.sigval))
 
 
-def child_env(environ: dict[str, str], device_type: str) -> dict[str, str]:
+def child_env(environ: Mapping[str, str], device_type: str) -> dict[str, str]:
     """The environment torchrun (and so every rank) starts with."""
     from osp.stage2_train.dist import accelerator_env
 

@@ -96,7 +96,9 @@ class EMA:
         params = dict(model.named_parameters())
         current = [params[n].detach() for n in self._names]
         current = [p if p.dtype == torch.float32 else p.float() for p in current]  # bf16 params: an fp32 copy
-        torch._foreach_lerp_(self._shadow_list, current, 1.0 - self.decay())
+        # the foreach ops are torch's public fused list ops, only missing from torch.__all__
+        weight = 1.0 - self.decay()
+        torch._foreach_lerp_(self._shadow_list, current, weight)  # pyright: ignore[reportPrivateImportUsage]
 
     @torch.no_grad()
     def gathered(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -104,8 +106,10 @@ class EMA:
         (point-to-point from each owner; one tensor in flight at a time)."""
         if self.dp_size == 1:
             return self.shadow
+        group = self.group
+        assert group is not None, "a DP-sharded EMA (dp_size > 1) needs its DP group"
         params = dict(model.named_parameters())
-        first = dist.get_global_rank(self.group, 0)
+        first = dist.get_global_rank(group, 0)
         out: dict[str, torch.Tensor] = {}
         for n in self.all_names:
             o = self.owner[n]
@@ -116,7 +120,7 @@ class EMA:
                 dist.send(self.shadow[n], dst=first, group=self.group)
             elif self.dp_rank == 0:
                 buf = torch.empty(params[n].shape, dtype=torch.float32, device=params[n].device)
-                dist.recv(buf, src=dist.get_global_rank(self.group, o), group=self.group)
+                dist.recv(buf, src=dist.get_global_rank(group, o), group=group)
                 out[n] = buf.cpu()
         return out if self.dp_rank == 0 else None
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes
-from osp.common.models.dit import gelu_linear
+from osp.common.models.dit import DiTBlock, GELUProj, OpenSoraT2V, gelu_linear
 
 
 def _megatron():
@@ -177,7 +177,7 @@ def parallelize(model: Any, sequence_parallel: bool) -> Any:
     return _parallelize(model, sequence_parallel)
 
 
-def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
+def _parallelize(model: OpenSoraT2V, sequence_parallel: bool) -> OpenSoraT2V:
     tp, rank, group = _tp_state()
     cfg = model.config
     if tp == 1:
@@ -214,7 +214,8 @@ def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
             tp_group=group,
         )
 
-    for i, block in enumerate(model.transformer_blocks):
+    for i, module in enumerate(model.transformer_blocks):
+        block = cast(DiTBlock, module)
         pre = f"transformer_blocks.{i}"
         for an in ("attn1", "attn2"):
             attn = getattr(block, an)
@@ -224,7 +225,7 @@ def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
                 _swap(attn, ln, column(old, c), old, f"{pre}.{an}.{ln}.weight", f"{pre}.{an}.{ln}.bias", tp, rank)
             old = attn.to_out[0]
             _swap(attn.to_out, "0", row(old), old, f"{pre}.{an}.to_out.0.weight", f"{pre}.{an}.to_out.0.bias", tp, rank)
-        old = block.ff.net[0].proj
+        old = cast(GELUProj, block.ff.net[0]).proj
         _swap(
             block.ff.net[0],
             "proj",
@@ -235,7 +236,7 @@ def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
             tp,
             rank,
         )
-        old = block.ff.net[2]
+        old = cast(nn.Linear, block.ff.net[2])
         _swap(block.ff.net, "2", row(old), old, f"{pre}.ff.net.2.weight", f"{pre}.ff.net.2.bias", tp, rank)
 
     if sequence_parallel:
@@ -258,7 +259,8 @@ def _parallelize(model: nn.Module, sequence_parallel: bool) -> nn.Module:
 
         model.scatter_video, model.gather_video, model.t6_hook = scatter_video, gather_video, t6_hook
         for block in model.transformer_blocks:
-            block.scale_shift_table.sequence_parallel = True
+            table = cast(DiTBlock, block).scale_shift_table
+            table.sequence_parallel = True  # pyright: ignore[reportAttributeAccessIssue] (megatron's parameter flag)
     model._osp_parallel = {"tp": tp, "sp": bool(sequence_parallel)}
     return model
 

@@ -392,7 +392,9 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = self.checkpointer.save(
+        checkpointer = self.checkpointer
+        assert checkpointer is not None  # None only in the dry run (meta), which never saves
+        path = checkpointer.save(
             self.step,
             model=self.model,
             ema=self.ema,
@@ -402,9 +404,7 @@ class Trainer:
             meta={"layout": self._layout_dict(), "config": self.cfg.to_dict()},
         )
         if self.layout.is_main:
-            self.console.print(
-                f"checkpoint {path}{' (writing in the background)' if self.checkpointer.pending else ''}"
-            )
+            self.console.print(f"checkpoint {path}{' (writing in the background)' if checkpointer.pending else ''}")
         return path
 
     # -- one micro-step ----------------------------------------------------------------------
@@ -649,13 +649,15 @@ class Trainer:
                     if cfg.run.log_keys:
                         with open(keys_path, "a") as f:
                             f.write(json.dumps({"step": self.step, "keys": self.last_keys}) + "\n")
-                    self.checkpointer.poll()
+                    checkpointer = self.checkpointer
+                    assert checkpointer is not None  # None only in the dry run (meta), which never runs fit
+                    checkpointer.poll()
                     periodic = cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0
                     if periodic or self.stop_requested or self.step == cfg.run.steps:
                         self.watchdog.beat(f"writing the checkpoint of step {self.step}")
                         self.save()
                     if self.stop_requested or self.step == cfg.run.steps:
-                        self.checkpointer.wait()
+                        checkpointer.wait()
                     if self.stop_requested:
                         if L.is_main:
                             self.console.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
@@ -671,8 +673,9 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.close()
-        if getattr(self, "checkpointer", None) is not None:
-            self.checkpointer.close()
+        checkpointer = getattr(self, "checkpointer", None)  # absent if __init__ failed before it
+        if checkpointer is not None:
+            checkpointer.close()
         self.loader.close()
         if self.lock is not None:
             self.lock.release()

@@ -49,14 +49,15 @@ def set_backend(name: str, device_type: str) -> None:
 
 def _fa3():
     try:
-        import flash_attn_interface  # FlashAttention-3 (hopper/ build of Dao-AILab/flash-attention)
+        # FlashAttention-3 (hopper/ build of Dao-AILab/flash-attention): optional, absent on most machines
+        import flash_attn_interface  # pyright: ignore[reportMissingImports]
     except ImportError:
         return None
     return flash_attn_interface
 
 
 def _npu_attention(q, k, v, bias):
-    import torch_npu  # noqa: F401  (Ascend only)
+    import torch_npu  # noqa: F401  # pyright: ignore[reportMissingImports] (optional: Ascend only)
 
     mask = None if bias is None else (bias < 0).expand(-1, 1, q.shape[2], -1)  # True = masked out
     out = torch_npu.npu_fusion_attention(

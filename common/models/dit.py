@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -240,8 +242,8 @@ def fused_linear(x: torch.Tensor, mods: tuple[nn.Module, ...]) -> torch.Tensor:
     concatenated per call (a D x D-sized copy) and the first module's `fused_forward` runs it (under TP
     the plan's column-parallel linear: one SP all-gather of x). Output columns: mods in order."""
     dt = x.dtype
-    w = torch.cat([m.weight.to(dt) for m in mods])
-    b = torch.cat([m.bias.to(dt) for m in mods]) if mods[0].bias is not None else None
+    w = torch.cat([cast(torch.Tensor, m.weight).to(dt) for m in mods])
+    b = torch.cat([cast(torch.Tensor, m.bias).to(dt) for m in mods]) if mods[0].bias is not None else None
     fwd = getattr(mods[0], "fused_forward", None)
     return fwd(x, w, b) if fwd is not None else F.linear(x, w, b)
 
@@ -256,9 +258,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        x = F.conv2d(
-            x, self.proj.weight.to(x.dtype), self.proj.bias.to(x.dtype), stride=self.proj.stride
-        )  # [B*T, D, H', W']
+        bias = cast(torch.Tensor, self.proj.bias)  # bias=True
+        x = F.conv2d(x, self.proj.weight.to(x.dtype), bias.to(x.dtype), stride=self.proj.stride)  # [B*T, D, H', W']
         x = x.flatten(2).transpose(1, 2)  # [B*T, H'W', D] (row-major y, x)
         return x.reshape(b, -1, x.shape[-1])  # [B, T*H'*W', D]
 
@@ -396,12 +397,13 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GELUProj(dim, mult * dim), nn.Dropout(0.0), Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.net[0].proj(x)  # [S, B, 4D(/TP)] pre-activation
+        pre = cast(GELUProj, self.net[0]).proj(x)  # [S, B, 4D(/TP)] pre-activation
         out = self.net[2]
         fn = getattr(out, "forward_gelu_input", None)  # the TP plan's row-parallel linear
         if fn is not None:
             return fn(pre)
-        return gelu_linear(pre, out.weight.to(pre.dtype), out.bias.to(pre.dtype))
+        lin = cast(Linear, out)  # no TP plan: the plain Linear
+        return gelu_linear(pre, lin.weight.to(pre.dtype), lin.bias.to(pre.dtype))
 
 
 class DiTBlock(nn.Module):
@@ -452,9 +454,14 @@ class DiTBlock(nn.Module):
         return h + gate_mlp * self.ff(n)
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
+_T = TypeVar("_T")
+
+
+def _identity(x: _T) -> _T:
     return x
 
+
+_TensorHook = Callable[[torch.Tensor], torch.Tensor]
 
 CHECKPOINTING = ("none", "selective", "full")
 _aten = torch.ops.aten
@@ -487,6 +494,10 @@ def _selective_context():
 # model
 # ------------------------------------------------------------------------------------------------
 class OpenSoraT2V(nn.Module):
+    # set by the parallel plans (osp.stage2_train.parallel / context_parallel); absent before
+    _osp_parallel: dict[str, Any]
+    _osp_cp: dict[str, Any]
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = cfg = config
@@ -500,11 +511,12 @@ class OpenSoraT2V(nn.Module):
         self.compute_dtype: torch.dtype | None = None  # None: the weights' dtype (or autocast's)
         self._rope_cache: dict = {}
         # identity at TP=1; osp.stage2_train.parallel.parallelize replaces them
-        self.scatter_video = _identity  # [S,B,D] -> this rank's sequence shard
-        self.scatter_text = _identity  # [L,B,D] -> this rank's text (osp keeps text replicated)
-        self.t6_hook = _identity  # [B,6D] before the blocks (SP: identity fwd, TP all-reduce bwd)
-        self.gather_video = _identity  # shard -> [S,B,D]
-        self.scatter_rope = _identity  # RopeTable of the full grid -> the table of this rank's positions (CP)
+        self.scatter_video: _TensorHook = _identity  # [S,B,D] -> this rank's sequence shard
+        self.scatter_text: _TensorHook = _identity  # [L,B,D] -> this rank's text (osp keeps text replicated)
+        self.t6_hook: _TensorHook = _identity  # [B,6D] before the blocks (SP: identity fwd, TP all-reduce bwd)
+        self.gather_video: _TensorHook = _identity  # shard -> [S,B,D]
+        # RopeTable of the full grid -> the table of this rank's positions (CP)
+        self.scatter_rope: Callable[[RopeTable], RopeTable] = _identity
 
     # -- helpers -----------------------------------------------------------------------------
     def rope_table(self, grid: tuple[int, int, int], device) -> RopeTable:
@@ -529,14 +541,14 @@ class OpenSoraT2V(nn.Module):
     @property
     def checkpointing(self) -> str:
         """none | selective | full, applied inside every block (see CHECKPOINTING)."""
-        return self.transformer_blocks[0].checkpointing if len(self.transformer_blocks) else "none"
+        return cast(DiTBlock, self.transformer_blocks[0]).checkpointing if len(self.transformer_blocks) else "none"
 
     @checkpointing.setter
     def checkpointing(self, mode: str) -> None:
         if mode not in CHECKPOINTING:
             raise ValueError(f"model.checkpointing = {mode!r} is unknown; choose one of {', '.join(CHECKPOINTING)}")
         for block in self.transformer_blocks:
-            block.checkpointing = mode
+            cast(DiTBlock, block).checkpointing = mode
 
     @property
     def gradient_checkpointing(self) -> bool:  # the former bool switch: True = full recompute
