@@ -181,6 +181,15 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _term_children(pid: int) -> None:
+    """SIGTERM to the direct children of `pid` (the ranks, seen from torchrun's agent)."""
+    for child in _children(pid):
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 def _set_pdeathsig() -> None:  # preexec_fn of torchrun: it dies with the launcher
     import ctypes
 
@@ -198,11 +207,7 @@ def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> int:
     def on_signal(signum, _frame):
         if not stopping:
             stopping.append(signal.Signals(signum).name)
-        for pid in _children(proc.pid):  # the ranks; torchrun itself would answer with a traceback
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _term_children(proc.pid)  # the ranks; torchrun itself would answer with a traceback
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
@@ -243,11 +248,7 @@ def agent(argv: list[str]) -> None:
     # ranks checkpoint and exit 0, so the agent does too.
 
     def forward(_signum, _frame):
-        for pid in _children(os.getpid()):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _term_children(os.getpid())
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)

@@ -321,16 +321,13 @@ class Attention(nn.Module):
         self.to_k = Linear(kv_dim, inner, bias=bias)
         self.to_v = Linear(kv_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([Linear(inner, dim), nn.Dropout(0.0)])
+        # the kernel (scale 1/sqrt(hd), backend chosen by model.attention_backend); a parallel plan may
+        # replace it per instance (context parallelism wraps it in all-to-alls)
         self.core = attn_kernel.attention
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [S, B, h*hd] -> [B, h, S, hd]
         s, b, _ = x.shape
         return x.view(s, b, -1, self.head_dim).permute(1, 2, 0, 3)
-
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The attention kernel on [B, h, S, hd] after RoPE (scale 1/sqrt(hd)); a parallel plan may
-        replace it per instance (context parallelism wraps it in all-to-alls)."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
     def forward(
         self,
