@@ -157,8 +157,10 @@ class Collate:
 
 def _worker_init(_worker_id: int) -> None:
     # A SIGTERM to the whole process group must reach the trainer only: it checkpoints at the next
-    # step boundary and the loader then shuts its workers down.
+    # step boundary and the loader then shuts its workers down. The worker was forked with SIGTERM
+    # blocked (`_start_epoch`), so one sent before this line stays pending and is discarded here.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     from osp.stage2_train.launch import die_with_parent
 
     die_with_parent()  # and it dies with its rank (under the launcher)
@@ -282,7 +284,17 @@ class ShardLoader:
             prefetch_factor=2 if self.num_workers else None,
             worker_init_fn=_worker_init if self.num_workers else None,
         )
-        self._it = iter(loader)
+        if not self.num_workers:
+            self._it = iter(loader)
+            return
+        # workers are forked here (one set per epoch): SIGTERM stays blocked until they exist, so a
+        # scheduler's SIGTERM to every process cannot kill a worker before _worker_init ignores it;
+        # one that arrives meanwhile reaches this process when it is unblocked
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            self._it = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def __iter__(self):
         return self

@@ -97,7 +97,8 @@ class DataParallel:
             device_ids=device_ids,
             process_group=group,
             bucket_cap_mb=bucket_mb,
-            broadcast_buffers=False,  # the DiT's buffers are constants
+            # the DiT registers no buffers, so DDP's default buffer sync has nothing to send (and the
+            # broadcast_buffers switch is deprecated in current torch)
             gradient_as_bucket_view=True,  # .grad are views of the flat bucket buffers: no copies
         )
         self.ddp.register_comm_hook(self.hook, _reduce_bucket)
