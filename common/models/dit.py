@@ -323,7 +323,9 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([Linear(inner, dim), nn.Dropout(0.0)])
         # the kernel (scale 1/sqrt(hd), backend chosen by model.attention_backend); a parallel plan may
         # replace it per instance (context parallelism wraps it in all-to-alls)
-        self.core = attn_kernel.attention
+        self.core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = (
+            attn_kernel.attention
+        )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [S, B, h*hd] -> [B, h, S, hd]
         s, b, _ = x.shape
