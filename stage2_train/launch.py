@@ -255,8 +255,10 @@ def agent(argv: list[str]) -> None:
     try:
         run(parse_args(["--signals-to-handle", "SIGQUIT", *argv]))  # SIGTERM/INT/HUP: `forward` above
     except ChildFailedError as e:
-        bad = sorted((f.timestamp, rank, f.exitcode) for rank, f in e.failures.items())
-        _, rank, code = bad[0]
+        # a rank that exited with an error comes before ranks torchrun then stopped with a signal
+        # (timestamps have whole-second resolution: ties are common)
+        bad = sorted((f.exitcode < 0, f.timestamp, rank, f.exitcode) for rank, f in e.failures.items())
+        _, _, rank, code = bad[0]
         what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         print(
             f"error: rank {rank} failed first ({what}; its error is above); torchrun stopped the other ranks",

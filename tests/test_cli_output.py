@@ -59,13 +59,13 @@ def test_train_cli_quiet_run_and_one_line_errors(tmp_path):
     assert bad.returncode == 1
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     want = f"{tmp_path / 'missing'}/manifest.json: missing"
-    assert sorted(line.split(":")[0] for line in lines[:2]) == ["error (rank 0)", "error (rank 1)"], lines
-    assert all(want in line for line in lines[:2]), lines
-    # then the launcher's one line (no torchrun traceback block), naming the rank that failed first
-    assert len(lines) == 3 and re.fullmatch(
-        r"error: rank [01] failed first \(exit code 1; its error is above\); "
-        r"torchrun stopped the other ranks",
-        lines[2],
+    # each rank that got to report says one line (torchrun may stop the slower rank first), then the
+    # launcher's one line names a rank that failed with the error's exit code (no torchrun traceback)
+    assert 2 <= len(lines) <= 3, lines
+    assert all(re.match(r"error \(rank [01]\): ", line) and want in line for line in lines[:-1]), lines
+    assert re.fullmatch(
+        r"error: rank [01] failed first \(exit code 1; its error is above\); torchrun stopped the other ranks",
+        lines[-1],
     ), lines
 
 
