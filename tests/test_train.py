@@ -342,10 +342,11 @@ def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
-def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
+def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120, after: int = 0) -> None:
+    """Until this job logs step >= `step` (`after`: metrics lines written before it, by an earlier job)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(m["step"] >= step for m in _losses(run)):
+        if any(m["step"] >= step for m in _losses(run)[after:]):
             return
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.02)
@@ -390,8 +391,9 @@ def test_sigkill_then_sigterm_then_resume_is_bit_exact(shards, two_nodes, tmp_pa
     start = int(killed_at.split("-")[1])
     assert 2 <= start < STEPS - 4, killed_at  # a complete checkpoint, mid-run (the kill may hit a write)
 
+    logged = len(_losses(run))  # the killed job logged beyond `start`: wait for the resumed job's own steps
     p = _launch(1, 0, 2, free_port(), _run_args(shards, run, "--resume", "auto", every))
-    _wait_for_step(p, run, start + 2)
+    _wait_for_step(p, run, start + 2, after=logged)
     _signal_tree(p, signal.SIGTERM)  # a scheduler's preemption notice to every process
     out = p.communicate(timeout=120)
     stopped = (ckroot / "latest").read_text().strip()
