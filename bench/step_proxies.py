@@ -21,8 +21,12 @@ LayerNorm in fp32, megatron's fp32 bias add after the bf16 GEMM, fp32 scale_shif
 linears (three SP all-gathers), RoPE as rotate-half with cos/sin in the activation dtype, full per-block
 recompute (the real-run config's `grad_checkpointing = true`). "new" is osp's DiT block as it is.
 
-A roofline step-time estimate for 8 x H100 SXM (TP=2 + SP, DP=4) follows from the counts: an ESTIMATE,
-not a measurement, with the device rates printed. Usage: python bench/step_proxies.py
+A roofline step-time estimate for 8 x H100 SXM (TP=2 + SP, DP=4) follows from the counts through the one
+roofline model (osp.stage2_train.roofline: pinned device rates, model vs hardware FLOPs): an ESTIMATE, not a
+measurement. Memory-bound bytes are the eager per-op counts; the "fused" figure is a fusion model (an upper
+bound on what compiling saves), labelled so. The last line is the estimate for the shipped 93x480p config's
+own attention backend and compile setting, with the range across attention backends.
+Usage: python bench/step_proxies.py
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import gc
 import math
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +44,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
+from osp.stage2_train import roofline as R
+
 PRESET, GRID, TEXT_LEN, BATCH, LAYERS = "osp12-93x480p", (24, 30, 40), 512, 1, 32
-# H100 SXM rates of the roofline estimate (nominal dense bf16 peak; achieved fractions are assumptions)
-PEAK_TFLOPS = 989.0
-GEMM_TFLOPS = 0.75 * PEAK_TFLOPS  # large bf16 GEMMs
-ATTN_TFLOPS = 450.0  # flash / cuDNN attention fwd+bwd at head dim 96
-HBM_TBPS = 0.8 * 3.35  # memory-bound kernels
-LINK_GBPS = 360.0  # NVLink all-gather / reduce-scatter bus bandwidth per GPU
-TARGETS = {"mem": 0.25, "allgather": 0.4, "saved": 0.6, "recompute": 0.05, "mfu": 40.0}
+CONFIG = Path(__file__).resolve().parents[1] / "stage2_train" / "configs" / "osp12-93x480p.toml"
+CARD, WORLD = "h100-80gb", 8
+TARGETS = {"mem": 0.25, "allgather": 0.4, "saved": 0.6, "recompute": 0.05}
 
 VIEW_OPS = {
     "view",
@@ -99,7 +102,9 @@ class Node:
 
 @dataclass
 class Counts:
-    flops: dict = field(default_factory=lambda: {"gemm": 0, "attn": 0})
+    flops: dict = field(default_factory=lambda: {"gemm": 0, "attn": 0})  # attn: every attention kernel (bwd 2x fwd)
+    attn_fwd: int = 0  # attention forward kernels of the forward pass
+    attn_recompute: int = 0  # attention forward kernels run again in the backward pass (recompute)
     mem_eager: int = 0
     mem_fused: int = 0
     coll: dict = field(default_factory=lambda: {"allgather": 0, "reducescatter": 0, "allreduce": 0})
@@ -168,6 +173,11 @@ class Tracer(TorchDispatchMode):
                 q, k = ins[1], ins[2]  # (grad_out, q, k, v, ...)
             f = 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
             c.flops["attn"] += 2 * f if "backward" in name else f
+            if "backward" not in name:
+                if self.phase == "fwd":
+                    c.attn_fwd += f
+                else:
+                    c.attn_recompute += f
         else:
             kind = "mem"
             c.mem_eager += sum(self.size[k] for k in in_keys) + sum(self.size[k] for k in out_keys)
@@ -371,23 +381,28 @@ def measure(model, tp: int, regime: str, ckpt: str) -> Counts:
     return c
 
 
-def roofline(c: Counts, tp: int, mem: int, params_per_rank: int, dp: int) -> dict:
-    """Step-time estimate (s) of LAYERS blocks + DP gradient all-reduce + AdamW + EMA on one H100."""
-    block = (
-        c.flops["gemm"] / (GEMM_TFLOPS * 1e12)
-        + c.flops["attn"] / (ATTN_TFLOPS * 1e12)
-        + mem / (HBM_TBPS * 1e12)
-        + (c.coll["allgather"] + c.coll["reducescatter"] + 2 * c.coll["allreduce"]) * (tp - 1) / tp / (LINK_GBPS * 1e9)
+def step_counts(c: Counts, mem: int, memory: str, params_per_rank: int, train) -> R.StepCounts:
+    """One optimizer step of one rank (LAYERS blocks, TP=2+SP, DP=WORLD/2) in the roofline model's terms."""
+    from osp.common.models.dit import get_dit_config
+
+    tp = 2
+    block = R.BlockCounts(
+        gemm_flops=c.flops["gemm"],
+        attn_fwd_flops=c.attn_fwd,
+        attn_recompute_flops=c.attn_recompute,
+        mem_bytes=mem,
+        coll_bytes=c.coll["allgather"] + c.coll["reducescatter"] + 2 * c.coll["allreduce"],
     )
-    dp_ar = 2 * (dp - 1) / dp * params_per_rank * 4 / (LINK_GBPS * 1e9)  # fp32 grads, ring all-reduce
-    optim = params_per_rank * (28 + 12 + 4) / (HBM_TBPS * 1e12)  # AdamW (p, g, m, v) + EMA + grad-norm bytes
-    return {
-        "block": block,
-        "blocks": LAYERS * block,
-        "dp": dp_ar,
-        "optim": optim,
-        "step": LAYERS * block + dp_ar + optim,
-    }
+    return R.StepCounts(
+        layers=LAYERS,
+        block=block,
+        model_flops=R.model_flops(get_dit_config(PRESET), math.prod(GRID), TEXT_LEN, BATCH, tp=tp),
+        params=params_per_rank,
+        tp=tp,
+        dp=WORLD // tp,
+        memory=memory,
+        zero1=train.parallel.zero1,
+    )
 
 
 def main() -> int:
@@ -475,28 +490,41 @@ def main() -> int:
     for what, v, tgt in checks:
         print(f"  {what}: {v:.3f} (target <= {tgt}) {'met' if v <= tgt else 'MISSED'}")
 
-    model_flops = LAYERS * n0.total_flops  # per rank, no recompute
+    from osp.stage2_train.config import TrainConfig
+
+    train = TrainConfig.load(CONFIG)
+    card = R.get_card(CARD)
+    rates = ", ".join(f"{k} {f:.0f}/{b:.0f}" for k, (f, b) in card.attention.items())
     print(
-        f"\nroofline ESTIMATE, 8xH100 SXM (TP=2+SP, DP=4), device rates: peak {PEAK_TFLOPS:.0f} TFLOP/s bf16 dense, "
-        f"GEMM {GEMM_TFLOPS:.0f}, attention {ATTN_TFLOPS:.0f} TFLOP/s, HBM {HBM_TBPS:.2f} TB/s, NVLink {LINK_GBPS:.0f} GB/s; "
-        f"{LAYERS} blocks + DP all-reduce + AdamW + EMA (no overlap assumed)"
+        f"\nroofline ESTIMATE, {WORLD}x{card.title} (TP=2+SP, DP={WORLD // 2}{', ZeRO-1' if train.parallel.zero1 else ''}), "
+        f"pinned rates: peak {card.peak_tflops:.0f} TFLOP/s bf16 dense, GEMM {card.gemm_tflops:.0f}, attention fwd/bwd "
+        f"{rates} (bwd in the 2.5x flash convention), HBM {card.hbm_tbps} TB/s, NVLink {card.link_gbps:.0f} GB/s; "
+        f"{LAYERS} blocks + DP all-reduce + AdamW + EMA, nothing overlapped. MFU = model FLOPs / (step x peak), "
+        "HFU = hardware FLOPs (recompute, flash backward 2.5x) / (step x peak)"
     )
-    est = {}
-    for name, c, mem in (
-        ("today (full recompute, eager)", tf, tf.mem_eager),
-        ("new, no recompute, eager", n0, n0.mem_eager),
-        ("new, selective, eager", ns, ns.mem_eager),
-        ("new, selective, compiled", ns, ns.mem_fused),
-        ("new, no recompute, compiled", n0, n0.mem_fused),
+    for name, c, mem, memory in (
+        ("today (full recompute)", tf, tf.mem_eager, "eager"),
+        ("new, no recompute", n0, n0.mem_eager, "eager"),
+        ("new, selective", ns, ns.mem_eager, "eager"),
+        ("new, selective", ns, ns.mem_fused, "fusion-model (an upper bound on compile's savings, not a count)"),
     ):
-        r = roofline(c, 2, mem, params_rank, 4)
-        est[name] = 100 * model_flops / (r["step"] * PEAK_TFLOPS * 1e12)
+        r = R.estimate_range(step_counts(c, mem, memory, params_rank, train), card, train.model.attention_backend)
+        h = r.headline
+        each = ", ".join(f"{k} {100 * e.mfu:.1f} %" for k, e in r.by_backend.items())
         print(
-            f"  {name}: step {r['step']:.3f} s (blocks {r['blocks']:.3f}, DP {r['dp'] * 1e3:.1f} ms, optimizer+EMA "
-            f"{r['optim'] * 1e3:.1f} ms) -> MFU {est[name]:.1f} %"
+            f"  {name}, {memory} memory traffic: step {h.step_s:.3f} s at {h.backend} -> MFU {100 * h.mfu:.1f} % "
+            f"(HFU {100 * h.hfu:.1f} %; model {h.model_flops / 1e12:.1f} / hardware {h.hardware_flops / 1e12:.1f} TFLOP "
+            f"per rank); by backend: {each}"
         )
-    layout = "TP=2+SP, bf16, selective, compiled"
-    print(f"roofline MFU estimate (8xH100, 93x480p, {layout}): {est['new, selective, compiled']:.1f} %")
+    # the shipped config's own regime; memory traffic stays the eager count unless compiled traffic was counted
+    sel = {"selective": ns, "none": n0, "full": res[(2, "new", "full")]}[train.model.checkpointing]
+    r = R.estimate_range(
+        step_counts(sel, sel.mem_eager, "eager", params_rank, train), card, train.model.attention_backend
+    )
+    layout = f"TP=2+SP DP={WORLD // 2}{' ZeRO-1' if train.parallel.zero1 else ''} {train.model.checkpointing}"
+    if train.model.compile:
+        layout += ", compiled run with eager traffic (compiled traffic not counted)"
+    print(R.headline_line(r, f"{WORLD}xH100, 93x480p, {layout}"))
     return 0
 
 

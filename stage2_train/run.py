@@ -45,6 +45,7 @@ from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.common.models.attention import resolve_backend
 from osp.stage2_train.config import TrainConfig, resolve_precision
+from osp.stage2_train.roofline import model_flops as dit_train_flops
 from osp.stage2_train.data import Batch, CorruptSampleError, ShardDataset, ShardLoader, corrupt_message
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.watchdog import Watchdog
@@ -63,31 +64,6 @@ from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm, lr_at
 
 class NonFiniteError(OspError, RuntimeError):
     """A non-finite loss or gradient under run.nonfinite=stop (the message names the samples)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# analytic FLOPs (matmuls only; multiply-add = 2 FLOPs)
-# ------------------------------------------------------------------------------------------------
-def dit_forward_flops(cfg, tokens: int, text_len: int) -> float:
-    """Forward FLOPs of one sample: N video tokens, L text tokens (attention scores and values included)."""
-    d, n, l = cfg.inner_dim, tokens, text_len
-    patch_in = cfg.in_channels * cfg.patch_size**2 * cfg.patch_size_t
-    patch_out = cfg.out_channels * cfg.patch_size**2 * cfg.patch_size_t
-    block = (
-        8 * n * d * d  # self-attn q, k, v, out
-        + 4 * n * n * d  # self-attn QK^T and AV
-        + 4 * n * d * d  # cross-attn q, out
-        + 4 * l * d * d  # cross-attn k, v
-        + 4 * n * l * d  # cross-attn QK^T and AV
-        + 16 * n * d * d  # feed-forward D -> 4D -> D
-    )
-    embed = 2 * n * patch_in * d + 2 * l * (cfg.caption_channels * d + d * d) + 2 * (256 * d + d * d + 6 * d * d)
-    return float(cfg.num_layers * block + embed + 2 * n * d * patch_out)
-
-
-def dit_train_flops(cfg, tokens: int, text_len: int) -> float:
-    """Forward + backward (2x forward); recomputation under activation checkpointing is not counted."""
-    return 3.0 * dit_forward_flops(cfg, tokens, text_len)
 
 
 def peak_memory_gb(device) -> float:

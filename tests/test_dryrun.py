@@ -203,10 +203,29 @@ def test_gpu_smoke_pieces_on_cpu(tmp_path):
     root = smoke.write_clips(tmp_path / "data", 2, 9, 64, 96)
     info = probe_video(root / "clips" / "clip001.mp4")
     assert (info["num_frames"], info["height"], info["width"]) == (9, 64, 96)
-    s = smoke.summary({"step_time_s": 2.0, "peak_mem_gb": 30.0}, 40.0, 4e14, 1000.0, 800.0)
-    assert (
-        s["tflops"] == 200.0 and s["mfu_nominal"] == 0.2 and s["mfu_matmul"] == 0.25 and s["peak_vs_prediction"] == 0.75
-    )
+    warm = [{"step": 4, "step_time_s": 1.5, "peak_mem_gb": 29.0}, {"step": 5, "step_time_s": 2.5, "peak_mem_gb": 30.0}]
+    s = smoke.summary(warm, 40.0, 4e14, 5e14, 1000.0, 800.0)  # model / hardware FLOPs per step
+    assert (s["model_tflops"], s["mfu_nominal"], s["hfu_nominal"], s["mfu_matmul"]) == (200.0, 0.2, 0.25, 0.25)
+    assert s["peak_vs_prediction"] == 0.75 and s["warm_steps"] == [4, 5]
+    # the output folder: a user's non-empty folder is refused and left alone; the smoke's own is reused
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    with pytest.raises(smoke.SmokeError, match="not made by the smoke"):
+        smoke.claim_output(user)
+    assert (user / "keep.txt").read_text() == "mine"
+    own = tmp_path / "own"
+    smoke.claim_output(own)
+    (own / "run").mkdir()
+    (own / "notes.txt").write_text("x")
+    smoke.claim_output(own)
+    assert not (own / "run").exists() and (own / "notes.txt").exists()
+    ck = own / "r" / "checkpoints"
+    for name in ("step_00000002", "step_00000005"):
+        (ck / name).mkdir(parents=True)
+    (ck / "latest").write_text("step_00000005\n")
+    smoke.keep_newest_checkpoint(own / "r")
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000005"]
     with pytest.raises(smoke.SmokeError, match="train: no checkpoint"):
         smoke.check(False, "train", "no checkpoint")
 

@@ -1,5 +1,6 @@
 """OpenSoraT2V at real width on one H100/H200 in the trainer's regime: forward+backward and full-step
-time, analytic FLOPs, TFLOP/s, MFU against the card's nominal dense bf16 peak (the measured matmul
+time, analytic model and hardware FLOPs (osp.stage2_train.roofline), model TFLOP/s, MFU (model FLOPs) and HFU
+(hardware FLOPs: recompute, flash backward 2.5x) against the card's nominal dense bf16 peak (the measured matmul
 rate beside it), and bf16-vs-fp32 output agreement.
 
 The regime is the trainer's (issue #12): fp32 master weights, every activation in the `--precision`
@@ -9,8 +10,8 @@ adds what the trainer does after backward: DP gradient all-reduce (when torchrun
 --tp), the global grad norm + clip, AdamW and the EMA update (stage2_train.optim).
 
 Self-contained: needs only torch and the osp package (megatron-core is optional: with it,
-`torchrun --nproc_per_node N bench/gpu/bench_dit_gpu.py --tp N [--sp]` times the megatron TP/SP plan;
-without it only the single-GPU run is available). Runs in a few minutes. The model is the real
+`torchrun --nproc_per_node N bench/gpu/bench_dit_gpu.py --tp T [--sp]` times the megatron TP/SP plan with
+DP = N / T, one GPU per rank (LOCAL_RANK); without it only the single-GPU run is available). Runs in a few minutes. The model is the real
 OpenSoraT2V definition (D 2304, 24 heads x 96, FFN 9216, text 4096) with --blocks transformer blocks
 (default 4) at the 93x480p token count: latent 4 x 24 x 60 x 80 -> 28,800 video tokens, 512 text tokens.
 
@@ -35,6 +36,7 @@ import torch
 try:
     from osp.common.models.attention import resolve_backend
     from osp.common.models.dit import DiTConfig, build_dit, resolve_precision
+    from osp.stage2_train import roofline as R
 except ImportError:  # pragma: no cover - a bare checkout: map the folders to osp.* by hand
     import types
 
@@ -50,17 +52,20 @@ except ImportError:  # pragma: no cover - a bare checkout: map the folders to os
         sys.modules[name] = mod
     from osp.common.models.attention import resolve_backend
     from osp.common.models.dit import DiTConfig, build_dit, resolve_precision
+    from osp.stage2_train import roofline as R
 
 # Nominal dense bf16 peaks (TFLOP/s, no sparsity): the MFU reference. Matched in this order against
 # torch.cuda.get_device_name ("NVIDIA GH200 480GB", "NVIDIA H200 NVL", "NVIDIA H200", "NVIDIA H100 80GB HBM3").
+# The SXM cards' peaks are the roofline table's; the NVL/PCIe variants (lower clocks) are listed here only.
 NOMINAL_BF16_TFLOPS = {
-    "GH200": 989.0,
+    "GH200": R.CARDS["h200-141gb"].peak_tflops,
     "H200 NVL": 835.0,
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
+    "H200": R.CARDS["h200-141gb"].peak_tflops,
+    "H100 SXM": R.CARDS["h100-80gb"].peak_tflops,
+    "H100 80GB HBM3": R.CARDS["h100-80gb"].peak_tflops,
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
+    "A100": R.CARDS["a100-80gb"].peak_tflops,
 }
 
 
@@ -85,18 +90,44 @@ class Shape:
         return self.frames * (self.height // 2) * (self.width // 2)
 
 
-def model_flops(s: Shape) -> dict[str, float]:
-    """Forward FLOPs (2 per multiply-add) of OpenSoraT2V with s.blocks blocks, per batch."""
-    S, L, D, F, B = s.tokens, s.text_len, s.d, 4 * s.d, s.batch
-    self_proj = 4 * 2 * S * D * D  # q, k, v, out
-    self_attn = 2 * 2 * S * S * D  # q k^T and p v
-    cross_proj = 2 * 2 * S * D * D + 2 * 2 * L * D * D  # q, out on video; k, v on text
-    cross_attn = 2 * 2 * S * L * D
-    ffn = 2 * 2 * S * D * F
-    block = self_proj + self_attn + cross_proj + cross_attn + ffn
-    outer = 2 * S * D * 16 + 2 * L * (s.text_dim * D + D * D) + 2 * (256 * D + D * D + D * 6 * D) + 2 * S * D * 16
-    fwd = B * (s.blocks * block + outer)
-    return {"forward": fwd, "train": 3 * fwd, "attention_share": B * s.blocks * (self_attn + cross_attn) / fwd}
+def dit_config(s: Shape) -> DiTConfig:
+    return DiTConfig(
+        num_layers=s.blocks,
+        num_attention_heads=s.heads,
+        attention_head_dim=s.head_dim,
+        caption_channels=s.text_dim,
+        cross_attention_dim=s.d,
+        sample_size=[s.height, s.width],
+        sample_size_t=s.frames,
+    )
+
+
+def model_flops(s: Shape, tp: int = 1, checkpointing: str = "none") -> dict[str, float]:
+    """FLOPs of one forward + backward of the batch on one TP rank (osp.stage2_train.roofline): model FLOPs
+    (3x forward, no recompute) and hardware FLOPs (recompute, flash attention's 2.5x backward)."""
+    cfg = dit_config(s)
+    f = R.forward_flops(cfg, s.tokens, s.text_len, s.batch, tp=tp)
+    return {
+        "forward": f.total,
+        "train": R.model_flops(cfg, s.tokens, s.text_len, s.batch, tp=tp),
+        "hardware": R.hardware_flops(cfg, s.tokens, s.text_len, s.batch, tp=tp, checkpointing=checkpointing),
+        "attention_share": f.attention / f.total,
+    }
+
+
+def attention_kernels(fn) -> str:
+    """The aten attention kernels one call of `fn` dispatches (profiled: what a compiled model runs, too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = []
+    for e in prof.events():
+        n = e.name.removeprefix("aten::")
+        if n.startswith(("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention")):
+            if "backward" not in n and n not in names:
+                names.append(n)
+    return ", ".join(names) if names else "math (no fused attention kernel)"
 
 
 def sync(dev: torch.device) -> None:
@@ -142,34 +173,35 @@ def make_inputs(s: Shape, dev: torch.device, seed: int = 0):
     return x, t, text, mask
 
 
-def init_tp(args):
-    """Optional megatron TP(/SP) across torchrun ranks. Returns (tp, rank)."""
+def init_parallel(args) -> tuple[int, int, int]:
+    """torchrun ranks: megatron TP(/SP) of --tp ranks, DP over the rest, one device per rank (LOCAL_RANK).
+    Returns (tp, rank, local_rank); a single process needs no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.tp == 1:
-        return 1, 0
-    if world != args.tp:
-        raise SystemExit(f"--tp {args.tp} needs torchrun --nproc_per_node {args.tp} (WORLD_SIZE={world})")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1 and args.tp == 1:
+        return 1, 0, local
+    if world % args.tp:
+        raise SystemExit(f"--tp {args.tp} must divide the torchrun world size (WORLD_SIZE={world})")
     try:
         from megatron.core import parallel_state
     except ImportError:
         raise SystemExit(
-            "--tp > 1 needs megatron-core (pip install megatron-core==0.16.1); run without --tp for one GPU"
+            "torchrun ranks need megatron-core (pip install megatron-core==0.16.1); run one process for one GPU"
         ) from None
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "gloo" if args.dry_run or not torch.cuda.is_available() else "nccl"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
     dist.init_process_group(backend)
     from osp.common import megatron_cpu
 
     megatron_cpu.apply()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
-    return args.tp, dist.get_rank()
+    return args.tp, dist.get_rank(), local
 
 
 def run(args) -> dict:
-    dev = torch.device("cpu") if args.dry_run else torch.device("cuda")
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --dry-run for the CPU smoke test")
     if args.dry_run:
@@ -178,19 +210,12 @@ def run(args) -> dict:
     else:
         s = Shape(args.blocks, 24, 96, 4096, args.frames, args.height, args.width, args.text_len, args.batch)
         peak_n = 8192
-    tp, rank = init_tp(args)
+    tp, rank, local = init_parallel(args)
+    dev = torch.device("cpu") if args.dry_run else torch.device("cuda", local)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference must be true fp32
     torch.backends.cudnn.allow_tf32 = False
 
-    cfg = DiTConfig(
-        num_layers=s.blocks,
-        num_attention_heads=s.heads,
-        attention_head_dim=s.head_dim,
-        caption_channels=s.text_dim,
-        cross_attention_dim=s.d,
-        sample_size=[s.height, s.width],
-        sample_size_t=s.frames,
-    )
+    cfg = dit_config(s)
     torch.manual_seed(0)
     model = build_dit(cfg, device=dev)  # fp32 master weights, as the trainer
     with torch.no_grad():  # non-zero modulation tables and output layer (zero-init would hide numerics)
@@ -216,7 +241,7 @@ def run(args) -> dict:
 
         model = parallelize(model, sequence_parallel=args.sp)
     model.compute_dtype, model.checkpointing = act, args.checkpointing
-    kernel = resolve_backend(args.attention_backend, dev, s.heads // tp, s.head_dim, act)
+    resolve_backend(args.attention_backend, dev, s.heads // tp, s.head_dim, act)
     if args.compile:
         model.compile_blocks()
     grad = torch.randn(s.batch, 4, s.frames, s.height, s.width, device=dev, dtype=act)
@@ -232,11 +257,11 @@ def run(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = max(world // tp, 1)
     tp_group = dp_group = None
-    if tp > 1 or dp > 1:
+    if world > 1:
         from megatron.core import parallel_state as ps
 
         tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
-    ddp = DataParallel(model, dp_group, dp, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+    ddp = DataParallel(model, dp_group, dp, device_ids=[dev.index] if dev.type == "cuda" else None)
     optim = ShardedAdamW(
         params,
         [n for n, _ in named],
@@ -268,6 +293,9 @@ def run(args) -> dict:
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    # the kernel the (compiled, when --compile) model dispatches, seen in one warm-up forward
+    with torch.no_grad():
+        kernel = attention_kernels(lambda: model(x, t, text, mask))
     secs = timed(lambda: (optim.zero_grad(), fwd_bwd()), dev, args.iters, args.warmup)
     step_secs = timed(full_step, dev, args.iters, 1)
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
@@ -275,9 +303,10 @@ def run(args) -> dict:
         fwd_secs = timed(lambda: model(x, t, text, mask), dev, args.iters, args.warmup)
     peak = matmul_peak(dev, peak_n, args.iters)
 
-    fl = model_flops(s)
-    tflops = fl["train"] / tp / secs / 1e12  # per GPU
-    step_tflops = fl["train"] / tp / step_secs / 1e12
+    fl = model_flops(s, tp, args.checkpointing)  # per rank
+    tflops = fl["train"] / secs / 1e12  # model TFLOP/s per GPU
+    step_tflops = fl["train"] / step_secs / 1e12
+    hw_tflops = fl["hardware"] / secs / 1e12
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
     nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
     return {
@@ -297,12 +326,14 @@ def run(args) -> dict:
         "fwd_ms": fwd_secs * 1e3,
         "fwd_bwd_ms_per_block": secs * 1e3 / s.blocks,
         "train_tflop": fl["train"] / 1e12,
+        "hardware_tflop": fl["hardware"] / 1e12,
         "attention_flop_share": fl["attention_share"],
         "tflops_per_gpu": tflops,
         "step_tflops_per_gpu": step_tflops,
         "matmul_peak_tflops": peak,
         "nominal_peak_tflops": nominal,
         "mfu_nominal": (tflops / nominal) if nominal else None,
+        "hfu_nominal": (hw_tflops / nominal) if nominal else None,
         "step_mfu_nominal": (step_tflops / nominal) if nominal else None,
         "mfu_measured_peak": tflops / peak,
         "peak_mem_gib": peak_mem,
@@ -323,14 +354,15 @@ def markdown(r: dict) -> str:
     b = r["bf16_vs_fp32"]
     lines = [
         f"<!-- bench/gpu/bench_dit_gpu.py, torch {r['torch']} -->",
-        "| card | setting | fwd+bwd ms (per block) | full step ms | fwd ms | TFLOP/s per GPU (fwd+bwd / step) | MFU vs nominal peak (fwd+bwd / step) | measured matmul TFLOP/s | peak mem GiB | bf16 vs fp32 (max rel / rms rel / cos) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| card | setting | fwd+bwd ms (per block) | full step ms | fwd ms | model TFLOP/s per GPU (fwd+bwd / step) | MFU vs nominal peak (fwd+bwd / step) | HFU (fwd+bwd) | measured matmul TFLOP/s | peak mem GiB | bf16 vs fp32 (max rel / rms rel / cos) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {r['card']} | {setting} | {r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_per_block']:.1f}) | {r['step_ms']:.1f} | {r['fwd_ms']:.1f} | "
-        f"{r['tflops_per_gpu']:.1f} / {r['step_tflops_per_gpu']:.1f} | {pct(r['mfu_nominal'])} / {pct(r['step_mfu_nominal'])} | "
+        f"{r['tflops_per_gpu']:.1f} / {r['step_tflops_per_gpu']:.1f} | {pct(r['mfu_nominal'])} / {pct(r['step_mfu_nominal'])} | {pct(r['hfu_nominal'])} | "
         f"{r['matmul_peak_tflops']:.1f} | {r['peak_mem_gib']:.1f} | {b['rel_max']:.2e} / {b['rel_rms']:.2e} / {b['cosine']:.6f} |",
         "",
-        f"FLOPs: {r['train_tflop']:.2f} TFLOP per fwd+bwd (3x forward, model FLOPs incl. attention, recompute not counted; "
-        f"attention share {r['attention_flop_share']:.1%}). Nominal peak: {r['nominal_peak_tflops']} TFLOP/s dense bf16.",
+        f"FLOPs per GPU per fwd+bwd: model {r['train_tflop']:.2f} TFLOP (3x forward incl. attention, no recompute: MFU), "
+        f"hardware {r['hardware_tflop']:.2f} TFLOP (recompute, flash backward 2.5x: HFU); attention share "
+        f"{r['attention_flop_share']:.1%}. Nominal peak: {r['nominal_peak_tflops']} TFLOP/s dense bf16.",
     ]
     return "\n".join(lines)
 

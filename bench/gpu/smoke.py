@@ -9,11 +9,17 @@ Steps (each one checked; any failure exits non-zero with the step's name):
                random weights (no downloads)
   3. data      a few generated clips of 29 x 480 x 640 (pixabay_v2 layout)
   4. encode    `osp encode --preset osp12-29x480p` with the VAE in bf16
-  5. train     `osp train`, 2 steps with a checkpoint, then `--resume auto` to step 3: TP=1 on NCCL (world 1
-               still uses NCCL, which refuses CPU tensors in collectives)
+  5. train     `osp train`, 2 steps with a checkpoint, then `--resume auto` to step 5: TP=1 on NCCL (world 1
+               still uses NCCL, which refuses CPU tensors in collectives); after each run only the newest
+               checkpoint is kept (one ~44 GB checkpoint at real size, not one per run)
   6. sample    `osp sample --steps 2` from the checkpoint: an mp4
-  7. report    SDPA backend actually used, step time, MFU against the card's nominal dense bf16 peak and
-               against the measured bf16 matmul rate, peak memory beside the dry run's prediction
+  7. report    SDPA backend actually used, warm step time (the steps after the first one of the resumed run),
+               MFU from MODEL FLOPs (osp.stage2_train.roofline: 3x forward, no recompute) against the card's
+               nominal dense bf16 peak, HFU (recompute and flash's 2.5x backward) beside it, the measured bf16
+               matmul rate, peak memory beside the dry run's prediction
+
+The output folder is the smoke's own: a new or empty folder gets a marker file; a non-empty folder without
+it is refused (nothing a user passes is deleted), and a rerun replaces only the smoke's own results in it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_dit_gpu import NOMINAL_BF16_TFLOPS, matmul_peak  # noqa: E402
 
+MARKER = ".osp-smoke"  # written into the output folder the smoke created or found empty
+OWN = ("models", "data", "shards", "run", "samples", "smoke.json")  # what a rerun replaces
+WARM_FROM = 4  # steps 1-2: first run; 3: first step after the resume (cold); 4-5: warm
 REAL = {"preset": "osp12-29x480p", "vae": "osp12", "frames": 29, "height": 480, "width": 640, "clips": 4}
 TINY = {"preset": "tiny", "vae": "tiny", "frames": 9, "height": 64, "width": 64, "clips": 2}
 
@@ -126,30 +136,73 @@ def write_text_encoder(out: Path, d_model: int) -> Path:
     return out
 
 
-def summary(m: dict, predicted_peak_gib: float, step_flops: float, nominal: float | None, matmul: float) -> dict:
-    """MFU and memory figures of the measured last step (step_flops: the dry run's count for one step)."""
-    tflops = step_flops / m["step_time_s"] / 1e12
+def summary(
+    warm: list[dict],
+    predicted_peak_gib: float,
+    model_flops: float,
+    hardware_flops: float,
+    nominal: float | None,
+    matmul: float,
+) -> dict:
+    """MFU / HFU and memory figures of the warm steps (`warm`: their metrics.jsonl records; model_flops and
+    hardware_flops: one step's, from the roofline model)."""
+    step = sum(m["step_time_s"] for m in warm) / len(warm)
+    tflops, hw = model_flops / step / 1e12, hardware_flops / step / 1e12
+    peak = max(m["peak_mem_gb"] for m in warm)
     return {
-        "step_time_s": m["step_time_s"],
-        "tflops": tflops,
+        "step_time_s": step,
+        "warm_steps": [m.get("step") for m in warm],
+        "model_tflops": tflops,
+        "hardware_tflops": hw,
         "mfu_nominal": tflops / nominal if nominal else None,
+        "hfu_nominal": hw / nominal if nominal else None,
         "mfu_matmul": tflops / matmul if matmul else None,
-        "peak_gib": m["peak_mem_gb"],
+        "peak_gib": peak,
         "predicted_peak_gib": predicted_peak_gib,
-        "peak_vs_prediction": m["peak_mem_gb"] / predicted_peak_gib if predicted_peak_gib else None,
+        "peak_vs_prediction": peak / predicted_peak_gib if predicted_peak_gib else None,
     }
+
+
+def claim_output(out: Path) -> None:
+    """Make `out` the smoke's folder: create it (or take an empty one) and mark it; a folder marked by an
+    earlier smoke loses only the smoke's own results; any other non-empty folder is refused."""
+    if out.exists() and not out.is_dir():
+        raise SmokeError(f"setup: {out} is a file; pass a new or empty folder as --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise SmokeError(
+            f"setup: {out} is not empty and was not made by the smoke; pass a new or empty folder as --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("bench/gpu/smoke.py output folder\n")
+    for name in OWN:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def keep_newest_checkpoint(run_dir: Path) -> None:
+    """Remove every checkpoint of the run except the one `latest` names."""
+    root = run_dir / "checkpoints"
+    latest = (root / "latest").read_text().strip()
+    for p in root.iterdir():
+        if p.is_dir() and p.name != latest and not p.is_symlink():
+            shutil.rmtree(p)
 
 
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
 def run(out: Path, device: str, tiny: bool) -> dict:
+    from osp.common import config as C
     from osp.common.models.dit import get_dit_config
     from osp.common.models.vae import build_vae, save_vae
     from osp.stage2_train import dryrun
+    from osp.stage2_train import roofline as R
 
     size = TINY if tiny else REAL
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out)
     times, dev = {}, torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     check(dev.type == "cpu" or torch.cuda.is_available(), "setup", "no CUDA device; run with --device cpu --tiny")
@@ -213,13 +266,14 @@ def run(out: Path, device: str, tiny: bool) -> dict:
     ]
     osp("train", "run.steps=2", "run.ckpt_every=2", *common)
     check((run_dir / "checkpoints" / "latest").exists(), "train", "no checkpoint after 2 steps")
-    osp("train", "--resume", "auto", "run.steps=3", *common)
+    osp("train", "--resume", "auto", "run.steps=5", "run.ckpt_every=0", *common)
+    keep_newest_checkpoint(run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times["train"] = time.perf_counter() - t
     check(
-        [m["step"] for m in metrics] == [1, 2, 3],
+        [m["step"] for m in metrics] == [1, 2, 3, 4, 5],
         "train",
-        f"steps logged {[m['step'] for m in metrics]}, expected 1, 2, 3",
+        f"steps logged {[m['step'] for m in metrics]}, expected 1 to 5",
     )
     check(all(m["loss"] is not None and m["loss"] == m["loss"] for m in metrics), "train", "a non-finite loss")
 
@@ -246,7 +300,13 @@ def run(out: Path, device: str, tiny: bool) -> dict:
 
     nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
     matmul = matmul_peak(dev, 8192 if dev.type == "cuda" else 256, 5)
-    s = summary(metrics[-1], report.peak / 2**30, report.step_flops, nominal, matmul)
+    dit = get_dit_config(size["preset"])
+    flops = {  # one step of this run (batch 1, world 1, full recompute): model and hardware FLOPs
+        "model": R.model_flops(dit, report.tokens, C.TEXT_MAX_LENGTH),
+        "hardware": R.hardware_flops(dit, report.tokens, C.TEXT_MAX_LENGTH, checkpointing="full"),
+    }
+    warm = [m for m in metrics if m["step"] >= WARM_FROM]
+    s = summary(warm, report.peak / 2**30, flops["model"], flops["hardware"], nominal, matmul)
     return {
         "card": name,
         "preset": size["preset"],
@@ -254,7 +314,9 @@ def run(out: Path, device: str, tiny: bool) -> dict:
         "matmul_tflops": matmul,
         **s,
         "times_s": times,
-        "dry_run": {"peak_gib": report.peak / 2**30, "step_tflop": report.step_flops / 1e12},
+        "model_tflop_per_step": flops["model"] / 1e12,
+        "hardware_tflop_per_step": flops["hardware"] / 1e12,
+        "dry_run": {"peak_gib": report.peak / 2**30, "counted_step_tflop": report.step_flops / 1e12},
     }
 
 
@@ -270,12 +332,15 @@ def main(argv=None) -> int:
     except SmokeError as e:
         print(f"SMOKE FAILED at {e}", file=sys.stderr)
         return 1
-    mfu = f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "n/a (card not in NOMINAL_BF16_TFLOPS)"
+    na = "n/a (card not in NOMINAL_BF16_TFLOPS)"
+    mfu = f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else na
+    hfu = f"{r['hfu_nominal']:.1%}" if r["hfu_nominal"] is not None else na
     print(f"card {r['card']}  preset {r['preset']}  SDPA kernel {r['sdpa']}")
     print(
-        f"step time {r['step_time_s']:.2f} s  {r['tflops']:.1f} TFLOP/s (executed FLOPs of the dry run's count, recompute "
-        f"included)  MFU {mfu} of nominal bf16, "
-        f"{r['mfu_matmul']:.1%} of the measured bf16 matmul rate ({r['matmul_tflops']:.0f} TFLOP/s)"
+        f"warm step time {r['step_time_s']:.2f} s (steps {r['warm_steps']})  model {r['model_tflops']:.1f} TFLOP/s "
+        f"({r['model_tflop_per_step']:.2f} TFLOP/step: 3x forward, no recompute)  MFU {mfu} of nominal bf16  "
+        f"HFU {hfu} (hardware {r['hardware_tflop_per_step']:.2f} TFLOP/step: full recompute, flash backward 2.5x); "
+        f"MFU {r['mfu_matmul']:.1%} of the measured bf16 matmul rate ({r['matmul_tflops']:.0f} TFLOP/s)"
     )
     print(
         f"peak memory {r['peak_gib']:.2f} GiB; dry-run prediction {r['predicted_peak_gib']:.2f} GiB "

@@ -1,19 +1,21 @@
 """The self/cross-attention kernel of the DiT, chosen by one switch (`model.attention_backend`).
 
-    auto   : CUDA -> SDPA restricted to the priority order cuDNN, flash, mem-efficient, math;
-             NPU  -> torch_npu.npu_fusion_attention; CPU -> SDPA (math / flash-cpu)
+    auto   : CUDA -> SDPA in the priority order cuDNN, flash, mem-efficient, math;
+             NPU  -> torch_npu.npu_fusion_attention; CPU -> SDPA (torch's own order: flash-cpu, math)
     cudnn | flash | efficient | math : that SDPA backend only (an error if it cannot run)
-    fa3    : FlashAttention-3 (`flash_attn_interface`, Hopper) when installed, for unbiased calls;
-             biased (text-masked) calls fall back to SDPA
-    npu    : torch_npu.npu_fusion_attention (layout BNSD)
+    fa3    : FlashAttention-3 on a Hopper GPU with its kernel package (`flash_attn_interface`) installed:
+             torch's `activate_flash_attention_impl("FA3")` makes it SDPA's flash kernel, then SDPA runs in
+             the order flash, cuDNN, mem-efficient, math (biased, text-masked calls go to cuDNN); a torch
+             without that API calls `flash_attn_interface` directly for unbiased calls. Unavailable -> one-line error
+    npu    : torch_npu.npu_fusion_attention (layout BNSD); no torch_npu -> one-line error
 
-Under `model.compile` the backend context is left out of the compiled graph, so compiled blocks
-use SDPA's own priority order (the trainer's log says so).
+The backend context (`sdpa_kernel(..., set_priority=True)`) is entered inside `attention`, so under
+`model.compile` dynamo traces it into each compiled block's graph and the chosen order holds there too.
 
 `attention(q, k, v, bias)` takes q/k/v [B, h, S, hd] (after RoPE) and an additive bias
 [B, 1, 1, S_kv] or None and returns [B, h, S, hd], scale 1/sqrt(hd). `resolve_backend` names the
-kernel that will actually run for the training shapes (probing each candidate once), so the trainer
-logs it once at start.
+kernel that will actually run for the training shapes (probing each candidate once); the trainer logs it
+once at start, and `backend_in_use()` returns that name for the metrics.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from osp.common.errors import ConfigError, UnavailableError
+
 BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa3", "npu")
 _SDPA = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-_AUTO_CUDA = ("cudnn", "flash", "efficient", "math")
+_ORDER_CUDA = {"auto": ("cudnn", "flash", "efficient", "math"), "fa3": ("flash", "cudnn", "efficient", "math")}
 
-_state = {"name": "auto", "device": "cpu"}
+# name: the switch; fa3: "sdpa" (torch's FA3 impl active) | "interface" (direct calls) | None; kernel: the probe's answer
+_state: dict = {"name": "auto", "device": "cpu", "fa3": None, "kernel": None}
 
 
 def _sdpa_ctx(names: tuple[str, ...]):
@@ -43,8 +48,13 @@ def _sdpa_ctx(names: tuple[str, ...]):
 
 def set_backend(name: str, device_type: str) -> None:
     if name not in BACKENDS:
-        raise ValueError(f"model.attention_backend = {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"model.attention_backend = {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
     _state.update(name=name, device=device_type)
+
+
+def backend_in_use() -> str | None:
+    """The kernel `resolve_backend` found for this process (None before it ran): for logs and metrics."""
+    return _state["kernel"]
 
 
 def _fa3():
@@ -54,6 +64,37 @@ def _fa3():
     except ImportError:
         return None
     return flash_attn_interface
+
+
+def _activate_fa3(device: torch.device) -> str:
+    """Make FlashAttention-3 the kernel of `attention`: "sdpa" (torch's FA3 impl behind SDPA's flash backend)
+    or "interface" (direct calls). One-line UnavailableError when it cannot run here."""
+    fix = 'install FlashAttention-3 (flash_attn_interface) on a Hopper GPU or set model.attention_backend = "auto"'
+    if device.type != "cuda":
+        raise UnavailableError(f"model.attention_backend = 'fa3' needs a CUDA GPU, not {device.type}; {fix}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        raise UnavailableError(
+            f"model.attention_backend = 'fa3' needs a Hopper GPU (compute capability 9.x), this one is {major}.{minor}; {fix}"
+        )
+    if _fa3() is None:
+        raise UnavailableError(
+            f"model.attention_backend = 'fa3': the package flash_attn_interface is not installed; {fix}"
+        )
+    try:
+        from torch.nn.attention import activate_flash_attention_impl
+    except ImportError:  # torch before the flash-impl registry
+        return "interface"
+    activate_flash_attention_impl("FA3")
+    return "sdpa"
+
+
+def _deactivate_fa3() -> None:
+    if _state["fa3"] == "sdpa":
+        from torch.nn.attention import restore_flash_attention_impl
+
+        restore_flash_attention_impl()
+    _state["fa3"] = None
 
 
 def _npu_attention(q, k, v, bias):
@@ -66,26 +107,27 @@ def _npu_attention(q, k, v, bias):
     return out[0]
 
 
+def _order(name: str, device_type: str) -> tuple[str, ...] | None:
+    """The SDPA backends (in priority order) for the switch on this device; None = torch's own choice."""
+    if device_type == "meta":
+        return None
+    if device_type == "cuda" and name in _ORDER_CUDA:
+        return _ORDER_CUDA[name]
+    return (name,) if name in _SDPA else None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     name = _state["name"]
     if bias is not None:
         bias = bias.to(q.dtype)
     if name == "npu" or (name == "auto" and q.device.type == "npu"):
         return _npu_attention(q, k, v, bias)
-    if name == "fa3" and bias is None and q.device.type == "cuda":
-        fa3 = _fa3()
-        if fa3 is not None:
-            out = fa3.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            out = out[0] if isinstance(out, tuple) else out
-            return out.transpose(1, 2)
-    ctx = nullcontext()
-    if torch.compiler.is_compiling():
-        pass  # compiled blocks: no backend context inside the graph (SDPA's own order applies)
-    elif q.device.type == "cuda" and name in ("auto", "fa3"):
-        ctx = _sdpa_ctx(_AUTO_CUDA)
-    elif name in _SDPA and q.device.type != "meta":
-        ctx = _sdpa_ctx((name,))
-    with ctx:
+    if name == "fa3" and _state["fa3"] == "interface" and bias is None and q.device.type == "cuda":
+        out = _fa3().flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+    order = _order(name, q.device.type)
+    with nullcontext() if order is None else _sdpa_ctx(order):  # traced into compiled graphs as well
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
@@ -93,15 +135,31 @@ def resolve_backend(
     name: str, device: torch.device, heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 256
 ) -> str:
     """The kernel that `attention` runs for unbiased [1, heads, tokens, head_dim] inputs in `dtype` on
-    `device` (probed: the first candidate that runs). One-line error when a forced backend cannot run."""
+    `device` (probed: the first candidate that runs); also kept for `backend_in_use()`. One-line error when a
+    forced backend cannot run."""
     set_backend(name, device.type)
+    _state["kernel"] = kernel = _resolve(name, device, heads, head_dim, dtype, tokens)
+    return kernel
+
+
+def _resolve(name: str, device: torch.device, heads: int, head_dim: int, dtype: torch.dtype, tokens: int) -> str:
     if name == "npu" or (name == "auto" and device.type == "npu"):
+        try:
+            import torch_npu  # noqa: F401  # pyright: ignore[reportMissingImports] (optional: Ascend only)
+        except ImportError:
+            raise UnavailableError(
+                'model.attention_backend = "npu" needs torch_npu (Ascend); install it or set model.attention_backend = "auto"'
+            ) from None
         return "npu_fusion_attention"
+    if device.type == "meta":  # the dry run: no kernel runs, the switch is kept as given
+        return f"{name} (not probed on meta)"
     if name == "fa3":
-        if device.type == "cuda" and _fa3() is not None:
-            return "flash-attention-3"
-        name = "auto"
-    candidates = _AUTO_CUDA if (name == "auto" and device.type == "cuda") else ((name,) if name in _SDPA else ())
+        _state["fa3"] = _activate_fa3(device)
+        if _state["fa3"] == "interface":
+            return "flash-attention-3 (flash_attn_interface; masked calls: sdpa)"
+    elif _state["fa3"] is not None:
+        _deactivate_fa3()
+    candidates = _order(name, device.type) or ()
     if not candidates:
         return "sdpa (torch default for " + device.type + ")"
     q = torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype)
@@ -109,10 +167,10 @@ def resolve_backend(
         try:
             with _sdpa_ctx((c,)):
                 F.scaled_dot_product_attention(q, q, q)
-            return f"sdpa:{c}"
+            return "sdpa:flash (FlashAttention-3)" if name == "fa3" and c == "flash" else f"sdpa:{c}"
         except RuntimeError:
             continue
-    raise ValueError(
+    raise UnavailableError(
         f"model.attention_backend = {name!r} cannot run on {device.type} with head dim {head_dim} in {dtype}; "
         'set model.attention_backend = "auto"'
     )
