@@ -48,6 +48,9 @@ class Layout:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def __deepcopy__(self, memo) -> Layout:  # immutable, and process groups are handles: a copied model shares it
+        return self
+
     def sizes(self) -> dict[str, Any]:
         """The sizes a checkpoint records (a resume at another layout names what changed)."""
         return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "sp": self.sp, "world": self.world}
