@@ -54,11 +54,13 @@ def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir:
     from osp.common.models.dit import DiTConfig, build_dit
     from osp.stage2_train import build
     from osp.stage2_train import checkpoint as ckpt
+    from osp.stage2_train.dist import current_layout
     from osp.stage2_train.parallel import load_full_state_dict, parallelize
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ps.initialize_model_parallel(tensor_model_parallel_size=2, create_gloo_process_groups=False)
     cfg = DiTConfig.from_json(cfg_json)
+    layout = current_layout(True)
     mesh = ckpt.make_mesh("cpu", 2, 2)
     try:  # reset the peak to the current RSS (Linux >= 4.0), so the imports' transient peak is not counted
         Path("/proc/self/clear_refs").write_text("5")
@@ -71,11 +73,11 @@ def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir:
 
         model = build_dit(cfg, dtype=torch.float32)
         _, full = load_dit_checkpoint(folder)
-        model = parallelize(model, True)
+        model = parallelize(model, layout)
         load_full_state_dict(model, full, folder)
         del full
     else:
-        model = build.materialize(build.build_local(cfg, True), "cpu")
+        model = build.materialize(build.build_local(cfg, layout), "cpu")
         if mode == "slices":
             build.fill_from_folder(model, folder, 2, rank)
             if dcp_dir:  # leave a training checkpoint (weights only) for the dcp mode

@@ -38,6 +38,7 @@ def worker(rank: int, port: int, a: argparse.Namespace) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     from osp.common.models.dit import build_dit, get_dit_config
     from osp.stage2_train.data_parallel import DataParallel
+    from osp.stage2_train.layout import Layout
 
     cfg = get_dit_config("tiny")
     cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim = a.layers, a.dim // 48, 48
@@ -47,7 +48,8 @@ def worker(rank: int, port: int, a: argparse.Namespace) -> None:
     for mode in MODES:
         torch.manual_seed(0)
         m = build_dit(cfg)
-        nets[mode] = DataParallel(m, dist.group.WORLD, 2, overlap=mode != "blocking", bucket_mb=a.bucket_mb)
+        layout = Layout(rank=rank, world=2, dp=2, dp_rank=rank, dp_group=dist.group.WORLD, dp_cp_group=dist.group.WORLD)
+        nets[mode] = DataParallel(m, layout, overlap=mode != "blocking", bucket_mb=a.bucket_mb)
     n_params = sum(p.numel() for p in nets["compute"].model.parameters())
     g = torch.Generator().manual_seed(rank)
     t_, h_, w_ = cfg.sample_size_t, *cfg.sample_size

@@ -24,7 +24,7 @@ import argparse
 from osp.common.config import TEXT_MAX_LENGTH
 from osp.common.models.dit import get_dit_config
 from osp.stage2_train.comm_volume import CommLayout, attention_flops_per_rank, local_param_count, payloads, wire_bytes
-from osp.stage2_train.context_parallel import check_context_parallel
+from osp.stage2_train.layout import check_context_parallel
 
 
 def layouts(world: int) -> list[CommLayout]:

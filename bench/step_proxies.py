@@ -314,12 +314,13 @@ def today_block(blk, h, t6, txt, text_bias, angles, tp: int):
 # ------------------------------------------------------------------------------------------------
 def build(tp: int):
     from osp.common.models.dit import build_dit, get_dit_config
+    from osp.stage2_train.dist import current_layout
     from osp.stage2_train.parallel import parallelize
 
     cfg = replace(get_dit_config(PRESET), num_layers=1)
     model = build_dit(cfg)
     if tp > 1:
-        model = parallelize(model, sequence_parallel=True)
+        model = parallelize(model, current_layout(True))
     return model
 
 
@@ -340,7 +341,9 @@ def run_block(model, tp: int, regime: str, ckpt: str, tracer=None, saved=None) -
     blk = model.transformer_blocks[0]
     h, t6, txt, bias, table = inputs(model, tp, regime)
     if regime == "new":
-        model.checkpointing = ckpt
+        from osp.stage2_train.plan import apply_ac
+
+        apply_ac(model, ckpt)
         args = (h, t6, txt, bias, table.cos_sin(torch.bfloat16), None)
         fn = lambda: blk(*args)  # noqa: E731
     else:

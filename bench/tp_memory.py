@@ -78,7 +78,9 @@ def step(model, args, ckpt=False):
     x = torch.randn(args.batch, 4, args.frames, args.size, args.size, generator=g)
     text = torch.randn(args.batch, args.text_len, 64, generator=g)
     mask = torch.ones(args.batch, args.text_len)
-    model.gradient_checkpointing = ckpt
+    from osp.stage2_train.plan import apply_ac
+
+    apply_ac(model, "full" if ckpt else "none")
     with SavedBytes(model.parameters()) as sb:
         out = model(x, torch.full((args.batch,), 500.0), text, mask)
     out.square().mean().backward()
@@ -98,6 +100,7 @@ def worker(rank: int, port: int, args) -> None:
     megatron_cpu.apply()
     from megatron.core import parallel_state
 
+    from osp.stage2_train.dist import current_layout
     from osp.stage2_train.parallel import parallelize, reduce_sequence_parallel_grads
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
@@ -112,7 +115,7 @@ def worker(rank: int, port: int, args) -> None:
         res["tp1_ckpt"] = (sbc.total, param_bytes(base), time.perf_counter() - t0)
     dist.barrier()
     for name, sp in (("tp2", False), ("tp2_sp", True)):
-        m = parallelize(copy.deepcopy(base), sequence_parallel=sp)
+        m = parallelize(copy.deepcopy(base), current_layout(sp))
         t0 = time.perf_counter()
         sb = step(m, args)
         reduce_sequence_parallel_grads(m)

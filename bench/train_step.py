@@ -97,7 +97,7 @@ def main() -> None:
     from osp.common.demo_models import write_demo_models
     from osp.stage1_encode.run import EncodeOptions, Encoders, build_plan
     from osp.stage2_train.config import TrainConfig
-    from osp.stage2_train.run import Trainer
+    from osp.stage2_train.trainer import build_trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="osp-bench-train-"))
     try:
@@ -157,7 +157,7 @@ def main() -> None:
                 f"data.num_workers={args.workers}",
             ],
         )
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         cached = timed(trainer, args.steps, args.warmup)
 
         plan = build_plan(opts)

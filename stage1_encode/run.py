@@ -39,6 +39,7 @@ from .clips import ClipError, read_image, read_video_clip
 from .dataset import list_records, resolve_sources
 from .plan import Plan, ShardPlan, WorkItem, EncodeSpec, make_plan
 from osp.common.errors import OspError
+from osp.common.process import die_with_parent
 from osp.common.models.text import cleaner_identity
 
 PLAN_NAME = "plan.json"
@@ -121,6 +122,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    die_with_parent()  # a decode worker dies with its rank (under the launcher)
 
 
 def _identity(x):
@@ -446,6 +448,7 @@ def _progress(enabled: bool, rank: int, world: int):
 
 def encode(opts: EncodeOptions) -> dict:
     """Run (or resume) the encode of this rank; rank 0 also merges. Returns a summary dict."""
+    die_with_parent()  # under the launcher: this rank dies with it, however it dies
     rank, world = _rank_world(opts)
     out = Path(opts.out)
     if opts.batch_size < 1:

@@ -1,9 +1,9 @@
 """Model construction per rank: build on meta -> TP/SP plan -> materialise only the local shard -> fill.
 
-    model = build_local(dit_cfg, sp)                 # nothing allocated (a dry run stops here)
+    model = build_local(dit_cfg, layout)             # nothing allocated (a dry run stops here)
     materialize(model, device)                       # to_empty: this rank's shard, uninitialised
     fill_from_folder(model, init_dir, tp, rank)      # released / osp-dit safetensors, by slices
-    fill_random(model, dit_cfg, seed, tp, rank)      # or the seeded init of a new run
+    fill_random(model, dit_cfg, seed, layout)        # or the seeded init of a new run
     (or osp.stage2_train.checkpoint.load: a training checkpoint, resharded by DCP)
 
 No rank ever holds the full model when it starts from a checkpoint or released weights; only a run
@@ -13,23 +13,20 @@ from random weights builds the full model once (its init must not depend on the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from osp.common.convert import SliceReader, check_keys, shard_tensor, tensor_shapes
+from osp.common.models.dit import OpenSoraT2V, build_dit
+from osp.stage2_train.context_parallel import apply_context_parallel
+from osp.stage2_train.layout import Layout
+from osp.stage2_train.parallel import parallelize
 
-if TYPE_CHECKING:
-    from osp.common.models.dit import OpenSoraT2V
 
-
-def build_local(dit_cfg, sequence_parallel: bool) -> OpenSoraT2V:
-    """OpenSoraT2V on the meta device with this rank's TP/SP plan applied (fp32 parameters)."""
-    from osp.common.models.dit import build_dit
-    from osp.stage2_train.parallel import parallelize
-
-    return parallelize(build_dit(dit_cfg, device="meta", dtype=torch.float32), sequence_parallel)
+def build_local(dit_cfg, layout: Layout) -> OpenSoraT2V:
+    """OpenSoraT2V on the meta device with this rank's TP/SP and CP plans applied (fp32 parameters)."""
+    return apply_context_parallel(parallelize(build_dit(dit_cfg, device="meta", dtype=torch.float32), layout), layout)
 
 
 def materialize(model: nn.Module, device) -> nn.Module:
@@ -55,8 +52,6 @@ def fill_from_folder(
 ) -> None:
     """Copy this rank's slices of a released diffusers folder or an osp-dit checkpoint (any saved TP
     size) into the materialised model. Strict: keys and full shapes are checked first."""
-    from osp.common.models.dit import build_dit
-
     reader = SliceReader(folder, prefer_ema)
     full = tensor_shapes(build_dit(reader.config, device="meta"))
     on_disk = {k: torch.empty(reader.shape(k), device="meta") for k in reader.keys()}
@@ -71,12 +66,10 @@ def fill_from_folder(
 
 
 @torch.no_grad()
-def fill_random(model: nn.Module, dit_cfg, seed: int, tp: int, rank: int) -> None:
+def fill_random(model: nn.Module, dit_cfg, seed: int, layout: Layout) -> None:
     """The seeded random init of a new run, equal at every TP size: the full model is built once on
     CPU from `seed` and each rank copies its shard."""
-    from osp.common.models.dit import build_dit
-
     torch.manual_seed(seed)
     full = build_dit(dit_cfg, dtype=torch.float32).state_dict()
     for k, dst in _params(model).items():
-        dst.copy_(shard_tensor(k, full[k], tp, rank))
+        dst.copy_(shard_tensor(k, full[k], layout.tp, layout.tp_rank))

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from osp.common.models.rope import RopeTable
-from osp.stage2_train.dist import LayoutError
+from osp.stage2_train.layout import Layout, LayoutError, check_context_parallel
+from osp.stage2_train.parallel import plan_layout
 
 if TYPE_CHECKING:
     from osp.common.models.dit import DiTBlock, OpenSoraT2V
@@ -43,27 +44,19 @@ if TYPE_CHECKING:
 BLOCK_PREFIX = "transformer_blocks."  # parameters that see only the CP rank's tokens
 
 
-def _megatron():
+def _tensor_parallel():
+    """megatron's tensor_parallel mappings, imported once the CPU shim is in place."""
     from osp.common import megatron_cpu
 
     megatron_cpu.apply()  # no-op with an accelerator
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
-    return parallel_state, tensor_parallel
-
-
-def _cp_state():
-    ps, _ = _megatron()
-    if not ps.model_parallel_is_initialized():
-        raise RuntimeError(
-            "megatron parallel_state is not initialised; call osp.stage2_train.dist.init_parallel(..., cp=CP) first"
-        )
-    return ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(), ps.get_context_parallel_group()
+    return tensor_parallel
 
 
 def ulysses_to_heads(qkv: torch.Tensor, group, cp: int) -> torch.Tensor:
     """[n, B, h, S/C, hd] (sequence shard, all local heads) -> [n, B, h/C, S, hd] (head shard, full sequence)."""
-    _, tp = _megatron()
+    tp = _tensor_parallel()
     n, b, h, sl, hd = qkv.shape
     x = qkv.reshape(n, b, cp, h // cp, sl, hd).permute(2, 0, 1, 3, 4, 5)  # chunk j (head group j) -> CP rank j
     x = tp.all_to_all(group, x.contiguous())  # chunk j now holds CP rank j's tokens of our head group
@@ -72,7 +65,7 @@ def ulysses_to_heads(qkv: torch.Tensor, group, cp: int) -> torch.Tensor:
 
 def ulysses_to_sequence(o: torch.Tensor, group, cp: int) -> torch.Tensor:
     """The inverse: [B, h/C, S, hd] -> [B, h, S/C, hd]."""
-    _, tp = _megatron()
+    tp = _tensor_parallel()
     b, hc, s, hd = o.shape
     x = o.reshape(b, hc, cp, s // cp, hd).permute(2, 0, 1, 3, 4)  # chunk j (tokens of CP rank j) -> rank j
     x = tp.all_to_all(group, x.contiguous())  # chunk j now holds head group j of our tokens
@@ -103,36 +96,18 @@ class UlyssesAttention:
         return ulysses_to_sequence(o, self.group, self.cp)
 
 
-def check_context_parallel(heads: int, tokens: int | None, tp: int, cp: int, sp: bool) -> None:
-    """One-line LayoutError for a CP layout the DiT cannot run."""
-    if cp < 1:
-        raise LayoutError(f"parallel.cp={cp} must be >= 1")
-    if heads % (tp * cp):
-        raise LayoutError(
-            f"parallel.tp x parallel.cp = {tp} x {cp} must divide the DiT's {heads} attention heads (Ulysses splits heads "
-            f"over TP x CP); choose tp*cp among the divisors of {heads}"
-        )
-    split = cp * (tp if sp else 1)
-    if tokens is not None and cp > 1 and tokens % split:
-        what = f"cp x tp = {cp} x {tp}" if sp and tp > 1 else f"cp={cp}"
-        raise LayoutError(
-            f"context parallelism splits the {tokens} video tokens per sample (T*H/2*W/2) over {what} ranks, which does not "
-            "divide; change parallel.cp (or the clip size)"
-        )
-
-
-def apply_context_parallel(model: OpenSoraT2V, skip_inverse: bool = False) -> OpenSoraT2V:
-    """Apply the Ulysses CP plan in place (after `parallel.parallelize`), with megatron's CP group.
-    CP size 1 leaves the model unchanged."""
-    if getattr(model, "_osp_cp", None) is not None:
+def apply_context_parallel(model: OpenSoraT2V, layout: Layout, skip_inverse: bool = False) -> OpenSoraT2V:
+    """Apply the Ulysses CP plan of `layout` (its CP size, rank and group) in place, after
+    `parallel.parallelize(model, layout)`. CP size 1 leaves the model unchanged."""
+    if getattr(model, "_osp_cp", False):
         raise RuntimeError("context parallelism is already applied to this model")
-    cp, rank, group = _cp_state()
-    model._osp_cp = {"cp": cp}
+    if getattr(model, "_osp_layout", layout) is not layout:
+        raise RuntimeError("apply_context_parallel needs the layout the TP/SP plan was applied with")
+    model._osp_layout, model._osp_cp = layout, True
+    cp, rank, group, tp, sp = layout.cp, layout.cp_rank, layout.cp_group, layout.tp, layout.sp
     if cp == 1:
         return model
-    _, tensor_parallel = _megatron()
-    info = getattr(model, "_osp_parallel", None) or {"tp": 1, "sp": False}
-    tp, sp = info["tp"], info["sp"]
+    tensor_parallel = _tensor_parallel()
     check_context_parallel(model.config.num_attention_heads, None, tp, cp, sp)
     inner_scatter, inner_gather = model.scatter_video, model.gather_video
     inner_t6, inner_text = model.t6_hook, model.scatter_text
@@ -161,13 +136,11 @@ def apply_context_parallel(model: OpenSoraT2V, skip_inverse: bool = False) -> Op
     for block in model.transformer_blocks:
         attn = cast("DiTBlock", block).attn1
         attn.core = UlyssesAttention(attn.core, group, cp, rank, skip_inverse)
-    model._osp_cp = {"cp": cp, "rank": rank}
     return model
 
 
 def context_parallel_size(model: nn.Module) -> int:
-    info = getattr(model, "_osp_cp", None)
-    return int(info["cp"]) if info else 1
+    return plan_layout(model).cp if getattr(model, "_osp_cp", False) else 1
 
 
 @torch.no_grad()

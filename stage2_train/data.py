@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from osp.common import shards as S
 from osp.common.errors import ConfigError, OspError
+from osp.common.process import die_with_parent
 
 
 class CorruptSampleError(OspError, RuntimeError):
@@ -161,8 +162,6 @@ def _worker_init(_worker_id: int) -> None:
     # blocked (`_start_epoch`), so one sent before this line stays pending and is discarded here.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    from osp.stage2_train.launch import die_with_parent
-
     die_with_parent()  # and it dies with its rank (under the launcher)
 
 

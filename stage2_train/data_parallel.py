@@ -2,17 +2,17 @@
 gradients as views of the contiguous bucket buffers) + torch `ZeroRedundancyOptimizer` (AdamW state
 sharded over the data-parallel ranks). The same path runs on gloo (CPU), NCCL and HCCL.
 
-Parameters are replicated over DP x CP (`dist.dp_cp_group`), so both reduce and shard over that group.
+Parameters are replicated over DP x CP (`Layout.dp_cp_group`), so both reduce and shard over that group.
 The bucket hook sums over DP x CP and divides by the DP size (not the group size): CP-partial block
 grads then hold their complete value, and the CP-complete rest is divided by CP afterwards by
 `context_parallel.scale_replicated_grads` (all of it linear, so the order does not change the sum).
 SP-tagged grads are summed over TP afterwards (`parallel.reduce_sequence_parallel_grads`).
 
-    dp = DataParallel(model, group, dp_size, overlap=True, bucket_mb=25)
+    dp = DataParallel(model, layout, overlap=True, bucket_mb=25)   # over layout.dp_cp_group
     for micro in range(accum):
         with dp.sync(micro == accum - 1):        # no DP reduction on the non-final micro-steps
             dp.module(...).backward()
-    opt = ShardedAdamW(params, names, group, shard=True, keep_grads=dp.ddp is not None, lr=...)
+    opt = ShardedAdamW(params, names, layout.dp_cp_group, shard=True, keep_grads=dp.ddp is not None, lr=...)
 
 Why not megatron-core's DDP + DistributedOptimizer on accelerators: the optimizer does not build on
 CPU (hard-coded `device="cuda"`), so CI could not test the path the cluster runs; it shards a flat
@@ -38,6 +38,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
+
+from osp.stage2_train.layout import Layout
 
 ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")
 
@@ -69,7 +71,8 @@ def _reduce_bucket(state, bucket):  # no annotations: DDP checks them and they a
 
 
 class DataParallel:
-    """DDP over `group` (None or a size-1 group: the bare module, nothing to reduce).
+    """DDP over the layout's DP x CP group (None or a size-1 group: the bare module, nothing to reduce),
+    each bucket summed there and divided by the DP size.
 
     `module` is what the forward runs through; `sync(final)` is the context of one micro-step's
     forward + backward (reduction only on the final one)."""
@@ -77,16 +80,16 @@ class DataParallel:
     def __init__(
         self,
         model: nn.Module,
-        group,
-        dp_size: int,
+        layout: Layout,
         *,
         overlap: bool = True,
         bucket_mb: float = 25.0,
         device_ids: list[int] | None = None,
     ):
         self.model = model
+        group = layout.dp_cp_group
         self.size = dist.get_world_size(group) if group is not None else 1
-        self.hook = _HookState(group, float(dp_size), overlap)
+        self.hook = _HookState(group, float(layout.dp), overlap)
         on_meta = any(p.is_meta for p in model.parameters())
         if self.size == 1 or on_meta:  # meta (the dry run): nothing to reduce, DDP cannot build buffers there
             self.ddp = None

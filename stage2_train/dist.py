@@ -1,13 +1,6 @@
-"""Process group + megatron-core parallel state for stage 2.
-
-    world = tp * cp * dp   (no pipeline parallelism)
-    megatron's default order tp-cp-ep-dp-pp: the ranks of one TP group are contiguous, a CP group
-    strides by tp, a DP group by tp * cp:
-    world 4, tp 2        -> TP groups [0,1] [2,3], DP groups [0,2] [1,3]
-    world 4, tp 2, cp 2  -> TP groups [0,1] [2,3], CP groups [0,2] [1,3], DP size 1
-    world 8, tp 2, cp 2  -> TP [0,1] .., CP [0,2] [1,3] [4,6] [5,7], DP [0,4] [1,5] [2,6] [3,7]
-The data loader splits over DP only (all ranks of one TP x CP group read the same batch); gradients
-are reduced over the DP x CP group (`dp_cp_group`, parameters are replicated over CP).
+"""Process group + megatron-core parallel state for stage 2, handed to the rest as one `Layout`
+(`osp.stage2_train.layout`: sizes, ranks and process groups). megatron's layers read its global
+parallel state themselves; osp code reads the Layout that `init_parallel` returns.
 
 Launch: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment) or a
 plain `python -m osp.stage2_train.run` (one process, an in-memory store). The backend comes from the
@@ -20,63 +13,24 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from osp.common import megatron_cpu
 from osp.common.device import Device, pick_device
-from osp.common.errors import OspError, UnavailableError
+from osp.common.errors import UnavailableError
 from osp.common.quiet import quiet_device_warnings
+from osp.stage2_train.layout import Layout, LayoutError, check_layout, check_sample_layout
+from osp.stage2_train.parallel import parallelize
 
 
-class LayoutError(OspError, ValueError):
-    """A parallel layout that does not fit the world size or the model (parallel.tp, parallel.sp)."""
+def _parallel_state():
+    """megatron's parallel_state, imported once the CPU shim is in place (a no-op with an accelerator)."""
+    megatron_cpu.apply()
+    from megatron.core import parallel_state
 
-
-@dataclass(frozen=True)
-class Layout:
-    rank: int
-    world: int
-    local_rank: int
-    tp: int
-    dp: int
-    tp_rank: int
-    dp_rank: int
-    sp: bool
-    cp: int = 1
-    cp_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def check_layout(world: int, tp: int, sp: bool, heads: int, tokens: int | None = None, cp: int = 1) -> None:
-    """Raise a LayoutError for an impossible (world, tp, sp, cp) on a DiT with `heads` and `tokens` per sample."""
-    if cp < 1:
-        raise LayoutError(f"parallel.cp={cp} must be >= 1")
-    if tp < 1 or world % (tp * cp):
-        what = f"parallel.tp x parallel.cp = {tp} x {cp}" if cp > 1 else f"parallel.tp={tp}"
-        raise LayoutError(
-            f"world size {world} is not divisible by {what}; launch a multiple of {tp * cp} processes "
-            f"(NNODES x GPUS_PER_NODE with make train) or change {'parallel.tp / parallel.cp' if cp > 1 else 'parallel.tp'}"
-        )
-    if heads % tp:
-        raise LayoutError(
-            f"parallel.tp={tp} must divide the DiT's {heads} attention heads; choose a divisor of {heads}"
-        )
-    if sp and tp == 1:
-        raise LayoutError("parallel.sp=true needs parallel.tp > 1; set parallel.sp=false")
-    if sp and tokens is not None and tokens % tp:
-        raise LayoutError(
-            f"sequence parallelism splits the {tokens} video tokens per sample over tp={tp} ranks, which does not divide; "
-            "choose a tp dividing T*H/2*W/2, or set parallel.sp=false"
-        )
-    if cp > 1:
-        from osp.stage2_train.context_parallel import check_context_parallel
-
-        check_context_parallel(heads, tokens, tp, cp, sp)
+    return parallel_state
 
 
 def _check_master_reachable(addr: str, port: int, timeout: float) -> None:
@@ -131,10 +85,10 @@ def init_fake(world: int, rank: int) -> None:
 
 
 def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: float = 300.0, cp: int = 1) -> Layout:
-    """(Re)initialise megatron-core's parallel state for these TP / CP sizes (world must already be up)."""
-    from megatron.core import parallel_state as ps
-
-    world, rank = dist.get_world_size(), dist.get_rank()
+    """(Re)initialise megatron-core's parallel state for these TP / CP sizes (world must already be up);
+    returns the Layout every other part receives."""
+    ps = _parallel_state()
+    world = dist.get_world_size()
     check_layout(world, tp, sp, heads, tokens, cp)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -144,43 +98,30 @@ def init_parallel(tp: int, sp: bool, heads: int, tokens: int | None, timeout_s: 
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
         create_gloo_process_groups=dist.get_backend() not in ("gloo", "meta:fake"),  # meta:fake: the dry run's group
     )
+    return current_layout(sp)
+
+
+def current_layout(sp: bool) -> Layout:
+    """The Layout of megatron's current parallel state (initialised by `init_parallel` or directly)."""
+    ps = _parallel_state()
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("megatron parallel_state is not initialised; call osp.stage2_train.dist.init_parallel first")
     return Layout(
-        rank=rank,
-        world=world,
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        tp=tp,
+        tp=ps.get_tensor_model_parallel_world_size(),
         dp=ps.get_data_parallel_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),  # excludes CP: the loader's rank
         sp=sp,
         cp=ps.get_context_parallel_world_size(),
         cp_rank=ps.get_context_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
     )
-
-
-def tp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group()
-
-
-def dp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_group()
-
-
-def cp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_context_parallel_group()
-
-
-def dp_cp_group():
-    """The gradient-reduction group: DP x CP (equals the DP group without CP)."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_group(with_context_parallel=True)
 
 
 def accelerator_env(device_type: str) -> dict[str, str]:
@@ -191,8 +132,7 @@ def accelerator_env(device_type: str) -> dict[str, str]:
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state as ps
-
+    ps = _parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
@@ -204,8 +144,6 @@ def setup_device(name: str) -> Device:
     for k, v in accelerator_env(device.type).items():
         os.environ.setdefault(k, v)  # a plain `osp train`; torchrun launches get it from launch.py
     quiet_device_warnings(device.type)
-    from osp.common import megatron_cpu
-
     megatron_cpu.apply()
     return device
 
@@ -213,18 +151,6 @@ def setup_device(name: str) -> Device:
 def world_size_from_env() -> int:
     """WORLD_SIZE as set by torchrun (1 when unset)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def check_sample_layout(world: int, sp: bool, heads: int) -> None:
-    """`osp sample` under torchrun splits the DiT over all `world` ranks (TP = world): raise a
-    one-line LayoutError for a world that cannot split `heads`, or --sp without several ranks."""
-    if sp and world < 2:
-        raise LayoutError("--sp needs several ranks: launch with torchrun --nproc_per_node N (N > 1) or drop --sp")
-    if heads % world:
-        raise LayoutError(
-            f"tensor-parallel sampling splits the DiT's {heads} attention heads over {world} ranks, which does not divide; "
-            f"launch torchrun --nproc_per_node with a divisor of {heads}"
-        )
 
 
 def init_sample_parallel(device_name: str, sp: bool, heads: int, timeout_s: float = 300.0):
@@ -237,8 +163,6 @@ def init_sample_parallel(device_name: str, sp: bool, heads: int, timeout_s: floa
     layout = init_parallel(world, sp, heads, None, timeout_s)
 
     def transform(model):
-        from osp.stage2_train.parallel import parallelize
-
-        return parallelize(model, sp)
+        return parallelize(model, layout)
 
     return layout, transform

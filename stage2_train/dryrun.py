@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -43,7 +44,10 @@ from osp.common import config as C
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import CHECKPOINTING, TrainConfig
 from osp.stage2_train.data import Batch
-from osp.stage2_train.run import Trainer
+from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
+from osp.stage2_train.metrics import NullMetrics
+from osp.stage2_train.plan import apply_ac
+from osp.stage2_train.trainer import Parts, Trainer, build_trainer, shard_loader
 
 GIB = 2**30
 HEADROOM = 0.10  # card memory kept free for the CUDA/CANN context, NCCL buffers and fragmentation
@@ -165,8 +169,7 @@ def saved_activation_bytes(trainer: Trainer, batch: Batch, checkpointing: str) -
     autograd and the selective-recompute cache alike (parameters and earlier tensors excluded)."""
     model = trainer.model
     tracker = PeakMemory(next(model.parameters()).device.type)
-    before = model.checkpointing
-    model.checkpointing = checkpointing
+    apply_ac(model, checkpointing)
     try:
         with FusedAttention(), tracker:
             loss = trainer.micro_loss(batch, trainer.step, 0)
@@ -174,7 +177,7 @@ def saved_activation_bytes(trainer: Trainer, batch: Batch, checkpointing: str) -
         held = tracker.current
         del loss
     finally:
-        model.checkpointing = before
+        apply_ac(model, trainer.cfg.model.checkpointing)  # the run's own mode again
     return held
 
 
@@ -213,45 +216,61 @@ class SyntheticLoader:
         pass
 
 
-class DryRunTrainer(Trainer):
-    """The Trainer with what needs data or files replaced: geometry from the preset (or the shards'
-    index), a synthetic loader, no run folder, and no host sync (meta tensors have no values)."""
-
-    def __init__(self, cfg: TrainConfig, synthetic: bool = True):
-        self.synthetic = synthetic
-        super().__init__(cfg, resume="", console=_quiet_console())
-
-    def _check_geometry(self):
-        if not self.synthetic:
-            return super()._check_geometry()
-        d = self.dit_cfg
-        shape = (int(d.sample_size_t), int(d.sample_size[0]), int(d.sample_size[1]))
-        self.train_shapes = {shape}
-        tokens = (shape[0] // d.patch_size_t) * (shape[1] // d.patch_size) * (shape[2] // d.patch_size)
-        return torch.zeros(C.TEXT_MAX_LENGTH, d.caption_channels), 2 * d.in_channels, tokens
-
-    def _build_loader(self):
-        if not self.synthetic:
-            return super()._build_loader()
-        d = self.dit_cfg
-        return SyntheticLoader(
-            self.cfg.data.batch_size,
-            self.latent_channels,
-            next(iter(self.train_shapes)),
-            C.TEXT_MAX_LENGTH,
-            d.caption_channels,
-        )
-
-    def _writers(self) -> None:
-        self.tb = None
-
-    def _host_sync(self, values: torch.Tensor) -> list[float]:
-        return [0.0] * values.numel()  # finite, no stop request: the step goes through optimizer and EMA
+def preset_geometry(cfg: TrainConfig, dit_cfg, console=None) -> Geometry:
+    """The geometry of the DiT preset's own sample size (no shards read)."""
+    d = dit_cfg
+    shape = (int(d.sample_size_t), int(d.sample_size[0]), int(d.sample_size[1]))
+    uncond = torch.zeros(C.TEXT_MAX_LENGTH, d.caption_channels)
+    return Geometry(uncond, 2 * d.in_channels, frozenset({shape}), video_tokens(d, shape))
 
 
-def _quiet_console():
-    from rich.console import Console
+def synthetic_loader(cfg: TrainConfig, layout, geometry: Geometry) -> SyntheticLoader:
+    (shape,) = geometry.shapes
+    dim = int(geometry.uncond.shape[1])
+    return SyntheticLoader(cfg.data.batch_size, geometry.latent_channels, shape, C.TEXT_MAX_LENGTH, dim)
 
+
+class MetaCheckpoints:
+    """The dry run's checkpoint part: nothing to resume from and nothing written (the state a
+    checkpoint would hold is measured from the trainer's tensors instead)."""
+
+    resume_path = None
+    pending = False
+
+    @classmethod
+    def for_run(cls, cfg, resume, layout, device) -> MetaCheckpoints:
+        return cls()
+
+    def save(self, trainer) -> None:
+        raise RuntimeError("the dry run writes no checkpoint")
+
+    def poll(self) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def meta_host_sync(values: torch.Tensor) -> list[float]:
+    return [0.0] * values.numel()  # meta tensors have no values: finite, no stop request, a full step
+
+
+def meta_parts(synthetic: bool) -> Parts:
+    """The Trainer's parts for a dry run: the preset's geometry and synthetic batches (or one sample
+    of the shards), no run folder, no checkpoints, no host sync."""
+    return Parts(
+        geometry=preset_geometry if synthetic else shard_geometry,
+        loader=synthetic_loader if synthetic else shard_loader,
+        checkpoints=MetaCheckpoints.for_run,
+        metrics=NullMetrics.for_run,
+        host_sync=meta_host_sync,
+    )
+
+
+def _quiet_console() -> Console:
     return Console(quiet=True)
 
 
@@ -378,10 +397,10 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
     trainer = None
     with fake_world(world, rank):
         try:
-            trainer = DryRunTrainer(cfg, synthetic=not shards)
+            trainer = build_trainer(cfg, parts=meta_parts(synthetic=not shards), console=_quiet_console())
             L = trainer.layout
             batch = next(trainer.loader)
-            tokens = _tokens(trainer, batch)
+            tokens = video_tokens(trainer.dit_cfg, batch.shape)
             activations = {m: saved_activation_bytes(trainer, batch, m) for m in CHECKPOINTING}
 
             grads = {}
@@ -445,12 +464,6 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
         finally:
             if trainer is not None:
                 trainer.close()
-
-
-def _tokens(trainer: Trainer, batch: Batch) -> int:
-    d = trainer.dit_cfg
-    t, h, w = batch.shape
-    return (t // d.patch_size_t) * (h // d.patch_size) * (w // d.patch_size)
 
 
 # ------------------------------------------------------------------------------------------------

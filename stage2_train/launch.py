@@ -11,7 +11,7 @@ node is missing, dies with a traceback on SIGTERM, and leaves its ranks running 
     MASTER_PORT is free; every node reaches a small TCP store on MASTER_ADDR:MASTER_PORT and node 0
     sees all NNODES nodes (the line names the NODE_RANKs that did not come);
   * runs torchrun in its own session with a parent-death signal, and every rank (and loader worker)
-    sets one too (`die_with_parent`): however the launcher dies, kill -9 included, the job dies;
+    sets one too (`osp.common.process.die_with_parent`): however the launcher dies, kill -9 included, the job dies;
   * on SIGTERM/SIGINT/SIGHUP forwards SIGTERM to the ranks only: they checkpoint at the next step
     boundary and exit 0, torchrun exits 0, and the launcher prints one line and exits 0;
   * when a rank fails, its own message (one line for a user error, a traceback for a bug) is already
@@ -36,27 +36,14 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import NoReturn
 
-PR_SET_PDEATHSIG = 1
-DIE_WITH_PARENT_ENV = "OSP_DIE_WITH_PARENT"  # set by the launcher for the processes below it
+from osp.common.process import DIE_WITH_PARENT_ENV, set_parent_death_signal
+
 _PRECHECK = "osp-precheck"
 
 
 def _fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Linux: this process gets `sig` when its parent exits (prctl PR_SET_PDEATHSIG); if the parent is
-    already gone, exit now. Only under the launcher (it sets OSP_DIE_WITH_PARENT); a no-op elsewhere."""
-    if not os.environ.get(DIE_WITH_PARENT_ENV) or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if os.getppid() != parent or parent == 1:  # the parent died before the prctl took effect
-        os._exit(1)
 
 
 def _port_in_use(addr: str, port: int) -> str | None:
@@ -191,9 +178,7 @@ def _term_children(pid: int) -> None:
 
 
 def _set_pdeathsig() -> None:  # preexec_fn of torchrun: it dies with the launcher
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> int:

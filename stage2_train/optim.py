@@ -12,15 +12,15 @@ import torch.distributed as dist
 from torch import nn
 
 from osp.common.errors import ConfigError
+from osp.stage2_train.layout import Layout
 
 
-def global_grad_norm(
-    params: list[nn.Parameter], sharded: list[bool], tp_group, tp_rank: int, tp_size: int
-) -> torch.Tensor:
+def global_grad_norm(params: list[nn.Parameter], sharded: list[bool], layout: Layout) -> torch.Tensor:
     """L2 norm of all gradients of the (TP-sharded) model: TP-sharded params (`sharded[i]`, from the key
     rule table `osp.common.convert.tp_split_dim`) summed over TP, replicated params counted once (on TP
     rank 0). Identical on every rank. fp32 scalar tensor."""
     device = params[0].device
+    tp_size, tp_rank = layout.tp, layout.tp_rank
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for p, is_sharded in zip(params, sharded):
         if p.grad is None:
@@ -28,7 +28,7 @@ def global_grad_norm(
         if tp_size == 1 or is_sharded or tp_rank == 0:
             sq += p.grad.detach().float().pow(2).sum()
     if tp_size > 1:
-        dist.all_reduce(sq, group=tp_group)
+        dist.all_reduce(sq, group=layout.tp_group)
     return sq.sqrt()
 
 
@@ -73,7 +73,9 @@ class EMA:
     (`dp_owners`), 1/dp of the fp32 EMA per rank; `gathered()` collects the full EMA on DP rank 0 for a
     checkpoint and `load` keeps the owned part of a full one, so checkpoints do not depend on dp."""
 
-    def __init__(self, model: nn.Module, max_decay: float, dp_group=None, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, model: nn.Module, max_decay: float, layout: Layout | None = None):
+        layout = layout or Layout()
+        dp_group, dp_rank, dp_size = layout.dp_group, layout.dp_rank, layout.dp
         self.max_decay = max_decay
         self.updates = 0
         named = list(model.named_parameters())

@@ -29,7 +29,7 @@ Sequence parallelism (megatron's SP: every mapping acts on dim 0, hence the sequ
   `reduce_sequence_parallel_grads(model)` SUMs exactly those grads over the TP group after backward;
 * `gather_video` = gather_from_sequence_parallel_region(tensor_parallel_output_grad=False): the
   backward is a plain split, correct because everything after it is replicated.
-Never tag adaln_single or the final table as well: that double counts (spec §8.3).
+Never tag adaln_single or the final table as well: that double counts.
 
 Works on CUDA (nccl), NPU (hccl) and CPU (gloo, with `osp.common.megatron_cpu.apply()`).
 """
@@ -47,6 +47,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes
 from osp.common.models.dit import DiTBlock, GELUProj, OpenSoraT2V, gelu_linear
+from osp.stage2_train.layout import Layout
 
 
 def _megatron():
@@ -152,36 +153,24 @@ def _swap(parent: nn.Module, name: str, new: Any, old: nn.Linear, key_w: str, ke
         setattr(parent, name, new)
 
 
-def _tp_state():
-    _, ps, _ = _megatron()
-    if not ps.model_parallel_is_initialized():
-        raise RuntimeError(
-            "megatron parallel_state is not initialised; call parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP) first"
-        )
-    return (
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_tensor_model_parallel_group(),
-    )
-
-
-def parallelize(model: Any, sequence_parallel: bool) -> Any:
-    """Apply the TP(/SP) plan in place to an OpenSoraT2V holding the FULL weights (identical on every
-    TP rank), using megatron's global parallel_state. TP size 1 leaves the model unchanged. A model on
-    the meta device stays there (the new layers too): nothing is allocated or copied."""
-    if getattr(model, "_osp_parallel", None) is not None:
+def parallelize(model: Any, layout: Layout) -> Any:
+    """Apply the TP(/SP) plan of `layout` (its TP size, rank, group and SP switch) in place to an
+    OpenSoraT2V holding the FULL weights (identical on every TP rank). TP size 1 leaves the model
+    unchanged. A model on the meta device stays there (the new layers too): nothing is allocated or
+    copied. The model records the layout (`model._osp_layout`) for the steps after backward."""
+    if getattr(model, "_osp_layout", None) is not None:
         raise RuntimeError("model is already parallelized")
     if model.proj_out.weight.is_meta:
         with torch.device("meta"):
-            return _parallelize(model, sequence_parallel)
-    return _parallelize(model, sequence_parallel)
+            return _parallelize(model, layout)
+    return _parallelize(model, layout)
 
 
-def _parallelize(model: OpenSoraT2V, sequence_parallel: bool) -> OpenSoraT2V:
-    tp, rank, group = _tp_state()
+def _parallelize(model: OpenSoraT2V, layout: Layout) -> OpenSoraT2V:
+    tp, rank, group, sequence_parallel = layout.tp, layout.tp_rank, layout.tp_group, layout.sp
     cfg = model.config
+    model._osp_layout = layout
     if tp == 1:
-        model._osp_parallel = {"tp": 1, "sp": False}
         return model
     check_tp(cfg, tp)
     _, _, tensor_parallel = _megatron()
@@ -261,17 +250,16 @@ def _parallelize(model: OpenSoraT2V, sequence_parallel: bool) -> OpenSoraT2V:
         for block in model.transformer_blocks:
             table = cast(DiTBlock, block).scale_shift_table
             table.sequence_parallel = True  # pyright: ignore[reportAttributeAccessIssue] (megatron's parameter flag)
-    model._osp_parallel = {"tp": tp, "sp": bool(sequence_parallel)}
     return model
 
 
 def reduce_sequence_parallel_grads(model: nn.Module) -> None:
     """After backward: SUM over the TP group the grads of parameters tagged `sequence_parallel`
     (block scale_shift_tables, row-parallel biases). No-op without SP. One coalesced all-reduce."""
-    info = getattr(model, "_osp_parallel", None)
-    if not info or not info["sp"]:
+    layout = plan_layout(model)
+    if not layout.sp or layout.tp == 1:
         return
-    _, _, group = _tp_state()
+    group = layout.tp_group
     grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads:
         return
@@ -284,11 +272,9 @@ def reduce_sequence_parallel_grads(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------
 # full state dicts into a parallelized model (checkpointing)
 # ------------------------------------------------------------------------------------------------
-def _tp_info(model: nn.Module):
-    info = getattr(model, "_osp_parallel", None)
-    if not info or info["tp"] == 1:
-        return 1, 0, None
-    return _tp_state()
+def plan_layout(model: nn.Module) -> Layout:
+    """The Layout whose plan was applied to `model` (a single-process Layout for a plain model)."""
+    return getattr(model, "_osp_layout", None) or Layout()
 
 
 def local_state_dict(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
@@ -298,7 +284,7 @@ def local_state_dict(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Load a TP=1 state dict into a (possibly parallelized) model: each rank takes its shard.
     Strict: missing / unexpected keys and shape mismatches are listed in one error."""
-    tp, rank, _ = _tp_info(model)
-    local = local_state_dict(full, tp, rank)
+    layout = plan_layout(model)
+    local = local_state_dict(full, layout.tp, layout.tp_rank)
     check_keys(tensor_shapes(model), local, source)
     model.load_state_dict(local, strict=True)

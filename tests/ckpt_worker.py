@@ -24,7 +24,7 @@ from osp.common.convert import load_training_weights
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
 from tp_worker import _gather, gather_full_state_dict  # noqa: E402 (tests/ is the script's folder)
-from osp.stage2_train.run import Trainer
+from osp.stage2_train.trainer import Trainer, build_trainer
 
 SRC_STEPS, MORE = 6, 3
 LAYOUTS = {
@@ -69,7 +69,7 @@ def check_loaded(trainer: Trainer, saved: dict, ema_saved: dict) -> dict:
     if shadow is None:  # DP rank 0 of each TP position checks the EMA
         return {"model_equal": bool(model_ok), "ema_equal": True}
     if trainer.layout.tp > 1:  # gather the EMA shards like the model's
-        shadow = {k: _gather(k, v, trainer.layout.tp, trainer.tp_group) for k, v in shadow.items()}
+        shadow = {k: _gather(k, v, trainer.layout.tp, trainer.layout.tp_group) for k, v in shadow.items()}
     ema_ok = shadow.keys() == ema_saved.keys() and all(torch.equal(shadow[k], ema_saved[k]) for k in ema_saved)
     return {"model_equal": bool(model_ok), "ema_equal": bool(ema_ok)}
 
@@ -81,14 +81,14 @@ def main() -> None:
         cfg = config(out, name, shards)
         result: dict = {}
         if name == "src" or name.endswith("_ref"):
-            trainer = Trainer(cfg)
+            trainer = build_trainer(cfg)
             result["losses"], result["keys"] = run_steps(trainer, cfg.run.steps)
             if name == "src":
                 trainer.save()
         else:
             _, saved = load_training_weights(src_ckpt, prefer_ema=False)
             _, ema_saved = load_training_weights(src_ckpt, prefer_ema=True)
-            trainer = Trainer(cfg, resume=str(src_ckpt))
+            trainer = build_trainer(cfg, resume=str(src_ckpt))
             result["checks"] = check_loaded(trainer, saved, ema_saved)
             result["start_step"] = trainer.step
             result["loader"] = trainer.loader.state_dict()

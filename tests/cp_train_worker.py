@@ -18,7 +18,7 @@ import torch
 
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
-from osp.stage2_train.run import Trainer
+from osp.stage2_train.trainer import Trainer, build_trainer
 
 STEPS, CUT = 4, 2
 # 4 heads so that the layout is the tiny DiT with heads divisible by CP (the preset has 2)
@@ -53,7 +53,7 @@ def config(shards: str, run_dir: Path, cp: int, steps: int, preset: Path) -> Tra
 
 
 def train(cfg: TrainConfig, resume: str = "") -> tuple[Trainer, dict]:
-    trainer = Trainer(cfg, resume=resume)
+    trainer = build_trainer(cfg, resume=resume)
     start = trainer.step
     losses, norms, keys = [], [], []
     while trainer.step < cfg.run.steps:
@@ -70,7 +70,7 @@ def sharded_ema(shards: str, out: Path, preset: Path) -> dict:
 
     cfg = config(shards, out / "ema", 1, 3, preset)
     cfg.optim.ema_decay = 0.9
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     ref = EMA(trainer.model, 0.9)
     for _ in range(cfg.run.steps):
         trainer.train_step()
@@ -89,7 +89,7 @@ def sharded_ema(shards: str, out: Path, preset: Path) -> dict:
         )
     trainer.save()
     trainer.close()
-    resumed = Trainer(cfg, resume="auto")
+    resumed = build_trainer(cfg, resume="auto")
     res["resumed_equal"] = set(resumed.ema.shadow) == set(ema.shadow) and all(
         torch.equal(v, ema.shadow[k]) for k, v in resumed.ema.shadow.items()
     )

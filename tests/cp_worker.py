@@ -146,6 +146,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
     from osp.stage2_train.context_parallel import apply_context_parallel, scale_replicated_grads
     from osp.stage2_train.data_parallel import DataParallel
     from osp.stage2_train.parallel import parallelize, reduce_sequence_parallel_grads
+    from osp.stage2_train.plan import apply_ac
 
     results: dict[str, dict] = {}
     for gi, (gname, (latent, scales, text_len, valid, masked)) in enumerate(GEOMETRIES.items()):
@@ -159,12 +160,13 @@ def worker(rank: int, port: int, out_path: str) -> None:
             if (lname in FIRST_ONLY and gi > 0) or (lname in SECOND_ONLY and gi == 0):
                 continue
             layout = D.init_parallel(tp, sp, cfg.num_attention_heads, tokens, cp=cp)
-            m = apply_context_parallel(parallelize(copy.deepcopy(base), sp), skip_inverse=negative == "skip_inverse")
-            m.gradient_checkpointing = ckpt
-            group = D.dp_cp_group()
+            m = parallelize(copy.deepcopy(base), layout)
+            m = apply_context_parallel(m, layout, skip_inverse=negative == "skip_inverse")
+            apply_ac(m, "full" if ckpt else "none")
+            group = layout.dp_cp_group
             fix = negative != "no_grad_fix"
             # the DP x CP sum / dp runs in DDP's backward; the negative control runs the bare module
-            forward = DataParallel(m, group, layout.dp).module if fix else m
+            forward = DataParallel(m, layout).module if fix else m
 
             def reduce(model, fix=fix):
                 reduce_sequence_parallel_grads(model)
@@ -180,15 +182,9 @@ def worker(rank: int, port: int, out_path: str) -> None:
             worst["all_ranks_grad"] = max(e["grad"] for e in every)
             results[f"{gname}/{lname}"] = worst
             if gi == 0 and lname in COUNT:  # collective bytes of one step vs osp.stage2_train.comm_volume
-                from megatron.core import parallel_state as ps
-
                 from osp.stage2_train.comm_volume import CommLayout, payloads
 
-                groups = {
-                    "tp": ps.get_tensor_model_parallel_group(),
-                    "cp": ps.get_context_parallel_group(),
-                    "dp_cp": group,
-                }
+                groups = {"tp": layout.tp_group, "cp": layout.cp_group, "dp_cp": group}
                 with CollectiveCounter(groups) as counter:
                     step(m, inputs, reduce, forward)
                 want = payloads(cfg, tokens, text_len, 2, CommLayout(tp, sp, cp, layout.dp), act_bytes=4, grad_bytes=4)

@@ -16,7 +16,7 @@ import torch
 
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
-from osp.stage2_train.run import Trainer
+from osp.stage2_train.trainer import Trainer, build_trainer
 
 STEPS, CUT = 4, 2
 
@@ -40,7 +40,7 @@ def config(shards: str, run_dir: Path, steps: int, overlap: bool = True) -> Trai
 
 
 def train(cfg: TrainConfig, resume: str = "") -> tuple[Trainer, dict]:
-    trainer = Trainer(cfg, resume=resume)
+    trainer = build_trainer(cfg, resume=resume)
     start = trainer.step
     losses, norms = [], []
     while trainer.step < cfg.run.steps:

@@ -98,7 +98,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
     cfg = get_dit_config("tiny")
     tokens = cfg.sample_size_t * (cfg.sample_size[0] // 2) * (cfg.sample_size[1] // 2)
     layout = D.init_parallel(1, False, cfg.num_attention_heads, tokens)  # TP 1 -> DP 2, as the trainer builds it
-    group = D.dp_cp_group()
+    group = layout.dp_cp_group
     base = build_dit(cfg)
     randomize(base, 11)
     data = batches(cfg, 12)
@@ -111,9 +111,9 @@ def worker(rank: int, port: int, out_path: str) -> None:
 
     results = {}
     for name, (zero1, overlap, bucket_mb, negative) in CASES.items():
-        model = apply_context_parallel(parallelize(copy.deepcopy(base), False))
+        model = apply_context_parallel(parallelize(copy.deepcopy(base), layout), layout)
         named = list(model.named_parameters())
-        dp = DataParallel(model, group, layout.dp, overlap=overlap, bucket_mb=bucket_mb)
+        dp = DataParallel(model, layout, overlap=overlap, bucket_mb=bucket_mb)
         opt = ShardedAdamW([p for _, p in named], [n for n, _ in named], group, shard=zero1, keep_grads=True, **ADAMW)
         r = {
             "grad": 0.0,

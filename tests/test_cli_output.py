@@ -75,14 +75,14 @@ def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, ca
     def user_error(cfg, resume=""):
         raise ConfigError("data.shards: wrong folder; pass the --out of osp encode\nsecond line")
 
-    monkeypatch.setattr(run, "Trainer", user_error)
+    monkeypatch.setattr(run, "build_trainer", user_error)
     assert run.main(["--config", str(DEMO)]) == 1
     assert capsys.readouterr().err == "error (rank 0): data.shards: wrong folder; pass the --out of osp encode\n"
 
     def bug(cfg, resume=""):
         raise RuntimeError("shape mismatch in a matmul")  # not an OspError: a bug, never one line
 
-    monkeypatch.setattr(run, "Trainer", bug)
+    monkeypatch.setattr(run, "build_trainer", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run.main(["--config", str(DEMO)])
     assert "error (rank" not in capsys.readouterr().err

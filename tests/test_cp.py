@@ -77,7 +77,7 @@ def test_negative_control_without_cp_grad_reduction(results):
 # ------------------------------------------------------------------------------------------------
 def test_layout_errors_are_one_line():
     from osp.common.errors import OspError
-    from osp.stage2_train.dist import check_layout
+    from osp.stage2_train.layout import check_layout
 
     cases = [
         (

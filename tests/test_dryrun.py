@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import make_shards  # noqa: E402
 
 from osp.stage2_train import dryrun as DR  # noqa: E402
-from osp.stage2_train import run as R  # noqa: E402
+from osp.stage2_train import trainer as R  # noqa: E402
 from osp.stage2_train.config import TrainConfig  # noqa: E402
 
 GIB = 2**30
@@ -100,12 +100,12 @@ def test_cpu_tensor_in_a_collective_fails_the_dry_run(monkeypatch):
     inside the train step) fails the dry run; the same layout passes with the trainer's own code."""
     _dry("tiny", 2, True, 2, 1)  # the control: passes
 
-    def norm_on_cpu(params, sharded, tp_group, tp_rank, tp_size):
+    def norm_on_cpu(params, sharded, layout):
         sq = torch.zeros(())  # the bug: accumulated on the host
         for p in params:
             if p.grad is not None:
                 sq = sq + 0.0
-        dist.all_reduce(sq, group=tp_group)
+        dist.all_reduce(sq, group=layout.tp_group)
         return sq.sqrt()
 
     monkeypatch.setattr(R, "global_grad_norm", norm_on_cpu)
@@ -131,7 +131,7 @@ def test_figures_match_a_real_cpu_run_of_the_tiny_preset(shards, tmp_path):
             "run.tensorboard=false",
         ],
     )
-    trainer = R.Trainer(cfg)
+    trainer = R.build_trainer(cfg)
     try:
         batch = next(trainer.loader)
         act = {m: DR.saved_activation_bytes(trainer, batch, m) for m in ("none", "selective", "full")}
@@ -180,9 +180,9 @@ def test_sampling_dit_collectives_run_under_the_fake_group():
         warnings.simplefilter("ignore")
         with DR.fake_world(2, 1):
             dit = build_dit("tiny", device="meta", dtype=torch.float32).eval()
-            D.init_parallel(2, True, dit.config.num_attention_heads, None)
+            layout = D.init_parallel(2, True, dit.config.num_attention_heads, None)
             with torch.device("meta"):
-                dit = parallelize(dit, True)
+                dit = parallelize(dit, layout)
             c = dit.config
             x = torch.zeros(1, c.in_channels, c.sample_size_t, *c.sample_size, device="meta")
             text = torch.zeros(2, 8, c.caption_channels, device="meta")

@@ -164,8 +164,10 @@ def test_compile_blocks_equals_eager(backend, ckpt):
     cores with a cold cache) is marked slow."""
     eager = _model()
     comp = copy.deepcopy(eager)
-    comp.checkpointing = ckpt  # selective recompute traced inside the compiled block
-    comp.compile_blocks(backend=backend, fullgraph=True, dynamic=False)
+    from osp.stage2_train.plan import apply_ac, apply_compile
+
+    apply_ac(comp, ckpt)  # selective recompute traced inside the compiled block
+    apply_compile(comp, backend=backend, fullgraph=True, dynamic=False)
     x, t, text, mask = _inputs()
     outs = []
     for m in (eager, comp):

@@ -107,7 +107,7 @@ def test_tiny_is_deterministic_and_identity(tmp_path, encoder):
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        TextEncoder.from_pretrained(tmp_path / "nope")
+        TextEncoder.from_pretrained(tmp_path / "nope", device="cpu")
 
 
 # Tricky captions pinned to what upstream's cleaner gives (BeautifulSoup html.parser + ftfy, twice):

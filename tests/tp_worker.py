@@ -30,21 +30,25 @@ def _gather(key: str, t: torch.Tensor, tp: int, group) -> torch.Tensor:
 
 def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The TP=1 state dict (released key names) of a parallelized model, on every TP rank. Collective."""
-    from osp.stage2_train.parallel import _tp_info
+    from osp.stage2_train.parallel import plan_layout
 
-    tp, _, group = _tp_info(model)
-    return {k: _gather(k, v, tp, group) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    layout = plan_layout(model)
+    return {
+        k: _gather(k, v, layout.tp, layout.tp_group)
+        for k, v in model.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
 
 
 def gather_full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full-size gradients by parameter name (zeros where a grad is None). Collective."""
-    from osp.stage2_train.parallel import _tp_info
+    from osp.stage2_train.parallel import plan_layout
 
-    tp, _, group = _tp_info(model)
+    layout = plan_layout(model)
     out = {}
     for k, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
-        out[k] = _gather(k, g, tp, group)
+        out[k] = _gather(k, g, layout.tp, layout.tp_group)
     return out
 
 
@@ -111,7 +115,9 @@ def worker(rank: int, port: int, out_path: str) -> None:
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     from osp.common.models.dit import build_dit, get_dit_config
+    from osp.stage2_train.dist import current_layout
     from osp.stage2_train.parallel import load_full_state_dict, parallelize
+    from osp.stage2_train.plan import apply_ac
 
     results: dict[str, dict] = {}
     cases = [
@@ -136,8 +142,8 @@ def worker(rank: int, port: int, out_path: str) -> None:
         if ci == 0:
             variants.append(("tp2_sp_nofix", True, False, "none"))  # negative control: must be wrong
         for vname, sp, reduce, ckpt in variants:
-            m = parallelize(copy.deepcopy(base), sequence_parallel=sp)
-            m.checkpointing = ckpt
+            m = parallelize(copy.deepcopy(base), current_layout(sp))
+            apply_ac(m, ckpt)
             results[f"{name}/{vname}"] = compare(ref, run(m, inputs, reduce))
             if vname == "tp2_sp":
                 full = gather_full_state_dict(m)
@@ -147,21 +153,22 @@ def worker(rank: int, port: int, out_path: str) -> None:
                     "n": len(full),
                     "same_keys": list(m.state_dict()) == list(sd),  # released names at TP=2 too
                 }
-                m2 = parallelize(build_dit(cfg), sequence_parallel=True)
+                m2 = parallelize(build_dit(cfg), current_layout(True))
                 load_full_state_dict(m2, sd)
                 results[f"{name}/state_dict_load"] = compare(ref, run(m2, inputs, reduce=True))
 
         for mode in ("full", "selective"):
             m = copy.deepcopy(base)
-            m.checkpointing = mode
+            apply_ac(m, mode)
             results[f"{name}/tp1_ckpt_{mode}"] = compare(ref, run(m, inputs, reduce=False))
 
         # bf16 activations (fp32 master weights): TP=2+SP vs TP=1 in bf16, and bf16 vs the fp32 reference
         m1 = copy.deepcopy(base)
         m1.compute_dtype = torch.bfloat16
         ref16 = run(m1, inputs, reduce=False)
-        m2 = parallelize(copy.deepcopy(base), sequence_parallel=True)
-        m2.compute_dtype, m2.checkpointing = torch.bfloat16, "selective"
+        m2 = parallelize(copy.deepcopy(base), current_layout(True))
+        m2.compute_dtype = torch.bfloat16
+        apply_ac(m2, "selective")
         results[f"{name}/bf16_tp2_sp"] = compare(ref16, run(m2, inputs, reduce=True))
         results[f"{name}/bf16_vs_fp32"] = compare(ref, ref16)
 
@@ -170,10 +177,10 @@ def worker(rank: int, port: int, out_path: str) -> None:
     bad = get_dit_config("tiny")
     bad.num_attention_heads, bad.cross_attention_dim = 3, 72
     try:
-        parallelize(build_dit(bad), sequence_parallel=False)
+        parallelize(build_dit(bad), current_layout(False))
     except ValueError as e:
         errors["heads"] = str(e)
-    m = parallelize(build_dit("tiny"), sequence_parallel=True)
+    m = parallelize(build_dit("tiny"), current_layout(True))
     try:
         x = torch.randn(1, 4, 3, 6, 6)  # 3*3*3 = 27 tokens, odd
         m(x, torch.tensor([1.0]), torch.randn(1, 5, 64), torch.ones(1, 5))

@@ -67,7 +67,9 @@ def main() -> None:
     cfg = TrainConfig.load(
         None, [f"data.shards={good}", f"run.dir={work / 'init'}", *base, f"model.init={work / 'init_ckpt'}"]
     )
-    trainer = run.Trainer(cfg)
+    from osp.stage2_train.trainer import build_trainer
+
+    trainer = build_trainer(cfg)
     results["init"] = {"equal": all(bool((trainer.model.state_dict()[k] == v).all()) for k, v in sd1.items())}
     trainer.close()
     from osp.stage2_train import dist as D

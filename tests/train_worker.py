@@ -16,7 +16,7 @@ import torch
 
 from osp.stage2_train.config import TrainConfig
 from osp.stage2_train.data import ShardLoader
-from osp.stage2_train.run import Trainer
+from osp.stage2_train.trainer import Trainer, build_trainer
 
 BASE = {
     "run": {"seed": 7, "steps": 3, "ckpt_every": 0, "log_every": 0, "tensorboard": False},
@@ -52,7 +52,7 @@ def main() -> None:
         # cfg dropout off for the overfitting check so that every step sees the captions
         d.setdefault("diffusion", {})["cfg_dropout"] = 0.0
         cfg = TrainConfig.from_dict(d)
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         L = trainer.layout
         probe = next(ShardLoader(shards, batch_size=2, dp_rank=L.dp_rank, dp_size=L.dp, seed=123))
         before = eval_loss(trainer, probe)

@@ -236,14 +236,19 @@ def run(args) -> dict:
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
     del ref, out
 
-    if tp > 1:
-        from osp.stage2_train.parallel import parallelize, reduce_sequence_parallel_grads
+    from osp.stage2_train.dist import current_layout
+    from osp.stage2_train.layout import Layout
+    from osp.stage2_train.parallel import parallelize, reduce_sequence_parallel_grads
+    from osp.stage2_train.plan import apply_ac, apply_compile
 
-        model = parallelize(model, sequence_parallel=args.sp)
-    model.compute_dtype, model.checkpointing = act, args.checkpointing
+    layout = current_layout(args.sp) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Layout()  # one GPU: no groups
+    if tp > 1:
+        model = parallelize(model, layout)
+    model.compute_dtype = act
+    apply_ac(model, args.checkpointing)
     resolve_backend(args.attention_backend, dev, s.heads // tp, s.head_dim, act)
     if args.compile:
-        model.compile_blocks()
+        apply_compile(model)
     grad = torch.randn(s.batch, 4, s.frames, s.height, s.width, device=dev, dtype=act)
 
     # the rest of a trainer step, with the trainer's parts: DP reduction (torch DDP, overlapped with
@@ -254,18 +259,12 @@ def run(args) -> dict:
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params, sharded = [p for _, p in named], [tp_split_dim(n) is not None for n, _ in named]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = max(world // tp, 1)
-    tp_group = dp_group = None
-    if world > 1:
-        from megatron.core import parallel_state as ps
-
-        tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
-    ddp = DataParallel(model, dp_group, dp, device_ids=[dev.index] if dev.type == "cuda" else None)
+    dp = layout.dp
+    ddp = DataParallel(model, layout, device_ids=[dev.index] if dev.type == "cuda" else None)
     optim = ShardedAdamW(
         params,
         [n for n, _ in named],
-        dp_group,
+        layout.dp_cp_group,
         shard=False,
         keep_grads=ddp.ddp is not None,
         lr=1e-4,
@@ -281,7 +280,7 @@ def run(args) -> dict:
             reduce_sequence_parallel_grads(model)
 
     def after_backward():
-        norm = global_grad_norm(params, sharded, tp_group, rank % tp, tp)
+        norm = global_grad_norm(params, sharded, layout)
         clip_grads(params, norm, 1.0)
         optim.step()
         ema.update(model)

@@ -20,7 +20,8 @@ strict=True. The blocks run sequence-first ([S, B, D], Megatron's convention) so
 `osp.stage2_train.parallel` can swap in megatron-core layers and replace four identity hooks
 (`scatter_video`, `scatter_text`, `t6_hook`, `gather_video`) without touching this file; the context
 parallel plan (`osp.stage2_train.context_parallel`) also replaces `scatter_rope` and the self-attention
-kernel `Attention.core`.
+kernel `Attention.core`. Activation checkpointing and torch.compile are plans too
+(`osp.stage2_train.plan`: they replace each block's forward in place).
 
 Efficiency, all without changing a parameter name or shape:
 * precision: `compute_dtype` (bf16 | fp32 | None = the weights' dtype, or the autocast dtype when
@@ -30,10 +31,7 @@ Efficiency, all without changing a parameter name or shape:
 * q/k/v (self-attention) and k/v (cross-attention) are fused at compute time: the (TP-local) weights
   are concatenated per call and one GEMM (one SP all-gather under TP) produces all three;
 * RoPE: cos/sin once per grid in fp32, one elementwise op (rope.py);
-* `checkpointing`: none | selective (GEMM and attention outputs kept, elementwise parts recomputed:
-  torch's selective checkpoint contexts) | full (each block recomputed);
-* `Attention.core(q, k, v, bias)` is the one overridable kernel call (attention.py picks the backend);
-* `compile_blocks()` wraps every block in torch.compile.
+* `Attention.core(q, k, v, bias)` is the one overridable kernel call (attention.py picks the backend).
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from osp.common.config import MASK_BIAS, ROPE_THETA, TEXT_DIM_MT5_XXL, read_config_json
 from osp.common.errors import ConfigError
@@ -406,7 +403,7 @@ class FeedForward(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """BasicTransformerBlock with norm_type ada_norm_single (spec §3.3), sequence-first."""
+    """BasicTransformerBlock with norm_type ada_norm_single, sequence-first."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -418,22 +415,11 @@ class DiTBlock(nn.Module):
             d, cfg.cross_attention_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias
         )
         self.ff = FeedForward(d)
-        self.checkpointing = "none"  # set through OpenSoraT2V.checkpointing
 
     def _ln(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def forward(self, *args) -> torch.Tensor:
-        """Checkpointing lives inside the block so that `compile` traces it too (selective recompute
-        becomes part of the compiled graph, as torchtitan applies AC before compile)."""
-        mode = self.checkpointing
-        if mode == "none" or not torch.is_grad_enabled():
-            return self._forward(*args)
-        if mode == "full":
-            return checkpoint(self._forward, *args, use_reentrant=False)
-        return checkpoint(self._forward, *args, use_reentrant=False, context_fn=_selective_context)
-
-    def _forward(
+    def forward(
         self,
         h: torch.Tensor,  # [S, B, D]
         t6: torch.Tensor,  # [B, 6D]
@@ -462,40 +448,14 @@ def _identity(x: _T) -> _T:
 
 _TensorHook = Callable[[torch.Tensor], torch.Tensor]
 
-CHECKPOINTING = ("none", "selective", "full")
-_aten = torch.ops.aten
-# selective recompute keeps the outputs of these (GEMMs and attention kernels); the rest is recomputed
-_SAVE_OPS = {
-    _aten.mm.default,
-    _aten.addmm.default,
-    _aten.bmm.default,
-    _aten.baddbmm.default,
-    _aten._scaled_dot_product_flash_attention.default,
-    _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default,
-    _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_attention_math.default,
-}
-_SAVE_NAMES = ("flash_attn", "npu_fusion_attention")  # attention kernels outside aten (FlashAttention-3, Ascend)
-
-
-def _selective_policy(ctx, func, *args, **kwargs):
-    if func in _SAVE_OPS or any(n in str(func) for n in _SAVE_NAMES):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _selective_context():
-    return create_selective_checkpoint_contexts(_selective_policy)
-
 
 # ------------------------------------------------------------------------------------------------
 # model
 # ------------------------------------------------------------------------------------------------
 class OpenSoraT2V(nn.Module):
     # set by the parallel plans (osp.stage2_train.parallel / context_parallel); absent before
-    _osp_parallel: dict[str, Any]
-    _osp_cp: dict[str, Any]
+    _osp_layout: Any
+    _osp_cp: bool
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -537,37 +497,12 @@ class OpenSoraT2V(nn.Module):
             )
         return self._rope_cache[key]
 
-    @property
-    def checkpointing(self) -> str:
-        """none | selective | full, applied inside every block (see CHECKPOINTING)."""
-        return cast(DiTBlock, self.transformer_blocks[0]).checkpointing if len(self.transformer_blocks) else "none"
-
-    @checkpointing.setter
-    def checkpointing(self, mode: str) -> None:
-        if mode not in CHECKPOINTING:
-            raise ValueError(f"model.checkpointing = {mode!r} is unknown; choose one of {', '.join(CHECKPOINTING)}")
-        for block in self.transformer_blocks:
-            cast(DiTBlock, block).checkpointing = mode
-
-    @property
-    def gradient_checkpointing(self) -> bool:  # the former bool switch: True = full recompute
-        return self.checkpointing != "none"
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool) -> None:
-        self.checkpointing = "full" if on else "none"
-
     def activation_dtype(self, device_type: str) -> torch.dtype:
         if self.compute_dtype is not None:
             return self.compute_dtype
         if device_type != "meta" and torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         return self.pos_embed.proj.weight.dtype
-
-    def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each transformer block in place (parameter names unchanged)."""
-        for block in self.transformer_blocks:
-            block.compile(**kwargs)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, S, pt*p*p*C] ((pt, ph, pw, c) order, c fastest) -> [B, C, T, H, W]."""

@@ -24,7 +24,6 @@ import urllib.parse as ul
 import warnings
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ftfy
 import torch
@@ -33,9 +32,6 @@ from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 from osp.common.config import TEXT_MAX_LENGTH
 from osp.common.errors import ConfigError, MissingFileError
 from osp.common.hashing import sha256_file, sha256_files
-
-if TYPE_CHECKING:
-    from osp.common.device import Device
 
 # --------------------------------------------------------------------------------------------------
 # caption cleaner
@@ -165,17 +161,14 @@ class TextEncoder:
     def from_pretrained(
         cls,
         path: str | Path,
-        device: torch.device | str | Device | None = None,
+        device: torch.device | str,
         dtype: torch.dtype | None = None,
         max_length: int = TEXT_MAX_LENGTH,
     ) -> "TextEncoder":
-        """Load `path` (a google/mt5-* folder or one written by write_tiny_text_encoder).
-        device: None -> the best available (osp.common.device); dtype: None -> bf16 on accelerators,
-        fp32 on CPU."""
+        """Load `path` (a google/mt5-* folder or one written by write_tiny_text_encoder) onto `device`
+        (the caller's choice). dtype: None -> fp32 on CPU, bf16 elsewhere."""
         from transformers import AutoTokenizer, MT5EncoderModel
         from transformers.utils import logging as hf_logging
-
-        from osp.common.device import Device, pick_device
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -183,12 +176,8 @@ class TextEncoder:
                 f"{path}/config.json not found: --text-encoder must be a local mT5 folder "
                 f"(e.g. a download of google/mt5-xxl, or `osp demo-models OUT` -> OUT/text_encoder)"
             )
-        if device is None or isinstance(device, str) and device == "auto":
-            dev = pick_device()
-            device, default_dtype = dev.torch_device(), dev.autocast_dtype
-        else:
-            device = device.torch_device() if isinstance(device, Device) else torch.device(device)
-            default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        device = torch.device(device)
+        default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         dtype = dtype or default_dtype
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # silence the "unused decoder weights" notice of full T5 folders
