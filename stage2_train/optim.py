@@ -18,7 +18,7 @@ def global_grad_norm(
     params: list[nn.Parameter], sharded: list[bool], tp_group, tp_rank: int, tp_size: int
 ) -> torch.Tensor:
     """L2 norm of all gradients of the (TP-sharded) model: TP-sharded params (`sharded[i]`, from the key
-    rule table `osp.common.convert.tp_split_dim`) summed over TP, replicated params counted once (on TP
+    rule table `osp.stage2_train.state_dict_adapter.tp_split_dim`) summed over TP, replicated params counted once (on TP
     rank 0). Identical on every rank. fp32 scalar tensor."""
     device = params[0].device
     sq = torch.zeros((), dtype=torch.float32, device=device)

@@ -175,7 +175,7 @@ class Trainer:
 
     def _build_model(self, materialize: bool = True) -> None:
         """Meta build -> TP/SP plan -> CP plan -> (materialise this rank's shard on the device, uninitialised)."""
-        from osp.common.convert import tp_split_dim
+        from osp.stage2_train.state_dict_adapter import tp_split_dim
         from osp.stage2_train import build
 
         from osp.stage2_train.context_parallel import apply_context_parallel
@@ -206,14 +206,11 @@ class Trainer:
     def _init_weights(self) -> None:
         """A new run: model.init by slices (released / osp-dit safetensors, or a training checkpoint's
         EMA via DCP), else the seeded random init."""
-        from osp.common.convert import is_training_checkpoint
         from osp.stage2_train import build
 
         L, init = self.layout, self.cfg.model.init
-        if init and is_training_checkpoint(init):
-            ckpt.load_weights(init, model=self.model, mesh=self.mesh, tp=L.tp, prefer_ema=True)
-        elif init:
-            build.fill_from_folder(self.model, init, L.tp, L.tp_rank, prefer_ema=True, progress=L.is_main)
+        if init:
+            ckpt.load_init(init, model=self.model, mesh=self.mesh, tp=L.tp, tp_rank=L.tp_rank, progress=L.is_main)
         else:
             build.fill_random(self.model, self.dit_cfg, self.cfg.run.seed, L.tp, L.tp_rank)
 
