@@ -70,7 +70,7 @@ from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_asyn
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from osp.common.errors import MissingFileError
+from osp.common.errors import MissingFileError, one_line
 from osp.common.hashing import sha256_files
 from osp.common.models.dit import DiTConfig
 from osp.stage2_train.state_dict_adapter import (
@@ -180,7 +180,7 @@ def read_metadata(folder: str | Path) -> Metadata:
     except CheckpointError:
         raise
     except Exception as e:  # truncated / garbled pickle, or classes called with nonsense
-        raise _damaged(path, f"{type(e).__name__}: {str(e)[:120]}") from None
+        raise _damaged(path, f"{type(e).__name__}: {one_line(e)[:120]}") from None
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise _damaged(path, f"holds a {type(md).__name__}, not DCP metadata")
     for key, m in md.state_dict_metadata.items():
@@ -237,7 +237,7 @@ class _SafeReader(FileSystemReader):
                 super().read_data(dataclasses.replace(plan, items=items), planner)
             except pickle.UnpicklingError as e:  # torch's weights_only loader refused an object
                 raise CheckpointError(
-                    f"{f}: refused: it holds more than tensors ({str(e).strip().splitlines()[0][:120]}); use a "
+                    f"{f}: refused: it holds more than tensors ({one_line(e)[:120]}); use a "
                     "checkpoint from a source you trust"
                 ) from None
             except FileNotFoundError:
@@ -245,7 +245,7 @@ class _SafeReader(FileSystemReader):
                     f"{f}: missing; the checkpoint is incomplete: delete this step folder and use an earlier step"
                 ) from None
             except (RuntimeError, OSError, EOFError, ValueError, IndexError, AssertionError) as e:
-                raise _damaged(f, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}") from None
+                raise _damaged(f, f"{type(e).__name__}: {one_line(e)[:120]}") from None
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(None)
         return fut

@@ -47,7 +47,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from osp.common.errors import ConfigError, MissingFileError, OspError
+from osp.common.errors import ConfigError, MissingFileError, OspError, one_line
 from osp.common.models.dit import DiTConfig
 
 CHECKPOINT_FORMAT = "osp-dit"
@@ -169,7 +169,7 @@ def _refusing_damaged(path: str | Path):
         yield
     except SafetensorError as e:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0]}); the file is damaged or not "
+            f"{path}: not a readable safetensors file ({one_line(e)}); the file is damaged or not "
             "DiT weights: download or convert it again"
         ) from None
 
