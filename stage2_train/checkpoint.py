@@ -577,10 +577,11 @@ def find(run_dir: Path, resume: str) -> Path | None:
         raise MissingFileError(
             f"{path}: not a complete training checkpoint (no {TRAINER_FILE}); pass --resume auto or a step-XXXXXXX folder"
         )
-    if read_trainer_state(path).get("format") != FORMAT:
+    fmt = read_trainer_state(path).get("format")
+    if fmt != FORMAT:
         raise CheckpointError(
-            f"{path}: written by an older osp ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
-            f"model.init={path / 'model'} (weights only)"
+            f"{path}: {TRAINER_FILE} names format {fmt!r}, not {FORMAT!r}; pass a step-XXXXXXX folder that osp train "
+            "wrote, or start a new run from released weights with --init"
         )
     return path
 

@@ -324,18 +324,20 @@ def test_refused_checkpoint_write_stops_in_one_line_and_resume_is_exact(trained,
     ref = tmp_path / "ref"
     p = _train(ref, shards, 6)
     assert p.returncode == 0, p.stderr[-3000:]
-    for mode in ("false", "true"):  # synchronous, then asynchronous (the error surfaces at the next poll)
+    # synchronous: the save of step 4 fails at step 4; asynchronous: it fails in the background and is
+    # reported at the next poll or, at the latest, when the save of step 6 waits for it
+    for mode, last in (("false", 4), ("true", 6)):
         run = tmp_path / f"limited-{mode}"
         shutil.copytree(base, run)
-        p = _train(run, shards, 6, f"run.async_ckpt={mode}", limit=limit)
+        p = _train(run, shards, 10, f"run.async_ckpt={mode}", limit=limit)
         assert p.returncode == 1, (mode, p.stderr[-3000:])
         _one_line_error(p.stderr, "checkpoint step-0000004 not written")
         line = next(x for x in p.stderr.splitlines() if x.startswith("error"))
         assert "File too large" in line and "free at" in line and "latest is still step-0000002" in line, line
         ck = run / "checkpoints"
         assert (ck / "latest").read_text().strip() == "step-0000002"
-        assert not (ck / "step-0000004").exists() and not list(ck.glob(".tmp-*"))
-        assert max(_losses(run)) <= 5  # training stopped instead of going on without checkpoints
+        assert sorted(x.name for x in ck.iterdir()) == ["latest", "step-0000002"]  # no partial folder left
+        assert 4 <= max(_losses(run)) <= last  # training stopped instead of going on without checkpoints
     # the same run without the limit resumes from step 2: losses equal the uninterrupted run exactly
     p = _train(run, shards, 6, "run.async_ckpt=true")
     assert p.returncode == 0, p.stderr[-3000:]
