@@ -4,7 +4,7 @@ Three ways to get a TP=2 (+SP) training model on each of 2 gloo ranks, each in f
   full     the previous trainer: build the full fp32 model on every rank, read the whole checkpoint
            (merge its TP shards), apply the TP plan, load the local shard
   slices   build on meta, apply the plan, to_empty this rank's shard, read only its slices of the
-           released safetensors (safe_open(...).get_slice)       [osp.stage2_train.build]
+           released safetensors (safe_open(...).get_slice)       [osp.stage2_train.checkpoint]
   dcp      same model, filled from a torch DCP training checkpoint (resharded reads)
 Peak = VmHWM of the rank after the load minus its VmRSS after the imports (torch, megatron).
 Also printed: the exact parameter bytes (full model, one rank's shard).
@@ -69,7 +69,7 @@ def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir:
     base = _status_gb("VmRSS")
     t0 = time.perf_counter()
     if mode == "full":
-        from osp.common.convert import load_dit_checkpoint
+        from osp.stage2_train.checkpoint import load_dit_checkpoint
 
         model = build_dit(cfg, dtype=torch.float32)
         _, full = load_dit_checkpoint(folder)
@@ -79,7 +79,7 @@ def worker(rank: int, port: int, mode: str, cfg_json: str, folder: str, dcp_dir:
     else:
         model = build.materialize(build.build_local(cfg, layout), "cpu")
         if mode == "slices":
-            build.fill_from_folder(model, folder, 2, rank)
+            ckpt.fill_from_folder(model, folder, 2, rank)
             if dcp_dir:  # leave a training checkpoint (weights only) for the dcp mode
                 import torch.distributed.checkpoint as dcp
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--preset", default="osp12-93x480p")
     args = p.parse_args(argv)
-    from osp.common.convert import DIFFUSERS_WEIGHTS
+    from osp.stage2_train.state_dict_adapter import DIFFUSERS_WEIGHTS
     from osp.common.models.dit import DiTConfig, build_dit, get_dit_config
 
     cfg = DiTConfig.from_dict({**get_dit_config(args.preset).to_dict(), "num_layers": args.layers})
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         f"async_save {async_s:.2f} s (host copy; ratio {async_s / sync_s:.2f})"
     )
     print(f"peak per rank, slices / full: {ratio:.2f} (target <= {TARGET}); dcp / full: {ratio_dcp:.2f}")
-    from osp.common.convert import tp_split_dim
+    from osp.stage2_train.state_dict_adapter import tp_split_dim
 
     real = build_dit(get_dit_config(args.preset), device="meta").state_dict()
     real_full = sum(v.numel() * 4 for v in real.values())

@@ -102,10 +102,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     from osp.common.config import NEGATIVE_PROMPT, latent_frames
-    from osp.common.convert import save_dit_checkpoint
+    from osp.stage2_train.state_dict_adapter import save_dit_checkpoint
     from osp.common.demo_models import write_demo_models
     from osp.common.device import pick_device
     from osp.common.models.dit import build_dit
+    from osp.stage2_train.checkpoint import open_dit
     from osp.common.sampling import (
         decode_latents,
         denoise,
@@ -123,7 +124,7 @@ def main() -> None:
         torch.manual_seed(0)
         dit = build_dit("tiny")
         save_dit_checkpoint(tmp / "ckpt", [dit.state_dict()], dit.config)
-        m = load_models(tmp / "ckpt", info["vae"], info["text_encoder"], device=dev.type)
+        m = load_models(open_dit(tmp / "ckpt"), info["vae"], info["text_encoder"], device=dev.type)
         f, h, w = trained_size(m.dit_config)
         shape = (1, 4, latent_frames(f), h // 8, w // 8)
 

@@ -533,7 +533,7 @@ def main() -> int:
 
 def build_meta_params():
     """Parameters of one TP=2 rank of the full 32-block model (counted on the meta device)."""
-    from osp.common.convert import tp_split_dim
+    from osp.stage2_train.state_dict_adapter import tp_split_dim
     from osp.common.models.dit import build_dit
 
     m = build_dit(PRESET, device="meta")

@@ -265,21 +265,31 @@ def sample(
         if negative_prompt is not None:
             settings.negative_prompt = negative_prompt
         torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
+        # the checkpoint (any form: run dir, step-*, osp-dit, diffusers) is read by stage 2's checkpoint
+        # module, the one reader of DiT weights; sampling gets the opened checkpoint
+        from osp.stage2_train.checkpoint import open_dit
+
+        dit = open_dit(checkpoint, prefer_ema=ema)
+        if vae is None or text_encoder is None:  # default: the encoders of the run's shards
+            run_vae, run_text = dit.encoders()
+            vae, text_encoder = vae or run_vae, text_encoder or run_text
+        for flag, value in (("--vae", vae), ("--text-encoder", text_encoder)):
+            if value is None:
+                fail(
+                    f"{flag} not given and {checkpoint} does not record it (trainer.json -> shard manifest); pass {flag} DIR"
+                )
+        assert vae is not None and text_encoder is not None
         if world > 1 or sp:  # tensor-parallel sampling under torchrun (stage 2's plan, imported lazily)
-            from osp.common.models.dit import DiTConfig
-            from osp.common.sampling import resolve_checkpoint
             from osp.stage2_train.dist import init_sample_parallel
 
-            heads = DiTConfig.from_json(resolve_checkpoint(checkpoint) / "config.json").num_attention_heads
-            parallel = init_sample_parallel(device, sp, heads)
+            parallel = init_sample_parallel(device, sp, dit.config.num_attention_heads)
             is_main = parallel[0].is_main
         models = load_models(
-            checkpoint,
+            dit,
             vae,
             text_encoder,
             device=device,
             dtype=torch_dtype,
-            prefer_ema=ema,
             dit_transform=parallel[1] if parallel else None,
         )
         if parallel:
@@ -325,7 +335,7 @@ def convert_import_cmd(
 
     Example: osp convert import Open-Sora-Plan-v1.2.0/93x480p ckpt/93x480p-tp2 --tp 2
     """
-    from osp.common.convert import convert_import
+    from osp.stage2_train.checkpoint import convert_import
 
     try:
         typer.echo(f"wrote {convert_import(src, out, tp)} (TP={tp})")
@@ -342,7 +352,7 @@ def convert_merge_cmd(
 
     Example: osp convert merge runs/demo/checkpoints/step-000100 ckpt/merged
     """
-    from osp.common.convert import convert_merge
+    from osp.stage2_train.checkpoint import convert_merge
 
     try:
         typer.echo(f"wrote {convert_merge(src, out)} (TP=1)")
@@ -360,7 +370,7 @@ def convert_export_cmd(
 
     Example: osp convert export ckpt/merged export/93x480p
     """
-    from osp.common.convert import convert_export
+    from osp.stage2_train.checkpoint import convert_export
 
     try:
         typer.echo(f"wrote {convert_export(src, out, prefer_ema=ema)}")

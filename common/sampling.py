@@ -24,13 +24,12 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from osp.common.errors import ConfigError, MissingFileError
-from osp.common.hashing import sha256_files
 from osp.common.config import (
     DDPM_BETA_END,
     DDPM_BETA_SCHEDULE,
@@ -124,91 +123,27 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """An osp run dir (runs/<name>: its latest checkpoint), a checkpoints/ dir, one training
-    checkpoint (step-XXXXXXX/, torch DCP; layout: osp.stage2_train.checkpoint), an osp DiT checkpoint
-    dir or a released diffusers folder -> the folder holding the DiT weights."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(
-            f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder"
-        )
-    target = path
-    for ckdir in (path / "checkpoints", path):
-        latest = ckdir / "latest"
-        if latest.is_file():
-            name = latest.read_text().strip()
-            target = ckdir / name
-            if not target.is_dir():
-                raise MissingFileError(
-                    f"{latest} names {name!r} but {target} is missing; fix the file or pass a step-* dir"
-                )
-            break
-        steps = sorted(p for p in ckdir.glob("step-*") if (p / "trainer.json").is_file()) if ckdir.is_dir() else []
-        if steps:
-            target = steps[-1]
-            break
-    return target
+class DiTWeights(Protocol):
+    """A resolved DiT checkpoint, handed in by the caller (the CLI opens it with
+    `osp.stage2_train.checkpoint.open_dit`, which reads training, osp-dit and released layouts)."""
+
+    config: DiTConfig
+    identity: dict  # what the sample sidecar records about the weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full (TP=1) weights, keys and shapes already checked against `config`."""
+        ...
 
 
-def _sha256_weight_files(folder: Path) -> str:
-    weights = [
-        p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".bin", ".ckpt", ".distcp")
-    ]
-    return sha256_files(weights, folder)
+def load_dit(weights: DiTWeights, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The DiT of `weights` in eval mode on `device`, every activation in `dtype`."""
+    from osp.common.models.dit import build_dit
 
-
-def _training_meta(folder: Path, is_training_checkpoint, meta_file: str) -> dict | None:
-    """A training checkpoint's format, step and layout (trainer.json without the run config)."""
-    if not is_training_checkpoint(folder):
-        return None
-    info = json.loads((folder / meta_file).read_text())
-    return {k: info[k] for k in ("format", "step", "layout") if k in info}
-
-
-def load_dit(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, prefer_ema: bool = True):
-    """(model, config, identity) from any checkpoint form accepted by resolve_checkpoint."""
-    from osp.common.convert import TRAINING_META_FILE, is_osp_checkpoint, is_training_checkpoint, read_checkpoint_meta
-    from osp.common.convert import load_dit as load_dit_weights
-    from osp.common.models.dit import DiTConfig
-
-    folder = resolve_checkpoint(checkpoint)
-    config = DiTConfig.from_json(folder / "config.json")
-    model = load_dit_weights(folder, prefer_ema=prefer_ema, device=device, dtype=dtype)
-    model = model.eval().requires_grad_(False)
+    model = build_dit(weights.config, device="meta").to_empty(device=device)
+    model.load_state_dict(weights.state_dict(), strict=True)
+    model = model.to(dtype).eval().requires_grad_(False)
     model.compute_dtype = dtype  # the precision policy: every DiT activation in the sampling dtype
-    identity = {
-        "path": str(Path(checkpoint).resolve()),
-        "resolved": str(folder.resolve()),
-        "weights_sha256": _sha256_weight_files(folder),
-        "prefer_ema": prefer_ema,
-        "meta": read_checkpoint_meta(folder)
-        if is_osp_checkpoint(folder)
-        else _training_meta(folder, is_training_checkpoint, TRAINING_META_FILE),
-        "config": config.to_dict(),
-    }
-    return model, config, identity
-
-
-def encoders_from_run(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
-    """(vae, text encoder) folders that encoded the training shards of an osp run: the checkpoint's
-    trainer.json names the shard dir (config.data.shards), whose manifest.json records both paths.
-    (None, None) where any link of that chain is missing."""
-    from osp.common.shards import ShardError, read_manifest
-
-    folder = resolve_checkpoint(checkpoint)
-    for d in (folder, folder.parent):
-        f = d / "trainer.json"
-        if not f.is_file():
-            continue
-        try:
-            manifest = read_manifest(json.loads(f.read_text())["config"]["data"]["shards"])
-        except (KeyError, TypeError, ValueError, ShardError):
-            return None, None
-        paths = [(manifest.get(k) or {}).get("path") for k in ("vae", "text_encoder")]
-        vae_path, text_path = (Path(p) if p else None for p in paths)
-        return vae_path, text_path
-    return None, None
+    return model
 
 
 @dataclass
@@ -226,37 +161,28 @@ class Models:
 
 
 def load_models(
-    checkpoint: str | Path,
-    vae: str | Path | None = None,
-    text_encoder: str | Path | None = None,
+    dit: DiTWeights,
+    vae: str | Path,
+    text_encoder: str | Path,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    prefer_ema: bool = True,
     dit_transform=None,
 ) -> Models:
-    """Load the DiT, text encoder and VAE. `dit_transform(dit) -> dit`, when given, is applied to the
-    loaded DiT (full weights, eval, on the device) before use, e.g. to split it over tensor-parallel
-    ranks; the caller owns whatever process groups it needs."""
+    """Load the DiT (from `dit`, a resolved checkpoint), the text encoder and the VAE. `dit_transform(dit)
+    -> dit`, when given, is applied to the loaded DiT (full weights, eval, on the device) before use, e.g.
+    to split it over tensor-parallel ranks; the caller owns whatever process groups it needs."""
     from osp.common.device import pick_device
     from osp.common.models.dit import resolve_precision
     from osp.common.models.text import TextEncoder
     from osp.common.models.vae import load_vae, vae_identity
 
-    if vae is None or text_encoder is None:
-        run_vae, run_text = encoders_from_run(checkpoint)
-        vae, text_encoder = vae or run_vae, text_encoder or run_text
-        for flag, value in (("--vae", vae), ("--text-encoder", text_encoder)):
-            if value is None:
-                raise ConfigError(
-                    f"{flag} not given and {checkpoint} does not record it (trainer.json -> shard manifest); pass {flag} DIR"
-                )
-    assert vae is not None and text_encoder is not None
     dev = pick_device(device)
     tdev = dev.set_current() if dev.is_accelerator else dev.torch_device()
     dtype = dtype or resolve_precision("auto", dev.is_accelerator)  # bf16 on accelerators, fp32 on CPU
-    dit, dit_config, dit_id = load_dit(checkpoint, tdev, dtype, prefer_ema=prefer_ema)
+    dit_config = dit.config
+    model = load_dit(dit, tdev, dtype)
     if dit_transform is not None:
-        dit = dit_transform(dit)
+        model = dit_transform(model)
     te = TextEncoder.from_pretrained(text_encoder, device=tdev, dtype=dtype)
     if te.dim != dit_config.caption_channels:
         raise ConfigError(
@@ -264,8 +190,8 @@ def load_models(
             f"{dit_config.caption_channels}; pass the text encoder the checkpoint was trained with"
         )
     vae_model = load_vae(vae).to(device=tdev, dtype=dtype).eval().requires_grad_(False)
-    identity = {"dit": dit_id, "vae": vae_identity(vae), "text_encoder": te.identity()}
-    return Models(dit, dit_config, vae_model, te, tdev, dtype, identity)
+    identity = {"dit": dit.identity, "vae": vae_identity(vae), "text_encoder": te.identity()}
+    return Models(model, dit_config, vae_model, te, tdev, dtype, identity)
 
 
 # --------------------------------------------------------------------------------------------------

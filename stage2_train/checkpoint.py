@@ -1,13 +1,13 @@
-"""Training checkpoints with torch.distributed.checkpoint (DCP): resharding, asynchronous, atomic.
+"""Training checkpoints, and every reader of DiT weights: the one checkpoint module.
 
     <run>/checkpoints/step-0000100/
-        .metadata, __<rank>_0.distcp   DCP: every tensor below as ONE global tensor (chunks + offsets)
+        .metadata, __<rank>_0.distcp   torch DCP: every tensor below as ONE global tensor (chunks + offsets)
         config.json                    the DiT config (diffusers field names)
-        trainer.json                   step, saved layout, the run's config (for people and tools)
-    <run>/checkpoints/latest           the name of the newest complete checkpoint
+        trainer.json                   format, step, saved layout, the run's config (for people and tools)
+    <run>/checkpoints/latest           the name of the newest complete checkpoint (`read_latest`)
 
-Keys (released/diffusers names: what `model.state_dict()` returns at any TP size, TP-split by
-`osp.common.convert.tp_split_dim`):
+Keys (released/diffusers names: what `model.state_dict()` returns at any TP size, TP-split by the
+rule table `osp.stage2_train.state_dict_adapter.tp_split_dim`):
 
     model.<key>                 weights            DTensor on the (replica, tp) mesh: Shard(split dim) or Replicate
     ema.<key>                   EMA weights        same placement
@@ -25,42 +25,82 @@ Publication: every rank writes into `checkpoints/.tmp-step-0000100/`; when DCP h
 coordinator writes `.metadata` after all ranks' data), rank 0 adds config.json + trainer.json,
 renames the folder to its final name and then rewrites `latest` (temp file + rename). A killed save
 therefore never becomes `latest`. With `async_save` the write runs in a background thread on its own
-gloo group while training continues; the state is copied first (host copy, the only stall).
-Multi-node runs need the run directory on a shared filesystem.
+gloo group while training continues; the state is copied first (host copy, the only stall). A save
+that the file system refuses (disk full, file-size limit) is a `CheckpointError` naming the folder,
+the free space and the checkpoint `latest` still names; the partial folder is removed and training
+stops (an asynchronous save reports it at the next `poll`/`wait`). Multi-node runs need the run
+directory on a shared filesystem.
+
+Reading never runs code from a file: DCP's `.metadata` is a pickle, read here by an unpickler that
+resolves only the classes DCP metadata is made of (`read_metadata`), checked to describe tensors in
+`.distcp` files of the folder; tensor data is read by torch's `weights_only` loader and DCP's
+arbitrary-object path (bytes entries) is refused. Released / osp-dit weights are safetensors
+(`state_dict_adapter`). Every refusal is one line naming the file.
+
+Readers: `load` / `load_weights` / `load_init` fill a (TP-sharded) model inside a training job
+(collective); `load_dit_checkpoint` / `open_dit` read any accepted form offline into full TP=1
+weights (`osp convert`, `osp sample`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
+import pickle
 import shutil
 import time
+import warnings
 from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from osp.common.convert import TRAINING_CONFIG_FILE, TRAINING_META_FILE, tp_split_dim
-from osp.common.errors import MissingFileError, OspError
+from osp.common.errors import MissingFileError, one_line
+from osp.common.hashing import sha256_files
+from osp.common.models.dit import DiTConfig
+from osp.stage2_train.state_dict_adapter import (
+    CONFIG_FILE,
+    DIFFUSERS_WEIGHTS,
+    META_FILE,
+    CheckpointError,
+    SliceReader,
+    check_keys,
+    is_diffusers_folder,
+    is_osp_checkpoint,
+    load_diffusers_state_dict,
+    load_dit_shards,
+    merge_state_dicts,
+    read_checkpoint_meta,
+    save_dit_checkpoint,
+    save_tensors,
+    split_state_dict,
+    tensor_shapes,
+    tp_split_dim,
+)
 
+CHECKPOINTS = "checkpoints"  # <run>/checkpoints
 LATEST = "latest"
-TRAINER_FILE = TRAINING_META_FILE
+TRAINER_FILE = "trainer.json"  # a training checkpoint's format, step, layout and run config
+DCP_METADATA = ".metadata"
 FORMAT = "torch-dcp"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 RNG_KINDS = ("torch", "cuda")
 SLOW_SAVE_ENV = "OSP_TEST_SLOW_SAVE_S"  # tests: seconds each rank's writer sleeps before writing its data
-
-
-class CheckpointError(OspError, ValueError):
-    """A checkpoint that cannot be resumed as asked (one line: the folder, the setting, the fix)."""
 
 
 def step_name(step: int) -> str:
@@ -76,6 +116,165 @@ def _fsync(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+# ------------------------------------------------------------------------------------------------
+# reading DCP without running code
+# ------------------------------------------------------------------------------------------------
+# every global DCP's FileSystemWriter pickles into .metadata (torch 2.x), by module
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",  # resolved so that the refusal below can name the entry
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},  # and the dtypes (below)
+    "torch.serialization": {"_get_layout"},  # a lookup of torch.strided & co. by name
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # StorageMeta.checkpoint_id
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the classes of DCP metadata, torch.Size and dtypes; anything else is refused."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{self.path}: refused: it asks for {module}.{name}, which checkpoint metadata never holds (loading it "
+            "would run code); use a checkpoint from a source you trust, or delete this step folder"
+        )
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: damaged ({why}); the checkpoint cannot be read: delete this step folder and use an earlier step "
+        "(or copy it again)"
+    )
+
+
+def read_metadata(folder: str | Path) -> Metadata:
+    """The DCP metadata of a checkpoint folder, unpickled by the restricted unpickler and checked to
+    describe tensors only, stored in `.distcp` files of the folder itself."""
+    path = Path(folder) / DCP_METADATA
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f, path).load()
+    except FileNotFoundError:
+        raise MissingFileError(
+            f"{path}: missing; {folder} is not a complete training checkpoint: pass a step-XXXXXXX folder"
+        ) from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated / garbled pickle, or classes called with nonsense
+        raise _damaged(path, f"{type(e).__name__}: {one_line(e)[:120]}") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise _damaged(path, f"holds a {type(md).__name__}, not DCP metadata")
+    for key, m in md.state_dict_metadata.items():
+        if not isinstance(m, TensorStorageMetadata):
+            raise CheckpointError(
+                f"{path}: refused: entry {key!r} is a {type(m).__name__}, not a tensor (osp checkpoints hold tensors "
+                "only, other entries would be unpickled); use a checkpoint from a source you trust"
+            )
+        if not isinstance(m.size, torch.Size) or not isinstance(m.properties.dtype, torch.dtype):
+            raise _damaged(path, f"entry {key!r} has no tensor size/dtype")
+    for info in (md.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or Path(rel).name != rel or not rel.endswith(".distcp") or rel.startswith("."):
+            raise CheckpointError(
+                f"{path}: refused: it points at {rel!r}, not a .distcp file of the folder; use a checkpoint from a "
+                "source you trust"
+            )
+        if getattr(info, "transform_descriptors", None):
+            raise _damaged(
+                path, f"{rel} is stored with transforms {info.transform_descriptors}, which osp never writes"
+            )
+    return md
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with the metadata read by `read_metadata` (once, before DCP asks) and every
+    read failure turned into a one-line CheckpointError naming the file."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__(str(folder))
+        self.folder = Path(folder)
+        self.metadata = read_metadata(folder)
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        md = self.metadata
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        assert md.storage_meta is not None
+        md.storage_meta.load_id = self.load_id
+        return md
+
+    def read_data(self, plan, planner):
+        per_file: dict[str, list] = {}
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:  # DCP would unpickle it without restriction
+                raise CheckpointError(
+                    f"{self.folder / DCP_METADATA}: refused: entry {item.dest_index.fqn!r} is not a tensor; use a "
+                    "checkpoint from a source you trust"
+                )
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for rel, items in per_file.items():
+            f = self.folder / rel
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner)
+            except pickle.UnpicklingError as e:  # torch's weights_only loader refused an object
+                raise CheckpointError(
+                    f"{f}: refused: it holds more than tensors ({one_line(e)[:120]}); use a "
+                    "checkpoint from a source you trust"
+                ) from None
+            except FileNotFoundError:
+                raise MissingFileError(
+                    f"{f}: missing; the checkpoint is incomplete: delete this step folder and use an earlier step"
+                ) from None
+            except (RuntimeError, OSError, EOFError, ValueError, IndexError, AssertionError) as e:
+                raise _damaged(f, f"{type(e).__name__}: {one_line(e)[:120]}") from None
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(None)
+        return fut
+
+
+def _first_osp_error(e: CheckpointException):
+    for exc, _trace in e.failures.values():
+        if isinstance(exc, (CheckpointError, MissingFileError)):
+            return exc
+    return None
+
+
+def _read(sd: dict, folder: str | Path, *, process_group=None, no_dist: bool = False) -> None:
+    """dcp.load through the safe reader: fills `sd` in place; refusals arrive as one-line errors."""
+    reader = _SafeReader(folder)
+    try:
+        with warnings.catch_warnings():  # offline: "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load(sd, storage_reader=reader, process_group=process_group, no_dist=no_dist)
+    except CheckpointException as e:
+        err = _first_osp_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def saved_keys(path: str | Path) -> dict:
+    """Key -> DCP metadata (global size and dtype) of a checkpoint's tensors."""
+    return read_metadata(path).state_dict_metadata
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,11 +386,37 @@ def _writer(path: Path):
 # ------------------------------------------------------------------------------------------------
 # save + publish
 # ------------------------------------------------------------------------------------------------
+def _storage_error(e: BaseException) -> OSError | None:
+    """The OSError under a failed write (DCP wraps it in CheckpointException, torch's stream writer in
+    a RuntimeError whose context is the OSError), if the failure is one of the file system's."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        if isinstance(x, CheckpointException):
+            todo += [exc for exc, _ in x.failures.values()]
+        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
+    return None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} TiB"
+
+
 class Checkpointer:
     """Saves (optionally asynchronously) and publishes training checkpoints of one run."""
 
     def __init__(self, run_dir: Path, *, mesh, tp: int, rank: int, is_main: bool, async_save: bool):
-        self.ckroot = Path(run_dir) / "checkpoints"
+        self.ckroot = Path(run_dir) / CHECKPOINTS
         self.mesh, self.tp, self.rank, self.is_main = mesh, tp, rank, is_main
         self.async_save = async_save
         # DCP's own collectives run on a separate gloo group: a background save never interleaves
@@ -204,25 +429,35 @@ class Checkpointer:
 
     def save(self, step: int, *, model, ema, optimizer, counters: dict[str, int], meta: dict, dit_config) -> Path:
         """Collective over the world (every rank at the same step). Returns the final folder name;
-        with async saving it is published later (`poll`, `wait`)."""
+        with async saving it is published later (`poll`, `wait`). A write the file system refuses
+        raises a CheckpointError (every rank)."""
         self.wait()  # at most one save in flight
         final, tmp = self.ckroot / step_name(step), self.ckroot / f".tmp-{step_name(step)}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            dit_config.to_json(tmp / TRAINING_CONFIG_FILE)
+        try:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                dit_config.to_json(tmp / CONFIG_FILE)
+        except OSError as e:
+            raise self._not_written(final, tmp, e) from None
         dist.barrier()
         sd = state_dict(
             model=model, ema=ema, optimizer=optimizer, counters=counters, mesh=self.mesh, tp=self.tp, rank=self.rank
         )
         info = {"format": FORMAT, **meta, "step": step}
-        if self.async_save:
-            fut = dcp_async_save(sd, storage_writer=_writer(tmp), process_group=self.group, async_stager=_CopyStager())
-            assert isinstance(fut, Future)  # a stager that returns the staged dict itself: the upload future
-            self.pending = (fut, tmp, final, info)
-        else:
-            dcp_save(sd, storage_writer=_writer(tmp), process_group=self.group)
-            self._publish(tmp, final, info)
+        try:
+            if self.async_save:
+                fut = dcp_async_save(
+                    sd, storage_writer=_writer(tmp), process_group=self.group, async_stager=_CopyStager()
+                )
+                assert isinstance(fut, Future)  # a stager that returns the staged dict itself: the upload future
+                self.pending = (fut, tmp, final, info)
+            else:
+                dcp_save(sd, storage_writer=_writer(tmp), process_group=self.group)
+                self._publish(tmp, final, info)
+        except (CheckpointException, OSError, RuntimeError) as e:
+            self._raise_if_storage(e, final, tmp)
+            raise
         return final
 
     def poll(self) -> None:
@@ -231,13 +466,42 @@ class Checkpointer:
             self.wait()
 
     def wait(self) -> None:
-        """Block until the save in flight is written, then publish it."""
+        """Block until the save in flight is written, then publish it (a refused write: CheckpointError)."""
         if self.pending is None:
             return
         fut, tmp, final, info = self.pending
         self.pending = None
-        fut.result()  # re-raises a failed write
-        self._publish(tmp, final, info)
+        try:
+            fut.result()  # re-raises a failed write
+            self._publish(tmp, final, info)
+        except (CheckpointException, OSError, RuntimeError) as e:
+            self._raise_if_storage(e, final, tmp)
+            raise
+
+    def _raise_if_storage(self, e: BaseException, final: Path, tmp: Path) -> None:
+        err = _storage_error(e)
+        if err is not None:
+            raise self._not_written(final, tmp, err) from None
+
+    def _not_written(self, final: Path, tmp: Path, err: OSError) -> CheckpointError:
+        """One line: what was not written, why, the free space and the checkpoint that is still latest.
+        The partial folder is removed (it would never be published)."""
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{_size(shutil.disk_usage(self.ckroot).free)} free at {self.ckroot}"
+        except OSError:
+            free = f"free space at {self.ckroot} unknown"
+        try:
+            latest = read_latest(self.ckroot)
+        except MissingFileError:
+            latest = None
+        kept = f"latest is still {latest.name}" if latest is not None else "no checkpoint of this run exists yet"
+        cause = err.strerror or type(err).__name__
+        fix = "free disk space" if err.errno == errno.ENOSPC else "free disk space or raise the file-size limit"
+        return CheckpointError(
+            f"checkpoint {final.name} not written ({cause}; {free}); {kept}; {fix}, then resume with --resume auto"
+        )
 
     def _publish(self, tmp: Path, final: Path, info: dict) -> None:
         # DCP's coordinator (rank 0 of self.group = global rank 0) writes .metadata only after
@@ -262,44 +526,77 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------------------------------------
-# find + load
+# which checkpoint: `latest` and the accepted path forms
 # ------------------------------------------------------------------------------------------------
+def read_latest(ckroot: str | Path) -> Path | None:
+    """The step folder `<ckroot>/latest` names (None without that file); a name of a missing folder
+    is an error."""
+    f = Path(ckroot) / LATEST
+    if not f.is_file():
+        return None
+    name = f.read_text().strip()
+    target = Path(ckroot) / name
+    if not name or Path(name).name != name or not target.is_dir():
+        raise MissingFileError(f"{f} names {name!r} but {target} is missing; fix the file or pass a step-* folder")
+    return target
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / DCP_METADATA).is_file() and (p / TRAINER_FILE).is_file() and (p / CONFIG_FILE).is_file()
+
+
+def resolve(path: str | Path) -> Path:
+    """An osp run folder (its latest checkpoint), a checkpoints/ folder, one step-XXXXXXX folder, an
+    osp-dit folder or a released diffusers folder -> the folder holding the DiT weights. Without a
+    `latest` file the newest published step-* folder is taken."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(
+            f"checkpoint {path} does not exist; pass an osp run dir (runs/<name>), a checkpoint dir or a diffusers folder"
+        )
+    for ckroot in (path / CHECKPOINTS, path):
+        latest = read_latest(ckroot)
+        if latest is not None:
+            return latest
+        steps = sorted(p for p in ckroot.glob("step-*") if (p / TRAINER_FILE).is_file()) if ckroot.is_dir() else []
+        if steps:
+            return steps[-1]
+    return path
+
+
 def find(run_dir: Path, resume: str) -> Path | None:
-    """`auto` -> the latest complete checkpoint of the run (None if there is none); else a path to a
-    step folder or a run folder."""
+    """The checkpoint a training run resumes from: `auto` -> the latest complete checkpoint of the run
+    (None if there is none); else a step folder or a run folder (`resolve`)."""
     if not resume:
         return None
-    if resume == "auto":
-        ckroot = Path(run_dir) / "checkpoints"
-        latest = ckroot / LATEST
-        if not latest.is_file():
-            return None
-        path = ckroot / latest.read_text().strip()
-    else:
-        path = Path(resume)
-        if (path / "checkpoints" / LATEST).is_file():
-            path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
+    path = read_latest(Path(run_dir) / CHECKPOINTS) if resume == "auto" else resolve(resume)
+    if path is None:
+        return None
     if not (path / TRAINER_FILE).is_file():
         raise MissingFileError(
             f"{path}: not a complete training checkpoint (no {TRAINER_FILE}); pass --resume auto or a step-XXXXXXX folder"
         )
-    if read_trainer_state(path).get("format") != FORMAT:
+    fmt = read_trainer_state(path).get("format")
+    if fmt != FORMAT:
         raise CheckpointError(
-            f"{path}: written by an older osp ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
-            f"model.init={path / 'model'} (weights only)"
+            f"{path}: {TRAINER_FILE} names format {fmt!r}, not {FORMAT!r}; pass a step-XXXXXXX folder that osp train "
+            "wrote, or start a new run from released weights with --init"
         )
     return path
 
 
-def read_trainer_state(path: Path) -> dict:
-    return json.loads((Path(path) / TRAINER_FILE).read_text())
+def read_trainer_state(path: str | Path) -> dict:
+    f = Path(path) / TRAINER_FILE
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise _damaged(f, f"not JSON: {e}") from None
 
 
-def saved_keys(path: Path) -> dict:
-    """Key -> DCP metadata (global size and dtype for tensors) of a checkpoint."""
-    return FileSystemReader(str(path)).read_metadata().state_dict_metadata
-
-
+# ------------------------------------------------------------------------------------------------
+# loading inside a training job (collective, resharded to this layout)
+# ------------------------------------------------------------------------------------------------
 def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict[str, int]:
     """Fill model, EMA and the AdamW state this rank owns from `path`, resharded to this layout, and
     restore this rank's RNG if the checkpoint has it. Returns the `state.*` counters. Collective."""
@@ -313,12 +610,7 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
             raise CheckpointError(f"{path}: has no EMA weights but optim.ema_decay > 0; resume with optim.ema_decay=0")
         for k, v in ema.shadow.items():
             sd[f"ema.{k}"] = _global(k, v, mesh, tp)
-    missing = sorted(k for k in sd if k not in have)
-    if missing:
-        raise CheckpointError(
-            f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
-            "resume with the model.preset / config.json it was trained with"
-        )
+    _check_present(path, sd, have, "resume with the model.preset / config.json it was trained with")
     opt, moments = _adamw(optimizer), {}
     for name, p in _owned(optimizer, model):
         if f"optim.exp_avg.{name}" not in have:
@@ -335,7 +627,7 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
     rng_t = {kind: torch.zeros(have[key].size, dtype=have[key].properties.dtype) for kind, key in rng.items()}
     sd.update({rng[kind]: t for kind, t in rng_t.items()})
 
-    dcp_load(sd, checkpoint_id=str(path))
+    _read(sd, path)
 
     for p, st in moments.items():
         assert opt is not None  # moments come from _owned, empty without it
@@ -347,6 +639,21 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
     return {k: int(v) for k, v in counters.items()}
 
 
+def _check_present(path: Path, sd: dict, have: dict, fix: str) -> None:
+    missing = sorted(k for k in sd if k not in have)
+    if missing:
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); {fix}"
+        )
+    shapes = sorted(k for k, v in sd.items() if tuple(have[k].size) != tuple(v.shape))
+    if shapes:
+        k = shapes[0]
+        raise CheckpointError(
+            f"{path}: {len(shapes)} tensors have other shapes than this model's ({k}: saved {tuple(have[k].size)}, "
+            f"model {tuple(sd[k].shape)}); {fix}"
+        )
+
+
 def load_weights(path: str | Path, *, model, mesh, tp: int, prefer_ema: bool = True) -> None:
     """Only the weights (EMA if present and preferred) of a training checkpoint into `model`, resharded:
     `model.init=<run>/checkpoints/step-*` starts a new run from them. Collective."""
@@ -354,10 +661,195 @@ def load_weights(path: str | Path, *, model, mesh, tp: int, prefer_ema: bool = T
     have = saved_keys(path)
     prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in have) else "model."
     sd = {f"{prefix}{k}": _global(k, v, mesh, tp) for k, v in _tensor_state(model).items()}
-    missing = sorted(k for k in sd if k not in have)
-    if missing:
-        raise CheckpointError(
-            f"{path}: the checkpoint lacks {len(missing)} tensors of this model ({', '.join(missing[:4])} ...); "
-            "use the model.preset / config.json it was trained with"
+    _check_present(path, sd, have, "use the model.preset / config.json it was trained with")
+    _read(sd, path)
+
+
+@torch.no_grad()
+def fill_from_folder(
+    model: torch.nn.Module, folder: str | Path, tp: int, rank: int, prefer_ema: bool = True, progress: bool = False
+) -> None:
+    """Copy this rank's slices of a released diffusers folder or an osp-dit checkpoint (any saved TP
+    size) into the materialised model. Strict: keys and full shapes are checked first."""
+    from osp.common.models.dit import build_dit
+
+    reader = SliceReader(folder, prefer_ema)
+    full = tensor_shapes(build_dit(reader.config, device="meta"))
+    on_disk = {k: torch.empty(reader.shape(k), device="meta") for k in reader.keys()}
+    check_keys(full, on_disk, str(folder))
+    items = list(_tensor_state(model).items())
+    if progress:
+        from rich.progress import track
+
+        items = track(items, description=f"load {Path(folder).name}")
+    for k, dst in items:
+        dst.copy_(reader.read(k, tp, rank))
+
+
+def load_init(path: str | Path, *, model, mesh, tp: int, tp_rank: int, progress: bool = False) -> None:
+    """`model.init`: this rank's piece of the weights of a training checkpoint (EMA preferred, read by
+    DCP, collective) or of a released / osp-dit folder (safetensors slices)."""
+    if is_training_checkpoint(path):
+        load_weights(path, model=model, mesh=mesh, tp=tp, prefer_ema=True)
+    else:
+        fill_from_folder(model, path, tp, tp_rank, prefer_ema=True, progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# the offline reader (no process group): full TP=1 weights of any accepted form
+# ------------------------------------------------------------------------------------------------
+def _full_shapes(config: DiTConfig) -> dict[str, torch.Size]:
+    from osp.common.models.dit import build_dit
+
+    return tensor_shapes(build_dit(config, device="meta"))
+
+
+def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
+    """(config, full TP=1 state dict) of a training checkpoint, read offline: DCP assembles each global
+    tensor from the chunks every rank wrote. EMA if present and preferred. Keys and shapes are checked
+    against the config before anything is allocated."""
+    d = Path(ckpt_dir)
+    config = DiTConfig.from_json(d / CONFIG_FILE)
+    have = saved_keys(d)
+    prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in have) else "model."
+    mine = {k[len(prefix) :]: m for k, m in have.items() if k.startswith(prefix)}
+    check_keys(_full_shapes(config), {k: torch.empty(tuple(m.size), device="meta") for k, m in mine.items()}, str(d))
+    sd = {f"{prefix}{k}": torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in mine.items()}
+    _read(sd, d, no_dist=True)
+    return config, {k[len(prefix) :]: v for k, v in sd.items()}
+
+
+def has_ema(ckpt_dir: str | Path) -> bool:
+    """Whether a training checkpoint holds EMA weights."""
+    return any(k.startswith("ema.") for k in saved_keys(ckpt_dir))
+
+
+def load_dit_checkpoint(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
+    """(config, full TP=1 state dict, checked against the config) from a training checkpoint (DCP), an
+    osp-dit checkpoint (TP shards merged) or a released diffusers folder."""
+    d = Path(ckpt_dir)
+    if is_training_checkpoint(d):
+        return load_training_weights(d, prefer_ema)
+    if is_osp_checkpoint(d):
+        config, shards, _ = load_dit_shards(d, prefer_ema)
+        sd = merge_state_dicts(shards)
+    elif is_diffusers_folder(d):
+        config, sd = DiTConfig.from_json(d / CONFIG_FILE), load_diffusers_state_dict(d)
+    else:
+        raise MissingFileError(
+            f"{d}: neither an osp DiT checkpoint ({META_FILE}), a training checkpoint (step-* with {DCP_METADATA}) "
+            f"nor a diffusers folder ({CONFIG_FILE} + {DIFFUSERS_WEIGHTS}); pass the checkpoint folder itself"
         )
-    dcp_load(sd, checkpoint_id=str(path))
+    check_keys(_full_shapes(config), sd, str(d))
+    return config, sd
+
+
+def load_dit(ckpt_dir: str | Path, prefer_ema: bool = True, device=None, dtype=None):
+    """An OpenSoraT2V built from a checkpoint folder of any accepted form, weights loaded strictly."""
+    from osp.common.models.dit import build_dit
+
+    config, sd = load_dit_checkpoint(ckpt_dir, prefer_ema)
+    model = build_dit(config, device="meta").to_empty(device=device or "cpu")
+    model.load_state_dict(sd, strict=True)
+    return model if dtype is None else model.to(dtype)
+
+
+def _weight_files_sha256(folder: Path) -> str:
+    suffixes = (".safetensors", ".pt", ".bin", ".ckpt", ".distcp")
+    return sha256_files([p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes], folder)
+
+
+@dataclass
+class DiTCheckpoint:
+    """A DiT checkpoint of any accepted form, resolved (`resolve`): what `osp sample` loads. Implements
+    `osp.common.sampling.DiTWeights` (config, identity, state_dict())."""
+
+    path: Path  # as given
+    folder: Path  # the folder holding the weights
+    config: DiTConfig
+    prefer_ema: bool = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (TP=1) weights, checked against the config."""
+        return load_dit_checkpoint(self.folder, self.prefer_ema)[1]
+
+    @cached_property
+    def identity(self) -> dict:
+        """What the sample sidecar records about the weights."""
+        if is_osp_checkpoint(self.folder):
+            meta = read_checkpoint_meta(self.folder)
+        elif is_training_checkpoint(self.folder):
+            info = read_trainer_state(self.folder)
+            meta = {k: info[k] for k in ("format", "step", "layout") if k in info}
+        else:
+            meta = None
+        return {
+            "path": str(self.path.resolve()),
+            "resolved": str(self.folder.resolve()),
+            "weights_sha256": _weight_files_sha256(self.folder),
+            "prefer_ema": self.prefer_ema,
+            "meta": meta,
+            "config": self.config.to_dict(),
+        }
+
+    def encoders(self) -> tuple[Path | None, Path | None]:
+        """(VAE, text encoder) folders that encoded the run's training shards: trainer.json names the
+        shard folder (config.data.shards), whose manifest.json records both. (None, None) where any link
+        of that chain is missing."""
+        from osp.common.shards import ShardError, read_manifest
+
+        f = self.folder / TRAINER_FILE
+        if not f.is_file():
+            return None, None
+        try:
+            manifest = read_manifest(read_trainer_state(self.folder)["config"]["data"]["shards"])
+        except (KeyError, TypeError, ValueError, ShardError):
+            return None, None
+        vae, text = ((manifest.get(k) or {}).get("path") for k in ("vae", "text_encoder"))
+        return (Path(vae) if vae else None), (Path(text) if text else None)
+
+
+def open_dit(path: str | Path, prefer_ema: bool = True) -> DiTCheckpoint:
+    """Resolve a checkpoint path of any accepted form (`resolve`); the weights are read on `state_dict()`."""
+    folder = resolve(path)
+    f = folder / CONFIG_FILE
+    if not f.is_file():
+        raise MissingFileError(
+            f"{folder}: no {CONFIG_FILE}; pass an osp run dir, a step-* folder, an osp DiT checkpoint or a diffusers folder"
+        )
+    return DiTCheckpoint(Path(path), folder, DiTConfig.from_json(f), prefer_ema)
+
+
+# ------------------------------------------------------------------------------------------------
+# `osp convert`
+# ------------------------------------------------------------------------------------------------
+def convert_import(src: str | Path, out: str | Path, tp: int = 1) -> Path:
+    """Released diffusers folder -> osp-dit checkpoint sharded for TP `tp` (strict key check first)."""
+    if not is_diffusers_folder(src):
+        raise MissingFileError(
+            f"{src}: not a diffusers DiT folder ({CONFIG_FILE} + {DIFFUSERS_WEIGHTS}); pass e.g. Open-Sora-Plan-v1.2.0/93x480p"
+        )
+    config, sd = load_dit_checkpoint(src)
+    return save_dit_checkpoint(out, split_state_dict(sd, tp, config), config, extra={"source": str(src)})
+
+
+def convert_merge(src: str | Path, out: str | Path) -> Path:
+    """osp-dit checkpoint at any TP, or a training checkpoint -> osp-dit checkpoint at TP 1 (model and EMA)."""
+    if is_training_checkpoint(src):
+        config, full = load_training_weights(src, prefer_ema=False)
+        ema = [load_training_weights(src, prefer_ema=True)[1]] if has_ema(src) else None
+        return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra={"source": str(src)})
+    config, full = load_dit_checkpoint(src, prefer_ema=False)
+    meta = read_checkpoint_meta(src)
+    ema = [load_dit_checkpoint(src, prefer_ema=True)[1]] if meta.get("ema") else None
+    return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra=meta.get("extra"))
+
+
+def convert_export(src: str | Path, out: str | Path, prefer_ema: bool = True) -> Path:
+    """Any accepted checkpoint -> diffusers layout (config.json + diffusion_pytorch_model.safetensors)."""
+    config, sd = load_dit_checkpoint(src, prefer_ema)
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    config.to_json(o / CONFIG_FILE)
+    save_tensors(sd, o / DIFFUSERS_WEIGHTS)
+    return o

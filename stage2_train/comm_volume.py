@@ -57,7 +57,7 @@ def local_param_count(cfg_json: str, tp: int) -> int:
     """Parameters held by one TP rank (TP-sharded tensors / tp, replicated ones whole)."""
     import json
 
-    from osp.common.convert import tp_split_dim
+    from osp.stage2_train.state_dict_adapter import tp_split_dim
     from osp.common.models.dit import build_dit
 
     model = build_dit(json.loads(cfg_json), device="meta")

@@ -17,7 +17,7 @@ from osp.stage2_train.layout import Layout
 
 def global_grad_norm(params: list[nn.Parameter], sharded: list[bool], layout: Layout) -> torch.Tensor:
     """L2 norm of all gradients of the (TP-sharded) model: TP-sharded params (`sharded[i]`, from the key
-    rule table `osp.common.convert.tp_split_dim`) summed over TP, replicated params counted once (on TP
+    rule table `osp.stage2_train.state_dict_adapter.tp_split_dim`) summed over TP, replicated params counted once (on TP
     rank 0). Identical on every rank. fp32 scalar tensor."""
     device = params[0].device
     tp_size, tp_rank = layout.tp, layout.tp_rank

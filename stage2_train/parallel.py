@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from osp.common.convert import check_keys, check_tp, shard_tensor, tensor_shapes
+from osp.stage2_train.state_dict_adapter import check_keys, check_tp, shard_tensor, tensor_shapes
 from osp.common.models.dit import DiTBlock, GELUProj, OpenSoraT2V, gelu_linear
 from osp.stage2_train.layout import Layout
 

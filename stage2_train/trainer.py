@@ -44,7 +44,6 @@ from megatron.core import tensor_parallel
 from rich.console import Console
 
 from osp.common import config as C
-from osp.common.convert import is_training_checkpoint, tp_split_dim
 from osp.common.device import Device
 from osp.common.errors import MissingFileError, OspError
 from osp.common.models.attention import resolve_backend
@@ -63,6 +62,7 @@ from osp.stage2_train.layout import Layout
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.metrics import MetricsLogger, peak_memory_gb
 from osp.stage2_train.roofline import hardware_flops, model_flops
+from osp.stage2_train.state_dict_adapter import tp_split_dim
 from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm, lr_at
 from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 from osp.stage2_train.plan import apply_ac, apply_compile
@@ -96,9 +96,10 @@ class RunCheckpoints:
     def pending(self) -> bool:
         return bool(self.writer.pending)
 
-    def load_weights(self, model, path: str | Path) -> None:
-        """A training checkpoint's EMA weights into `model` (model.init)."""
-        ckpt.load_weights(path, model=model, mesh=self.mesh, tp=self.layout.tp, prefer_ema=True)
+    def load_init(self, model, path: str | Path) -> None:
+        """model.init into `model`: a training checkpoint's EMA (DCP) or a released / osp-dit folder (slices)."""
+        L = self.layout
+        ckpt.load_init(path, model=model, mesh=self.mesh, tp=L.tp, tp_rank=L.tp_rank, progress=L.is_main)
 
     def restore(self, trainer: Trainer) -> list[str]:
         """Model, EMA, AdamW state (resharded to this layout), RNG, counters and data position from
@@ -602,10 +603,8 @@ def _init_weights(model, cfg: TrainConfig, dit_cfg: DiTConfig, L: Layout, checkp
     """A new run: model.init by slices (released / osp-dit safetensors, or a training checkpoint's
     EMA via DCP), else the seeded random init."""
     init = cfg.model.init
-    if init and is_training_checkpoint(init):
-        checkpoints.load_weights(model, init)
-    elif init:
-        build.fill_from_folder(model, init, L.tp, L.tp_rank, prefer_ema=True, progress=L.is_main)
+    if init:
+        checkpoints.load_init(model, init)
     else:
         build.fill_random(model, dit_cfg, cfg.run.seed, L)
 

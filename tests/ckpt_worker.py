@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from osp.common.convert import load_training_weights
+from osp.stage2_train.checkpoint import load_training_weights
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
 from tp_worker import _gather, gather_full_state_dict  # noqa: E402 (tests/ is the script's folder)

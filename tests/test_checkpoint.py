@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import free_port, make_shards  # noqa: E402
 
-from osp.common.convert import SliceReader, save_dit_checkpoint, shard_tensor, split_state_dict  # noqa: E402
+from osp.stage2_train.state_dict_adapter import SliceReader, save_dit_checkpoint, shard_tensor, split_state_dict  # noqa: E402
 from osp.common.models.dit import build_dit  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -185,7 +185,7 @@ def test_kill9_during_async_save_keeps_the_previous_latest(tmp_path):
     assert all(torch.equal(v, saved[f"ema.{k}"]) for k, v in exported.items())
     assert not all(torch.equal(v, saved[f"model.{k}"]) for k, v in exported.items())  # the EMA, not the weights
     # `osp convert merge` turns it into an osp-dit checkpoint (weights and EMA)
-    from osp.common.convert import load_dit_checkpoint
+    from osp.stage2_train.checkpoint import load_dit_checkpoint
 
     r = CliRunner().invoke(app, ["convert", "merge", str(ckroot / "step-0000006"), str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output

@@ -11,10 +11,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from osp.common.cli import app
-from osp.common.convert import (
+from osp.stage2_train.checkpoint import load_dit, load_dit_checkpoint
+from osp.stage2_train.state_dict_adapter import (
     DIFFUSERS_WEIGHTS,
-    load_dit,
-    load_dit_checkpoint,
     merge_state_dicts,
     save_dit_checkpoint,
     split_state_dict,

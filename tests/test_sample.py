@@ -19,9 +19,9 @@ from osp.common.sampling import (
     load_models,
     make_scheduler,
     prepare_prompt,
-    resolve_checkpoint,
     sample_videos,
 )
+from osp.stage2_train.checkpoint import open_dit, resolve
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(assets):
-    return load_models(assets["run"], assets["vae"], assets["text"], device="cpu")
+    return load_models(open_dit(assets["run"]), assets["vae"], assets["text"], device="cpu")
 
 
 def _cli(*args):
@@ -77,16 +77,16 @@ def test_demo_models_idempotent(assets):
     assert again["vae_identity"] == assets["info"]["vae_identity"]
 
 
-def test_resolve_checkpoint(assets, tmp_path):
+def test_resolve(assets, tmp_path):
     ck = assets["run"] / "checkpoints"
-    assert resolve_checkpoint(assets["run"]) == ck / "step-0000002"
-    assert resolve_checkpoint(ck) == ck / "step-0000002"
-    assert resolve_checkpoint(ck / "step-0000001") == ck / "step-0000001"
+    assert resolve(assets["run"]) == ck / "step-0000002"
+    assert resolve(ck) == ck / "step-0000002"
+    assert resolve(ck / "step-0000001") == ck / "step-0000001"
     for step in ("step-0000003", "step-0000010"):
         (tmp_path / "checkpoints" / step).mkdir(parents=True)
         (tmp_path / "checkpoints" / step / "trainer.json").write_text("{}")
     (tmp_path / "checkpoints" / "step-0000011").mkdir()  # no trainer.json: an unfinished folder is skipped
-    assert resolve_checkpoint(tmp_path).name == "step-0000010"  # no latest file: the newest step
+    assert resolve(tmp_path).name == "step-0000010"  # no latest file: the newest step
 
 
 def test_default_scheduler_matches_upstream():
@@ -215,7 +215,7 @@ def test_seed_reproducibility(models):
 
 
 def test_ema_is_preferred(assets, models):
-    plain = load_models(assets["run"], assets["vae"], assets["text"], device="cpu", prefer_ema=False)
+    plain = load_models(open_dit(assets["run"], prefer_ema=False), assets["vae"], assets["text"], device="cpu")
     x = initial_noise((1, 4, 3, 8, 8), 0)
     emb, mask = models.text_encoder.encode(["a"])
     t = torch.tensor([500.0])

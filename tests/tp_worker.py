@@ -18,7 +18,7 @@ ZERO_GRAD_KEYS = ("attn2.to_k.bias",)  # analytically zero: a key bias shifts ev
 
 # --- full-size gathers of a parallelized model (test-side checks of the TP plan) ---------------------
 def _gather(key: str, t: torch.Tensor, tp: int, group) -> torch.Tensor:
-    from osp.common.convert import tp_split_dim
+    from osp.stage2_train.state_dict_adapter import tp_split_dim
 
     dim = tp_split_dim(key)
     if dim is None or tp == 1:

@@ -59,7 +59,8 @@ def main() -> None:
     results["guarantee"]["banned_modules"] = banned
 
     # 2. --init from a converted checkpoint (the model weights of case 1), strict
-    from osp.common.convert import load_dit_checkpoint, save_dit_checkpoint
+    from osp.stage2_train.checkpoint import load_dit_checkpoint
+    from osp.stage2_train.state_dict_adapter import save_dit_checkpoint
     from osp.stage2_train.config import TrainConfig
 
     cfg1, sd1 = load_dit_checkpoint(work / "guarantee" / "checkpoints" / "step-0000002", prefer_ema=False)

@@ -253,7 +253,7 @@ def run(args) -> dict:
 
     # the rest of a trainer step, with the trainer's parts: DP reduction (torch DDP, overlapped with
     # backward), SP grads over TP, global norm + clip, AdamW, EMA
-    from osp.common.convert import tp_split_dim
+    from osp.stage2_train.state_dict_adapter import tp_split_dim
     from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
     from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm
 

@@ -1,7 +1,11 @@
-"""DiT checkpoints: the tensor-parallel key rule table, TP split/merge, and the osp checkpoint layout.
+"""DiT weight layouts other than the training format: the TP key rule table, TP split/merge, the
+released diffusers folder and the osp-dit folder. The training format (torch DCP) and every reader
+that chooses between the layouts live in `osp.stage2_train.checkpoint`.
 
-Key rule table (the one place; `osp.stage2_train.parallel` uses it too). Names are the released
-diffusers keys, which are also the parameter names of OpenSoraT2V at any TP size:
+The parameter names of OpenSoraT2V at any TP size ARE the released diffusers keys, so the mapping
+between the model and a released file is a layout mapping only: full tensors <-> TP pieces.
+
+Key rule table (the one place; `osp.stage2_train.parallel` and the training checkpoint use it):
 
     column-parallel (split dim 0):  transformer_blocks.*.attn{1,2}.to_{q,k,v}.{weight,bias}
                                     transformer_blocks.*.ff.net.0.proj.{weight,bias}
@@ -13,7 +17,10 @@ diffusers keys, which are also the parameter names of OpenSoraT2V at any TP size
 Rank r of TP size N holds the contiguous piece r of torch.chunk(N) along the split dim; since q/k/v
 are separate linears, that is exactly heads [r*h/N, (r+1)*h/N).
 
-osp DiT checkpoint folder (format "osp-dit", version 1):
+Released diffusers folder: config.json + diffusion_pytorch_model.safetensors (or a sharded
+diffusion_pytorch_model.safetensors.index.json), full tensors.
+
+osp-dit folder (format "osp-dit", version 1; what `osp convert import --tp N` writes):
 
     <dir>/config.json                        DiTConfig (diffusers field names)
     <dir>/osp_checkpoint.json                {"format": "osp-dit", "version": 1, "tp": N,
@@ -21,13 +28,11 @@ osp DiT checkpoint folder (format "osp-dit", version 1):
     <dir>/model-tp{r:02d}-of-{N:02d}.safetensors   rank r's tensors (names = released keys)
     <dir>/ema-tp{r:02d}-of-{N:02d}.safetensors     optional EMA weights, same layout
 
-`osp_checkpoint.json` is written last, so a folder without it is incomplete. A released diffusers
-folder (config.json + diffusion_pytorch_model.safetensors, or a sharded .safetensors.index.json) and
-a training checkpoint (torch DCP: `.metadata` + config.json + trainer.json, keys `model.<key>` and
-`ema.<key>`; written by `osp.stage2_train.checkpoint`) are accepted wherever a checkpoint is read.
+`osp_checkpoint.json` is written last, so a folder without it is incomplete.
 
 `SliceReader` reads one TP rank's pieces of released or osp-dit safetensors with
-`safe_open(...).get_slice`, so a rank never reads (or holds) more than its shard.
+`safe_open(...).get_slice`, so a rank never reads (or holds) more than its shard. Every safetensors
+file is opened through `open_safetensors`: a garbled or truncated file is refused in one line.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from osp.common.errors import ConfigError, MissingFileError
+from osp.common.errors import ConfigError, MissingFileError, OspError, one_line
 from osp.common.models.dit import DiTConfig
 
 CHECKPOINT_FORMAT = "osp-dit"
@@ -49,12 +55,14 @@ CHECKPOINT_VERSION = 1
 META_FILE = "osp_checkpoint.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-TRAINING_META_FILE = "trainer.json"  # a training checkpoint's step, layout and run config
-TRAINING_CONFIG_FILE = "config.json"  # its DiT config
-DCP_METADATA = ".metadata"
+CONFIG_FILE = "config.json"  # the DiT config (diffusers field names) of every layout
 
 _COLUMN = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_[qkv]|ff\.net\.0\.proj)\.(weight|bias)$")
 _ROW = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_out\.0|ff\.net\.2)\.weight$")
+
+
+class CheckpointError(OspError, ValueError):
+    """A checkpoint file that cannot be used as asked (one line: the file, the cause, the fix)."""
 
 
 def tp_split_dim(key: str) -> int | None:
@@ -152,7 +160,35 @@ def tensor_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoint folders
+# safetensors files (never pickle)
+# ------------------------------------------------------------------------------------------------
+@contextmanager
+def _refusing_damaged(path: str | Path):
+    """A safetensors file whose header or data is garbled, truncated or oversized: one line."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({one_line(e)}); the file is damaged or not "
+            "DiT weights: download or convert it again"
+        ) from None
+
+
+def open_safetensors(path: str | Path):
+    """`safe_open` of a weights file (memory-mapped, read lazily); a damaged file is a CheckpointError."""
+    with _refusing_damaged(path):
+        return safe_open(str(path), framework="pt")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a weights file; a damaged file is a CheckpointError."""
+    with _refusing_damaged(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ------------------------------------------------------------------------------------------------
+# osp-dit and diffusers folders
 # ------------------------------------------------------------------------------------------------
 def shard_file(kind: str, rank: int, tp: int) -> str:
     return f"{kind}-tp{rank:02d}-of-{tp:02d}.safetensors"
@@ -166,7 +202,8 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _save_tensors(sd: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file atomically (temp file + rename)."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: _own(v) for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
@@ -207,9 +244,9 @@ def write_dit_shard(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # incomplete until the metadata is rewritten
-    _save_tensors(model_sd, out / shard_file("model", rank, tp))
+    save_tensors(model_sd, out / shard_file("model", rank, tp))
     if ema_sd is not None:
-        _save_tensors(ema_sd, out / shard_file("ema", rank, tp))
+        save_tensors(ema_sd, out / shard_file("ema", rank, tp))
 
 
 def finish_dit_checkpoint(
@@ -226,7 +263,7 @@ def finish_dit_checkpoint(
     ]
     if missing:
         raise MissingFileError(f"{out}: shard files missing: {missing}; every TP rank must write its shard first")
-    config.to_json(out / "config.json")
+    config.to_json(out / CONFIG_FILE)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -260,7 +297,7 @@ def is_osp_checkpoint(path: str | Path) -> bool:
 
 def is_diffusers_folder(path: str | Path) -> bool:
     p = Path(path)
-    return (p / "config.json").is_file() and ((p / DIFFUSERS_WEIGHTS).is_file() or (p / DIFFUSERS_INDEX).is_file())
+    return (p / CONFIG_FILE).is_file() and ((p / DIFFUSERS_WEIGHTS).is_file() or (p / DIFFUSERS_INDEX).is_file())
 
 
 def load_dit_shards(
@@ -269,7 +306,7 @@ def load_dit_shards(
     """An osp checkpoint's per-rank state dicts (EMA if present and preferred) and its metadata."""
     d = Path(ckpt_dir)
     meta = read_checkpoint_meta(d)
-    config = DiTConfig.from_json(d / "config.json")
+    config = DiTConfig.from_json(d / CONFIG_FILE)
     kind = "ema" if (prefer_ema and meta.get("ema")) else "model"
     tp = int(meta["tp"])
     shards = []
@@ -277,68 +314,19 @@ def load_dit_shards(
         f = d / shard_file(kind, r, tp)
         if not f.is_file():
             raise MissingFileError(f"{f}: missing TP shard {r} of {tp}; the checkpoint is incomplete")
-        shards.append(load_file(str(f)))
+        shards.append(read_safetensors(f))
     return config, shards, meta
 
 
 def load_diffusers_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     d = Path(folder)
     if (d / DIFFUSERS_WEIGHTS).is_file():
-        return load_file(str(d / DIFFUSERS_WEIGHTS))
+        return read_safetensors(d / DIFFUSERS_WEIGHTS)
     index = json.loads((d / DIFFUSERS_INDEX).read_text())
     sd: dict[str, torch.Tensor] = {}
     for fname in sorted(set(index["weight_map"].values())):
-        with safe_open(str(d / fname), framework="pt") as f:
-            for k in f.keys():
-                sd[k] = f.get_tensor(k)
+        sd.update(read_safetensors(d / fname))
     return sd
-
-
-def is_training_checkpoint(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / DCP_METADATA).is_file() and (p / TRAINING_META_FILE).is_file() and (p / TRAINING_CONFIG_FILE).is_file()
-
-
-def _training_keys(ckpt_dir: str | Path, prefix: str) -> dict:
-    """Key -> DCP metadata of a training checkpoint's tensors whose key starts with `prefix`."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-
-    meta = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
-    return {k: m for k, m in meta.items() if k.startswith(prefix)}
-
-
-def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
-    """(config, full TP=1 state dict) of a training checkpoint, read offline (no process group):
-    DCP assembles each global tensor from the chunks every rank wrote. EMA if present and preferred."""
-    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-
-    d = Path(ckpt_dir)
-    config = DiTConfig.from_json(d / TRAINING_CONFIG_FILE)
-    prefix = "ema." if prefer_ema and _training_keys(d, "ema.") else "model."
-    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in _training_keys(d, prefix).items()}
-    import warnings
-
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp_load(sd, checkpoint_id=str(d), no_dist=True)
-    return config, {k[len(prefix) :]: v for k, v in sd.items()}
-
-
-def load_dit_checkpoint(ckpt_dir: str | Path, prefer_ema: bool = True) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
-    """(config, full TP=1 state dict) from an osp checkpoint (TP shards merged), a training
-    checkpoint (DCP) or a released diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
-    d = Path(ckpt_dir)
-    if is_training_checkpoint(d):
-        return load_training_weights(d, prefer_ema)
-    if is_osp_checkpoint(d):
-        config, shards, _ = load_dit_shards(d, prefer_ema)
-        return config, merge_state_dicts(shards)
-    if is_diffusers_folder(d):
-        return DiTConfig.from_json(d / "config.json"), load_diffusers_state_dict(d)
-    raise MissingFileError(
-        f"{d}: neither an osp DiT checkpoint ({META_FILE}), a training checkpoint (step-* with {DCP_METADATA}) nor a "
-        f"diffusers folder (config.json + {DIFFUSERS_WEIGHTS}); pass the checkpoint folder itself"
-    )
 
 
 class SliceReader:
@@ -369,7 +357,7 @@ class SliceReader:
                 f"{d}: neither an osp DiT checkpoint ({META_FILE}) nor a diffusers folder "
                 f"(config.json + {DIFFUSERS_WEIGHTS}); pass the folder itself as model.init"
             )
-        self.config = DiTConfig.from_json(d / "config.json")
+        self.config = DiTConfig.from_json(d / CONFIG_FILE)
         self._open: dict[str, safe_open] = {}  # file -> safe_open handle (memory-mapped, read lazily)
         for i, f in enumerate(files):
             if not f.is_file():
@@ -379,7 +367,7 @@ class SliceReader:
 
     def _handle(self, f: str):
         if f not in self._open:
-            self._open[f] = safe_open(f, framework="pt")
+            self._open[f] = open_safetensors(f)
         return self._open[f]
 
     def keys(self) -> set[str]:
@@ -417,65 +405,3 @@ class SliceReader:
                 parts.append(sl[tuple(idx)])
             start += n
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def load_dit(ckpt_dir: str | Path, prefer_ema: bool = True, device=None, dtype=None):
-    """Build an OpenSoraT2V from a checkpoint folder and load its weights strictly."""
-    from osp.common.models.dit import build_dit
-
-    config, sd = load_dit_checkpoint(ckpt_dir, prefer_ema)
-    model = build_dit(config, device="meta")
-    check_keys(tensor_shapes(model), sd, str(ckpt_dir))
-    model = model.to_empty(device=device or "cpu")
-    model.load_state_dict(sd, strict=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# `osp convert` operations
-# ------------------------------------------------------------------------------------------------
-def convert_import(src: str | Path, out: str | Path, tp: int = 1) -> Path:
-    """Released diffusers folder -> osp checkpoint sharded for TP `tp` (strict key check first)."""
-    if not is_diffusers_folder(src):
-        raise MissingFileError(
-            f"{src}: not a diffusers DiT folder (config.json + {DIFFUSERS_WEIGHTS}); pass e.g. Open-Sora-Plan-v1.2.0/93x480p"
-        )
-    config = DiTConfig.from_json(Path(src) / "config.json")
-    sd = load_diffusers_state_dict(src)
-    _check_full(config, sd, str(src))
-    return save_dit_checkpoint(out, split_state_dict(sd, tp, config), config, extra={"source": str(src)})
-
-
-def convert_merge(src: str | Path, out: str | Path) -> Path:
-    """osp checkpoint at any TP, or a training checkpoint -> osp checkpoint at TP 1 (model and EMA)."""
-    if is_training_checkpoint(src):
-        config, full = load_training_weights(src, prefer_ema=False)
-        _check_full(config, full, str(src))
-        ema = [load_training_weights(src, prefer_ema=True)[1]] if _training_keys(src, "ema.") else None
-        return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra={"source": str(src)})
-    config, shards, meta = load_dit_shards(src, prefer_ema=False)
-    full = merge_state_dicts(shards)
-    _check_full(config, full, str(src))
-    ema = None
-    if meta.get("ema"):
-        ema = [merge_state_dicts(load_dit_shards(src, prefer_ema=True)[1])]
-    return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra=meta.get("extra"))
-
-
-def convert_export(src: str | Path, out: str | Path, prefer_ema: bool = True) -> Path:
-    """osp checkpoint -> diffusers layout (config.json + diffusion_pytorch_model.safetensors)."""
-    config, sd = load_dit_checkpoint(src, prefer_ema)
-    _check_full(config, sd, str(src))
-    o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
-    config.to_json(o / "config.json")
-    _save_tensors(sd, o / DIFFUSERS_WEIGHTS)
-    return o
-
-
-def _check_full(config: DiTConfig, sd: dict[str, torch.Tensor], source: str) -> None:
-    from osp.common.models.dit import build_dit
-
-    check_keys(tensor_shapes(build_dit(config, device="meta")), sd, source)
