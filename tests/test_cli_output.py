@@ -69,14 +69,17 @@ def test_train_cli_quiet_run_and_one_line_errors(tmp_path):
     ), lines
 
 
-def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, capsys):
+def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, capsys, tmp_path):
     from osp.stage2_train import run
+    from osp.stage2_train.config import TrainConfig
+
+    cfg = TrainConfig.load(DEMO, [f"run.dir={tmp_path / 'run'}"])
 
     def user_error(cfg, resume=""):
         raise ConfigError("data.shards: wrong folder; pass the --out of osp encode\nsecond line")
 
     monkeypatch.setattr(run, "Trainer", user_error)
-    assert run.main(["--config", str(DEMO)]) == 1
+    assert run.main(cfg) == 1
     assert capsys.readouterr().err == "error (rank 0): data.shards: wrong folder; pass the --out of osp encode\n"
 
     def bug(cfg, resume=""):
@@ -84,7 +87,7 @@ def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, ca
 
     monkeypatch.setattr(run, "Trainer", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        run.main(["--config", str(DEMO)])
+        run.main(cfg)
     assert "error (rank" not in capsys.readouterr().err
 
 
