@@ -26,13 +26,6 @@ def _fail(msg: str) -> NoReturn:
     raise RendezvousError(msg)
 
 
-def free_port(addr: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `addr` now."""
-    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-
-
 def precheck(addr: str, port: int, node_rank: int, nnodes: int, timeout: float) -> None:
     """MASTER_ADDR/MASTER_PORT (`check_master`), then every node present (`check_nodes`)."""
     if nnodes < 1 or not 0 <= node_rank < nnodes:

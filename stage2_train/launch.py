@@ -37,12 +37,9 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from osp.common.errors import ConfigError
-
-if TYPE_CHECKING:
-    from osp.stage2_train.config import TrainConfig
+from osp.stage2_train.config import TrainConfig
 
 PR_SET_PDEATHSIG = 1
 DIE_WITH_PARENT_ENV = "OSP_DIE_WITH_PARENT"  # set by the launcher for the processes below it
@@ -173,7 +170,7 @@ def child_env(environ: Mapping[str, str], device_type: str) -> dict[str, str]:
     return env
 
 
-def rendezvous(cfg: "TrainConfig") -> tuple[str, int]:
+def rendezvous(cfg: TrainConfig) -> tuple[str, int]:
     """(MASTER_ADDR, MASTER_PORT) of the job: the launch keys, else the environment; port 0 = a free port
     chosen by torchrun (one node only)."""
     la = cfg.launch
@@ -187,7 +184,7 @@ def rendezvous(cfg: "TrainConfig") -> tuple[str, int]:
     return addr, port
 
 
-def torchrun_args(cfg: "TrainConfig", addr: str, port: int) -> list[str]:
+def torchrun_args(cfg: TrainConfig, addr: str, port: int) -> list[str]:
     """torchrun's arguments for this node: a fixed rendezvous when a port is given, else standalone."""
     la = cfg.launch
     where = (
@@ -208,7 +205,7 @@ def torchrun_args(cfg: "TrainConfig", addr: str, port: int) -> list[str]:
     return [*where, "--nproc_per_node", str(cfg.nproc), "--rdzv_conf", timeout]
 
 
-def launch(cfg: "TrainConfig", *, restart: bool = False) -> int:
+def launch(cfg: TrainConfig, *, restart: bool = False) -> int:
     """Run `cfg` as this node's share of a torchrun job (cfg.nproc processes of cfg.world); returns the
     exit code. User errors before any rank starts raise OspError (RendezvousError: exit code 2)."""
     from osp.common.rendezvous import precheck
