@@ -25,7 +25,8 @@ INIT      ?=
 NNODES    ?= 1
 NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
-MASTER_PORT ?= 29512
+# One node: a free rendezvous port unless MASTER_PORT is given; several nodes share MASTER_PORT.
+MASTER_PORT ?= $(if $(filter-out 1,$(NNODES)),29512)
 GPUS_PER_NODE ?=
 NPUS_PER_NODE ?=
 TP        ?=
@@ -47,19 +48,19 @@ CARD_GB   ?= 80
 
 # Processes per node: GPUS_PER_NODE, else NPUS_PER_NODE, else 2 CPU processes (the demo's TP=2).
 NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),2)
-TORCHRUN_ARGS := --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
-                 --master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT)
 # Encoding: one process unless GPUS_PER_NODE/NPUS_PER_NODE or NNODES > 1 ask for more.
 ENCODE_NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),1)
 ENCODE_DIST := $(if $(filter-out 1,$(NNODES) $(ENCODE_NPROC)),yes,)
-# Training overrides from make variables given on the command line or in the environment (the
-# config file keeps its own values otherwise); any other key: TRAIN_ARGS="optim.lr=2e-5 run.ckpt_every=500".
+ENCODE_RDZV = $(if $(MASTER_PORT),--nnodes $(NNODES) --node_rank $(NODE_RANK) --master_addr $(MASTER_ADDR) \
+              --master_port $(MASTER_PORT),--standalone)
+# `osp train` flags from make variables given on the command line or in the environment (the config
+# file keeps its own values otherwise); any other key or flag: TRAIN_ARGS="optim.lr=2e-5 run.ckpt_every=500".
 given = $(filter command line environment,$(origin $(1)))
-TRAIN_OVERRIDES := $(if $(call given,SHARDS),data.shards=$(SHARDS)) \
-                   $(if $(call given,RUN),run.name=$(notdir $(RUN)) run.root=$(patsubst %/,%,$(dir $(RUN)))) \
-                   $(if $(call given,PRESET),model.preset=$(PRESET)) \
-                   $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true),$(if $(filter 1,$(TP)),parallel.sp=false)) \
-                   $(if $(CP),parallel.cp=$(CP)) $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
+TRAIN_FLAGS = --config $(CONFIG) --nnodes $(NNODES) --nproc $(NPROC) \
+              $(if $(call given,SHARDS),--shards $(SHARDS)) $(if $(call given,PRESET),--preset $(PRESET)) \
+              $(if $(call given,RUN),run.name=$(notdir $(RUN)) run.root=$(patsubst %/,%,$(dir $(RUN)))) \
+              $(if $(TP),--tp $(TP)) $(if $(SP),$(if $(filter 0 false no,$(SP)),--no-sp,--sp),$(if $(filter 1,$(TP)),--no-sp)) \
+              $(if $(CP),--cp $(CP)) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_ARGS)
 
 .PHONY: setup demo demo-data demo-models encode train sample test lint bench clean help FORCE
 
@@ -111,9 +112,8 @@ encode: setup
 	@if [ "$(DATA)" = "$(DEMO_DATA)" ] && [ ! -f $(DATA)/annotation.json ]; then $(OSP) demo-data $(DATA); fi
 	@if [ "$(VAE)" = "$(MODELS)/vae" ] && [ "$(MODELS)" = "models/demo" ]; then $(OSP) demo-models $(MODELS); fi
 ifeq ($(ENCODE_DIST),yes)
-	$(PY) -m osp.stage2_train.launch --precheck_only $(TORCHRUN_ARGS)
-	$(TORCHRUN) --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(ENCODE_NPROC) \
-	    --master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) --no-python $(OSP) encode \
+	$(if $(MASTER_PORT),$(OSP) precheck --nnodes $(NNODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT))
+	$(TORCHRUN) $(ENCODE_RDZV) --nproc_per_node $(ENCODE_NPROC) --no-python $(OSP) encode \
 	    --data $(DATA) --out $(SHARDS) --preset $(PRESET) --vae $(VAE) --text-encoder $(TEXT_ENCODER) $(ENCODE_ARGS)
 else
 	$(OSP) encode --data $(DATA) --out $(SHARDS) --preset $(PRESET) --vae $(VAE) --text-encoder $(TEXT_ENCODER) $(ENCODE_ARGS)
@@ -124,11 +124,10 @@ endif
 # rank, FLOPs and a fits/does-not-fit verdict for CARD_GB (exit 2 when it does not fit); no device, no data.
 train: setup
 ifeq ($(DRY_RUN),1)
-	$(OSP) train --dry-run --config $(CONFIG) --world $$(( $(NNODES) * $(NPROC) )) --rank $(DRY_RANK) --card-gb $(CARD_GB) \
-	    $(if $(call given,SHARDS),--shards $(SHARDS)) $(TRAIN_OVERRIDES)
+	$(OSP) train --dry-run $(TRAIN_FLAGS) --rank $(DRY_RANK) --card-gb $(CARD_GB) $(if $(call given,SHARDS),dryrun.shape=shards)
 else
-	$(PY) -m osp.stage2_train.launch $(TORCHRUN_ARGS) -- --config $(CONFIG) --resume $(RESUME) \
-	    $(if $(INIT),--init $(INIT)) $(TRAIN_OVERRIDES)
+	$(OSP) train $(TRAIN_FLAGS) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) \
+	    $(if $(MASTER_PORT),--master-port $(MASTER_PORT)) $(if $(RESUME),--resume $(RESUME)) $(if $(INIT),--init $(INIT))
 endif
 
 sample: setup

@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, NoReturn, Optional
 import typer
 from typer.core import TyperCommand
 
-from osp.common.config import PIPELINE_PRESETS, SCHEDULERS
+from osp.common.config import CHECKPOINTING, PIPELINE_PRESETS, SCHEDULERS
 from osp.common.errors import OspError, one_line
 
 # Choices listed by --help and checked by typer before any model loads; the names come from the
 # tables in osp.common.config (type checkers see a plain StrEnum).
 if TYPE_CHECKING:
-    Preset = Scheduler = StrEnum
+    Preset = Scheduler = Checkpointing = StrEnum
 else:
     Preset = StrEnum("Preset", {name: name for name in PIPELINE_PRESETS})
     Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULERS})
+    Checkpointing = StrEnum("Checkpointing", {name: name for name in CHECKPOINTING})
 
 app = typer.Typer(
     help=(
@@ -28,7 +29,7 @@ app = typer.Typer(
         "  osp demo-data data/demo --with-bad\n\n"
         "  osp encode --data data/demo --out shards/demo --preset tiny\n\n"
         "  osp shards inspect shards/demo\n\n"
-        "  osp train --config stage2_train/configs/demo.toml --nproc 2\n\n"
+        "  osp train --config stage2_train/configs/demo.toml\n\n"
         "  osp sample --checkpoint runs/demo --prompt 'a red ball' --out samples/\n\n"
         "  osp convert import weights/93x480p ckpt/93x480p-tp2 --tp 2"
     ),
@@ -568,7 +569,8 @@ def shards_preview(
 
 class _TrainCommand(TyperCommand):
     """`osp train --help` ends with every config key and its default (read from stage 2 lazily, so
-    `osp --help` stays fast and osp.common imports no stage code at module level)."""
+    `osp --help` stays fast and osp.common imports no stage code at module level; the config module
+    imports no torch, so `osp train --help` is fast too)."""
 
     def get_help(self, ctx):
         if not self.epilog:
@@ -581,96 +583,139 @@ class _TrainCommand(TyperCommand):
 @app.command("train", cls=_TrainCommand)
 def train_cmd(
     overrides: Optional[list[str]] = typer.Argument(
-        None, help="section.key=value overrides, e.g. run.steps=10 parallel.tp=1"
+        None, help="section.key=value overrides of any key below, e.g. run.steps=10 optim.lr=2e-4"
     ),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config (stage2_train/configs/demo.toml)."),
-    resume: str = typer.Option(
-        "", "--resume", help="'auto' (the run's latest checkpoint, if any) or a checkpoint folder."
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="TOML config, e.g. stage2_train/configs/demo.toml (default: the keys' defaults)."
     ),
-    init: str = typer.Option("", "--init", help="Converted released DiT checkpoint to start from (strict)."),
-    nproc: int = typer.Option(
-        1, "--nproc", help="Processes on this machine; > 1 launches torchrun (TP/DP over processes)."
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="run.resume: 'auto' (the run's latest checkpoint, if any) or a checkpoint folder."
     ),
-    master_port: int = typer.Option(29512, "--master-port", help="Rendezvous port when --nproc > 1."),
+    restart: bool = typer.Option(
+        False,
+        "--restart",
+        help="Start the run folder again from step 0: an earlier run there is moved to <run>.old-<time> first.",
+    ),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="model.init: converted released DiT checkpoint to start from (strict)."
+    ),
+    shards: Optional[str] = typer.Option(None, "--shards", help="data.shards: the folder osp encode wrote."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="run.steps: optimizer steps in total."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="model.preset: DiT preset (tiny, osp12-93x480p, ...) or a config.json."
+    ),
+    tp: Optional[int] = typer.Option(None, "--tp", help="parallel.tp: tensor-parallel size."),
+    sp: Optional[bool] = typer.Option(None, "--sp/--no-sp", help="parallel.sp: sequence parallelism (needs tp > 1)."),
+    cp: Optional[int] = typer.Option(None, "--cp", help="parallel.cp: context-parallel (Ulysses) size."),
+    checkpointing: Optional[Checkpointing] = typer.Option(
+        None, "--checkpointing", help="model.checkpointing: activation checkpointing inside every block."
+    ),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", help="launch.nproc: processes on this node (0 = tp x cp); > 1 launches torchrun."
+    ),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="launch.nnodes: nodes of the job."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="launch.node_rank: this node's rank."),
+    master_addr: Optional[str] = typer.Option(
+        None, "--master-addr", help="launch.master_addr: address of node 0 (default: MASTER_ADDR, else 127.0.0.1)."
+    ),
+    master_port: Optional[int] = typer.Option(
+        None,
+        "--master-port",
+        help="launch.master_port: rendezvous port (default: MASTER_PORT, else on one node a free port).",
+    ),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
-        help="Run one rank of the layout on `meta` (no device, no data, no files): per-rank memory, FLOPs, a fits/does-not-fit verdict.",
+        help="Play one rank of the job on `meta` (no device, no data, no files): per-rank memory, FLOPs, a "
+        "fits/does-not-fit verdict (exit 0 fits, 2 does not).",
     ),
-    preset: Optional[str] = typer.Option(
-        None, "--preset", help="Dry run: DiT preset (model.preset), e.g. osp12-93x720p."
+    rank: Optional[int] = typer.Option(None, "--rank", help="dryrun.rank: the rank a dry run plays."),
+    card_gb: Optional[float] = typer.Option(
+        None, "--card-gb", help="dryrun.card_gb: accelerator memory per rank (GiB) a dry run checks against."
     ),
-    tp: Optional[int] = typer.Option(None, "--tp", help="Dry run: tensor-parallel size (parallel.tp)."),
-    sp: Optional[bool] = typer.Option(None, "--sp/--no-sp", help="Dry run: sequence parallelism (parallel.sp)."),
-    cp: Optional[int] = typer.Option(None, "--cp", help="Dry run: context-parallel (Ulysses) size (parallel.cp)."),
-    world: Optional[int] = typer.Option(
-        None, "--world", help="Dry run: ranks of the whole job, e.g. 16 for 2 nodes x 8 (default: tp x cp)."
-    ),
-    rank: int = typer.Option(0, "--rank", help="Dry run: the rank to play."),
-    card_gb: float = typer.Option(80.0, "--card-gb", help="Dry run: accelerator memory per rank, GiB."),
-    checkpointing: Optional[str] = typer.Option(
-        None, "--checkpointing", help="Dry run: model.checkpointing (none | full)."
-    ),
-    shards: Optional[str] = typer.Option(
-        None, "--shards", help="Dry run: take the sample shape from this shard folder (default: the preset's)."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Dry run: print the report as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print a dry run's report as JSON."),
 ) -> None:
     """Train the DiT on cached shards. The resolved config is printed and saved in the run folder.
 
-    Example: osp train --config stage2_train/configs/demo.toml --nproc 2 run.steps=20
-    (multi-node: make train NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0 IP>)
-    Before a cluster run: osp train --dry-run --preset osp12-93x480p --tp 2 --sp --world 16 --rank 5 --card-gb 80
-    (exit 0 fits, 2 does not fit).
+    Every flag sets the config key its help names, in a real run and a dry run alike (flags win).
+    A run folder that holds checkpoints is reused only with --resume auto (or --restart).
+
+    Example: osp train --config stage2_train/configs/demo.toml run.steps=20   (TP=2: 2 processes)
+    One process: osp train --config stage2_train/configs/demo.toml --tp 1 --no-sp
+    Multi-node: make train NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0 IP>
+    Before a cluster run: osp train --dry-run --preset osp12-93x480p --tp 2 --sp --nnodes 2 --nproc 8 --rank 5
     """
+    from osp.stage2_train.config import TrainConfig
+
+    flags = {
+        "run.resume": resume,
+        "model.init": init,
+        "data.shards": shards,
+        "run.steps": steps,
+        "model.preset": preset,
+        "parallel.tp": tp,
+        "parallel.sp": sp,
+        "parallel.cp": cp,
+        "model.checkpointing": checkpointing.value if checkpointing else None,
+        "launch.nproc": nproc,
+        "launch.nnodes": nnodes,
+        "launch.node_rank": node_rank,
+        "launch.master_addr": master_addr,
+        "launch.master_port": master_port,
+        "dryrun.rank": rank,
+        "dryrun.card_gb": card_gb,
+    }
+    if not dry_run and (rank is not None or card_gb is not None or json_out):
+        fail("--rank, --card-gb and --json belong to a dry run: add --dry-run, or leave them out")
+    if dry_run and restart:
+        fail("--restart moves a run folder aside, and a dry run writes nothing: leave --restart out")
+    try:
+        cfg = TrainConfig.load(config, list(overrides or []), flags)
+    except OspError as e:
+        fail(one_line(e))
     if dry_run:
         import os
 
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the fake process group's C++ notices are noise here
-        from osp.stage2_train.dryrun import main as dry_main
+        from osp.stage2_train import dryrun
 
-        dargs = (["--config", str(config)] if config else []) + (["--preset", preset] if preset else [])
-        dargs += (["--tp", str(tp)] if tp is not None else []) + ([] if sp is None else ["--sp" if sp else "--no-sp"])
-        dargs += ["--cp", str(cp)] if cp is not None else []
-        dargs += (["--world", str(world)] if world is not None else []) + [
-            "--rank",
-            str(rank),
-            "--card-gb",
-            str(card_gb),
-        ]
-        dargs += (["--checkpointing", checkpointing] if checkpointing else []) + (
-            ["--shards", shards] if shards else []
-        )
-        dargs += (["--json"] if json_out else []) + list(overrides or [])
-        raise typer.Exit(dry_main(dargs))
-    args = (
-        (["--config", str(config)] if config else [])
-        + (["--resume", resume] if resume else [])
-        + (["--init", init] if init else [])
-    )
-    args += list(overrides or [])
-    if nproc > 1:
-        from osp.stage2_train.launch import main as launch
+        raise typer.Exit(dryrun.run(cfg, json_out=json_out))
+    if cfg.world > 1:
+        from osp.common.rendezvous import RendezvousError
+        from osp.stage2_train.launch import launch
 
-        launch(
-            [
-                "--nnodes",
-                "1",
-                "--node_rank",
-                "0",
-                "--nproc_per_node",
-                str(nproc),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(master_port),
-                "--",
-                *args,
-            ]
-        )  # replaces this process with torchrun
-    from osp.stage2_train.run import main as run_main
+        try:
+            rc = launch(cfg, restart=restart)
+        except RendezvousError as e:
+            fail(one_line(e), code=2)
+        except OspError as e:
+            fail(one_line(e))
+        raise typer.Exit(rc)
+    from osp.stage2_train import run
 
-    raise typer.Exit(run_main(args))
+    raise typer.Exit(run.main(cfg, restart=restart))
+
+
+@app.command("precheck")
+def precheck_cmd(
+    nnodes: int = typer.Option(..., "--nnodes", help="Nodes of the job (NNODES)."),
+    node_rank: int = typer.Option(..., "--node-rank", help="This node's rank (NODE_RANK)."),
+    master_addr: str = typer.Option(..., "--master-addr", help="Address of node 0 (MASTER_ADDR)."),
+    master_port: int = typer.Option(..., "--master-port", help="Rendezvous port (MASTER_PORT)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds every node may take to check in."),
+) -> None:
+    """Check a multi-node rendezvous before a torchrun job: MASTER_ADDR resolves (and is this machine on
+    node 0, with MASTER_PORT free), and every node checks in; exit 2 with one line naming what is missing.
+
+    Example (every node, before `torchrun ... osp encode`): osp precheck --nnodes 2 --node-rank 0
+    --master-addr 10.0.0.1 --master-port 29512
+    """
+    from osp.common.rendezvous import RendezvousError, precheck
+
+    try:
+        precheck(master_addr, master_port, node_rank, nnodes, timeout)
+    except RendezvousError as e:
+        fail(one_line(e), code=2)
 
 
 def main() -> None:

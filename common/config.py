@@ -40,6 +40,10 @@ TEXT_DIM_MT5_XXL = 4096
 ROPE_THETA = 10000.0  # 3-D RoPE: head dim split into three equal chunks (32/32/32 at head dim 96)
 MASK_BIAS = -10000.0  # additive bias for masked keys (upstream value)
 
+# --- training modes (torch-free names, so that configs and `osp train --help` import no torch) --------
+PRECISIONS = ("auto", "bf16", "fp32")  # activation dtype of the DiT: auto = bf16 on accelerators, fp32 on CPU
+CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing inside every transformer block
+
 # --- diffusion (training schedule; sampling schedulers are configured identically) --------------
 DDPM_NUM_TRAIN_TIMESTEPS = 1000
 DDPM_BETA_START = 1e-4

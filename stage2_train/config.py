@@ -1,9 +1,11 @@
 """Training configuration: one dataclass per TOML section, a TOML file plus `section.key=value` overrides.
 
-    [run] [data] [model] [parallel] [optim] [diffusion]
+    [run] [data] [model] [parallel] [optim] [diffusion] [launch] [dryrun]
 
 Defaults are the upstream v1.2 recipe (constants from `osp.common.config`); the demo config in
-`stage2_train/configs/demo.toml` only changes what the tiny CPU demo needs.
+`stage2_train/configs/demo.toml` only changes what the tiny CPU demo needs. Every `osp train` flag
+sets one key here (`TrainConfig.load(..., flags=...)`), so a flag means the same in a real run and in
+a dry run. This module imports no torch: `osp train --help` reads it.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from osp.common import config as C
+from osp.common.config import CHECKPOINTING, PRECISIONS
 from osp.common.errors import ConfigError
-from osp.common.models.dit import PRECISIONS, resolve_precision  # noqa: F401  (re-exported for run.py)
 
-
-CHECKPOINTING = ("none", "selective", "full")  # model.checkpointing modes
+DRY_RUN_SHAPES = ("preset", "shards")  # dryrun.shape
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RunConfig:
     watchdog_s: float = (
         1800.0  # a rank whose step (data wait, collectives, checkpoint) makes no progress this long stops; 0 = off
     )
+    resume: str = ""  # "" = a new run (a run folder that holds checkpoints is refused) | auto | a checkpoint folder
 
     @property
     def path(self) -> Path:
@@ -102,6 +104,25 @@ class DiffusionConfig:
 
 
 @dataclass
+class LaunchConfig:
+    nproc: int = 0  # processes on this node; 0 = parallel.tp x parallel.cp (the layout's smallest world)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = ""  # "" = MASTER_ADDR from the environment, else 127.0.0.1
+    master_port: int = 0  # 0 = MASTER_PORT from the environment, else (one node) a free port; several nodes need one
+    precheck_timeout_s: float = 60.0  # every node must reach the rendezvous pre-check within this
+
+
+@dataclass
+class DryRunConfig:  # read by `osp train --dry-run` only
+    rank: int = 0  # the rank of launch.nnodes x launch.nproc to play
+    card_gb: float = 80.0  # accelerator memory per rank, GiB
+    shape: str = (
+        "preset"  # preset | shards: the sample shape of model.preset's geometry, or of one sample of data.shards
+    )
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -109,6 +130,19 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    dryrun: DryRunConfig = field(default_factory=DryRunConfig)
+
+    # --- derived --------------------------------------------------------------------------
+    @property
+    def nproc(self) -> int:
+        """Processes per node (launch.nproc, or tp x cp when it is 0)."""
+        return self.launch.nproc or self.parallel.tp * self.parallel.cp
+
+    @property
+    def world(self) -> int:
+        """Ranks of the whole job: launch.nnodes x processes per node."""
+        return self.launch.nnodes * self.nproc
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -123,8 +157,11 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> "TrainConfig":
-        """Read a TOML file (None = defaults), then apply `section.key=value` overrides."""
+    def load(
+        cls, path: str | Path | None, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None
+    ) -> "TrainConfig":
+        """Read a TOML file (None = defaults), apply `section.key=value` overrides, then `flags`
+        ({"section.key": value}; None = not given): the values of command-line flags."""
         data: dict = {}
         source = "<defaults>"
         if path is not None:
@@ -143,6 +180,9 @@ class TrainConfig:
                 raise ConfigError(f"override {item!r} must look like section.key=value (e.g. run.steps=10)")
             key, raw = item.split("=", 1)
             cfg.set(key.strip(), _parse_value(raw.strip()), "override")
+        for key, value in (flags or {}).items():
+            if value is not None:
+                cfg.set(key, value, "flag")
         cfg.validate(source)
         return cfg
 
@@ -180,7 +220,7 @@ class TrainConfig:
         if self.parallel.bucket_mb <= 0:
             bad("parallel.bucket_mb must be > 0 (MiB per DDP gradient bucket)")
         if self.parallel.sp and self.parallel.tp == 1:
-            bad("parallel.sp=true needs parallel.tp > 1 (set parallel.sp=false for tp=1)")
+            bad("parallel.sp=true needs parallel.tp > 1 (pass --no-sp or parallel.sp=false for tp=1)")
         if self.model.checkpointing not in CHECKPOINTING:
             bad(f"model.checkpointing must be one of {', '.join(CHECKPOINTING)}")
         if self.optim.schedule not in ("constant", "cosine"):
@@ -191,6 +231,15 @@ class TrainConfig:
             bad("optim.betas must be a list of two numbers")
         if not 0.0 <= self.diffusion.cfg_dropout <= 1.0:
             bad("diffusion.cfg_dropout must be in [0, 1]")
+        la = self.launch
+        if la.nproc < 0:
+            bad("launch.nproc must be >= 0 (0 = parallel.tp x parallel.cp)")
+        if la.nnodes < 1 or not 0 <= la.node_rank < la.nnodes:
+            bad(f"launch.node_rank={la.node_rank} must be in [0, launch.nnodes={la.nnodes})")
+        if not 0 <= la.master_port < 65536:
+            bad("launch.master_port must be a TCP port (0 = free port on one node)")
+        if self.dryrun.shape not in DRY_RUN_SHAPES:
+            bad(f"dryrun.shape must be one of {', '.join(DRY_RUN_SHAPES)}")
 
     # --- output ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

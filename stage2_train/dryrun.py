@@ -1,13 +1,13 @@
 """`osp train --dry-run`: the real Trainer at real size on `meta`, with a fake process group of any layout.
 
-    osp train --dry-run --preset osp12-93x480p --tp 2 --sp --world 8 --rank 3 --card-gb 80
+    osp train --dry-run --preset osp12-93x480p --tp 2 --sp --nnodes 1 --nproc 8 --rank 3 --card-gb 80
 
 The same `Trainer` code as a real run (model build, TP/SP plan, sequence-parallel collectives, DP
 gradient reduction, ZeRO-1, AdamW, EMA, checkpoint state assembly) runs on `meta` tensors (shapes and
-dtypes, no data) in one process that plays rank `--rank` of a `--world`-rank job: torch's fake
-backend answers every collective and, like nccl/hccl, refuses a CPU tensor, so a tensor on the wrong
-device fails here instead of at step 1 on the cluster. Nothing is read but shapes (a synthetic sample
-of the preset's shape, or one sample of `--shards`) and nothing is written.
+dtypes, no data) in one process that plays rank `--rank` (dryrun.rank) of the job's `--nnodes` x
+`--nproc` ranks: torch's fake backend answers every collective and, like nccl/hccl, refuses a CPU
+tensor, so a tensor on the wrong device fails here instead of at step 1 on the cluster. Nothing is read but shapes (a synthetic sample
+of the preset's shape, or one sample of data.shards with dryrun.shape=shards) and nothing is written.
 
 Everything reported is MEASURED on the model code as it is, not derived from formulas:
   parameters, gradients, optimizer state, EMA   bytes of the tensors the trainer holds on this rank
@@ -24,7 +24,6 @@ accelerator regime here: bf16, parameters and optimizer state fp32).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import contextlib
 import json
@@ -42,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from osp.common import config as C
 from osp.stage2_train import dist as D
+from osp.common.errors import ConfigError
 from osp.stage2_train.config import CHECKPOINTING, TrainConfig
 from osp.stage2_train.data import Batch
 from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
@@ -478,60 +478,38 @@ def build_config(
     checkpointing: str | None,
     cp: int | None = None,
 ) -> TrainConfig:
-    """The run's config (file + overrides) with the dry run's layout flags applied last."""
-    extra = []
-    if preset:
-        extra.append(f"model.preset={preset}")
-    if tp is not None:
-        extra.append(f"parallel.tp={tp}")
-        if sp is None and tp == 1:
-            extra.append("parallel.sp=false")
-    if sp is not None:
-        extra.append(f"parallel.sp={'true' if sp else 'false'}")
-    if cp is not None:
-        extra.append(f"parallel.cp={cp}")
-    if checkpointing:
-        extra.append(f"model.checkpointing={checkpointing}")
-    return TrainConfig.load(config, list(overrides) + extra)
+    """The run's config (file + overrides) with layout values applied last, as `osp train`'s flags are
+    (a TP size of 1 without an SP choice turns SP off: benches sweep TP over one config)."""
+    if tp == 1 and sp is None:
+        sp = False
+    flags = {
+        "model.preset": preset,
+        "parallel.tp": tp,
+        "parallel.sp": sp,
+        "parallel.cp": cp,
+        "model.checkpointing": checkpointing,
+    }
+    return TrainConfig.load(config, list(overrides), flags=flags)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="osp train --dry-run", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--config", default=None)
-    p.add_argument("--preset", default=None, help="DiT preset (model.preset), e.g. osp12-93x480p, osp12-93x720p")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (parallel.tp)")
-    p.add_argument(
-        "--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallelism (parallel.sp)"
-    )
-    p.add_argument("--cp", type=int, default=None, help="context-parallel (Ulysses) size (parallel.cp)")
-    p.add_argument("--world", type=int, default=None, help="total ranks of the job (default: tp x cp)")
-    p.add_argument("--rank", type=int, default=0, help="the rank to play")
-    p.add_argument("--card-gb", type=float, default=80.0, help="accelerator memory per rank in GiB")
-    p.add_argument("--checkpointing", choices=CHECKPOINTING, default=None, help="model.checkpointing")
-    p.add_argument(
-        "--shards", default=None, help="take the sample shape from this shard folder (default: the preset's)"
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_intermixed_args(argv)
+def run(cfg: TrainConfig, *, json_out: bool = False) -> int:
+    """`osp train --dry-run`: play rank dryrun.rank of the job's launch.nnodes x launch.nproc ranks on
+    `meta`; print the report (a table, or JSON); exit code 0 fits, 2 does not fit, 1 a user error."""
+    from osp.common.errors import OspError, one_line
 
-
-def main(argv=None) -> int:
-    from osp.common.errors import OspError
-
-    args = parse_args(argv)
+    world, rank = cfg.world, cfg.dryrun.rank
     try:
-        cfg = build_config(args.config, args.overrides, args.preset, args.tp, args.sp, args.checkpointing, args.cp)
-        world = args.world if args.world is not None else cfg.parallel.tp * cfg.parallel.cp
+        if not 0 <= rank < world:
+            raise ConfigError(
+                f"dryrun.rank={rank} (--rank) is outside the job's {world} ranks "
+                f"(launch.nnodes {cfg.launch.nnodes} x {cfg.nproc} per node); pick a rank in [0, {world - 1}]"
+            )
+        shards = cfg.data.shards if cfg.dryrun.shape == "shards" else None
         with warnings.catch_warnings():  # library notices (no Transformer Engine, deprecated c10d names) are noise here
             warnings.simplefilter("ignore")
-            report = dry_run(cfg, world, args.rank, args.card_gb, args.shards)
+            report = dry_run(cfg, world, rank, cfg.dryrun.card_gb, shards)
     except (ValueError, FileNotFoundError, OspError) as e:
-        sys.stderr.write(f"error: {str(e).strip().splitlines()[0]}\n")
+        sys.stderr.write(f"error: {one_line(e)}\n")
         return 1
-    print(report.to_json() if args.json else report.table())
+    print(report.to_json() if json_out else report.table())
     return 0 if report.fits else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from osp.common.models.dit import DiTBlock, OpenSoraT2V
-from osp.stage2_train.config import CHECKPOINTING
+from osp.common.config import CHECKPOINTING
 
 _aten = torch.ops.aten
 # selective recompute keeps the outputs of these (GEMMs and attention kernels); the rest is recomputed

@@ -114,9 +114,8 @@ def test_resume_on_another_layout(resharded, new):
 # ------------------------------------------------------------------------------------------------
 def _run(run: Path, shards: Path, steps: int, env: dict | None = None) -> subprocess.Popen:
     cmd = [
-        PY,
-        "-m",
-        "osp.stage2_train.run",
+        str(Path(PY).with_name("osp")),
+        "train",
         "--config",
         str(ROOT / "stage2_train" / "configs" / "demo.toml"),
         "--resume",

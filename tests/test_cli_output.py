@@ -24,7 +24,7 @@ NOISE = re.compile(
 )
 
 
-def _osp_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _osp_train(tmp_path: Path, *overrides: str, run: str = "run") -> subprocess.CompletedProcess:
     osp = Path(sys.executable).with_name("osp")
     cmd = [
         str(osp),
@@ -35,7 +35,7 @@ def _osp_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         "2",
         "--master-port",
         str(free_port()),
-        f"run.dir={tmp_path / 'run'}",
+        f"run.dir={tmp_path / run}",
         "run.steps=2",
         "run.ckpt_every=0",
         "data.num_workers=0",
@@ -55,7 +55,7 @@ def test_train_cli_quiet_run_and_one_line_errors(tmp_path):
     assert not noise, noise
     assert "checkpoint" in ok.stdout  # the run did train and save
 
-    bad = _osp_train(tmp_path, f"data.shards={tmp_path / 'missing'}")
+    bad = _osp_train(tmp_path, f"data.shards={tmp_path / 'missing'}", run="bad")
     assert bad.returncode == 1
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     want = f"{tmp_path / 'missing'}/manifest.json: missing"
@@ -69,14 +69,17 @@ def test_train_cli_quiet_run_and_one_line_errors(tmp_path):
     ), lines
 
 
-def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, capsys):
+def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, capsys, tmp_path):
     from osp.stage2_train import run
+    from osp.stage2_train.config import TrainConfig
+
+    cfg = TrainConfig.load(DEMO, [f"run.dir={tmp_path / 'run'}"])
 
     def user_error(cfg, resume=""):
         raise ConfigError("data.shards: wrong folder; pass the --out of osp encode\nsecond line")
 
     monkeypatch.setattr(run, "build_trainer", user_error)
-    assert run.main(["--config", str(DEMO)]) == 1
+    assert run.main(cfg) == 1
     assert capsys.readouterr().err == "error (rank 0): data.shards: wrong folder; pass the --out of osp encode\n"
 
     def bug(cfg, resume=""):
@@ -84,7 +87,7 @@ def test_run_main_user_error_is_one_line_and_bug_keeps_traceback(monkeypatch, ca
 
     monkeypatch.setattr(run, "build_trainer", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        run.main(["--config", str(DEMO)])
+        run.main(cfg)
     assert "error (rank" not in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ Accuracy: the dry run's figures for the tiny preset against a real CPU run of th
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -85,14 +86,25 @@ def test_720p_tp8_sp_full_checkpointing_fits_80gb():
     assert r.fits and "FITS" in r.table()
 
 
-def test_verdict_and_cli(capsys):
-    rc = DR.main(["--preset", "tiny", "--card-gb", "1e-6", "--world", "2", "--tp", "1", "--checkpointing", "none"])
-    out = capsys.readouterr().out
-    assert rc == 2 and "DOES NOT FIT" in out and "--checkpointing full" in out and "parameters" in out
-    assert DR.main(["--preset", "tiny", "--tp", "2", "--sp", "--world", "2", "--rank", "1"]) == 0
-    assert "verdict: FITS" in capsys.readouterr().out
-    assert DR.main(["--preset", "tiny", "--tp", "3", "--world", "3"]) == 1  # 3 does not divide the heads
-    assert "parallel.tp=3" in capsys.readouterr().err
+def test_verdict_and_cli():
+    from typer.testing import CliRunner
+
+    from osp.common.cli import app
+
+    def dry(*args: str):
+        return CliRunner().invoke(app, ["train", "--dry-run", "--preset", "tiny", *args])
+
+    res = dry("--card-gb", "1e-6", "--nproc", "2", "--tp", "1", "--checkpointing", "none")
+    assert res.exit_code == 2 and "DOES NOT FIT" in res.output and "--checkpointing full" in res.output
+    assert "parameters" in res.output and "world 2 = tp 1 x cp 1 x dp 2" in res.output
+    res = dry("--tp", "2", "--sp", "--rank", "1")  # launch.nproc 0: tp x cp ranks
+    assert res.exit_code == 0 and "verdict: FITS" in res.output and "world 2" in res.output, res.output
+    res = dry("--tp", "2", "--sp", "--nnodes", "2", "--nproc", "2", "--rank", "3", "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["layout"]["world"] == 4, res.output
+    res = dry("--tp", "3")  # 3 does not divide the heads
+    assert res.exit_code == 1 and "parallel.tp=3" in res.output
+    res = dry("--tp", "2", "--sp", "--rank", "2")  # outside the job's 2 ranks
+    assert res.exit_code == 1 and "dryrun.rank=2" in res.output and res.output.count("\n") == 1, res.output
 
 
 def test_cpu_tensor_in_a_collective_fails_the_dry_run(monkeypatch):

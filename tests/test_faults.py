@@ -48,19 +48,12 @@ def _args(shards: Path, run: Path, *extra: str) -> list[str]:
     ]
 
 
+OSP = str(Path(PY).with_name("osp"))
+DEMO = str(ROOT / "stage2_train" / "configs" / "demo.toml")
+
+
 def _launch(run_args: list[str], *launch: str, port: int | None = None) -> subprocess.Popen:
-    cmd = [
-        PY,
-        "-m",
-        "osp.stage2_train.launch",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port or free_port()),
-        *launch,
-        "--",
-        *run_args,
-    ]
+    cmd = [OSP, "train", "--nproc", "2", "--master-port", str(port or free_port()), *launch, *run_args]
     return subprocess.Popen(
         cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -222,23 +215,20 @@ def test_missing_node_and_busy_port_fail_with_one_line():
     t0 = time.time()
     p = subprocess.run(
         [
-            PY,
-            "-m",
-            "osp.stage2_train.launch",
+            OSP,
+            "train",
+            "--config",
+            DEMO,
             "--nnodes",
             "2",
-            "--node_rank",
+            "--node-rank",
             "0",
-            "--nproc_per_node",
+            "--nproc",
             "1",
-            "--master_port",
+            "--master-port",
             str(port),
-            "--precheck_timeout",
-            "3",
-            "--",
-            "--config",
-            "x",
-        ],
+        ]
+        + ["launch.precheck_timeout_s=3"],
         env=ENV,
         capture_output=True,
         text=True,
@@ -253,18 +243,7 @@ def test_missing_node_and_busy_port_fail_with_one_line():
         busy.bind(("127.0.0.1", port))
         busy.listen()
         p = subprocess.run(
-            [
-                PY,
-                "-m",
-                "osp.stage2_train.launch",
-                "--nproc_per_node",
-                "1",
-                "--master_port",
-                str(port),
-                "--",
-                "--config",
-                "x",
-            ],
+            [OSP, "train", "--config", DEMO, "--nproc", "2", "--master-port", str(port)],
             env=ENV,
             capture_output=True,
             text=True,

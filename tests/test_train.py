@@ -300,26 +300,13 @@ def _run_args(shards: Path, run: Path, *extra: str) -> list[str]:
     ]
 
 
+OSP = str(Path(PY).with_name("osp"))
+DEMO = str(ROOT / "stage2_train" / "configs" / "demo.toml")
+
+
 def _launch(nnodes: int, node_rank: int, nproc: int, port: int, run_args: list[str], **kw) -> subprocess.Popen:
-    cmd = [
-        PY,
-        "-m",
-        "osp.stage2_train.launch",
-        "--nnodes",
-        str(nnodes),
-        "--node_rank",
-        str(node_rank),
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        "--rdzv_timeout",
-        "60",
-        "--",
-        *run_args,
-    ]
+    cmd = [OSP, "train", "--nnodes", str(nnodes), "--node-rank", str(node_rank), "--nproc", str(nproc)]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), "parallel.init_timeout_s=60", *run_args]
     return subprocess.Popen(
         cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
     )
@@ -413,27 +400,11 @@ def test_sigkill_then_sigterm_then_resume_is_bit_exact(shards, two_nodes, tmp_pa
 def test_wrong_master_addr_fails_fast_with_a_clear_message():
     t0 = time.time()
     port = free_port()  # nothing listens there
+    base = [OSP, "train", "--config", DEMO]
     p = subprocess.run(
-        [
-            PY,
-            "-m",
-            "osp.stage2_train.launch",
-            "--nnodes",
-            "2",
-            "--node_rank",
-            "1",
-            "--nproc_per_node",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "--rdzv_timeout",
-            "3",
-            "--",
-            "--config",
-            "x",
-        ],
+        base
+        + ["--nnodes", "2", "--node-rank", "1", "--nproc", "1", "--master-port", str(port)]
+        + ["--master-addr", "127.0.0.1", "parallel.init_timeout_s=3"],
         env=ENV,
         capture_output=True,
         text=True,
@@ -442,20 +413,7 @@ def test_wrong_master_addr_fails_fast_with_a_clear_message():
     assert p.returncode == 2 and f"could not reach MASTER_ADDR=127.0.0.1:{port} within 3 s" in p.stderr, p.stderr
     assert time.time() - t0 < 30
     p = subprocess.run(
-        [
-            PY,
-            "-m",
-            "osp.stage2_train.launch",
-            "--nnodes",
-            "2",
-            "--node_rank",
-            "0",
-            "--master_addr",
-            "10.255.255.1",
-            "--",
-            "--config",
-            "x",
-        ],
+        base + ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.255.255.1", "--master-port", str(port)],
         env=ENV,
         capture_output=True,
         text=True,
@@ -463,10 +421,13 @@ def test_wrong_master_addr_fails_fast_with_a_clear_message():
     )
     assert p.returncode == 2 and "MASTER_ADDR=10.255.255.1 is not an address of this machine" in p.stderr, p.stderr
     p = subprocess.run(
-        [PY, "-m", "osp.stage2_train.launch", "--master_addr", "no-such-host.invalid", "--", "--config", "x"],
+        base + ["--master-addr", "no-such-host.invalid", "--master-port", str(port)],
         env=ENV,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert p.returncode == 2 and "does not resolve" in p.stderr, p.stderr
+    # several nodes need the port every node uses: one line that says so
+    p = subprocess.run(base + ["--nnodes", "2", "--master-port", "0"], env=ENV, capture_output=True, text=True)
+    assert p.returncode == 1 and "--master-port" in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr

@@ -2,7 +2,7 @@
 
     python tests/train_cases.py WORKDIR   ->  WORKDIR/cases.json
 
-Each case calls the real entry point `osp.stage2_train.run.main` (or the Trainer) and records its
+Each case calls the real entry point `osp.stage2_train.run.main` with a loaded config (or the Trainer) and records its
 exit code, its stderr line and the metrics it wrote.
 """
 
@@ -27,6 +27,7 @@ def metrics(run: Path) -> list[dict]:
 def main() -> None:
     work = Path(sys.argv[1])
     from osp.stage2_train import run
+    from osp.stage2_train.config import TrainConfig
 
     results: dict[str, dict] = {}
     base = ["run.steps=2", "run.log_every=0", "run.tensorboard=false", "data.batch_size=2", "data.num_workers=0"]
@@ -34,7 +35,7 @@ def main() -> None:
     def call(name: str, shards: Path, *extra: str) -> dict:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            rc = run.main([f"data.shards={shards}", f"run.dir={work / name}", *base, *extra])
+            rc = run.main(TrainConfig.load(None, [f"data.shards={shards}", f"run.dir={work / name}", *base, *extra]))
         r = {"rc": rc, "stderr": err.getvalue(), "metrics": metrics(work / name)}
         results[name] = r
         return r
@@ -61,7 +62,6 @@ def main() -> None:
     # 2. --init from a converted checkpoint (the model weights of case 1), strict
     from osp.stage2_train.checkpoint import load_dit_checkpoint
     from osp.stage2_train.state_dict_adapter import save_dit_checkpoint
-    from osp.stage2_train.config import TrainConfig
 
     cfg1, sd1 = load_dit_checkpoint(work / "guarantee" / "checkpoints" / "step-0000002", prefer_ema=False)
     save_dit_checkpoint(work / "init_ckpt", [sd1], cfg1)

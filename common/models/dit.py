@@ -46,17 +46,15 @@ from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
+
 from torch import nn
 
-from osp.common.config import MASK_BIAS, ROPE_THETA, TEXT_DIM_MT5_XXL, read_config_json
+from osp.common.config import MASK_BIAS, PRECISIONS, ROPE_THETA, TEXT_DIM_MT5_XXL, read_config_json
 from osp.common.errors import ConfigError
 from osp.common.models import attention as attn_kernel
 from osp.common.models.rope import RopeTable, apply_rope, rope_angles
 
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep embedding width (PixArt adaLN-single)
-
-# The precision policy (training `run.precision`, sampling `--dtype`): the dtype of every DiT activation.
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_precision(precision: str, is_accelerator: bool) -> torch.dtype:
