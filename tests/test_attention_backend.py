@@ -11,6 +11,7 @@ import torch
 from osp.common.errors import OspError
 from osp.common.models import attention as A
 from osp.common.models.dit import build_dit
+from osp.stage2_train.plan import apply_compile
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +78,7 @@ def test_compiled_blocks_keep_the_switch():
     eager = build_dit("tiny")
     comp = copy.deepcopy(eager)
     torch._dynamo.reset()
-    comp.compile_blocks(backend="aot_eager", fullgraph=True, dynamic=False)
+    apply_compile(comp, backend="aot_eager", fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(1, 4, 3, 6, 8, generator=g), torch.tensor([500.0])
     text, mask = torch.randn(1, 9, 64, generator=g), torch.ones(1, 9)

@@ -10,6 +10,7 @@ from osp.common.errors import OspError
 from osp.common.models import attention as A
 from osp.common.models.dit import build_dit, get_dit_config
 from osp.stage2_train import roofline as R
+from osp.stage2_train.plan import apply_ac
 
 N480, L480 = 24 * 30 * 40, 512  # osp12-93x480p: video tokens (latent 24 x 60 x 80, patch 2) and text tokens
 
@@ -70,7 +71,7 @@ def _counted(cfg, batch: int, text_len: int, checkpointing: str) -> tuple[float,
 
     torch.manual_seed(0)
     m = build_dit(cfg)
-    m.checkpointing = checkpointing
+    apply_ac(m, checkpointing)
     x = torch.randn(batch, cfg.in_channels, cfg.sample_size_t, *cfg.sample_size)
     t = torch.linspace(10, 900, batch)
     text = torch.randn(batch, text_len, cfg.caption_channels)
