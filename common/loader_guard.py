@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
@@ -91,29 +92,59 @@ _GONE = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedl
 _TIMEOUT = re.compile(r"DataLoader timed out after (\d+) seconds")
 
 
-def loader_error(e: BaseException, fix: WorkerFix) -> LoaderWorkerError | None:
-    """The one-line error for a loader failure that reached the main process; None for anything else."""
+def _died(pid: int | str, how: str, fix: WorkerFix) -> LoaderWorkerError:
+    """`how`: a signal name ("Killed", "SIGKILL", "Bus error") or "exit code N"."""
+    if "Bus error" in how or "SIGBUS" in how:  # pages of a full /dev/shm touched
+        return LoaderWorkerError(shm_message(f"worker pid {pid} killed by SIGBUS", fix))
+    if how.startswith("exit code"):
+        return LoaderWorkerError(
+            f"a data-loader worker (pid {pid}) exited with {how}; {fix.no_workers} to see the error in the main "
+            f"process, then {fix.rerun}"
+        )
+    if how in ("Killed", "SIGKILL"):
+        return LoaderWorkerError(
+            f"a data-loader worker (pid {pid}) was killed by signal {how} (often the kernel's out-of-memory killer, "
+            f"see dmesg); give the job more memory or {fix.no_workers}, then {fix.rerun}"
+        )
+    return LoaderWorkerError(
+        f"a data-loader worker (pid {pid}) was killed by signal {how}; {fix.no_workers} to see the error in the "
+        f"main process, then {fix.rerun}"
+    )
+
+
+def _dead_worker(workers, fix: WorkerFix) -> LoaderWorkerError | None:
+    """How the first dead one of `workers` died; None when all live (waits up to 5 s: a dying worker
+    closes its sockets a moment before it can be reaped)."""
+    deadline = time.monotonic() + 5.0
+    while workers:
+        for w in workers:
+            if not w.is_alive():  # (reaps it: exitcode is set)
+                code = w.exitcode
+                how = signal.Signals(-code).name if code is not None and code < 0 else f"exit code {code}"
+                return _died(w.pid, how, fix)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return None
+
+
+def loader_error(e: BaseException, fix: WorkerFix, workers=()) -> LoaderWorkerError | None:
+    """The one-line error for a loader failure that reached the main process; None for anything else.
+    `workers`: the iterator's worker processes (a batch whose worker died while handing it over fails
+    with a connection error; a dead worker among them makes that a loader failure)."""
     if isinstance(e, LoaderWorkerError):  # raised in a worker: arrives as "Caught ...\nOriginal Traceback ..."
         return LoaderWorkerError(one_line(e))
+    if isinstance(e, (ConnectionError, EOFError)):
+        return _dead_worker(workers, fix)
     if not isinstance(e, RuntimeError):
         return None
     msg = str(e)
     if m := _KILLED.search(msg):
-        pid, sig = m.groups()
-        if "Bus error" in sig:  # pages of a full /dev/shm touched
-            return LoaderWorkerError(shm_message(f"worker pid {pid} killed by SIGBUS", fix))
-        return LoaderWorkerError(
-            f"a data-loader worker (pid {pid}) was killed by signal {sig.strip()} (SIGKILL: often the kernel's "
-            f"out-of-memory killer, see dmesg); give the job more memory or {fix.no_workers}, then {fix.rerun}"
-        )
+        return _died(m.group(1), m.group(2).strip(), fix)
     if m := _EXITED.search(msg):
-        pid, code = m.groups()
-        return LoaderWorkerError(
-            f"a data-loader worker (pid {pid}) exited with code {code}; {fix.no_workers} to see the error in the "
-            f"main process, then {fix.rerun}"
-        )
+        return _died(m.group(1), f"exit code {m.group(2)}", fix)
     if m := _GONE.search(msg):
-        return LoaderWorkerError(
+        return _dead_worker(workers, fix) or LoaderWorkerError(
             f"data-loader worker(s) (pid {m.group(1)}) died unexpectedly; {fix.no_workers} to see the cause in "
             f"the main process, then {fix.rerun}"
         )

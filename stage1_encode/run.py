@@ -156,8 +156,8 @@ def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int, pin_me
     try:
         for x in it:
             yield x
-    except RuntimeError as e:
-        err = loader_error(e, WORKER_FIX)
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        err = loader_error(e, WORKER_FIX, getattr(it, "_workers", ()))
         if err is None:
             raise
         raise err from None

@@ -322,8 +322,8 @@ class ShardLoader:
             except StopIteration:
                 self.epoch, self.cursor, self._it = self.epoch + 1, 0, None
                 continue
-            except RuntimeError as e:  # a worker failed (shared memory) or died: one line, workers shut down
-                err = loader_error(e, WORKER_FIX)
+            except (RuntimeError, ConnectionError, EOFError) as e:  # a worker failed or died: one line
+                err = loader_error(e, WORKER_FIX, getattr(self._it, "_workers", ()))
                 if err is None:
                     raise
                 self.close()
