@@ -503,7 +503,8 @@ def _failure_line(e: BaseException, out: Path, n_shards: int) -> OspError | None
     if isinstance(e, S.StorageFullError):
         what = str(e)
     elif (reason := S.storage_full_reason(e, getattr(e, "filename", None) or out)) is not None:
-        what = f"{getattr(e, 'filename', None) or out} not written: {reason}"
+        name = getattr(e, "filename", None)
+        what = f"{name} not written: {reason}" if name else f"{out}: a file could not be written: {reason}"
     else:
         return loader_error(e, WORKER_FIX)
     done = sorted(S.published_shards(out))

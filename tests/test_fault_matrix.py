@@ -170,6 +170,7 @@ class Job:
         return self.err.read_text(errors="replace")
 
 
+@pytest.mark.slow
 def test_shared_memory_exhausted_stops_encode_and_train_with_one_line(dataset, shards, tmp_path):
     def plan_written(job: Job) -> bool:
         return (tmp_path / job.name / "plan.json").exists()
@@ -206,9 +207,11 @@ def test_shared_memory_exhausted_stops_encode_and_train_with_one_line(dataset, s
         if not j.guard:  # positive control: the fault fired and the job still waits for the lost batch
             assert "unable to resize file" in err, (j.name, err[-2000:])
             assert j.alive_at_deadline, (j.name, j.proc.returncode, err[-2000:])
+            print(f"{j.name}: still running {DEADLINE:.0f} s after loading began (killed)")
             continue
         assert j.t_exit is not None and j.t_start is not None
         took = j.t_exit - j.t_start
+        print(f"{j.name}: exited {took:.1f} s after loading began (rc {j.proc.returncode})")
         assert j.proc.returncode != 0 and took < DEADLINE, (j.name, j.proc.returncode, took, err[-2000:])
         assert "Traceback" not in err and "Caught" not in err, (j.name, err[-3000:])
         lines = [x for x in err.splitlines() if x.startswith("error") and "shared memory" in x]
@@ -272,6 +275,7 @@ def test_worker_killed_stops_the_decode_stream_with_one_line(dataset):
 # ------------------------------------------------------------------------------------------------
 # a full disk (file-size limit) while writing a shard
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_disk_full_during_a_shard_write_is_one_line_and_the_rerun_is_byte_identical(dataset, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     env = ENV
@@ -343,6 +347,7 @@ def test_edited_latent_t_is_counted_as_corrupt_with_skip_corrupt(shards, tmp_pat
     assert "\n" not in msg and "shard-000001.tar" in msg and key in msg and "skip_corrupt" in msg, msg
 
 
+@pytest.mark.slow
 def test_edited_latent_t_is_counted_by_training(shards, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(shards, out)
