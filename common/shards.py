@@ -24,6 +24,8 @@ with a warning naming it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import math
@@ -89,6 +91,39 @@ _INDEX_CHUNK = 1 << 16
 
 class ShardError(OspError, ValueError):
     """A shard directory or member that breaks the contract (message names file and key)."""
+
+
+class StorageFullError(OspError, OSError):
+    """A file could not be written for lack of space (disk full, quota, file-size limit); the message
+    names the file, the cause and the free space."""
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB"."""
+    if n < 1024:
+        return f"{n} B"
+    k = min(3, int(math.log(n, 1024)))
+    return f"{n / 1024**k:.1f} {('KiB', 'MiB', 'GiB')[k - 1]}"
+
+
+STORAGE_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def storage_full_reason(e: BaseException, where: str | os.PathLike) -> str | None:
+    """For an OSError of a full disk / quota / file-size limit: "No space left on device (3.1 MiB free
+    on DIR)", where DIR is the folder of `where`; None for any other error."""
+    if not isinstance(e, OSError) or e.errno not in STORAGE_FULL_ERRNOS:
+        return None
+    why = os.strerror(e.errno)
+    if e.errno == errno.EFBIG:
+        why += ", over the file-size limit (ulimit -f)"
+    folder = Path(where)
+    folder = folder if folder.is_dir() else folder.parent
+    try:
+        free = f"{human_bytes(shutil.disk_usage(folder).free)} free on {folder}"
+    except OSError:
+        free = f"free space of {folder} unknown"
+    return f"{why} ({free})"
 
 
 def _version_error(where: Path | str, version) -> ShardError:
@@ -217,12 +252,26 @@ class ShardWriter:
             stale.unlink(missing_ok=True)
         self._tmp_tar = self.final_tar.with_name(f"{self.final_tar.name}.tmp-{os.getpid()}")
         self._tmp_rows = self.final_rows.with_name(f"{self.final_rows.name}.tmp-{os.getpid()}")
-        self._file = open(self._tmp_tar, "wb")
+        self._file: io.BufferedWriter | None = None
+        self._done = False
+        with self._storage():
+            self._file = open(self._tmp_tar, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self._rows: list[dict] = []
         self._errors: list[dict] = []
         self._keys: set[str] = set()
-        self._done = False
+
+    @contextlib.contextmanager
+    def _storage(self):
+        """A full disk (or quota, or file-size limit) while writing: drop the shard, raise one line."""
+        try:
+            yield
+        except OSError as e:
+            reason = storage_full_reason(e, self.out_dir)
+            if reason is None:
+                raise
+            self.abort()
+            raise StorageFullError(f"{self.final_tar} not written: {reason}") from None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -261,17 +310,18 @@ class ShardWriter:
             }
         )
         json_bytes = _dump_json(meta, f"{self.final_tar.name}: meta of {key}")
-        row = {
-            "key": key,
-            "st_offset": self._add_member(f"{key}.safetensors", st_bytes),
-            "st_size": len(st_bytes),
-            "json_offset": self._add_member(f"{key}.json", json_bytes),
-            "json_size": len(json_bytes),
-            "latent_t": int(latent.shape[1]),
-            "latent_h": int(latent.shape[2]),
-            "latent_w": int(latent.shape[3]),
-            "text_len": int(text.shape[0]),
-        }
+        with self._storage():
+            row = {
+                "key": key,
+                "st_offset": self._add_member(f"{key}.safetensors", st_bytes),
+                "st_size": len(st_bytes),
+                "json_offset": self._add_member(f"{key}.json", json_bytes),
+                "json_size": len(json_bytes),
+                "latent_t": int(latent.shape[1]),
+                "latent_h": int(latent.shape[2]),
+                "latent_w": int(latent.shape[3]),
+                "text_len": int(text.shape[0]),
+            }
         row["checksum"] = checksum(st_bytes, json_bytes, {**row, "shard": self.shard_id})
         self._keys.add(key)
         self._rows.append(row)
@@ -288,6 +338,11 @@ class ShardWriter:
         """Make tar + rows visible atomically (sidecar renamed first, tar last); returns the index rows."""
         if self._done:
             raise ShardError(f"{self.final_tar.name}: writer already published or aborted")
+        with self._storage():
+            return self._publish()
+
+    def _publish(self) -> list[dict]:
+        assert self._file is not None
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -317,11 +372,15 @@ class ShardWriter:
         if self._done:
             return
         self._done = True
-        try:
-            self._tar.close()
-        except Exception:
-            pass
-        self._file.close()
+        if self._file is not None:
+            try:
+                getattr(self, "_tar", self._file).close()
+            except Exception:
+                pass
+            try:
+                self._file.close()  # closes the descriptor even when flushing its buffer fails (disk full)
+            except OSError:
+                pass
         self._tmp_tar.unlink(missing_ok=True)
         self._tmp_rows.unlink(missing_ok=True)
 

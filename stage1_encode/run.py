@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
@@ -40,11 +42,14 @@ from .dataset import list_records, resolve_sources
 from .plan import Plan, ShardPlan, WorkItem, EncodeSpec, make_plan
 from osp.common.errors import OspError
 from osp.common.process import die_with_parent
+from osp.common.loader_guard import WorkerFix, loader_error, share_in_worker, watch_workers
 from osp.common.models.text import cleaner_identity
 
 PLAN_NAME = "plan.json"
 TOOL = "osp.stage1_encode"
 DEFAULT_DEMO_MODELS = "models/demo"
+RERUN = "re-run the same command to resume (published shards are kept)"
+WORKER_FIX = WorkerFix(no_workers="run osp encode with --workers 0", rerun=RERUN)
 
 
 class EncodeError(OspError, RuntimeError):
@@ -117,7 +122,8 @@ class ClipDataset(torch.utils.data.Dataset):
             return {"seq": it.seq, "error": str(e)}
         except Exception as e:  # an unexpected decoder failure is still one error row, not a dead run
             return {"seq": it.seq, "error": f"unexpected {type(e).__name__}: {e}"}
-        return {"seq": it.seq, "clip": clip, "info": info.as_meta()}
+        # in a worker: into shared memory here, where a full /dev/shm is an error, not a lost clip
+        return share_in_worker({"seq": it.seq, "clip": clip, "info": info.as_meta()}, WORKER_FIX)
 
 
 def _worker_init(_):
@@ -130,7 +136,8 @@ def _identity(x):
 
 
 def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int, pin_memory: bool = False):
-    """Decoded clips in plan order; `workers` > 0 decodes ahead in background processes."""
+    """Decoded clips in plan order; `workers` > 0 decodes ahead in background processes (a worker that
+    fails or dies raises `LoaderWorkerError` here or at the main thread's next line, see loader_guard)."""
     ds = ClipDataset(items, spec)
     if workers <= 0:
         yield from (ds[i] for i in range(len(ds)))
@@ -146,7 +153,18 @@ def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int, pin_me
         persistent_workers=False,
         pin_memory=pin_memory,
     )
-    yield from loader
+    it = iter(loader)
+    watch_workers(WORKER_FIX)
+    try:
+        for x in it:
+            yield x
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        err = loader_error(e, WORKER_FIX, getattr(it, "_workers", ()))
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        getattr(it, "_shutdown_workers")()  # noqa: B009 (private to torch) now, not when the iterator is collected
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,6 +479,46 @@ def encode(opts: EncodeOptions) -> dict:
     _check_model_dirs(vae_dir, text_dir)  # seconds, before planning a large dataset
     opts.vae, opts.text_encoder = vae_dir, text_dir
     plan = build_plan(opts)  # before loading the models: a bad --data fails fast
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit: an error naming the file, not a kill
+    try:
+        return _encode_planned(opts, plan, rank, world, vae_dir, text_dir)
+    except (OSError, RuntimeError) as e:
+        err = _failure_line(e, out, len(plan.shards))
+        if err is None:
+            raise
+        raise err from None
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    parts: list[str] = []
+    for i in ids:
+        if parts and int(parts[-1].rsplit("-", 1)[-1]) == i - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
+        else:
+            parts.append(str(i))
+    return ", ".join(parts)
+
+
+def _failure_line(e: BaseException, out: Path, n_shards: int) -> OspError | None:
+    """One line for a full disk (or a file-size limit) and for a failed decode worker; None otherwise."""
+    if isinstance(e, S.StorageFullError):
+        what = str(e)
+    elif (reason := S.storage_full_reason(e, getattr(e, "filename", None) or out)) is not None:
+        name = getattr(e, "filename", None)
+        what = f"{name} not written: {reason}" if name else f"{out}: a file could not be written: {reason}"
+    else:
+        return loader_error(e, WORKER_FIX)
+    done = sorted(S.published_shards(out))
+    kept = (
+        f"shards {_ranges(done)} of {n_shards} are complete" if done else f"none of the {n_shards} shards is complete"
+    )
+    return EncodeError(f"{what}; {kept}; free some space, then {RERUN}")
+
+
+def _encode_planned(opts: EncodeOptions, plan: Plan, rank: int, world: int, vae_dir: str, text_dir: str) -> dict:
+    out = Path(opts.out)
     summary = _plan_summary(plan, opts)
     _check_plan_file(out, summary, rank)
 

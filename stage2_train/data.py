@@ -24,7 +24,12 @@ A corrupt sample never raises inside a worker (an exception there reaches the ma
 re-raised copy without the key, and the loader can then wait forever on its workers at exit): the
 worker returns a structured record {"corrupt", key, row, tar, error} that rides in `Batch.skipped`.
 The main process decides: `skip_corrupt` counts and skips it, otherwise `ShardLoader` raises
-`CorruptSampleError` (one line: shard, key, reason) after shutting its workers down.
+`CorruptSampleError` (one line: shard, key, reason) after shutting its workers down. A row that the
+shape filter leaves out is read once at start-up, so an edited shape is corrupt, never "left out".
+
+A worker that cannot put its batch into shared memory (a full /dev/shm) or dies (SIGKILL, SIGBUS)
+stops the loader with one `LoaderWorkerError` line naming the cause and the fix, never a wait without
+end (`osp.common.loader_guard`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from osp.common import shards as S
 from osp.common.errors import ConfigError, OspError
 from osp.common.process import die_with_parent
+from osp.common.loader_guard import WorkerFix, loader_error, share_in_worker, watch_workers
+
+WORKER_FIX = WorkerFix(no_workers="set data.num_workers=0", rerun="resume with --resume auto")
 
 
 class CorruptSampleError(OspError, RuntimeError):
@@ -153,7 +161,8 @@ class Collate:
         for j, s in enumerate(good):
             text[j, : lens[j]] = s.text
             mask[j, : lens[j]] = 1
-        return Batch(moments, text, mask, [s.key for s in good], rows, skipped, tuple(moments.shape[2:]))
+        batch = Batch(moments, text, mask, [s.key for s in good], rows, skipped, tuple(moments.shape[2:]))
+        return share_in_worker(batch, WORKER_FIX)  # a full /dev/shm: an error here, not a batch lost in transit
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -227,14 +236,17 @@ class ShardLoader:
 
     def _check_left_out(self, rows: np.ndarray) -> None:
         """Rows the shape filter leaves out are never read by the plan, so they are checked here once:
-        an index row edited into another shape (latent_t 3 -> 1) must stop training as `verify` does,
-        not vanish as a "single-frame sample". Costs one read per left-out row (none in a video-only cache)."""
-        if self.skip_corrupt:
-            return
+        an index row edited into another shape (latent_t 3 -> 1) is corrupt, not a "single-frame sample"
+        to leave out. Without skip_corrupt it stops training as `verify` does; with it, it rides in the
+        `skipped` list of the first batch of every epoch (counted once per epoch, as a corrupt row of the
+        plan is when its epoch reads it). Costs one read per left-out row (none in a video-only cache)."""
+        self.left_out_corrupt: list[dict] = []
         for i in rows:
             item = self.dataset[int(i)]
             if isinstance(item, dict):
-                raise CorruptSampleError(corrupt_message(item, self.root))
+                if not self.skip_corrupt:
+                    raise CorruptSampleError(corrupt_message(item, self.root))
+                self.left_out_corrupt.append(item)
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         return [self.rows[b] for b in epoch_plan(self.shapes[self.rows], self.seed, epoch, self.global_batch)]
@@ -294,6 +306,7 @@ class ShardLoader:
             self._it = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        watch_workers(WORKER_FIX)  # a worker that dies: one line wherever the main thread is
 
     def __iter__(self):
         return self
@@ -308,6 +321,14 @@ class ShardLoader:
             except StopIteration:
                 self.epoch, self.cursor, self._it = self.epoch + 1, 0, None
                 continue
+            except (RuntimeError, ConnectionError, EOFError) as e:  # a worker failed or died: one line
+                err = loader_error(e, WORKER_FIX, getattr(self._it, "_workers", ()))
+                if err is None:
+                    raise
+                self.close()
+                raise err from None
+            if self.cursor == 0 and self.left_out_corrupt:  # after the plan's own (Batch.skipped[0] is of the batch)
+                batch.skipped = batch.skipped + self.left_out_corrupt
             self.cursor += 1
             if batch.skipped and not self.skip_corrupt:
                 self.close()

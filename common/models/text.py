@@ -148,6 +148,48 @@ _TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "
 # --------------------------------------------------------------------------------------------------
 
 
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+_BIN_FIX = "re-download the text encoder (preferably as model.safetensors)"
+
+
+def _refusal(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    what = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "not plain tensors")
+    what = what.split(". Please")[0].rstrip(".")  # not torch's advice to allow-list the global
+    return f"the .bin weights were refused ({what}); they would run code when unpickled; {_BIN_FIX}"
+
+
+def check_bin_weights(path: Path) -> None:
+    """The legacy `.bin` weights that transformers reads when a folder has no safetensors must each be a
+    plain {name: tensor} pickle: loaded here with weights_only (nothing runs) onto the meta device (no
+    data is read), anything else is refused with one line naming the file."""
+    if any(path.glob("*.safetensors")):
+        return  # transformers prefers them and never opens a .bin
+    index = path / BIN_INDEX
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [BIN_WEIGHTS]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{index}: not a weight index ({type(e).__name__}: {e}); {_BIN_FIX}") from None
+    for name in names:
+        f = path / name
+        if not f.is_file():
+            continue  # transformers names what is missing
+        try:
+            state = torch.load(f, map_location="meta", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ConfigError(f"{f}: {_refusal(e)}") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise ConfigError(f"{f}: not a readable torch weights file ({type(e).__name__}); {_BIN_FIX}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"{f}: holds a {type(state).__name__}, not weights (name -> tensor); {_BIN_FIX}")
+        bad = next(((k, v) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+        if bad is not None:
+            raise ConfigError(
+                f"{f}: entry {str(bad[0])[:80]!r} is a {type(bad[1]).__name__}, not a tensor; the file holds more "
+                f"than weights; {_BIN_FIX}"
+            )
+
+
 class TextEncoder:
     """mT5 encoder + tokenizer from a local folder (no network): captions -> hidden states + mask."""
 
@@ -183,17 +225,11 @@ class TextEncoder:
         hf_logging.set_verbosity_error()  # silence the "unused decoder weights" notice of full T5 folders
         hf_logging.disable_progress_bar()
         try:
+            check_bin_weights(path)  # before transformers reads a .bin: a refusal names the file
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = MT5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         except pickle.UnpicklingError as e:  # a .bin whose pickle holds more than tensors: refused, one line
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            what = next(
-                (x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "not plain tensors"
-            )
-            raise ValueError(
-                f"{path}: the .bin weights were refused ({what.rstrip('.')}); they would run code when unpickled. "
-                "Use the folder's model.safetensors (or convert the .bin in a trusted environment)"
-            ) from None
+            raise ConfigError(f"{path}: {_refusal(e)}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
