@@ -3,7 +3,7 @@ process (one interpreter start for all of them).
 
     python tests/ckpt_attack_worker.py SHARDS WORK OUT.json NAME=STEP_DIR ...
 
-For each NAME: `osp.stage2_train.run.main` with `--resume STEP_DIR` and with `--init STEP_DIR` on a fresh
+For each NAME: `osp.stage2_train.run.main` with `run.resume=STEP_DIR` and with `model.init=STEP_DIR` on a fresh
 run folder; OUT.json: {NAME: {"resume": [exit code, stderr], "init": [exit code, stderr]}}.
 """
 
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from osp.stage2_train import run
+from osp.stage2_train.config import TrainConfig
 
 
 def main() -> None:
@@ -34,10 +35,11 @@ def main() -> None:
     for arg in sys.argv[4:]:
         name, step_dir = arg.split("=", 1)
         results[name] = {}
-        for how, extra in (("resume", ["--resume", step_dir]), ("init", ["--init", step_dir])):
+        for how, extra in (("resume", [f"run.resume={step_dir}"]), ("init", [f"model.init={step_dir}"])):
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
-                rc = run.main([*extra, *base, f"run.dir={work / f'{name}-{how}'}"])
+                cfg = TrainConfig.load(None, [*base, *extra, f"run.dir={work / f'{name}-{how}'}"])
+                rc = run.main(cfg)
             results[name][how] = [rc, err.getvalue()]
     out.write_text(json.dumps(results))
 

@@ -43,11 +43,9 @@ def _train(run: Path, shards: Path, steps: int, *extra: str, limit: int | None =
     cmd = [
         PY,
         "-m",
-        "osp.stage2_train.run",
-        "--config",
+        "osp.stage2_train.run",  # a rank's entry: CONFIG [section.key=value ...]
         str(ROOT / "stage2_train" / "configs" / "demo.toml"),
-        "--resume",
-        "auto",
+        "run.resume=auto",
         f"data.shards={shards}",
         f"run.dir={run}",
         f"run.steps={steps}",
