@@ -66,7 +66,7 @@ TRAIN_OVERRIDES := $(if $(call given,SHARDS),data.shards=$(SHARDS)) \
 help:
 	@echo "make demo    # demo data -> encode -> train -> sample, on CPU"
 	@echo "make test    # the test suite (CPU)"
-	@echo "make lint    # ruff check + basedpyright (basic) on the package + ruff format --check"
+	@echo "make lint    # ruff check + basedpyright (basic) + ruff format --check + import contracts + codespell"
 	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP SP CP ...)"
 
 # The package installs in strict editable mode: a link tree under build/ that editors and type checkers
@@ -138,12 +138,15 @@ sample: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Lint: ruff (rules and line length in pyproject.toml), the formatter in check mode, and the pyright
-# engine in basic mode on the package (every osp.* import must resolve through the strict install).
+# Lint: ruff (rules and line length in pyproject.toml), the formatter in check mode, the pyright
+# engine in basic mode on the package (every osp.* import must resolve through the strict install),
+# the import contracts (lint-imports, [tool.importlinter] in pyproject.toml) and codespell.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/basedpyright
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/codespell
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
