@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_ARGS ?=
 EXTRAS    ?= dev
 
-# ---- real-run variables (the seed guide's names) ----------------------------------------------
+# ---- real-run variables -----------------------------------------------------------------------
 PRESET    ?= tiny
 DATA      ?= data/demo
 SHARDS    ?= shards/demo

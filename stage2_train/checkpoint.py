@@ -285,7 +285,7 @@ def find(run_dir: Path, resume: str) -> Path | None:
         )
     if read_trainer_state(path).get("format") != FORMAT:
         raise CheckpointError(
-            f"{path}: written by an older osp ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
+            f"{path}: not a resumable checkpoint ({TRAINER_FILE} has no format {FORMAT!r}); start a new run with "
             f"model.init={path / 'model'} (weights only)"
         )
     return path

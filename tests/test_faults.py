@@ -1,4 +1,4 @@
-"""Reliability under faults (issue #15), with real processes and bounded time.
+"""Reliability under faults, with real processes and bounded time.
 
 Training: a corrupt sample with loader workers on 2 ranks stops every rank naming the key; kill -9 of
 the launcher leaves no rank alive; SIGTERM checkpoints and exits 0; a second job on a locked run

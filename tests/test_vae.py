@@ -46,7 +46,7 @@ def _video(t: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# key table (transcribed from spec section 2.9, independent of the model code)
+# key table (transcribed from the released CausalVAE checkpoint's key list, independent of the model code)
 # --------------------------------------------------------------------------------------------------
 def _spec_key_table() -> dict[str, tuple[int, ...]]:
     t: dict[str, tuple[int, ...]] = {}
