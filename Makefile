@@ -61,11 +61,12 @@ TRAIN_OVERRIDES := $(if $(call given,SHARDS),data.shards=$(SHARDS)) \
                    $(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sp=$(if $(filter 0 false no,$(SP)),false,true),$(if $(filter 1,$(TP)),parallel.sp=false)) \
                    $(if $(CP),parallel.cp=$(CP)) $(if $(STEPS),run.steps=$(STEPS)) $(TRAIN_ARGS)
 
-.PHONY: setup demo demo-data demo-models encode train sample test lint bench clean help FORCE
+.PHONY: setup demo demo-data demo-models encode train sample test test-fast lint bench clean help FORCE
 
 help:
 	@echo "make demo    # demo data -> encode -> train -> sample, on CPU"
 	@echo "make test    # the test suite (CPU)"
+	@echo "make test-fast  # the unit tests only (no multi-process, end-to-end or slow tests)"
 	@echo "make lint    # ruff check + basedpyright (basic) + ruff format --check + import contracts + codespell"
 	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP SP CP ...)"
 
@@ -135,8 +136,13 @@ sample: setup
 	$(OSP) sample --checkpoint $(RUN) --prompt "$(PROMPT)" --steps $(SAMPLE_STEPS) --out $(SAMPLES) \
 	    $(if $(VAE),--vae $(VAE)) $(if $(TEXT_ENCODER),--text-encoder $(TEXT_ENCODER)) $(SAMPLE_ARGS)
 
+# The whole suite (parity, multi-process, end-to-end). test-fast: the unit tests only, for a quick
+# check while editing (the lanes are described in tests/conftest.py).
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not dist and not integration" $(PYTEST_ARGS)
 
 # Lint: ruff (rules and line length in pyproject.toml), the formatter in check mode, the pyright
 # engine in basic mode on the package (every osp.* import must resolve through the strict install),
