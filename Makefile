@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_ARGS ?=
 EXTRAS    ?= dev
 
-# ---- real-run variables (the seed guide's names) ----------------------------------------------
+# ---- real-run variables -----------------------------------------------------------------------
 PRESET    ?= tiny
 DATA      ?= data/demo
 SHARDS    ?= shards/demo
@@ -62,12 +62,13 @@ TRAIN_FLAGS = --config $(CONFIG) --nnodes $(NNODES) --nproc $(NPROC) \
               $(if $(TP),--tp $(TP)) $(if $(SP),$(if $(filter 0 false no,$(SP)),--no-sp,--sp),$(if $(filter 1,$(TP)),--no-sp)) \
               $(if $(CP),--cp $(CP)) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_ARGS)
 
-.PHONY: setup demo demo-data demo-models encode train sample test lint bench clean help FORCE
+.PHONY: setup demo demo-data demo-models encode train sample test test-fast lint bench clean help FORCE
 
 help:
 	@echo "make demo    # demo data -> encode -> train -> sample, on CPU"
 	@echo "make test    # the test suite (CPU)"
-	@echo "make lint    # ruff check + basedpyright (basic) on the package + ruff format --check"
+	@echo "make test-fast  # the unit tests only (no multi-process, end-to-end or slow tests)"
+	@echo "make lint    # ruff check + basedpyright (basic) + ruff format --check + import contracts + codespell"
 	@echo "make encode | train | sample | bench   (variables: DATA SHARDS PRESET VAE TEXT_ENCODER NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP SP CP ...)"
 
 # The package installs in strict editable mode: a link tree under build/ that editors and type checkers
@@ -134,15 +135,23 @@ sample: setup
 	$(OSP) sample --checkpoint $(RUN) --prompt "$(PROMPT)" --steps $(SAMPLE_STEPS) --out $(SAMPLES) \
 	    $(if $(VAE),--vae $(VAE)) $(if $(TEXT_ENCODER),--text-encoder $(TEXT_ENCODER)) $(SAMPLE_ARGS)
 
+# The whole suite (parity, multi-process, end-to-end). test-fast: the unit tests only, for a quick
+# check while editing (the lanes are described in tests/conftest.py).
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Lint: ruff (rules and line length in pyproject.toml), the formatter in check mode, and the pyright
-# engine in basic mode on the package (every osp.* import must resolve through the strict install).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not dist and not integration" $(PYTEST_ARGS)
+
+# Lint: ruff (rules and line length in pyproject.toml), the formatter in check mode, the pyright
+# engine in basic mode on the package (every osp.* import must resolve through the strict install),
+# the import contracts (lint-imports, [tool.importlinter] in pyproject.toml) and codespell.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/basedpyright
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/codespell
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,5 +1,5 @@
 """Scale-out layouts for the real 93x480p / 93x720p DiT on 8 ranks: collective bytes per rank per step
-(TP, CP, DP) and self-attention FLOPs per rank, as ratios against today's layout (TP=2 + SP, DP=4,
+(TP, CP, DP) and self-attention FLOPs per rank, as ratios against the shipped layout (TP=2 + SP, DP=4,
 ZeRO-1: stage2_train/configs/osp12-93x480p.toml on 8 GPUs). A step trains DP samples (batch 1 per DP
 rank), so 'GB/sample' (the step's bytes per rank / DP) is the throughput-relevant figure: CP and TP
 shrink each rank's share of one sample, DP spreads the gradient all-reduce over more samples.
@@ -68,7 +68,7 @@ def main() -> None:
             f"(baseline {base_layout.name()}: {base['total'] / 1e9:.2f} GB sent per rank per step)\n"
         )
         print(
-            "| layout | TP GB | CP GB | DP GB | total GB | ÷ today | GB/sample | ÷ today | est. ms @ link | attn TFLOP/rank (fwd) | ÷ today | params/rank (M) | state GiB/rank | ckpt inputs GiB/rank |"
+            "| layout | TP GB | CP GB | DP GB | total GB | ÷ shipped | GB/sample | ÷ shipped | est. ms @ link | attn TFLOP/rank (fwd) | ÷ shipped | params/rank (M) | state GiB/rank | ckpt inputs GiB/rank |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for lay in layouts(a.world):

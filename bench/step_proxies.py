@@ -1,4 +1,4 @@
-"""CPU-countable proxies of one training step at REAL size (issue #12), as ratios new / today in one run.
+"""CPU-countable proxies of one training step at REAL size, as ratios new / baseline in one run.
 
 One real-width DiT block (D 2304, 24 heads x 96, osp12-93x480p: S = 24 x 30 x 40 = 28,800 video
 tokens, L = 512 text tokens with a text mask, batch 1) runs forward + backward on fake tensors
@@ -15,7 +15,7 @@ tokens, L = 512 text tokens with a text mask, batch 1) runs forward + backward o
 * FLOPs: GEMMs 2mnk, attention 4 B h Sq Skv hd forward and 2x that backward; recompute overhead =
   extra FLOPs of a checkpointing mode over no checkpointing.
 
-"today" is the code before issue #12 run in its regime, re-expressed here with explicit casts because
+"baseline" is the block in a CUDA bf16-autocast training regime, re-expressed with explicit casts because
 CUDA autocast cannot run on CPU fake tensors: the CUDA bf16 autocast rules (GEMMs and SDPA in bf16,
 LayerNorm in fp32, megatron's fp32 bias add after the bf16 GEMM, fp32 scale_shift_table), three q/k/v
 linears (three SP all-gathers), RoPE as rotate-half with cos/sin in the activation dtype, full per-block
@@ -245,7 +245,7 @@ class SavedTracker(TorchDispatchMode):
 
 
 # ------------------------------------------------------------------------------------------------
-# today's block (before issue #12) in its CUDA bf16-autocast regime, with explicit casts
+# the baseline block: CUDA bf16-autocast regime, with explicit casts
 # ------------------------------------------------------------------------------------------------
 def _rotate_half_3d(x):
     c2 = x.shape[-1] // 6
@@ -253,7 +253,7 @@ def _rotate_half_3d(x):
     return torch.stack([-x[..., 1, :], x[..., 0, :]], dim=-2).flatten(-3)
 
 
-def today_block(blk, h, t6, txt, text_bias, angles, tp: int):
+def baseline_block(blk, h, t6, txt, text_bias, angles, tp: int):
     bf = torch.bfloat16
     from megatron.core import tensor_parallel as mtp
 
@@ -328,7 +328,7 @@ def inputs(model, tp: int, regime: str):
     """Block inputs of one rank as the model's forward makes them in that regime."""
     cfg = model.config
     s, d = math.prod(GRID), cfg.inner_dim
-    act = torch.bfloat16 if regime == "new" else torch.float32  # today: the residual stream is fp32
+    act = torch.bfloat16 if regime == "new" else torch.float32  # baseline: the residual stream is fp32
     h = torch.randn(s // tp, BATCH, d, dtype=act, requires_grad=True)
     t6 = torch.randn(BATCH, 6 * d, dtype=torch.bfloat16, requires_grad=True)
     txt = torch.randn(TEXT_LEN, BATCH, d, dtype=torch.bfloat16, requires_grad=True)
@@ -349,9 +349,9 @@ def run_block(model, tp: int, regime: str, ckpt: str, tracer=None, saved=None) -
     else:
         args = (blk, h, t6, txt, bias, table.angles, tp)
         fn = (
-            (lambda: checkpoint(today_block, *args, use_reentrant=False))
+            (lambda: checkpoint(baseline_block, *args, use_reentrant=False))
             if ckpt == "full"
-            else (lambda: today_block(*args))
+            else (lambda: baseline_block(*args))
         )  # noqa: E731
     if saved is not None:
         with saved:
@@ -429,8 +429,8 @@ def main() -> int:
         model = build(tp)  # real weights of one block (fake tensors are made from them on use)
         with FakeTensorMode(allow_non_fake_inputs=True):
             for regime, ckpt in (
-                ("today", "none"),
-                ("today", "full"),
+                ("baseline", "none"),
+                ("baseline", "full"),
                 ("new", "none"),
                 ("new", "selective"),
                 ("new", "full"),
@@ -442,19 +442,19 @@ def main() -> int:
     G = 1e9
     print(
         f"step proxies at {PRESET} (S = {math.prod(GRID):,} video + {TEXT_LEN} text tokens, batch {BATCH}), "
-        "per block per rank, fake tensors; today = the pre-#12 code in its bf16-autocast regime"
+        "per block per rank, fake tensors; baseline = the block in a bf16-autocast regime"
     )
     rows = []
     for tp in (1, 2):
         lay = "TP=1" if tp == 1 else "TP=2+SP"
         t0, tf, n0, ns = (
-            res[(tp, "today", "none")],
-            res[(tp, "today", "full")],
+            res[(tp, "baseline", "none")],
+            res[(tp, "baseline", "full")],
             res[(tp, "new", "none")],
             res[(tp, "new", "selective")],
         )
         ag_t, ag_n = t0.coll["allgather"], n0.coll["allgather"]
-        rec_today = tf.total_flops / t0.total_flops - 1
+        rec_base = tf.total_flops / t0.total_flops - 1
         rec_sel = ns.total_flops / n0.total_flops - 1
         rows += [
             (lay, "memory-bound GB (eager)", t0.mem_eager / G, n0.mem_eager / G),
@@ -467,25 +467,25 @@ def main() -> int:
                 (n0.coll["reducescatter"] + n0.coll["allreduce"]) / G,
             ),
             (lay, "saved activations GB (no recompute)", t0.saved / G, n0.saved / G),
-            (lay, "saved activations GB (today full / new selective)", tf.saved / G, ns.saved / G),
-            (lay, "recompute FLOP overhead (today full / new selective)", rec_today, rec_sel),
+            (lay, "saved activations GB (baseline full / new selective)", tf.saved / G, ns.saved / G),
+            (lay, "recompute FLOP overhead (baseline full / new selective)", rec_base, rec_sel),
             (lay, "TFLOP fwd+bwd (no recompute)", t0.total_flops / 1e12, n0.total_flops / 1e12),
         ]
-    print("| layout | figure | today | new | new / today |\n|---|---|---|---|---|")
+    print("| layout | figure | baseline | new | new / baseline |\n|---|---|---|---|---|")
     for lay, what, a, b in rows:
         ratio = f"{b / a:.3f}" if a else "-"
         print(f"| {lay} | {what} | {a:.3f} | {b:.3f} | {ratio} |")
 
     t0, tf, n0, ns = (
-        res[(2, "today", "none")],
-        res[(2, "today", "full")],
+        res[(2, "baseline", "none")],
+        res[(2, "baseline", "full")],
         res[(2, "new", "none")],
         res[(2, "new", "selective")],
     )
     checks = [
-        ("memory-bound bytes (new fused vs today)", n0.mem_fused / t0.mem_eager, TARGETS["mem"]),
+        ("memory-bound bytes (new fused vs baseline)", n0.mem_fused / t0.mem_eager, TARGETS["mem"]),
         ("all-gather bytes", n0.coll["allgather"] / t0.coll["allgather"], TARGETS["allgather"]),
-        ("saved activations (new selective vs today without recompute)", ns.saved / t0.saved, TARGETS["saved"]),
+        ("saved activations (new selective vs baseline without recompute)", ns.saved / t0.saved, TARGETS["saved"]),
         ("saved activations (both without recompute)", n0.saved / t0.saved, TARGETS["saved"]),
         ("selective recompute FLOP overhead", ns.total_flops / n0.total_flops - 1, TARGETS["recompute"]),
     ]
@@ -506,7 +506,7 @@ def main() -> int:
         "HFU = hardware FLOPs (recompute, flash backward 2.5x) / (step x peak)"
     )
     for name, c, mem, memory in (
-        ("today (full recompute)", tf, tf.mem_eager, "eager"),
+        ("baseline (full recompute)", tf, tf.mem_eager, "eager"),
         ("new, no recompute", n0, n0.mem_eager, "eager"),
         ("new, selective", ns, ns.mem_eager, "eager"),
         ("new, selective", ns, ns.mem_fused, "fusion-model (an upper bound on compile's savings, not a count)"),

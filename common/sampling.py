@@ -1,7 +1,7 @@
 """Text-to-video sampling: prompt -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4.
 
-Upstream defaults (spec §7): EulerAncestral, 100 steps, guidance 7.5, the upstream negative prompt,
-prompt template, both prompts cleaned twice by the IF caption cleaner, text padded to 512 tokens,
+Upstream defaults (Open-Sora-Plan v1.2.0, opensora/sample/): EulerAncestral, 100 steps, guidance 7.5, the upstream
+negative prompt, prompt template, both prompts cleaned twice by the IF caption cleaner, text padded to 512 tokens,
 CFG batch [negative, positive] with eps = eps_neg + g * (eps_pos - eps_neg), latents / 0.18215 ->
 tiled VAE decode (512/64 px, 29/8 frames, overlap 0.125) -> uint8 = trunc(clamp(v/2 + 0.5) * 255)
 -> mp4 at 24 fps.
@@ -95,7 +95,8 @@ def trained_size(dit_config) -> tuple[int, int, int]:
 
 def check_size(dit_config, frames: int, height: int, width: int, allow_untrained: bool = False) -> list[str]:
     """Raise ValueError on a size the pipeline cannot produce; refuse (or, with allow_untrained, return
-    warnings for) a size the weights were not trained for (upstream issue #356: pure noise)."""
+    warnings for) a size the weights were not trained for (pure noise, as reported in
+    github.com/PKU-YuanGroup/Open-Sora-Plan/issues/356)."""
     spatial = VAE_STRIDE_H * dit_config.patch_size
     if frames < 1 or (frames - 1) % VAE_STRIDE_T:
         raise ConfigError(
@@ -111,7 +112,8 @@ def check_size(dit_config, frames: int, height: int, width: int, allow_untrained
         return []
     msg = (
         f"the checkpoint was trained for {tf}x{th}x{tw} (frames x height x width) but {frames}x{height}x{width} "
-        f"was requested; released v1.2 weights give noise at other sizes (upstream issue #356)"
+        f"was requested; released v1.2 weights give noise at other sizes "
+        f"(github.com/PKU-YuanGroup/Open-Sora-Plan/issues/356)"
     )
     if not allow_untrained:
         raise ConfigError(msg + "; drop --frames/--height/--width or pass --allow-untrained-size")

@@ -7,7 +7,7 @@ Modules (each uses only the ones above it):
     run.py      the pipelined, resumable, rank-parallel encoder; merge, manifest, uncond
     preview.py  decode a cached latent back to mp4 (cache audit)
 
-Deterministic choices where upstream v1.2 is random or filters differently (spec §6):
+Deterministic choices where upstream v1.2 is random or filters differently (upstream: opensora/dataset/t2v_datasets.py):
 * caption: the first non-empty caption of `cap` (upstream: uniform random per access);
   `--all-captions` makes one sample per caption instead.
 * temporal crop: the centred window of `num_frames` resampled frames (upstream: uniform random

@@ -1,6 +1,6 @@
 """Clip reading: decord (1 thread) with a PyAV fallback, 24 fps resampling, centre crop + resize.
 
-Spec §6, with the random choices of upstream made deterministic:
+Upstream's opensora/dataset/t2v_datasets.py and transform.py, with their random choices made deterministic:
 * resampling: index step 1 if |fps - 24| < 0.1 else fps / 24, indices = floor(arange(0, n, step));
   fps 30 when the file does not know it.
 * temporal placement: upstream crops `num_frames` at a uniformly random start. Here the k planned

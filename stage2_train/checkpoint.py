@@ -580,8 +580,8 @@ def find(run_dir: Path, resume: str) -> Path | None:
     fmt = read_trainer_state(path).get("format")
     if fmt != FORMAT:
         raise CheckpointError(
-            f"{path}: {TRAINER_FILE} names format {fmt!r}, not {FORMAT!r}; pass a step-XXXXXXX folder that osp train "
-            "wrote, or start a new run from released weights with --init"
+            f"{path}: not a resumable checkpoint ({TRAINER_FILE} names format {fmt!r}, not {FORMAT!r}); pass a "
+            f"step-XXXXXXX folder that osp train wrote, or start a new run with model.init={path / 'model'} (weights only)"
         )
     return path
 

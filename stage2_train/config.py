@@ -35,7 +35,7 @@ class RunConfig:
     async_ckpt: bool = True  # write checkpoints in the background (DCP async_save); training waits only for a host copy
     device: str = "auto"  # auto | cuda | npu | cpu
     precision: str = "auto"  # auto | bf16 | fp32: activation dtype of the DiT (auto = bf16 on accelerators, fp32 on
-    #                          CPU); parameters, optimizer state and EMA stay fp32 (the "train.precision")
+    #                          CPU); parameters, optimizer state and EMA stay fp32
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = unknown (MFU not reported)
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
     tensorboard: bool = True  # when the tensorboard package is installed

@@ -1,4 +1,5 @@
-"""The training objective of Open-Sora Plan v1.2 (spec §5), written out so stage 2 needs no diffusers.
+"""The training objective of Open-Sora Plan v1.2 (upstream: opensora/train/train_t2v_diffusers.py), written out
+so stage 2 needs no diffusers.
 
     z0  = 0.18215 * (mean + exp(logvar / 2) * eps_post)        posterior re-sampled every step
     eps = N(0, I) + noise_offset * N(0, I)[B, C, 1, 1, 1]

@@ -29,7 +29,8 @@ Sequence parallelism (megatron's SP: every mapping acts on dim 0, hence the sequ
   `reduce_sequence_parallel_grads(model)` SUMs exactly those grads over the TP group after backward;
 * `gather_video` = gather_from_sequence_parallel_region(tensor_parallel_output_grad=False): the
   backward is a plain split, correct because everything after it is replicated.
-Never tag adaln_single or the final table as well: that double counts.
+Never tag adaln_single (t6_hook already sums its gradient) or the final table (it acts after the gather,
+so every rank already holds its full gradient): either would be counted TP times.
 
 Works on CUDA (nccl), NPU (hccl) and CPU (gloo, with `osp.common.megatron_cpu.apply()`).
 """

@@ -145,7 +145,8 @@ def test_kill9_during_async_save_keeps_the_previous_latest(tmp_path):
     run = tmp_path / "run"
     ckroot = run / "checkpoints"
     p = _run(run, shards, 2)
-    assert p.wait(timeout=200) == 0, p.stderr.read()[-3000:]
+    out = p.communicate(timeout=200)  # (communicate, not wait: it also closes the pipes)
+    assert p.returncode == 0, out[1][-3000:]
     assert (ckroot / "latest").read_text().strip() == "step-0000002"
 
     # the save at step 4 sleeps before writing its data; training goes on meanwhile; kill -9 at step 5
@@ -155,7 +156,7 @@ def test_kill9_during_async_save_keeps_the_previous_latest(tmp_path):
         assert p.poll() is None and time.time() < deadline, p.stderr.read()[-3000:]
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
+    p.communicate(timeout=60)
     assert (ckroot / "latest").read_text().strip() == "step-0000002"
     assert (ckroot / ".tmp-step-0000004").is_dir() and not (ckroot / "step-0000004").exists()
     killed = {m["step"]: m["loss"] for m in _metrics(run)}

@@ -56,7 +56,8 @@ def test_layout_and_good_records(demo):
         h, w = r["resolution"]["height"], r["resolution"]["width"]
         assert r["cap"] and path.is_file()
         if path.suffix == ".jpg":
-            assert Image.open(path).size == (w, h)
+            with Image.open(path) as im:
+                assert im.size == (w, h)
             continue
         vr = decord.VideoReader(str(path))
         assert len(vr) == r["num_frames"] and abs(vr.get_avg_fps() - r["fps"]) < 1e-3

@@ -11,7 +11,8 @@ import torch
 from osp.common.models.dit import DIT_PRESETS, DiTConfig, build_dit, get_dit_config, timestep_sinusoid
 from osp.common.models.rope import RopeTable, apply_rope, rope_angles
 
-# Transcribed from spec §3.5 (D = 2304, FFN 9216, text 4096, 32 blocks); independent of the model code.
+# Transcribed from the released diffusion_pytorch_model.safetensors key list (D = 2304, FFN 9216, text 4096,
+# 32 blocks); independent of the model code.
 D, F, TXT = 2304, 9216, 4096
 BLOCK_TABLE = {
     "scale_shift_table": (6, D),

@@ -1,4 +1,4 @@
-"""Reliability under faults (issue #15), with real processes and bounded time.
+"""Reliability under faults, with real processes and bounded time.
 
 Training: a corrupt sample with loader workers on 2 ranks stops every rank naming the key; kill -9 of
 the launcher leaves no rank alive; SIGTERM checkpoints and exits 0; a second job on a locked run
@@ -302,6 +302,8 @@ def test_lock_then_sigterm_exits_0_then_kill9_leaves_no_rank(shards, tmp_path):
     assert len(below) >= 3  # torchrun agent + 2 ranks (+ workers)
     os.kill(c.pid, signal.SIGKILL)
     c.wait(timeout=10)
+    for pipe in (c.stdout, c.stderr):  # closed here: the ranks may hold the other ends until they are gone
+        pipe.close()
     _, alive = psutil.wait_procs(below, timeout=10)
     assert not alive, [(p.pid, p.cmdline()[-3:]) for p in alive]
     # and a new job can take the run directory at once

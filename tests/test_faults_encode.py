@@ -1,4 +1,4 @@
-"""Encode under bad inputs (issue #15): bounded validation, README promises, reproducible reasons."""
+"""Encode under bad inputs: bounded validation, README promises, reproducible reasons."""
 
 from __future__ import annotations
 

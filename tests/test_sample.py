@@ -262,7 +262,7 @@ def test_cli_prompt_file_errors_and_untrained_size_warning(assets, tmp_path):
     assert r.exit_code != 0 and "no prompts given" in r.output
     r = _cli(*common, "--prompt", "x", "--frames", 5, "--allow-untrained-size", "--guidance", 1.0)
     assert r.exit_code == 0, r.output
-    assert "warning:" in r.output and "#356" in r.output
+    assert "warning:" in r.output and "Open-Sora-Plan/issues/356" in r.output
 
 
 # ---- tensor-parallel sampling under torchrun (2-process gloo) vs one process -----------------------

@@ -1,4 +1,4 @@
-"""Issue #12 switches on the tiny DiT: bf16 activations end to end, the attention kernel switch and
+"""The step efficiency switches on the tiny DiT: bf16 activations end to end, the attention kernel switch and
 its single overridable call, torch.compile of the blocks, the config keys."""
 
 from __future__ import annotations

@@ -46,9 +46,9 @@ def _video(t: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# key table (transcribed from spec section 2.9, independent of the model code)
+# key table (transcribed from the released CausalVAE checkpoint's key list, independent of the model code)
 # --------------------------------------------------------------------------------------------------
-def _spec_key_table() -> dict[str, tuple[int, ...]]:
+def _released_key_table() -> dict[str, tuple[int, ...]]:
     t: dict[str, tuple[int, ...]] = {}
 
     def gn(p, c):
@@ -123,11 +123,11 @@ def _spec_key_table() -> dict[str, tuple[int, ...]]:
     return t
 
 
-def test_osp12_keys_and_shapes_match_the_spec_table():
+def test_osp12_keys_and_shapes_match_the_released_table():
     with torch.device("meta"):
         model = CausalVAE(VAE_PRESETS["osp12"])
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    want = _spec_key_table()
+    want = _released_key_table()
     assert sorted(set(got) ^ set(want)) == []
     assert {k: v for k, v in got.items() if want[k] != v} == {}
     assert len(got) == 248
@@ -289,7 +289,7 @@ def test_fix_attention_matches_reference_and_differs_from_non_fix():
 # --------------------------------------------------------------------------------------------------
 # tiling
 # --------------------------------------------------------------------------------------------------
-def test_temporal_chunks_spec_examples():
+def test_temporal_chunks_upstream_examples():
     assert temporal_chunks(93, 33) == [(0, 33), (32, 65), (64, 93)]
     assert temporal_chunks(24, 8) == [(0, 8), (7, 15), (14, 22), (21, 24)]
     assert temporal_chunks(33, 33) == [(0, 33)]
@@ -335,7 +335,7 @@ def test_tiling_is_exact_for_local_maps():
     torch.testing.assert_close(tiled_encode(x, _local_encode, small), _local_encode(x), rtol=0, atol=1e-6)
     z = torch.randn(1, 4, 9, 7, 11)
     torch.testing.assert_close(tiled_decode(z, _local_decode, small), _local_decode(z), rtol=0, atol=1e-6)
-    # the shipped sampling decode settings on the spec's worked example: 24 latents, 60 rows -> 93 x 480
+    # the shipped sampling decode settings on upstream's 93x480p sampling geometry: 24 latents, 60 rows -> 93 x 480
     z = torch.randn(1, 4, 24, 60, 4)
     out = tiled_decode(z, _local_decode, TILING_SAMPLE)
     assert out.shape == (1, 3, 93, 480, 32)
@@ -344,7 +344,7 @@ def test_tiling_is_exact_for_local_maps():
     torch.testing.assert_close(tiled_encode(x, _local_encode, TILING_TRAIN), _local_encode(x), rtol=0, atol=1e-6)
 
 
-def test_blend_weights_follow_the_spec_formula():
+def test_blend_weights_follow_the_upstream_formula():
     """Maps that return one constant per tile (its top-left input value) make the blend visible:
     with E = 4 the first E rows of a tile become a*(1 - y/E) + b*(y/E), a = the tile above
     (spec 2.7), then each tile keeps R = 4 rows. Same along columns."""

@@ -3,7 +3,7 @@ time, analytic model and hardware FLOPs (osp.stage2_train.roofline), model TFLOP
 (hardware FLOPs: recompute, flash backward 2.5x) against the card's nominal dense bf16 peak (the measured matmul
 rate beside it), and bf16-vs-fp32 output agreement.
 
-The regime is the trainer's (issue #12): fp32 master weights, every activation in the `--precision`
+The regime is the trainer's: fp32 master weights, every activation in the `--precision`
 dtype (model.compute_dtype, no autocast), `--checkpointing none|selective|full`, the
 `--attention-backend` switch (the kernel actually used is printed), optional `--compile`. The full step
 adds what the trainer does after backward: DP gradient all-reduce (when torchrun gives more ranks than

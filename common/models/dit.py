@@ -1,4 +1,5 @@
-"""OpenSoraT2V v1.2 ("OpenSoraT2V-ROPE-L/122"): the 3-D full-attention text-to-video DiT (spec §3).
+"""OpenSoraT2V v1.2 ("OpenSoraT2V-ROPE-L/122"): the 3-D full-attention text-to-video DiT
+(upstream: opensora/models/diffusion/opensora/modeling_opensora.py of the Open-Sora-Plan v1.2.0 repository).
 
 Forward (B batch, T latent frames, H x W latent pixels, p = 2, S = T * H/2 * W/2 tokens, L text tokens):
 
@@ -138,7 +139,7 @@ class DiTConfig:
 
     @property
     def interpolation_scales(self) -> tuple[float, float, float]:
-        """(t, h, w); a null field falls back to upstream's formula (spec §3.1)."""
+        """(t, h, w); a null field falls back to upstream's formula (OpenSoraT2V.__init__)."""
         st = self.interpolation_scale_t
         if st is None:
             n = self.sample_size_t
@@ -401,7 +402,7 @@ class FeedForward(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """BasicTransformerBlock with norm_type ada_norm_single, sequence-first."""
+    """Upstream's BasicTransformerBlock with norm_type ada_norm_single, sequence-first."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()

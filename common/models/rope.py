@@ -1,4 +1,5 @@
-"""3-D rotary position embedding of the Open-Sora Plan v1.2 DiT (spec §3.4).
+"""3-D rotary position embedding of the Open-Sora Plan v1.2 DiT
+(upstream: `RoPE3D` in opensora/models/diffusion/opensora/rope.py of the Open-Sora-Plan v1.2.0 repository).
 
 The head dim is cut into three equal contiguous chunks (32/32/32 at head dim 96): the first rotates
 with the latent-frame index t, the second with the patch-row index y, the third with the patch-column
@@ -10,7 +11,7 @@ index x. Inside a chunk of width c the rotation is "rotate-half" (not interleave
 
 with s the axis' interpolation scale from the DiT config and theta = ROPE_THETA (config.py).
 
-Precision (osp's choice, issue #12): cos/sin are evaluated ONCE per grid in fp32 and only then cast to
+Precision (osp's choice): cos/sin are evaluated ONCE per grid in fp32 and only then cast to
 the activation dtype, so TP=1 and TP>1, training and sampling, all rotate with the same numbers.
 (Upstream casts the angles to the activation dtype first and evaluates cos/sin in bf16; in fp32 the
 two are identical, so the fp32 upstream parity holds bit for bit.)
@@ -24,7 +25,7 @@ one elementwise expression; `apply_rope` runs it as one autograd op whose backwa
 expression with the transposed rotation, g' = g * cos + swap(g * sin_s), saving nothing but the
 tables (no activation is kept for backward). Under `model.compile` inductor emits it as one kernel.
 
-Table cache quirk (spec §3.4/§11, switch `quirk_table_cache`): upstream caches each axis' table
+Table cache quirk (switch `quirk_table_cache`): upstream caches each axis' table
 keyed by its length only, building t, then y, then x; an axis whose grid length equals an earlier
 axis' length reuses that earlier table, i.e. the earlier axis' interpolation scale. With the switch
 on, osp does the same within one forward (upstream's cache also persists across calls; that

@@ -1,11 +1,11 @@
 """The mT5 text encoder wrapper and the caption cleaner shared by stage 1 and sampling.
 
-Upstream (spec §4): `MT5EncoderModel` from google/mt5-xxl, output = last_hidden_state (final layer
+Upstream (Open-Sora-Plan v1.2.0): `MT5EncoderModel` from google/mt5-xxl, output = last_hidden_state (final layer
 norm included), tokenised to 512 tokens with padding="max_length", truncation and the EOS appended;
 the attention mask goes to the encoder and, later, to the DiT's cross-attention. The empty caption
 "" becomes [EOS, pad x 511] with mask [1, 0 x 511].
 
-Caption cleaning (spec §6/§7): the DeepFloyd-IF cleaner of diffusers' IF pipeline, applied twice,
+Caption cleaning (as upstream): the DeepFloyd-IF cleaner of diffusers' IF pipeline, applied twice,
 with one difference that Open-Sora Plan made: the line deleting the CJK unified ideographs
 (U+4E00-U+9FFF) is disabled (mT5 is multilingual). As upstream, it always runs
 BeautifulSoup(caption, "html.parser").text and ftfy.fix_text (both are dependencies of osp, pinned in

@@ -1,4 +1,5 @@
-"""Tiled CausalVAE encode/decode exactly as Open-Sora Plan v1.2 does it (spec section 2.7).
+"""Tiled CausalVAE encode/decode exactly as Open-Sora Plan v1.2 does it
+(upstream: `tiled_encode`/`tiled_decode` in opensora/models/causalvideovae/model/causal_vae/modeling_causalvae.py).
 
 Temporal chunks of S frames (encode) or S latent frames (decode) start at 0, S-1, 2(S-1), ... and
 share one frame with their neighbour; every chunk but the first drops its first output frame. Each
@@ -23,7 +24,8 @@ TileFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def validate_tiling(tile: TileConfig) -> None:
-    """Reject settings for which upstream's tiling changes output shapes or breaks (spec section 11)."""
+    """Reject settings for which upstream's tiling changes output shapes or breaks: the untiled
+    shape is kept only when tile_latent_min_size * overlap is a whole number."""
     where = f"tiling {tile}"
     if not 0.0 <= tile.overlap < 1.0:
         raise ValueError(f"{where}: overlap must be in [0, 1)")
