@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_helpers import damage  # noqa: E402
-from train_helpers import free_port, make_shards  # noqa: E402
+from train_helpers import make_shards  # noqa: E402
 
 from osp.common import shards as S  # noqa: E402
 from osp.common.errors import ConfigError  # noqa: E402
@@ -105,14 +105,12 @@ def _encode_cmd(root: Path, out: Path, *more: str) -> list[str]:
 
 def _train_cmd(shards: Path, run: Path, *more: str) -> list[str]:
     return [
-        PY,
-        "-m",
-        "osp.stage2_train.launch",
-        *("--nproc_per_node", "1", "--master_port", str(free_port()), "--"),
-        *("--config", str(ROOT / "stage2_train" / "configs" / "demo.toml")),
+        str(Path(PY).with_name("osp")),
+        "train",
+        *("--config", str(ROOT / "stage2_train" / "configs" / "demo.toml"), "--tp", "1", "--no-sp"),
         f"data.shards={shards}",
         f"run.dir={run}",
-        *("run.log_every=0", "run.tensorboard=false", "parallel.tp=1", "parallel.sp=false", "run.ckpt_every=0"),
+        *("run.log_every=0", "run.tensorboard=false", "run.ckpt_every=0"),
         *more,
     ]
 
