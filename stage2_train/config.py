@@ -92,6 +92,7 @@ class OptimConfig:
     grad_accum: int = 1
     clip: float = C.GRAD_CLIP  # global grad-norm clip across TP shards; 0 = off
     ema_decay: float = C.EMA_DECAY  # 0 = no EMA
+    ema_start_step: int = 0  # the EMA copies the weights for the first ema_start_step + 1 updates (upstream's)
 
 
 @dataclass
@@ -187,6 +188,8 @@ class TrainConfig:
             bad("optim.schedule must be 'constant' or 'cosine'")
         if self.optim.grad_accum < 1:
             bad("optim.grad_accum must be >= 1")
+        if self.optim.ema_start_step < 0:
+            bad("optim.ema_start_step must be >= 0")
         if len(self.optim.betas) != 2:
             bad("optim.betas must be a list of two numbers")
         if not 0.0 <= self.diffusion.cfg_dropout <= 1.0:

@@ -559,7 +559,7 @@ def build_trainer(cfg: TrainConfig, resume: str = "", *, parts: Parts = RUN_PART
             eps=o.eps,
             weight_decay=o.weight_decay,
         )
-        ema = EMA(model, o.ema_decay, L) if o.ema_decay > 0 else None  # sharded over DP
+        ema = EMA(model, o.ema_decay, L, o.ema_start_step) if o.ema_decay > 0 else None  # sharded over DP
         trainer = Trainer(
             cfg,
             device=device,
