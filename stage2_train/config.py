@@ -31,6 +31,8 @@ class RunConfig:
     steps: int = 100  # optimizer steps in total (a resumed run stops at the same step)
     log_every: int = 1
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM
+    keep_last: int = 0  # keep the newest N checkpoints, delete older ones once a newer one is published; 0 = keep all
+    keep_every: int = 0  # with keep_last: also keep every checkpoint whose step is a multiple of K, permanently
     async_ckpt: bool = True  # write checkpoints in the background (DCP async_save); training waits only for a host copy
     device: str = "auto"  # auto | cuda | npu | cpu
     precision: str = "auto"  # auto | bf16 | fp32: activation dtype of the DiT (auto = bf16 on accelerators, fp32 on
@@ -164,6 +166,8 @@ class TrainConfig:
 
         if self.run.steps < 1:
             bad("run.steps must be >= 1")
+        if self.run.keep_last < 0 or self.run.keep_every < 0:
+            bad("run.keep_last and run.keep_every must be >= 0 (0 = keep all / none kept permanently)")
         if self.run.nonfinite not in ("stop", "skip"):
             bad("run.nonfinite must be 'stop' or 'skip'")
         if self.run.precision not in PRECISIONS:

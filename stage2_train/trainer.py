@@ -80,17 +80,41 @@ class RunCheckpoints:
     """The run's checkpoints (osp.stage2_train.checkpoint) at this layout: where a resume starts,
     loading into the trainer's state, saving it (in the background with run.async_ckpt)."""
 
-    def __init__(self, run_dir: Path, resume: str, layout: Layout, device: Device, async_save: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        resume: str,
+        layout: Layout,
+        device: Device,
+        async_save: bool,
+        keep_last: int = 0,
+        keep_every: int = 0,
+    ):
         self.layout = layout
         self.resume_path = ckpt.find(run_dir, resume)
         self.mesh = ckpt.make_mesh(device.type, layout.world, layout.tp)  # CP, DP: replicas
+        self.notes: list[str] = []  # retention deletions, printed by the trainer (`take_notes`)
         self.writer = ckpt.Checkpointer(
-            run_dir, mesh=self.mesh, tp=layout.tp, rank=layout.rank, is_main=layout.is_main, async_save=async_save
+            run_dir,
+            mesh=self.mesh,
+            tp=layout.tp,
+            rank=layout.rank,
+            is_main=layout.is_main,
+            async_save=async_save,
+            keep_last=keep_last,
+            keep_every=keep_every,
+            log=self.notes.append,
         )
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, resume: str, layout: Layout, device: Device) -> RunCheckpoints:
-        return cls(cfg.run.path, resume, layout, device, cfg.run.async_ckpt)
+        r = cfg.run
+        return cls(r.path, resume, layout, device, r.async_ckpt, r.keep_last, r.keep_every)
+
+    def take_notes(self) -> list[str]:
+        """The lines to log since the last call (each checkpoint deletion)."""
+        notes, self.notes[:] = list(self.notes), []
+        return notes
 
     @property
     def pending(self) -> bool:
@@ -270,7 +294,14 @@ class Trainer:
         path = self.checkpoints.save(self)
         pending = " (writing in the background)" if self.checkpoints.pending else ""
         self.metrics.print(f"checkpoint {path}{pending}")
+        self._checkpoint_notes()
         return path
+
+    def _checkpoint_notes(self) -> None:
+        """Log what the checkpoint part reports (retention deletions)."""
+        take = getattr(self.checkpoints, "take_notes", None)
+        for line in take() if take is not None else []:
+            self.metrics.print(line)
 
     # -- one micro-step ----------------------------------------------------------------------
     def _prepare(self, batch: Batch) -> tuple[Batch, float]:
@@ -466,6 +497,7 @@ class Trainer:
                         self.save()
                     if last:
                         self.checkpoints.wait()
+                    self._checkpoint_notes()
                     if self.stop_requested:
                         self.metrics.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
                         break
