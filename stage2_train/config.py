@@ -1,6 +1,6 @@
 """Training configuration: one dataclass per TOML section, a TOML file plus `section.key=value` overrides.
 
-    [run] [data] [model] [parallel] [optim] [diffusion]
+    [run] [data] [model] [parallel] [optim] [diffusion] [log] [validate]
 
 Defaults are the upstream v1.2 recipe (constants from `osp.common.config`); the demo config in
 `stage2_train/configs/demo.toml` only changes what the tiny CPU demo needs.
@@ -105,6 +105,15 @@ class DiffusionConfig:
 
 
 @dataclass
+class LogConfig:
+    wandb: bool = False  # also log to Weights & Biases (pip install 'osp[wandb]'); TensorBoard stays (run.tensorboard)
+    project: str = "osp"
+    entity: str = ""  # "" = wandb's default entity
+    name: str = ""  # "" = run.name
+    mode: str = ""  # "" = WANDB_MODE, else online | offline | disabled
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,6 +121,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -198,6 +208,8 @@ class TrainConfig:
             bad("optim.betas must be a list of two numbers")
         if not 0.0 <= self.diffusion.cfg_dropout <= 1.0:
             bad("diffusion.cfg_dropout must be in [0, 1]")
+        if self.log.mode not in ("", "online", "offline", "disabled"):
+            bad("log.mode must be '', 'online', 'offline' or 'disabled' ('' = WANDB_MODE)")
 
     # --- output ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
