@@ -114,6 +114,17 @@ class LogConfig:
 
 
 @dataclass
+class ValidateConfig:
+    every: int = 0  # sample validation latents every N optimizer steps with the EMA weights; 0 = off
+    prompts: str = ""  # prompt cache folder written by `osp encode-prompts` (same text encoder as data.shards)
+    steps: int = 50  # denoising steps
+    guidance: float = C.GUIDANCE_SCALE  # 1.0 = conditional only
+    scheduler: str = C.DEFAULT_SCHEDULER
+    seed: int = 42  # prompt i uses seed + i
+    num_frames: int = 0  # frames of the validation videos (1 + 4k); 0 = the trained length
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,6 +133,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -132,7 +144,7 @@ class TrainConfig:
                 raise ConfigError(f"{source}: top-level key {section!r} must be a [section]; sections: {_sections()}")
             for key, value in values.items():
                 cfg.set(f"{section}.{key}", value, source)
-        cfg.validate(source)
+        cfg.check(source)
         return cfg
 
     @classmethod
@@ -156,7 +168,7 @@ class TrainConfig:
                 raise ConfigError(f"override {item!r} must look like section.key=value (e.g. run.steps=10)")
             key, raw = item.split("=", 1)
             cfg.set(key.strip(), _parse_value(raw.strip()), "override")
-        cfg.validate(source)
+        cfg.check(source)
         return cfg
 
     def set(self, dotted: str, value: Any, source: str = "override") -> None:
@@ -170,7 +182,7 @@ class TrainConfig:
         current = getattr(section, parts[1])
         setattr(section, parts[1], _coerce(value, current, dotted, source))
 
-    def validate(self, source: str = "config") -> None:
+    def check(self, source: str = "config") -> None:
         def bad(msg: str) -> NoReturn:
             raise ConfigError(f"{source}: {msg}")
 
@@ -208,6 +220,17 @@ class TrainConfig:
             bad("optim.betas must be a list of two numbers")
         if not 0.0 <= self.diffusion.cfg_dropout <= 1.0:
             bad("diffusion.cfg_dropout must be in [0, 1]")
+        v = self.validate
+        if v.every < 0:
+            bad("validate.every must be >= 0 (0 = no validation)")
+        if v.every and not v.prompts:
+            bad("validate.every > 0 needs validate.prompts = a prompt cache folder (osp encode-prompts PROMPTS.txt ...)")
+        if v.steps < 1 or (v.scheduler == "pndm" and v.steps < 4):
+            bad("validate.steps must be >= 1 (>= 4 with the pndm scheduler)")
+        if v.scheduler not in C.SCHEDULERS:
+            bad(f"validate.scheduler must be one of {', '.join(C.SCHEDULERS)}")
+        if v.num_frames < 0 or (v.num_frames and (v.num_frames - 1) % C.VAE_STRIDE_T):
+            bad(f"validate.num_frames must be 0 (the trained length) or 1 + {C.VAE_STRIDE_T}k (1, 5, ..., 29, ..., 93)")
         if self.log.mode not in ("", "online", "offline", "disabled"):
             bad("log.mode must be '', 'online', 'offline' or 'disabled' ('' = WANDB_MODE)")
 

@@ -23,6 +23,7 @@ TENSORBOARD_KEYS = (
     "validation_time_s",  # on validation steps only (not part of step_time_s)
 )
 WANDB_ID_FILE = "wandb-id"
+FINISHED = "finished.json"  # <run>/finished.json: this training process is done (`osp validate --watch` exits)
 
 
 def peak_memory_gb(device) -> float:
@@ -80,6 +81,7 @@ class MetricsLogger:
         """Rank 0: the run folder with its config.toml; the banner, the config and notes on the console."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / FINISHED).unlink(missing_ok=True)  # running (again)
             (self.run_dir / "config.toml").write_text(config_toml)
             self.console.print(banner)
             self.console.print(config_toml.rstrip(), markup=False)
@@ -146,6 +148,14 @@ class MetricsLogger:
                 f"{m['samples_per_s']:.2f} samples/s {m['tokens_per_s']:.0f} tok/s {m['tflops_per_device']:.4f} model TFLOP/s{mfu} "
                 f"data {m['data_wait_s'] / m['step_time_s']:.0%} mem {m['peak_mem_gb']:.2f} GB"
             )
+
+    def finish(self, step: int, stopped: bool) -> None:
+        """Rank 0: the run-finished marker (the last step; stopped: on SIGTERM, to be resumed)."""
+        if self.is_main:
+            body = json.dumps({"step": step, "steps": self.steps, "stopped": stopped}) + "\n"
+            tmp = self.run_dir / (FINISHED + ".tmp")
+            tmp.write_text(body)
+            tmp.replace(self.run_dir / FINISHED)
 
     def print(self, line: str) -> None:
         """A line on rank 0 (above the progress bar while it runs)."""

@@ -6,6 +6,8 @@ library: `data_parallel.py` (torch DDP + ZeroRedundancyOptimizer).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -136,3 +138,26 @@ class EMA:
         for n in self._names:
             self.shadow[n].copy_(shadow[n])
         self.updates = int(updates)
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """Inside the block the model holds the EMA weights (every local tensor: each owner broadcasts
+        its part over DP); afterwards its own weights again, bit for bit (restored from a copy on the
+        device). Collective over the DP group. Nothing of the EMA, the optimizer or the grads changes."""
+        params = dict(model.named_parameters())
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n in self.all_names:
+                    p = params[n]
+                    if self.owner[n] == self.dp_rank:
+                        p.copy_(self.shadow[n])
+                    if self.dp_size > 1:
+                        assert self.group is not None
+                        src = dist.get_global_rank(self.group, self.owner[n])
+                        dist.broadcast(p.data, src=src, group=self.group)
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])

@@ -66,6 +66,7 @@ from osp.stage2_train.state_dict_adapter import tp_split_dim
 from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm, lr_at
 from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 from osp.stage2_train.plan import apply_ac, apply_compile
+from osp.stage2_train.validation import Validation
 from osp.stage2_train.watchdog import Watchdog
 
 
@@ -205,6 +206,7 @@ class Parts:
     checkpoints: Callable[[TrainConfig, str, Layout, Device], Any] = RunCheckpoints.for_run
     metrics: Callable[[TrainConfig, Layout, Any], MetricsLogger] = MetricsLogger.for_run
     host_sync: Callable[[torch.Tensor], list[float]] = to_host
+    validation: Callable[[TrainConfig, Layout, DiTConfig, Geometry], Validation | None] = Validation.for_run
 
 
 RUN_PARTS = Parts()
@@ -235,7 +237,9 @@ class Trainer:
         console=None,
         lock=None,
         attention_kernel: str = "",
+        validation: Validation | None = None,
     ):
+        self.validation = validation  # samples validation latents every validate.every steps (None: off)
         self.attention_kernel = attention_kernel  # the kernel resolve_backend found (recorded per step)
         self.cfg, self.device, self.layout, self.dit_cfg, self.geometry = cfg, device, layout, dit_cfg, geometry
         self.model, self.dp, self.optimizer, self.ema, self.loader = model, dp, optimizer, ema, loader
@@ -488,6 +492,9 @@ class Trainer:
                 while self.step < run.steps:
                     self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
+                    if self.validation is not None and self.validation.due(self.step):
+                        self.watchdog.beat(f"sampling the validation latents of step {self.step}")
+                        m["validation_time_s"] = self.validate()  # not part of step_time_s
                     history.append(m)
                     self.metrics.log(m, self.last_keys)
                     self.checkpoints.poll()
@@ -501,11 +508,19 @@ class Trainer:
                     if self.stop_requested:
                         self.metrics.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
                         break
+            self.metrics.finish(self.step, stopped=self.stop_requested)
         finally:
             self.watchdog.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return history
+
+    def validate(self) -> float:
+        """Sample the validation latents of this step (all ranks); returns the seconds spent."""
+        assert self.validation is not None
+        seconds = self.validation.run(self)
+        self.metrics.print(f"validation latents of step {self.step} ({seconds:.1f} s)")
+        return seconds
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -609,6 +624,7 @@ def build_trainer(cfg: TrainConfig, resume: str = "", *, parts: Parts = RUN_PART
             console=console,
             lock=lock,
             attention_kernel=kernel,
+            validation=parts.validation(cfg, L, dit_cfg, geometry),
         )
         notes = checkpoints.restore(trainer) if checkpoints.resume_path is not None else []
         banner = (
