@@ -245,6 +245,11 @@ def validate_run(
     """Decode every complete, not yet decoded validation step of `run`; with `watch`, keep following
     the run until its training process is done. Returns the mp4s written."""
     car = Sidecar(run, vae, device, tiling, log=log)
+    if watch and not (car.run / "config.toml").is_file():  # the trainer writes it when it starts
+        car.log(f"waiting for the run {car.run} to start")
+        while not (car.run / "config.toml").is_file():
+            time.sleep(poll_s)
+        car.config = _run_config(car.run)
     car.check_run(watch)
     written: list[Path] = []
     try:
