@@ -37,6 +37,7 @@ from osp.common.config import (
     PROMPT_TEMPLATE,
     SAMPLE_FPS,
     SAMPLE_STEPS,
+    SCHEDULERS,  # noqa: F401  (re-exported: callers import the table from here)
     TILING_SAMPLE,
     VAE_SCALE_FACTOR,
     VAE_STRIDE_H,
