@@ -105,7 +105,7 @@ def video_name(i: int, prompt: str) -> str:
 def tensorboard_video(writer, tag: str, frames, step: int, fps: int) -> None:
     """An animated GIF image summary (what SummaryWriter.add_video writes, without moviepy): [T, H, W, 3] uint8."""
     from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.proto.summary_pb2 import Summary  # pyright: ignore[reportAttributeAccessIssue]
 
     images = [Image.fromarray(f) for f in frames]
     buf = io.BytesIO()
