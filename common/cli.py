@@ -599,7 +599,9 @@ def encode_prompts_cmd(
         )
     except OspError as e:
         fail(one_line(e))
-    typer.echo(f"{out}: {len(manifest['prompts'])} prompts + the negative prompt ({manifest['dim']}-d, {manifest['checksum']})")
+    typer.echo(
+        f"{out}: {len(manifest['prompts'])} prompts + the negative prompt ({manifest['dim']}-d, {manifest['checksum']})"
+    )
 
 
 @app.command("validate")
