@@ -567,6 +567,66 @@ def shards_preview(
     )
 
 
+@app.command("encode-prompts")
+def encode_prompts_cmd(
+    prompts: Path = typer.Argument(..., help="Text file, one prompt per line (# starts a comment)."),
+    text_encoder: Path = typer.Option(
+        ..., "--text-encoder", help="The mT5 folder that encoded the training shards (see their manifest.json)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Prompt cache folder to write (validate.prompts)."),
+    negative_prompt: Optional[str] = typer.Option(
+        None, "--negative-prompt", help="Default: the upstream negative prompt."
+    ),
+    template: bool = typer.Option(True, "--template/--no-template", help="Wrap prompts in the upstream template."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
+) -> None:
+    """Encode validation prompts (and the negative prompt) once, for validation during training.
+
+    Example: osp encode-prompts prompts.txt --text-encoder models/demo/text_encoder --out prompts/demo
+    (then train with validate.every=N validate.prompts=prompts/demo)
+    """
+    from osp.common.config import NEGATIVE_PROMPT
+    from osp.common.sampling import read_prompt_file
+    from osp.stage1_encode.prompts import encode_prompts
+
+    try:
+        manifest = encode_prompts(
+            read_prompt_file(prompts),
+            text_encoder,
+            out,
+            negative_prompt=NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
+            template=template,
+            device=device,
+        )
+    except OspError as e:
+        fail(one_line(e))
+    typer.echo(
+        f"{out}: {len(manifest['prompts'])} prompts + the negative prompt ({manifest['dim']}-d, {manifest['checksum']})"
+    )
+
+
+@app.command("validate")
+def validate_cmd(
+    run: Path = typer.Argument(..., help="Training run folder (runs/<name>) with [validate] on."),
+    vae: Path = typer.Option(..., "--vae", help="The CausalVAE folder that encoded the run's shards."),
+    watch: bool = typer.Option(False, "--watch", help="Follow the live run; exit when its training process is done."),
+    device: str = typer.Option("cpu", "--device", help="Where to decode: cpu (default), auto, cuda or npu."),
+    tiling: bool = typer.Option(True, "--tiling/--no-tiling", help="Tiled VAE decode (the sampling tiles)."),
+    poll: float = typer.Option(2.0, "--poll", help="Seconds between looks at the run with --watch."),
+) -> None:
+    """Decode the validation latents of a run to mp4, logged to TensorBoard (and wandb when the run uses it).
+
+    Example: osp validate runs/demo --vae models/demo/vae --watch
+    """
+    from osp.common.validate import validate_run
+
+    try:
+        videos = validate_run(run, vae, watch=watch, device=device, tiling=tiling, poll_s=poll, log=typer.echo)
+    except OspError as e:
+        fail(one_line(e))
+    typer.echo(f"{run}: {len(videos)} validation videos written")
+
+
 class _TrainCommand(TyperCommand):
     """`osp train --help` ends with every config key and its default (read from stage 2 lazily, so
     `osp --help` stays fast and osp.common imports no stage code at module level; the config module

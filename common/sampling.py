@@ -1,4 +1,6 @@
 """Text-to-video sampling: prompt -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4.
+The DiT denoising loop itself (schedulers, initial noise, CFG) is `osp.common.denoise`, which stage 2's
+validation runs from cached prompt embeddings without any encoder.
 
 Upstream defaults (Open-Sora-Plan v1.2.0, opensora/sample/): EulerAncestral, 100 steps, guidance 7.5, the upstream
 negative prompt, prompt template, both prompts cleaned twice by the IF caption cleaner, text padded to 512 tokens,
@@ -16,9 +18,7 @@ osp's deliberate differences (all reproducibility/precision, none change the mod
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
 import os
 import time
 import warnings
@@ -31,55 +31,26 @@ import torch
 
 from osp.common.errors import ConfigError, MissingFileError
 from osp.common.config import (
-    DDPM_BETA_END,
-    DDPM_BETA_SCHEDULE,
-    DDPM_BETA_START,
-    DDPM_NUM_TRAIN_TIMESTEPS,
     DEFAULT_SCHEDULER,
     GUIDANCE_SCALE,
     NEGATIVE_PROMPT,
-    PREDICTION_TYPE,
     PROMPT_TEMPLATE,
     SAMPLE_FPS,
     SAMPLE_STEPS,
-    SCHEDULERS,
+    SCHEDULERS,  # noqa: F401  (re-exported: callers import the table from here)
     TILING_SAMPLE,
     VAE_SCALE_FACTOR,
     VAE_STRIDE_H,
     VAE_STRIDE_T,
     VAE_STRIDE_W,
-    latent_frames,
 )
+
+# the DiT denoising loop (no encoder): shared with stage 2's validation
+from osp.common.denoise import denoise, guided_eps, initial_noise, latent_shape, make_scheduler  # noqa: F401
 
 if TYPE_CHECKING:  # loaded lazily at run time (transformers is heavy)
     from osp.common.models.dit import DiTConfig
     from osp.common.models.text import TextEncoder
-
-# --------------------------------------------------------------------------------------------------
-# schedulers: diffusers classes configured exactly as training (linear beta 1e-4..0.02, 1000, eps)
-# --------------------------------------------------------------------------------------------------
-
-# the table (name -> diffusers class, extra kwargs) lives in osp.common.config: the CLI offers its names
-# as choices without importing torch.
-
-
-def make_scheduler(name: str = DEFAULT_SCHEDULER):
-    """A fresh diffusers scheduler `name` (see SCHEDULERS) with the training noise schedule."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[name]
-    cls = getattr(diffusers, cls_name)
-    return cls(
-        num_train_timesteps=DDPM_NUM_TRAIN_TIMESTEPS,
-        beta_start=DDPM_BETA_START,
-        beta_end=DDPM_BETA_END,
-        beta_schedule=DDPM_BETA_SCHEDULE,
-        prediction_type=PREDICTION_TYPE,
-        **extra,
-    )
-
 
 # --------------------------------------------------------------------------------------------------
 # geometry: which sizes a checkpoint was trained for, and which sizes are possible at all
@@ -209,62 +180,6 @@ def prepare_prompt(prompt: str, template: bool = True, clean: bool = True) -> st
     return clean_caption(text) if clean else text.lower().strip()
 
 
-def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Standard normal latents drawn on the CPU in fp32 (identical on every device)."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float32)
-
-
-def guided_eps(
-    dit, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, guidance: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """One CFG prediction. `text`/`mask` hold [negative, positive] rows when guidance != 1, else the
-    positive row only (the conditional-only path). Returns eps [1, C, T, H, W] in fp32."""
-    cfg = text.shape[0] == 2
-    x_in = torch.cat([x, x]) if cfg else x
-    t_in = t.reshape(1).expand(x_in.shape[0]).to(x.device)
-    eps = dit(x_in.to(dtype), t_in, text, mask).float()
-    if not cfg:
-        return eps
-    eps_neg, eps_pos = eps.chunk(2)
-    return eps_neg + guidance * (eps_pos - eps_neg)
-
-
-def denoise(
-    dit,
-    scheduler,
-    noise: torch.Tensor,
-    text: torch.Tensor,
-    mask: torch.Tensor,
-    steps: int,
-    guidance: float,
-    seed: int,
-    dtype: torch.dtype,
-    progress=None,
-) -> torch.Tensor:
-    """The scheduler loop. noise: [1, C, T, H, W] fp32 standard normal (on the target device).
-    Returns the final latents (DiT space, i.e. scaled by VAE_SCALE_FACTOR), fp32."""
-    device = noise.device
-    scheduler.set_timesteps(steps, device=device)
-    latents = noise * scheduler.init_noise_sigma
-    step_kwargs = {}
-    if "generator" in inspect.signature(scheduler.step).parameters:  # ancestral / DDPM noise
-        g = torch.Generator(device="cpu")  # CPU stream: the same noise on every device
-        g.manual_seed(seed + 1)
-        step_kwargs["generator"] = g
-    task = progress.add_task("denoise", total=len(scheduler.timesteps)) if progress is not None else None
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(latents, t)
-        eps = guided_eps(dit, x_in, t, text, mask, guidance, dtype)
-        latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
-        if progress is not None:
-            progress.advance(task)
-    if progress is not None:
-        progress.remove_task(task)
-    return latents
-
-
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8 = trunc(clamp(v/2 + 0.5, 0, 1) * 255) (upstream)."""
     v = (video.float() / 2 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)  # to(uint8) truncates
@@ -352,13 +267,7 @@ def sample_videos(
         raise ConfigError(f"--scheduler pndm needs --steps >= 4 (its Runge-Kutta warm-up), got {s.steps}")
 
     # latent geometry (ceil for sizes that are not multiples: the video is cropped after decoding)
-    shape = (
-        1,
-        models.dit_config.in_channels,
-        latent_frames(frames),
-        math.ceil(height / VAE_STRIDE_H),
-        math.ceil(width / VAE_STRIDE_W),
-    )
+    shape = latent_shape(models.dit_config, frames, height, width)
     use_cfg = s.guidance != 1.0
     positives = [prepare_prompt(p, s.template, s.clean) for p in s.prompts]
     negative = prepare_prompt(s.negative_prompt, template=False, clean=s.clean) if use_cfg else None

@@ -24,7 +24,12 @@ now. The data position is the number of samples consumed in the epoch (`ShardLoa
 Publication: every rank writes into `checkpoints/.tmp-step-0000100/`; when DCP has finished (its
 coordinator writes `.metadata` after all ranks' data), rank 0 adds config.json + trainer.json,
 renames the folder to its final name and then rewrites `latest` (temp file + rename). A killed save
-therefore never becomes `latest`. With `async_save` the write runs in a background thread on its own
+therefore never becomes `latest`. Retention (`run.keep_last`, `run.keep_every`): after a checkpoint is
+published and `latest` names it, rank 0 deletes the step folders that are neither among the newest
+`keep_last` nor a multiple of `keep_every` (kept permanently), never the one `latest` names. A
+deletion first renames the folder to `.deleting-step-*` (one atomic rename: a step folder is either
+whole or gone), then removes it; a kill during the removal leaves a `.deleting-*` folder that the next
+start removes, and `latest` untouched. With `async_save` the write runs in a background thread on its own
 gloo group while training continues; the state is copied first (host copy, the only stall). A save
 that the file system refuses (disk full, file-size limit) is a `CheckpointError` naming the folder,
 the free space and the checkpoint `latest` still names; the partial folder is removed and training
@@ -101,6 +106,8 @@ FORMAT = "torch-dcp"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 RNG_KINDS = ("torch", "cuda")
 SLOW_SAVE_ENV = "OSP_TEST_SLOW_SAVE_S"  # tests: seconds each rank's writer sleeps before writing its data
+SLOW_DELETE_ENV = "OSP_TEST_SLOW_DELETE_S"  # tests: seconds a retention deletion sleeps half-way through
+DELETING = ".deleting-"  # prefix of a step folder being deleted by retention
 
 
 def step_name(step: int) -> str:
@@ -383,6 +390,17 @@ def _writer(path: Path):
     return _SlowWriter(str(path))
 
 
+def _remove_slowly(folder: Path) -> None:
+    """shutil.rmtree; tests may make it pause half-way (to kill a deletion in the middle)."""
+    delay = float(os.environ.get(SLOW_DELETE_ENV, "0") or 0)
+    if delay:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        for f in files[: len(files) // 2]:
+            f.unlink()
+        time.sleep(delay)
+    shutil.rmtree(folder)
+
+
 # ------------------------------------------------------------------------------------------------
 # save + publish
 # ------------------------------------------------------------------------------------------------
@@ -412,19 +430,57 @@ def _size(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-class Checkpointer:
-    """Saves (optionally asynchronously) and publishes training checkpoints of one run."""
+def retained(steps: list[int], latest: int | None, keep_last: int, keep_every: int) -> set[int]:
+    """The steps retention keeps: the newest `keep_last` (0 = all), the multiples of `keep_every`
+    (0 = none) and `latest`."""
+    if keep_last <= 0:
+        return set(steps)
+    keep = set(sorted(steps)[-keep_last:])
+    keep |= {s for s in steps if keep_every > 0 and s % keep_every == 0}
+    return keep | ({latest} if latest is not None else set())
 
-    def __init__(self, run_dir: Path, *, mesh, tp: int, rank: int, is_main: bool, async_save: bool):
+
+def published_steps(ckroot: Path) -> dict[int, Path]:
+    """Step -> folder of the published step-XXXXXXX folders (a `.tmp-`/`.deleting-` folder is not one)."""
+    out = {}
+    for p in ckroot.glob("step-*") if ckroot.is_dir() else []:
+        tail = p.name[len("step-") :]
+        if p.is_dir() and tail.isdigit():
+            out[int(tail)] = p
+    return out
+
+
+class Checkpointer:
+    """Saves (optionally asynchronously) and publishes training checkpoints of one run; deletes the
+    ones retention does not keep (`keep_last`, `keep_every`) once a newer one is published."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        mesh,
+        tp: int,
+        rank: int,
+        is_main: bool,
+        async_save: bool,
+        keep_last: int = 0,
+        keep_every: int = 0,
+        log=None,
+    ):
         self.ckroot = Path(run_dir) / CHECKPOINTS
         self.mesh, self.tp, self.rank, self.is_main = mesh, tp, rank, is_main
         self.async_save = async_save
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.log = log or (lambda line: None)  # where each deletion is reported (rank 0)
         # DCP's own collectives run on a separate gloo group: a background save never interleaves
         # with the training collectives (and gloo serves CPU staging on any accelerator)
         self.group = cast("dist.ProcessGroup", dist.new_group(backend="gloo"))  # every rank is a member
         if is_main and self.ckroot.is_dir():  # leftovers of saves killed before they were published
             for stale in self.ckroot.glob(".tmp-step-*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.ckroot.glob(f"{DELETING}step-*"):  # retention deletions cut short by a kill
+                shutil.rmtree(stale, ignore_errors=True)
+                self.log(f"removed {stale.name} (a checkpoint deletion interrupted earlier)")
         self.pending: tuple[Future, Path, Path, dict] | None = None
 
     def save(self, step: int, *, model, ema, optimizer, counters: dict[str, int], meta: dict, dit_config) -> Path:
@@ -520,6 +576,30 @@ class Checkpointer:
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, self.ckroot / LATEST)
         _fsync(self.ckroot)
+        self.prune()
+
+    def prune(self) -> list[Path]:
+        """Rank 0, after a publication: delete the step folders retention does not keep (never the one
+        `latest` names). Each deletion: rename to `.deleting-step-*`, fsync the folder, remove, log."""
+        if not self.is_main or self.keep_last <= 0:
+            return []
+        latest = read_latest(self.ckroot)
+        steps = published_steps(self.ckroot)
+        latest_step = next((s for s, p in steps.items() if latest is not None and p.name == latest.name), None)
+        keep = retained(list(steps), latest_step, self.keep_last, self.keep_every)
+        deleted = []
+        for step in sorted(set(steps) - keep):
+            folder = steps[step]
+            doomed = self.ckroot / f"{DELETING}{folder.name}"
+            os.replace(folder, doomed)
+            _fsync(self.ckroot)
+            _remove_slowly(doomed)
+            deleted.append(folder)
+            self.log(
+                f"deleted checkpoint {folder.name} (run.keep_last={self.keep_last}, run.keep_every={self.keep_every}; "
+                f"latest is {latest.name if latest is not None else '-'})"
+            )
+        return deleted
 
     def close(self) -> None:
         self.wait()

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass per TOML section, a TOML file plus `section.key=value` overrides.
 
-    [run] [data] [model] [parallel] [optim] [diffusion] [launch] [dryrun]
+    [run] [data] [model] [parallel] [optim] [diffusion] [launch] [dryrun] [log] [validate]
 
 Defaults are the upstream v1.2 recipe (constants from `osp.common.config`); the demo config in
 `stage2_train/configs/demo.toml` only changes what the tiny CPU demo needs. Every `osp train` flag
@@ -32,6 +32,8 @@ class RunConfig:
     steps: int = 100  # optimizer steps in total (a resumed run stops at the same step)
     log_every: int = 1
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM
+    keep_last: int = 0  # keep the newest N checkpoints, delete older ones once a newer one is published; 0 = keep all
+    keep_every: int = 0  # with keep_last: also keep every checkpoint whose step is a multiple of K, permanently
     async_ckpt: bool = True  # write checkpoints in the background (DCP async_save); training waits only for a host copy
     device: str = "auto"  # auto | cuda | npu | cpu
     precision: str = "auto"  # auto | bf16 | fp32: activation dtype of the DiT (auto = bf16 on accelerators, fp32 on
@@ -94,6 +96,7 @@ class OptimConfig:
     grad_accum: int = 1
     clip: float = C.GRAD_CLIP  # global grad-norm clip across TP shards; 0 = off
     ema_decay: float = C.EMA_DECAY  # 0 = no EMA
+    ema_start_step: int = 0  # the EMA copies the weights for the first ema_start_step + 1 updates (upstream's)
 
 
 @dataclass
@@ -123,6 +126,26 @@ class DryRunConfig:  # read by `osp train --dry-run` only
 
 
 @dataclass
+class LogConfig:
+    wandb: bool = False  # also log to Weights & Biases (pip install 'osp[wandb]'); TensorBoard stays (run.tensorboard)
+    project: str = "osp"
+    entity: str = ""  # "" = wandb's default entity
+    name: str = ""  # "" = run.name
+    mode: str = ""  # "" = WANDB_MODE, else online | offline | disabled
+
+
+@dataclass
+class ValidateConfig:
+    every: int = 0  # sample validation latents every N optimizer steps with the EMA weights; 0 = off
+    prompts: str = ""  # prompt cache folder written by `osp encode-prompts` (same text encoder as data.shards)
+    steps: int = 50  # denoising steps
+    guidance: float = C.GUIDANCE_SCALE  # 1.0 = conditional only
+    scheduler: str = C.DEFAULT_SCHEDULER
+    seed: int = 42  # prompt i uses seed + i
+    num_frames: int = 0  # frames of the validation videos (1 + 4k); 0 = the trained length
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +155,8 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     dryrun: DryRunConfig = field(default_factory=DryRunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     # --- derived --------------------------------------------------------------------------
     @property
@@ -153,7 +178,7 @@ class TrainConfig:
                 raise ConfigError(f"{source}: top-level key {section!r} must be a [section]; sections: {_sections()}")
             for key, value in values.items():
                 cfg.set(f"{section}.{key}", value, source)
-        cfg.validate(source)
+        cfg.check(source)
         return cfg
 
     @classmethod
@@ -183,7 +208,7 @@ class TrainConfig:
         for key, value in (flags or {}).items():
             if value is not None:
                 cfg.set(key, value, "flag")
-        cfg.validate(source)
+        cfg.check(source)
         return cfg
 
     def set(self, dotted: str, value: Any, source: str = "override") -> None:
@@ -197,12 +222,14 @@ class TrainConfig:
         current = getattr(section, parts[1])
         setattr(section, parts[1], _coerce(value, current, dotted, source))
 
-    def validate(self, source: str = "config") -> None:
+    def check(self, source: str = "config") -> None:
         def bad(msg: str) -> NoReturn:
             raise ConfigError(f"{source}: {msg}")
 
         if self.run.steps < 1:
             bad("run.steps must be >= 1")
+        if self.run.keep_last < 0 or self.run.keep_every < 0:
+            bad("run.keep_last and run.keep_every must be >= 0 (0 = keep all / none kept permanently)")
         if self.run.nonfinite not in ("stop", "skip"):
             bad("run.nonfinite must be 'stop' or 'skip'")
         if self.run.precision not in PRECISIONS:
@@ -227,6 +254,8 @@ class TrainConfig:
             bad("optim.schedule must be 'constant' or 'cosine'")
         if self.optim.grad_accum < 1:
             bad("optim.grad_accum must be >= 1")
+        if self.optim.ema_start_step < 0:
+            bad("optim.ema_start_step must be >= 0")
         if len(self.optim.betas) != 2:
             bad("optim.betas must be a list of two numbers")
         if not 0.0 <= self.diffusion.cfg_dropout <= 1.0:
@@ -240,6 +269,21 @@ class TrainConfig:
             bad("launch.master_port must be a TCP port (0 = free port on one node)")
         if self.dryrun.shape not in DRY_RUN_SHAPES:
             bad(f"dryrun.shape must be one of {', '.join(DRY_RUN_SHAPES)}")
+        v = self.validate
+        if v.every < 0:
+            bad("validate.every must be >= 0 (0 = no validation)")
+        if v.every and not v.prompts:
+            bad(
+                "validate.every > 0 needs validate.prompts = a prompt cache folder (osp encode-prompts PROMPTS.txt ...)"
+            )
+        if v.steps < 1 or (v.scheduler == "pndm" and v.steps < 4):
+            bad("validate.steps must be >= 1 (>= 4 with the pndm scheduler)")
+        if v.scheduler not in C.SCHEDULERS:
+            bad(f"validate.scheduler must be one of {', '.join(C.SCHEDULERS)}")
+        if v.num_frames < 0 or (v.num_frames and (v.num_frames - 1) % C.VAE_STRIDE_T):
+            bad(f"validate.num_frames must be 0 (the trained length) or 1 + {C.VAE_STRIDE_T}k (1, 5, ..., 29, ..., 93)")
+        if self.log.mode not in ("", "online", "offline", "disabled"):
+            bad("log.mode must be '', 'online', 'offline' or 'disabled' ('' = WANDB_MODE)")
 
     # --- output ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -48,6 +48,7 @@ from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
 from osp.stage2_train.metrics import NullMetrics
 from osp.stage2_train.plan import apply_ac
 from osp.stage2_train.trainer import Parts, Trainer, build_trainer, shard_loader
+from osp.stage2_train.validation import Validation
 
 GIB = 2**30
 HEADROOM = 0.10  # card memory kept free for the CUDA/CANN context, NCCL buffers and fragmentation
@@ -267,6 +268,7 @@ def meta_parts(synthetic: bool) -> Parts:
         checkpoints=MetaCheckpoints.for_run,
         metrics=NullMetrics.for_run,
         host_sync=meta_host_sync,
+        validation=Validation.for_dry_run,  # [validate] on: one denoising step of the sampling, measured
     )
 
 
@@ -296,6 +298,7 @@ class DryRunReport:
     seconds: float
     suggestions: list = field(default_factory=list)
     precision: str = "bf16"  # dtype of the activations (the model's compute_dtype)
+    validation_peak: int = 0  # the high-water mark of a validation step ([validate] on; EMA swap + sampling)
 
     @property
     def usable(self) -> float:
@@ -303,7 +306,7 @@ class DryRunReport:
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.usable
+        return max(self.peak, self.validation_peak) <= self.usable
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "fits": self.fits}, indent=1)
@@ -328,16 +331,22 @@ class DryRunReport:
             rows.append(f"{'activations saved for backward, ' + mode:<44}{g(b)}{mark}")
         rows += [
             f"{'peak (measured over one optimizer step)':<44}{g(self.peak)}",
+            *(
+                [f"{'peak of a validation step (EMA swap, CFG)':<44}{g(self.validation_peak)}"]
+                if self.validation_peak
+                else []
+            ),
             f"{'checkpoint state written by this rank':<44}{g(self.checkpoint_state)}",
             f"step FLOPs on this rank: {self.step_flops / 1e12:,.4g} TFLOP (forward + backward"
             f"{' + recompute' if self.checkpointing != 'none' else ''})",
             f"activations in {self.precision} (run.precision; auto = the accelerator regime, bf16)",
         ]
         budget = f"{self.card_gb:g} GiB card, {HEADROOM:.0%} kept free -> {self.usable / GIB:.1f} GiB usable"
+        top = max(self.peak, self.validation_peak)  # a validation step, when on, may set the high-water mark
         if self.fits:
-            rows.append(f"verdict: FITS  peak {self.peak / GIB:.3g} GiB on a {budget}")
+            rows.append(f"verdict: FITS  peak {top / GIB:.3g} GiB on a {budget}")
         else:
-            rows.append(f"verdict: DOES NOT FIT  peak {self.peak / GIB:.3g} GiB on a {budget}; try:")
+            rows.append(f"verdict: DOES NOT FIT  peak {top / GIB:.3g} GiB on a {budget}; try:")
             rows += [f"  - {s}" for s in self.suggestions] or ["  - a card with more memory"]
         rows.append(f"({self.seconds:.1f} s)")
         return "\n".join(rows)
@@ -421,6 +430,14 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             with FusedAttention(), peak:  # a steady-state step: the peak with optimizer state in place
                 trainer.train_step()
 
+            validation_peak = 0
+            if trainer.validation is not None:  # the sampling with the training state in place
+                vpeak = PeakMemory("meta")
+                vpeak.track(state + (list(trainer.ema.shadow.values()) if trainer.ema is not None else []))
+                with FusedAttention(), vpeak:
+                    trainer.validation.run(trainer)
+                validation_peak = vpeak.peak
+
             ckpt_state = trainer.model.state_dict()
             opt_sd = trainer.optimizer.state_dict()
             json.dumps(trainer.counters_state())  # the checkpoint's state.* integers
@@ -457,6 +474,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                 card_gb=card_gb,
                 seconds=0.0,
                 precision=str(trainer.model.compute_dtype).removeprefix("torch."),
+                validation_peak=validation_peak,
             )
             report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
             report.seconds = time.perf_counter() - t0

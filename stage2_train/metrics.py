@@ -1,6 +1,7 @@
 """What a training run reports per optimizer step (model TFLOP/s, MFU and HFU from the roofline module's
-FLOP counts): the MetricsLogger writes each step's metrics (metrics.jsonl, TensorBoard, the progress bar and
-log lines on rank 0; the per-rank sample keys with run.log_keys)."""
+FLOP counts): the MetricsLogger writes each step's metrics (metrics.jsonl, TensorBoard, wandb with
+log.wandb, the progress bar and log lines on rank 0; the per-rank sample keys with run.log_keys).
+The wandb run id is kept in `<run>/wandb-id`: a resumed run continues the same wandb run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ from pathlib import Path
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-TENSORBOARD_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_device", "peak_mem_gb")
+TENSORBOARD_KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "tokens_per_s",
+    "tflops_per_device",
+    "peak_mem_gb",
+    "validation_time_s",  # on validation steps only (not part of step_time_s)
+)
+WANDB_ID_FILE = "wandb-id"
+FINISHED = "finished.json"  # <run>/finished.json: this training process is done (`osp validate --watch` exits)
 
 
 def peak_memory_gb(device) -> float:
@@ -38,11 +50,15 @@ class MetricsLogger:
         log_keys: bool,
         tensorboard: bool,
         console,
+        wandb=None,
+        config: dict | None = None,
     ):
         self.run_dir, self.rank, self.is_main = Path(run_dir), rank, rank == 0
         self.steps, self.log_every, self.log_keys, self.want_tb = steps, log_every, log_keys, tensorboard
         self.console = console
         self.tb = None
+        self.want_wandb, self.config = wandb, config  # WandbSettings or None; the run's config for wandb
+        self.wandb = None
         self._progress: Progress | None = None
         self._task = None
 
@@ -57,12 +73,15 @@ class MetricsLogger:
             log_keys=r.log_keys,
             tensorboard=r.tensorboard,
             console=console,
+            wandb=wandb_settings(cfg),
+            config=cfg.to_dict(),
         )
 
     def start(self, config_toml: str, banner: str, notes: list[str]) -> None:
         """Rank 0: the run folder with its config.toml; the banner, the config and notes on the console."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / FINISHED).unlink(missing_ok=True)  # running (again)
             (self.run_dir / "config.toml").write_text(config_toml)
             self.console.print(banner)
             self.console.print(config_toml.rstrip(), markup=False)
@@ -75,6 +94,17 @@ class MetricsLogger:
                     self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
                 except ImportError:
                     self.tb = None
+            if self.want_wandb is not None:
+                from osp.common.wandb_run import open_run
+
+                self.wandb = open_run(
+                    self.run_dir,
+                    self.run_dir / WANDB_ID_FILE,
+                    self.want_wandb,
+                    group=self.run_dir.name,
+                    job_type="train",
+                    config=self.config,
+                )
         dist.barrier()  # the run folder exists before any rank writes into it
 
     def progress(self, completed: int) -> Progress:
@@ -100,10 +130,12 @@ class MetricsLogger:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
+        scalars = {f"train/{k}": m[k] for k in TENSORBOARD_KEYS if m.get(k) is not None}
         if self.tb is not None:
-            for k in TENSORBOARD_KEYS:
-                if m.get(k) is not None:
-                    self.tb.add_scalar(f"train/{k}", m[k], step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         loss = f"{m['loss']:.5f}" if m["loss"] is not None else "skipped"
         gnorm = m["grad_norm"] or float("nan")
         if self._progress is not None:
@@ -117,6 +149,14 @@ class MetricsLogger:
                 f"data {m['data_wait_s'] / m['step_time_s']:.0%} mem {m['peak_mem_gb']:.2f} GB"
             )
 
+    def finish(self, step: int, stopped: bool) -> None:
+        """Rank 0: the run-finished marker (the last step; stopped: on SIGTERM, to be resumed)."""
+        if self.is_main:
+            body = json.dumps({"step": step, "steps": self.steps, "stopped": stopped}) + "\n"
+            tmp = self.run_dir / (FINISHED + ".tmp")
+            tmp.write_text(body)
+            tmp.replace(self.run_dir / FINISHED)
+
     def print(self, line: str) -> None:
         """A line on rank 0 (above the progress bar while it runs)."""
         if self.is_main:
@@ -126,6 +166,19 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def wandb_settings(cfg):
+    """The [log] section as WandbSettings (None with log.wandb off); the name defaults to run.name."""
+    log = cfg.log
+    if not log.wandb:
+        return None
+    from osp.common.wandb_run import WandbSettings
+
+    return WandbSettings(project=log.project, entity=log.entity, name=log.name or cfg.run.name, mode=log.mode)
 
 
 class NullMetrics(MetricsLogger):

@@ -6,6 +6,8 @@ library: `data_parallel.py` (torch DDP + ZeroRedundancyOptimizer).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -65,18 +67,21 @@ def dp_owners(sizes: list[int], dp_size: int) -> list[int]:
 
 
 class EMA:
-    """EMA of the (local, TP-sharded) parameters with diffusers 0.28 EMAModel's rule: at the k-th update
-    decay = 0 for k = 1 (a copy), then min(max_decay, k / (k + 9)). The shadow is fp32; one update is a
-    single `torch._foreach_lerp_` over all tensors (s += (1 - decay) (p - s)), not a Python loop of kernels.
+    """EMA of the (local, TP-sharded) parameters with diffusers EMAModel's rule (`update_after_step` =
+    `start_step`, upstream's `ema_start_step`): at the k-th update, with j = k - start_step - 1,
+    decay = 0 for j <= 0 (the shadow copies the weights), then min(max_decay, (1 + j) / (10 + j)).
+    start_step = 0 gives a copy at k = 1, then min(max_decay, k / (k + 9)). The shadow is fp32; one update
+    is a single `torch._foreach_lerp_` over all tensors (s += (1 - decay) (p - s)), not a Python loop of kernels.
 
     Sharded over data parallelism (dp_size > 1): DP rank r keeps and updates only the tensors it owns
     (`dp_owners`), 1/dp of the fp32 EMA per rank; `gathered()` collects the full EMA on DP rank 0 for a
     checkpoint and `load` keeps the owned part of a full one, so checkpoints do not depend on dp."""
 
-    def __init__(self, model: nn.Module, max_decay: float, layout: Layout | None = None):
+    def __init__(self, model: nn.Module, max_decay: float, layout: Layout | None = None, start_step: int = 0):
         layout = layout or Layout()
         dp_group, dp_rank, dp_size = layout.dp_group, layout.dp_rank, layout.dp
         self.max_decay = max_decay
+        self.start_step = start_step
         self.updates = 0
         named = list(model.named_parameters())
         self.all_names = [n for n, _ in named]
@@ -87,7 +92,7 @@ class EMA:
         self._shadow_list = [self.shadow[n] for n in self._names]
 
     def decay(self) -> float:
-        step = self.updates - 1
+        step = self.updates - self.start_step - 1
         return 0.0 if step <= 0 else min(self.max_decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
@@ -133,3 +138,26 @@ class EMA:
         for n in self._names:
             self.shadow[n].copy_(shadow[n])
         self.updates = int(updates)
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """Inside the block the model holds the EMA weights (every local tensor: each owner broadcasts
+        its part over DP); afterwards its own weights again, bit for bit (restored from a copy on the
+        device). Collective over the DP group. Nothing of the EMA, the optimizer or the grads changes."""
+        params = dict(model.named_parameters())
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n in self.all_names:
+                    p = params[n]
+                    if self.owner[n] == self.dp_rank:
+                        p.copy_(self.shadow[n])
+                    if self.dp_size > 1:
+                        assert self.group is not None
+                        src = dist.get_global_rank(self.group, self.owner[n])
+                        dist.broadcast(p.data, src=src, group=self.group)
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])

@@ -66,6 +66,7 @@ from osp.stage2_train.state_dict_adapter import tp_split_dim
 from osp.stage2_train.optim import EMA, clip_grads, global_grad_norm, lr_at
 from osp.stage2_train.parallel import reduce_sequence_parallel_grads
 from osp.stage2_train.plan import apply_ac, apply_compile
+from osp.stage2_train.validation import Validation
 from osp.stage2_train.watchdog import Watchdog
 
 
@@ -80,17 +81,41 @@ class RunCheckpoints:
     """The run's checkpoints (osp.stage2_train.checkpoint) at this layout: where a resume starts,
     loading into the trainer's state, saving it (in the background with run.async_ckpt)."""
 
-    def __init__(self, run_dir: Path, resume: str, layout: Layout, device: Device, async_save: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        resume: str,
+        layout: Layout,
+        device: Device,
+        async_save: bool,
+        keep_last: int = 0,
+        keep_every: int = 0,
+    ):
         self.layout = layout
         self.resume_path = ckpt.find(run_dir, resume)
         self.mesh = ckpt.make_mesh(device.type, layout.world, layout.tp)  # CP, DP: replicas
+        self.notes: list[str] = []  # retention deletions, printed by the trainer (`take_notes`)
         self.writer = ckpt.Checkpointer(
-            run_dir, mesh=self.mesh, tp=layout.tp, rank=layout.rank, is_main=layout.is_main, async_save=async_save
+            run_dir,
+            mesh=self.mesh,
+            tp=layout.tp,
+            rank=layout.rank,
+            is_main=layout.is_main,
+            async_save=async_save,
+            keep_last=keep_last,
+            keep_every=keep_every,
+            log=self.notes.append,
         )
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, resume: str, layout: Layout, device: Device) -> RunCheckpoints:
-        return cls(cfg.run.path, resume, layout, device, cfg.run.async_ckpt)
+        r = cfg.run
+        return cls(r.path, resume, layout, device, r.async_ckpt, r.keep_last, r.keep_every)
+
+    def take_notes(self) -> list[str]:
+        """The lines to log since the last call (each checkpoint deletion)."""
+        notes, self.notes[:] = list(self.notes), []
+        return notes
 
     @property
     def pending(self) -> bool:
@@ -181,6 +206,7 @@ class Parts:
     checkpoints: Callable[[TrainConfig, str, Layout, Device], Any] = RunCheckpoints.for_run
     metrics: Callable[[TrainConfig, Layout, Any], MetricsLogger] = MetricsLogger.for_run
     host_sync: Callable[[torch.Tensor], list[float]] = to_host
+    validation: Callable[[TrainConfig, Layout, DiTConfig, Geometry], Validation | None] = Validation.for_run
 
 
 RUN_PARTS = Parts()
@@ -211,7 +237,9 @@ class Trainer:
         console=None,
         lock=None,
         attention_kernel: str = "",
+        validation: Validation | None = None,
     ):
+        self.validation = validation  # samples validation latents every validate.every steps (None: off)
         self.attention_kernel = attention_kernel  # the kernel resolve_backend found (recorded per step)
         self.cfg, self.device, self.layout, self.dit_cfg, self.geometry = cfg, device, layout, dit_cfg, geometry
         self.model, self.dp, self.optimizer, self.ema, self.loader = model, dp, optimizer, ema, loader
@@ -270,7 +298,14 @@ class Trainer:
         path = self.checkpoints.save(self)
         pending = " (writing in the background)" if self.checkpoints.pending else ""
         self.metrics.print(f"checkpoint {path}{pending}")
+        self._checkpoint_notes()
         return path
+
+    def _checkpoint_notes(self) -> None:
+        """Log what the checkpoint part reports (retention deletions)."""
+        take = getattr(self.checkpoints, "take_notes", None)
+        for line in take() if take is not None else []:
+            self.metrics.print(line)
 
     # -- one micro-step ----------------------------------------------------------------------
     def _prepare(self, batch: Batch) -> tuple[Batch, float]:
@@ -457,6 +492,9 @@ class Trainer:
                 while self.step < run.steps:
                     self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
+                    if self.validation is not None and self.validation.due(self.step):
+                        self.watchdog.beat(f"sampling the validation latents of step {self.step}")
+                        m["validation_time_s"] = self.validate()  # not part of step_time_s
                     history.append(m)
                     self.metrics.log(m, self.last_keys)
                     self.checkpoints.poll()
@@ -466,14 +504,23 @@ class Trainer:
                         self.save()
                     if last:
                         self.checkpoints.wait()
+                    self._checkpoint_notes()
                     if self.stop_requested:
                         self.metrics.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
                         break
+            self.metrics.finish(self.step, stopped=self.stop_requested)
         finally:
             self.watchdog.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return history
+
+    def validate(self) -> float:
+        """Sample the validation latents of this step (all ranks); returns the seconds spent."""
+        assert self.validation is not None
+        seconds = self.validation.run(self)
+        self.metrics.print(f"validation latents of step {self.step} ({seconds:.1f} s)")
+        return seconds
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -559,7 +606,7 @@ def build_trainer(cfg: TrainConfig, resume: str = "", *, parts: Parts = RUN_PART
             eps=o.eps,
             weight_decay=o.weight_decay,
         )
-        ema = EMA(model, o.ema_decay, L) if o.ema_decay > 0 else None  # sharded over DP
+        ema = EMA(model, o.ema_decay, L, o.ema_start_step) if o.ema_decay > 0 else None  # sharded over DP
         trainer = Trainer(
             cfg,
             device=device,
@@ -577,6 +624,7 @@ def build_trainer(cfg: TrainConfig, resume: str = "", *, parts: Parts = RUN_PART
             console=console,
             lock=lock,
             attention_kernel=kernel,
+            validation=parts.validation(cfg, L, dit_cfg, geometry),
         )
         notes = checkpoints.restore(trainer) if checkpoints.resume_path is not None else []
         banner = (
