@@ -37,8 +37,8 @@ def _run(run: Path, shards: Path, steps: int, env: dict | None = None, **keys) -
         "run.async_ckpt": "true",
         **keys,
     }
-    cmd = [sys.executable, "-m", "osp.stage2_train.run", "--config", str(ROOT / "stage2_train/configs/demo.toml")]
-    cmd += ["--resume", "auto"] + [f"{k}={v}" for k, v in over.items()]
+    cmd = [sys.executable, "-m", "osp.stage2_train.run", str(ROOT / "stage2_train/configs/demo.toml")]  # a rank
+    cmd += ["run.resume=auto"] + [f"{k}={v}" for k, v in over.items()]
     return subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -168,7 +168,7 @@ def test_sidecar_writes_mp4s_tensorboard_and_offline_wandb(worker, setup):
 def test_watch_decodes_while_the_run_is_live_and_exits_with_it(setup, tmp_path):
     run = tmp_path / "live"
     env = {**ENV, "WANDB_DIR": str(tmp_path / "wandb")}
-    train = [PY, "-m", "osp.stage2_train.run", "--config", str(ROOT / "stage2_train/configs/demo.toml")]
+    train = [PY, "-m", "osp.stage2_train.run", str(ROOT / "stage2_train/configs/demo.toml")]  # a rank
     train += [f"data.shards={setup['shards']}", f"run.dir={run}", "run.steps=8", "run.ckpt_every=0", "parallel.tp=1"]
     train += ["parallel.sp=false", "data.num_workers=0", "run.log_every=0", "validate.every=2", "validate.steps=5"]
     train += [f"validate.prompts={setup['prompts']}"]

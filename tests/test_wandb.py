@@ -21,8 +21,8 @@ ROOT = Path(__file__).parent.parent
 def _train(run: Path, shards: Path, steps: int, wandb_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
     env["WANDB_DIR"] = str(wandb_dir)
-    cmd = [sys.executable, "-m", "osp.stage2_train.run", "--config", str(ROOT / "stage2_train/configs/demo.toml")]
-    cmd += ["--resume", "auto", f"data.shards={shards}", f"run.dir={run}", f"run.steps={steps}", "run.ckpt_every=2"]
+    cmd = [sys.executable, "-m", "osp.stage2_train.run", str(ROOT / "stage2_train/configs/demo.toml")]  # a rank
+    cmd += ["run.resume=auto", f"data.shards={shards}", f"run.dir={run}", f"run.steps={steps}", "run.ckpt_every=2"]
     cmd += ["data.num_workers=0", "run.log_every=0", "parallel.tp=1", "parallel.sp=false", "log.wandb=true"]
     cmd += ["log.project=osp-test"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
