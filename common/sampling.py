@@ -100,8 +100,12 @@ class DiTWeights(Protocol):
     """A resolved DiT checkpoint, handed in by the caller (the CLI opens it with
     `osp.stage2_train.checkpoint.open_dit`, which reads training, osp-dit and released layouts)."""
 
-    config: DiTConfig
-    identity: dict  # what the sample sidecar records about the weights
+    @property
+    def config(self) -> DiTConfig: ...
+
+    @property
+    def identity(self) -> dict:  # what the sample sidecar records about the weights
+        ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full (TP=1) weights, keys and shapes already checked against `config`."""

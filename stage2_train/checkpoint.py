@@ -58,8 +58,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -848,14 +847,20 @@ class DiTCheckpoint:
     folder: Path  # the folder holding the weights
     config: DiTConfig
     prefer_ema: bool = True
+    _identity: dict | None = field(default=None, init=False, repr=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full (TP=1) weights, checked against the config."""
         return load_dit_checkpoint(self.folder, self.prefer_ema)[1]
 
-    @cached_property
+    @property
     def identity(self) -> dict:
-        """What the sample sidecar records about the weights."""
+        """What the sample sidecar records about the weights (hashed once)."""
+        if self._identity is None:
+            self._identity = self._read_identity()
+        return self._identity
+
+    def _read_identity(self) -> dict:
         if is_osp_checkpoint(self.folder):
             meta = read_checkpoint_meta(self.folder)
         elif is_training_checkpoint(self.folder):

@@ -138,7 +138,7 @@ class MetricsLogger:
             self.wandb.log(scalars, step=step)
         loss = f"{m['loss']:.5f}" if m["loss"] is not None else "skipped"
         gnorm = m["grad_norm"] or float("nan")
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             info = f"loss {loss} lr {m['lr']:.2e} gnorm {gnorm:.3f} {m['samples_per_s']:.1f} samples/s"
             self._progress.update(self._task, completed=step, info=info)
         if self.log_every and step % self.log_every == 0:

@@ -123,7 +123,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     if name == "npu" or (name == "auto" and q.device.type == "npu"):
         return _npu_attention(q, k, v, bias)
     if name == "fa3" and _state["fa3"] == "interface" and bias is None and q.device.type == "cuda":
-        out = _fa3().flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        fa3 = _fa3()
+        assert fa3 is not None  # _state["fa3"] == "interface" only after _activate_fa3 imported it
+        out = fa3.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out[0] if isinstance(out, tuple) else out
         return out.transpose(1, 2)
     order = _order(name, q.device.type)
