@@ -45,7 +45,6 @@ import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from torch.distributed.tensor import DTensor
@@ -276,29 +275,34 @@ class MetaCheckpoints:
 
     def save(self, trainer) -> None:
         L = self.layout  # (the save's barrier carries no tensor of the run: not played here)
-        sd = ckpt.state_dict(
-            model=trainer.model,
-            ema=trainer.ema,
-            optimizer=trainer.optimizer,
-            counters=trainer.counters_state(),
-            mesh=self.mesh,
-            tp=L.tp,
-            rank=L.rank,
-        )
-        local = {}
-        for k, v in sd.items():
-            if isinstance(v, DTensor):
-                t = v.to_local()
-                if t.device.type != self.mesh.device_type:  # DCP would gather / write it over the mesh's group
-                    raise CollectiveDeviceError(
-                        f"checkpoint save: {k} is a {t.device.type} tensor placed on the {self.mesh.device_type} "
-                        f"device mesh (DTensor.from_local in checkpoint.state_dict); keep the trainer's state on "
-                        "the run's device"
-                    )
-                local[k] = t
-            else:
-                local[k] = v  # counters, RNG state, AdamW step counts: host tensors by design
-        self.host_bytes = tensor_bytes(local.values())  # _CopyStager: one host copy of every local piece
+        to_global = ckpt._global
+        device = self.mesh.device_type
+
+        def checked(key, local, mesh, tp):  # DTensor.from_local would silently copy a stray piece to the device
+            if local.device.type != device:
+                raise CollectiveDeviceError(
+                    f"checkpoint save: {key} is a {local.device.type} tensor placed on the {device} device mesh "
+                    "(DTensor.from_local in checkpoint.state_dict, then DCP's save over the mesh's group); keep the "
+                    "trainer's state on the run's device"
+                )
+            return to_global(key, local, mesh, tp)
+
+        ckpt._global = checked
+        try:
+            sd = ckpt.state_dict(
+                model=trainer.model,
+                ema=trainer.ema,
+                optimizer=trainer.optimizer,
+                counters=trainer.counters_state(),
+                mesh=self.mesh,
+                tp=L.tp,
+                rank=L.rank,
+            )
+        finally:
+            ckpt._global = to_global
+        # _CopyStager: one host copy of every local piece (counters, RNG state and AdamW step counts are host
+        # tensors by design)
+        self.host_bytes = tensor_bytes(v.to_local() if isinstance(v, DTensor) else v for v in sd.values())
 
     def poll(self) -> None:
         pass
@@ -584,9 +588,8 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                 seconds=0.0,
                 precision=str(trainer.model.compute_dtype).removeprefix("torch."),
                 model_flops=accum * model_flops(d, tokens, text_len, batch_size, L.tp, L.cp),
-                hardware_flops=accum * hardware_flops(
-                    d, tokens, text_len, batch_size, L.tp, L.cp, checkpointing=cfg.model.checkpointing
-                ),
+                hardware_flops=accum
+                * hardware_flops(d, tokens, text_len, batch_size, L.tp, L.cp, checkpointing=cfg.model.checkpointing),
                 host_staging=trainer.checkpoints.host_bytes,
                 ddp_buckets=trainer.dp.ddp is not None,
             )

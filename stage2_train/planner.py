@@ -5,12 +5,12 @@
 A layout is TP (with SP when TP > 1) x CP x DP, ZeRO-1 on or off, activation checkpointing none / selective /
 full, and a micro-batch x gradient accumulation that makes the global batch. Each is evaluated with the dry
 run's own measurements, not formulas: the real Trainer runs on `meta` under the fake process group
-(`osp.stage2_train.dryrun`) with 1 and with 2 transformer blocks for every distinct (TP, CP), one steady
-optimizer step per checkpointing mode, DDP and ZeRO-1 on. The difference of the two depths is one block, exactly
-(every block has the same shapes), so a figure at the preset's depth is `one-block model + (layers - 1) x block`:
+(`osp.stage2_train.dryrun`) with 1 and 2 transformer blocks at micro-batch 1 and 2 for every distinct (TP, CP),
+one steady optimizer step per checkpointing mode, DDP and ZeRO-1 on. Every block has the same shapes and every
+per-sample tensor scales with the batch, so a figure at the preset's depth and micro-batch is the bilinear
+extension of the four measured points (`at`):
 
-  peak            the high-water mark of live storages in a step, above what the rank holds between steps;
-                  x micro-batch (activations and their working set scale with it)
+  peak            the high-water mark of live storages in a step, above what the rank holds between steps
   held state      parameters, gradients (DDP's buckets: fp32, every local gradient), AdamW m and v (this rank's
                   ZeRO-1 partition: torch's greedy split, the largest rank), the EMA (its DP-owner split, the
                   largest rank): exact bytes of the full-depth model's local tensors
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 import warnings
@@ -239,7 +238,9 @@ class Depth:
     modes: dict[str, Counts] = field(default_factory=dict)
 
 
-def _measure_depth(preset: str, tp: int, cp: int, layers: int, config: str | None, overrides: tuple) -> Depth:
+def _measure_depth(
+    preset: str, tp: int, cp: int, layers: int, config: str | None, overrides: tuple, batch: int = 1
+) -> Depth:
     import torch
 
     from osp.stage2_train import dryrun as DR
@@ -248,7 +249,7 @@ def _measure_depth(preset: str, tp: int, cp: int, layers: int, config: str | Non
 
     cfg = DR.build_config(config, list(overrides), preset, tp, tp > 1, "none", cp)
     cfg.run.device, cfg.model.init, cfg.data.num_workers, cfg.run.tensorboard = "meta", "", 0, False
-    cfg.data.batch_size, cfg.optim.grad_accum, cfg.parallel.zero1 = 1, 1, True
+    cfg.data.batch_size, cfg.optim.grad_accum, cfg.parallel.zero1 = batch, 1, True
     parts = dataclasses.replace(
         DR.meta_parts(synthetic=True), dit_config=lambda c: dataclasses.replace(model_config(c), num_layers=layers)
     )
@@ -279,12 +280,18 @@ def _measure_depth(preset: str, tp: int, cp: int, layers: int, config: str | Non
 
 
 @lru_cache(maxsize=None)
-def measure(preset: str, tp: int, cp: int, config: str | None = None, overrides: tuple = ()) -> tuple[Depth, Depth]:
-    """(1 block, 2 blocks) measurements of a (TP, CP) on meta."""
-    return (
-        _measure_depth(preset, tp, cp, 1, config, overrides),
-        _measure_depth(preset, tp, cp, 2, config, overrides),
-    )
+def measure(preset: str, tp: int, cp: int, config: str | None = None, overrides: tuple = ()) -> dict:
+    """{(blocks, micro-batch): Depth} at 1 and 2 blocks x micro-batch 1 and 2, of a (TP, CP) on meta."""
+    return {(n, b): _measure_depth(preset, tp, cp, n, config, overrides, b) for n in (1, 2) for b in (1, 2)}
+
+
+def at(m: dict, mode: str, layers: int, batch: int) -> Counts:
+    """A step's counts at `layers` blocks and micro-batch `batch`: bilinear in both (every block has the same
+    shapes; every per-sample tensor scales with the batch), exact at the four measured points."""
+    f = {k: d.modes[mode] for k, d in m.items()}
+    dl, db = layers - 1, batch - 1
+    cross = f[(2, 2)] - f[(2, 1)] - f[(1, 2)] + f[(1, 1)]
+    return f[(1, 1)] + (f[(2, 1)] - f[(1, 1)]).scaled(dl) + (f[(1, 2)] - f[(1, 1)]).scaled(db) + cross.scaled(dl * db)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,9 +303,7 @@ def _local_sizes(cfg_json: str, tp: int) -> tuple[tuple[str, int], ...]:
     from osp.stage2_train.state_dict_adapter import tp_split_dim
 
     model = build_dit(json.loads(cfg_json), device="meta")
-    return tuple(
-        (n, p.numel() // (tp if tp_split_dim(n) is not None else 1)) for n, p in model.named_parameters()
-    )
+    return tuple((n, p.numel() // (tp if tp_split_dim(n) is not None else 1)) for n, p in model.named_parameters())
 
 
 def zero_partition_max(sizes: list[int], ranks: int) -> int:
@@ -318,6 +323,12 @@ def ema_owned_max(sizes: list[int], dp: int) -> int:
     for n, o in zip(sizes, owners):
         load[o] += n
     return max(load)
+
+
+def get_dit(preset: str):
+    from osp.common.models.dit import get_dit_config
+
+    return get_dit_config(preset)
 
 
 @dataclass
@@ -397,7 +408,7 @@ def evaluate(
     tokens: int,
     text_len: int,
     layout: Choice,
-    depths: tuple[Depth, Depth],
+    measured: dict,
     card: R.Card,
     *,
     nodes: int,
@@ -408,13 +419,10 @@ def evaluate(
     ema: bool = True,
     compiled: bool = False,
 ) -> Row:
-    one, two = depths
-    n = dit_cfg.num_layers
-    block = two.modes[layout.checkpointing] - one.modes[layout.checkpointing]
-    total = one.modes[layout.checkpointing] + block.scaled(n - 1)  # the preset's depth, batch 1
-    b = layout.micro_batch
+    n, b = dit_cfg.num_layers, layout.micro_batch
+    total = at(measured, layout.checkpointing, n, b)  # one micro-step at the preset's depth
     state = held_state(dit_cfg, layout, ema)
-    peak = state.total + b * total.peak_above_held
+    peak = state.total + total.peak_above_held
     # the host copy of a save: parameters, this rank's EMA share and AdamW partition (the checkpoint's pieces)
     host = (state.params + state.ema + state.optimizer) * gpus
     usable = card.memory_gb * 1e9 * (1 - HEADROOM)
@@ -422,12 +430,12 @@ def evaluate(
     g = layout.tp * layout.cp
     ring = lambda k: (k - 1) / k if k > 1 else 0.0  # noqa: E731
     coll = (total.tp_coll * ring(layout.tp) + total.cp_coll * ring(layout.cp)) / ring(g) if g > 1 else 0.0
-    per_block = R.BlockCounts(
-        gemm_flops=b * total.gemm / n,
-        attn_fwd_flops=b * total.attn_fwd / n,
-        mem_bytes=b * total.mem / n,
-        coll_bytes=b * coll / n,
-        attn_recompute_flops=b * total.attn_recompute / n,
+    per_block = R.BlockCounts(  # the step's counts spread over the blocks (the rest of the model included)
+        gemm_flops=total.gemm / n,
+        attn_fwd_flops=total.attn_fwd / n,
+        mem_bytes=total.mem / n,
+        coll_bytes=coll / n,
+        attn_recompute_flops=total.attn_recompute / n,
     )
     counts = R.StepCounts(
         layers=n,
@@ -596,7 +604,9 @@ def plan(
 def first_fitting(p: Plan) -> Row:
     best = p.ranked()[0]
     if not best.fits:
-        raise PlanError(f"no layout of {p.preset} fits {p.nodes} x {p.gpus} {p.card}; use more devices or a larger card")
+        raise PlanError(
+            f"no layout of {p.preset} fits {p.nodes} x {p.gpus} {p.card}; use more devices or a larger card"
+        )
     return best
 
 
