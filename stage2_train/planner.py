@@ -377,6 +377,7 @@ class Row:
     samples_per_s: float
     days: float
     gpu_hours: float
+    estimate: R.RangeEstimate | None = None
 
     @property
     def fits(self) -> bool:
@@ -386,6 +387,7 @@ class Row:
         return {
             "layout": self.layout.name(),
             **dataclasses.asdict(self.layout),
+            "mfu_by_backend": {k: e.mfu for k, e in self.estimate.by_backend.items()} if self.estimate else {},
             "overrides": self.layout.overrides(),
             "fits": self.fits,
             "fits_device": self.fits_device,
@@ -469,6 +471,7 @@ def evaluate(
         samples_per_s=sps,
         days=seconds / 86400,
         gpu_hours=seconds / 3600 * nodes * gpus,
+        estimate=rng,
     )
 
 
@@ -546,6 +549,7 @@ def plan(
     overrides: tuple = (),
     host_gb: float = 2048.0,
     tp: int | None = None,
+    backend: str | None = None,
     progress=None,
 ) -> Plan:
     """Every valid layout of `preset` (or `config`'s model) on `nodes` x `gpus` ranks of `card`, evaluated."""
@@ -568,7 +572,7 @@ def plan(
             f"--tp {tp} does not divide the {heads} attention heads of {base.model.preset} and the {gpus} devices "
             f"of a node; choose one of {[t for t in _divisors(gpus) if heads % t == 0]}"
         )
-    backend = base.model.attention_backend
+    backend = backend or base.model.attention_backend
     R.rate_backend(c, backend)  # refuse a backend the card has no rate for, in one line
     todo = [lay for lay in layouts(dit_cfg, tokens, nodes, gpus, global_batch) if tp is None or lay.tp == tp]
     pairs = sorted({(lay.tp, lay.cp) for lay in todo})
