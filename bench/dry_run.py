@@ -4,7 +4,7 @@ process group), with ratios against the TP=1 layout of the same preset measured 
     python bench/dry_run.py [--preset osp12-93x480p] [--card-gb 80]
 
 Figures are counts of the real model code at real size (bytes of tensors, FLOPs of the executed ops),
-not timings; activations in the accelerator regime (run.precision auto = bf16; fp32 parameters and optimizer state).
+not timings; gradients as DDP's buckets hold them; activations in the accelerator regime (run.precision auto = bf16; fp32 parameters and optimizer state).
 """
 
 from __future__ import annotations
@@ -42,15 +42,17 @@ def main(argv=None) -> int:
         rows.append((tp, sp, ck, r))
     print(f"{args.preset}, world 8, ZeRO-1, batch 1, rank 0; ratios against TP=1 without checkpointing (same run)")
     print(
-        "| TP | SP | checkpointing | params GiB | optim GiB | saved act. GiB | peak GiB | peak ratio | step TFLOP | FLOP ratio | fits "
+        "| TP | SP | checkpointing | params GiB | grads GiB (DDP buckets) | optim GiB | EMA GiB | saved act. GiB | peak GiB "
+        "| peak ratio | host staging GiB | model TFLOP | hardware TFLOP (formula / counted) | FLOP ratio (hardware) | fits "
         f"{args.card_gb:g} GiB | dry run s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tp, sp, ck, r in rows:
         print(
-            f"| {tp} | {'yes' if sp else 'no'} | {ck} | {r.params / GIB:.2f} | {r.optimizer / GIB:.2f} | {r.activations[ck] / GIB:.2f} | "
-            f"{r.peak / GIB:.2f} | {r.peak / base.peak:.3f} | {r.step_flops / 1e12:,.1f} | {r.step_flops / base.step_flops:.3f} | "
-            f"{'yes' if r.fits else 'no'} | {r.seconds:.0f} |"
+            f"| {tp} | {'yes' if sp else 'no'} | {ck} | {r.params / GIB:.2f} | {r.grads / GIB:.2f} | {r.optimizer / GIB:.2f} | "
+            f"{r.ema / GIB:.2f} | {r.activations[ck] / GIB:.2f} | {r.peak / GIB:.2f} | {r.peak / base.peak:.3f} | "
+            f"{r.host_staging / GIB:.2f} | {r.model_flops / 1e12:,.1f} | {r.hardware_flops / 1e12:,.1f} / "
+            f"{r.step_flops / 1e12:,.1f} | {r.step_flops / base.step_flops:.3f} | {'yes' if r.fits else 'no'} | {r.seconds:.0f} |"
         )
     return 0
 

@@ -7,7 +7,7 @@ shrink each rank's share of one sample, DP spreads the gradient all-reduce over 
 Counted exactly at the real sizes (no accelerator needed) with osp.stage2_train.comm_volume, whose
 per-collective payloads tests/test_cp.py checks byte for byte against a real gloo step. One micro-step,
 batch 1 per DP rank, bf16 activations, fp32 gradients, text at its 512-token maximum, no recomputation
-(per-block checkpointing adds one more forward's TP/CP traffic). Per-rank memory columns: the exact
+(the 'selective total' column adds the forward's TP/CP collectives that selective or full recompute re-issue). Per-rank memory columns: the exact
 optimizer-side state (fp32 weights, grads; the EMA, sharded over DP; AdamW m, v, sharded with ZeRO-1) and the block inputs
 kept by per-block checkpointing; the working set of the block being recomputed comes on top (the
 accelerator dry run measures it). Bytes are sent per rank with ring /
@@ -54,6 +54,10 @@ def main() -> None:
 
         def figures(lay: CommLayout, cfg=cfg, tokens=tokens) -> dict:
             w = wire_bytes(payloads(cfg, tokens, a.text, 1, lay, act_bytes=2, grad_bytes=4), lay)
+            sel = wire_bytes(
+                payloads(cfg, tokens, a.text, 1, lay, act_bytes=2, grad_bytes=4, checkpointing="selective"), lay
+            )
+            w["selective"] = sel["total"]
             w["attn"] = attention_flops_per_rank(cfg, tokens, 1, lay)
             w["params"] = p = local_param_count(json.dumps(cfg.to_dict()), lay.tp)
             # fp32 weights + fp32 grads, fp32 EMA (sharded over DP), AdamW m and v (sharded over DP with ZeRO-1)
@@ -68,9 +72,9 @@ def main() -> None:
             f"(baseline {base_layout.name()}: {base['total'] / 1e9:.2f} GB sent per rank per step)\n"
         )
         print(
-            "| layout | TP GB | CP GB | DP GB | total GB | ÷ shipped | GB/sample | ÷ shipped | est. ms @ link | attn TFLOP/rank (fwd) | ÷ shipped | params/rank (M) | state GiB/rank | ckpt inputs GiB/rank |"
+            "| layout | TP GB | CP GB | DP GB | total GB | selective total GB | ÷ shipped | GB/sample | ÷ shipped | est. ms @ link | attn TFLOP/rank (fwd) | ÷ shipped | params/rank (M) | state GiB/rank | ckpt inputs GiB/rank |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for lay in layouts(a.world):
             try:
                 check_context_parallel(cfg.num_attention_heads, tokens, lay.tp, lay.cp, lay.sp)
@@ -79,7 +83,7 @@ def main() -> None:
             f = figures(lay)
             print(
                 f"| {lay.name()} | {f['tp'] / 1e9:.2f} | {f['cp'] / 1e9:.2f} | {(f['dp_cp'] + f['dp']) / 1e9:.2f} | "
-                f"{f['total'] / 1e9:.2f} | {f['total'] / base['total']:.2f} | {f['total'] / lay.dp / 1e9:.2f} | "
+                f"{f['total'] / 1e9:.2f} | {f['selective'] / 1e9:.2f} | {f['total'] / base['total']:.2f} | {f['total'] / lay.dp / 1e9:.2f} | "
                 f"{f['total'] / lay.dp / (base['total'] / base_layout.dp):.2f} | {f['total'] / (a.link_gbps * 1e9) * 1e3:.0f} | "
                 f"{f['attn'] / 1e12:.1f} | {f['attn'] / base['attn']:.2f} | {f['params'] / 1e6:.0f} | "
                 f"{f['state'] / 2**30:.1f} | {f['ckpt_act'] / 2**30:.2f} |"

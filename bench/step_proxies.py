@@ -24,8 +24,9 @@ recompute (the real-run config's `grad_checkpointing = true`). "new" is osp's Di
 A roofline step-time estimate for 8 x H100 SXM (TP=2 + SP, DP=4) follows from the counts through the one
 roofline model (osp.stage2_train.roofline: pinned device rates, model vs hardware FLOPs): an ESTIMATE, not a
 measurement. Memory-bound bytes are the eager per-op counts; the "fused" figure is a fusion model (an upper
-bound on what compiling saves), labelled so. The last line is the estimate for the shipped 93x480p config's
-own attention backend and compile setting, with the range across attention backends.
+bound on what compiling saves), labelled so. Then the estimate for the shipped 93x480p config's own attention
+backend and compile setting; the last line is the estimate for the layout `osp plan` ranks first on 8 x H100
+(the config's attention backend), with the range across attention backends.
 Usage: python bench/step_proxies.py
 """
 
@@ -527,7 +528,19 @@ def main() -> int:
     layout = f"TP=2+SP DP={WORLD // 2}{' ZeRO-1' if train.parallel.zero1 else ''} {train.model.checkpointing}"
     if train.model.compile:
         layout += ", compiled run with eager traffic (compiled traffic not counted)"
-    print(R.headline_line(r, f"{WORLD}xH100, 93x480p, {layout}"))
+    print(f"shipped config: {R.headline_line(r, f'{WORLD}xH100, 93x480p, {layout}')}")
+
+    # the layout `osp plan` ranks first on the same cluster (its counts: the Trainer on meta, osp.stage2_train.planner)
+    from osp.stage2_train import planner
+
+    p = planner.plan(PRESET, 1, WORLD, CARD, WORLD, backend=train.model.attention_backend)
+    best = planner.first_fitting(p)
+    assert best.estimate is not None
+    print(
+        f"osp plan's first layout of {len(p.rows)} ({sum(r.fits for r in p.rows)} fit): {best.layout.name()}, "
+        f"peak {best.peak / 2**30:.1f} GiB per rank"
+    )
+    print(R.headline_line(best.estimate, f"{WORLD}xH100, 93x480p, {best.layout.name()}"))
     return 0
 
 

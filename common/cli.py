@@ -778,6 +778,43 @@ def precheck_cmd(
         fail(one_line(e), code=2)
 
 
+@app.command("plan")
+def plan_cmd(
+    preset: str = typer.Option(None, "--preset", help="DiT preset, e.g. osp12-93x480p, osp12-93x720p"),
+    config: Path = typer.Option(None, "--config", help="a training config (its model and optimizer settings)"),
+    nodes: int = typer.Option(1, "--nodes", help="nodes of the cluster"),
+    gpus: int = typer.Option(8, "--gpus", help="devices per node"),
+    card: str = typer.Option("h100-80gb", "--card", help="device name of the pinned rate table"),
+    global_batch: int = typer.Option(None, "--global-batch", help="samples per optimizer step (default: nodes x gpus)"),
+    samples: float = typer.Option(1e6, "--samples", help="samples to train: days and GPU-hours"),
+    tp: int = typer.Option(None, "--tp", help="only layouts with this tensor-parallel size"),
+    host_gb: float = typer.Option(2048.0, "--host-gb", help="host memory per node, GB (checkpoint staging)"),
+    top: int = typer.Option(20, "--top", help="rows to print (0: all)"),
+    json_out: bool = typer.Option(False, "--json", help="every row as JSON"),
+) -> None:
+    """Rank every valid layout of a preset on a cluster: fits, peak GiB, estimated step time and MFU, days to train.
+
+    osp plan --preset osp12-93x720p --nodes 1 --gpus 8 --card h100-80gb
+    """
+    from osp.stage2_train.planner import main_cli
+
+    raise typer.Exit(
+        main_cli(
+            preset=preset,
+            nodes=nodes,
+            gpus=gpus,
+            card=card,
+            global_batch=global_batch or nodes * gpus,
+            samples=samples,
+            config=str(config) if config else None,
+            tp=tp,
+            host_gb=host_gb,
+            as_json=json_out,
+            top=top,
+        )
+    )
+
+
 def main() -> None:
     from osp.common.quiet import quiet_third_party_warnings
 

@@ -20,6 +20,12 @@ per activation element, M = S_c B D e, T = L B D e):
 Outside the blocks: SP scatter/gather of the video M each, t6 [B, 6D] all-reduce; CP: all-gather of the
 full sequence S B D e twice, the text and t6 all-reduce; SP-tagged grads (9 D per block, fp32) over TP;
 every local parameter's fp32 grad all-reduced over DP x CP (+ a broadcast over DP with ZeRO-1).
+
+Activation checkpointing (`checkpointing` = selective or full) recomputes each block's forward in backward, and
+the forward's collectives with it (torch's checkpoint re-runs every op it does not keep; the collectives are in
+place into megatron's buffers, which a selective-checkpoint cache cannot hand back): per block TP+SP all-gather
+3 M + reduce-scatter 3 M (TP without SP: all-reduce 3 M), CP all-to-all 4 S_c B (D/N) e. osp plan counts the
+same on the Trainer on meta (tests/test_planner.py).
 """
 
 from __future__ import annotations
@@ -73,8 +79,10 @@ def payloads(
     act_bytes: int = 2,
     grad_bytes: int = 4,
     params: int | None = None,
+    checkpointing: str = "none",
 ) -> dict[tuple[str, str], int]:
-    """{(group, collective): payload bytes} of one micro-step (forward, backward, gradient reduction)."""
+    """{(group, collective): payload bytes} of one micro-step (forward, backward, gradient reduction, and the
+    forward's collectives again under selective / full recompute)."""
     import json
 
     n, s, b, d, e, g = cfg.num_layers, tokens, batch, cfg.inner_dim, act_bytes, grad_bytes
@@ -98,6 +106,14 @@ def payloads(
             add("tp", "all_reduce", n * t + b * 6 * d * e + n * 9 * d * g)  # text k/v, t6 copy_to, SP-tagged grads
         else:
             add("tp", "all_reduce", n * (6 * m + t))  # 3 row outputs + 3 column input grads; the text k/v grad
+    if checkpointing in ("selective", "full"):  # the recomputed forward's collectives
+        if tp > 1 and layout.sp:
+            add("tp", "all_gather", n * 3 * m)
+            add("tp", "reduce_scatter", n * 3 * m)
+        elif tp > 1:
+            add("tp", "all_reduce", n * 3 * m)
+        if cp > 1:
+            add("cp", "all_to_all", n * 4 * sc * b * (d // tp) * e)
     if cp > 1:
         add("cp", "all_to_all", n * 8 * sc * b * (d // tp) * e)
         add("cp", "all_gather", 2 * s * b * d * e)

@@ -67,7 +67,8 @@ def _reduce_bucket(state, bucket):  # no annotations: DDP checks them and they a
         fut = torch.futures.Future()
         fut.set_result(buf)
         return fut
-    return work.get_future().then(lambda f: f.value()[0])
+    # in place: the bucket itself is the result (also under the dry run's fake group, whose futures carry no value)
+    return work.get_future().then(lambda f: buf)
 
 
 class DataParallel:
@@ -90,8 +91,7 @@ class DataParallel:
         group = layout.dp_cp_group
         self.size = dist.get_world_size(group) if group is not None else 1
         self.hook = _HookState(group, float(layout.dp), overlap)
-        on_meta = any(p.is_meta for p in model.parameters())
-        if self.size == 1 or on_meta:  # meta (the dry run): nothing to reduce, DDP cannot build buffers there
+        if self.size == 1:  # nothing to reduce
             self.ddp = None
             self.module = model
             return

@@ -9,14 +9,24 @@ dtypes, no data) in one process that plays rank `--rank` (dryrun.rank) of the jo
 tensor, so a tensor on the wrong device fails here instead of at step 1 on the cluster. Nothing is read but shapes (a synthetic sample
 of the preset's shape, or one sample of data.shards with dryrun.shape=shards) and nothing is written.
 
+Everything the run holds is held here too: torch DDP builds on `meta` (its gradient buckets, which keep every
+gradient alive as a bucket view between steps), ZeRO-1's AdamW shards, the DP-sharded EMA; every collective
+of a step (DDP's bucket all-reduce, the TP/SP and CP collectives, the grad-norm and agreement all-reduces,
+ZeRO's broadcasts) runs on `meta` under the fake group, the checkpoint save assembles its global tensors over
+a `meta` device mesh, and a tensor on another device fails the dry run with one line naming the collective.
+
 Everything reported is MEASURED on the model code as it is, not derived from formulas:
   parameters, gradients, optimizer state, EMA   bytes of the tensors the trainer holds on this rank
-  activations (none / full checkpointing)       bytes of the storages autograd saves for backward in one
-                                                micro-step forward (saved-tensor hooks), parameters excluded
+                                                (gradients: DDP's bucket storage when DP x CP > 1)
+  activations (none / selective / full)         bytes of the storages a micro-step forward leaves alive for
+                                                backward, parameters excluded
   peak                                          the high-water mark of live `meta` storages during a whole
                                                 steady-state optimizer step (a dispatch-level tracker)
-  step FLOPs                                    torch's FlopCounterMode over a whole step (activation recompute and
-                                                the fused attention backward's score recompute included)
+  host (checkpoint staging)                     host bytes an asynchronous save copies this rank's state into
+  FLOPs                                         model FLOPs (3 x forward, no recompute: the MFU numerator) and
+                                                hardware FLOPs (recompute, flash backward at 2.5 x forward) from
+                                                osp.stage2_train.roofline, beside torch's FlopCounterMode count
+                                                over a whole step ("counted": its own SDPA formulas)
 Attention runs through the fused (flash-style) kernel accelerators use, so no S x S matrix is saved;
 its FLOPs use torch's own SDPA formulas. Activations are in `run.precision` (`auto` means the
 accelerator regime here: bf16, parameters and optimizer state fp32).
@@ -36,10 +46,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from osp.common import config as C
+from osp.common.errors import OspError
+from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.common.errors import ConfigError
 from osp.stage2_train.config import CHECKPOINTING, TrainConfig
@@ -47,6 +60,7 @@ from osp.stage2_train.data import Batch
 from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
 from osp.stage2_train.metrics import NullMetrics
 from osp.stage2_train.plan import apply_ac
+from osp.stage2_train.roofline import hardware_flops, model_flops
 from osp.stage2_train.trainer import Parts, Trainer, build_trainer, shard_loader
 from osp.stage2_train.validation import Validation
 
@@ -164,6 +178,14 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     ]
 
 
+def held_tensors(trainer: Trainer) -> list[torch.Tensor]:
+    """What a rank holds between steps: parameters, buffers, AdamW state, the EMA shard and, under DDP,
+    the gradients (views of its buckets, zeroed in place rather than freed)."""
+    out = list(trainer.model.parameters()) + list(trainer.model.buffers()) + optimizer_tensors(trainer.optimizer)
+    out += list(trainer.ema.shadow.values()) if trainer.ema is not None else []
+    return out + [p.grad for p in trainer.params if p.grad is not None]
+
+
 def saved_activation_bytes(trainer: Trainer, batch: Batch, checkpointing: str) -> int:
     """Bytes one micro-step's forward leaves alive for backward under `checkpointing` (none | selective |
     full): storages created during the forward that are still alive after it, i.e. tensors saved by
@@ -231,19 +253,57 @@ def synthetic_loader(cfg: TrainConfig, layout, geometry: Geometry) -> SyntheticL
     return SyntheticLoader(cfg.data.batch_size, geometry.latent_channels, shape, C.TEXT_MAX_LENGTH, dim)
 
 
+class CollectiveDeviceError(OspError, RuntimeError):
+    """A tensor on another device than the run's reached a collective (nccl/hccl would fail at step 1)."""
+
+
 class MetaCheckpoints:
-    """The dry run's checkpoint part: nothing to resume from and nothing written (the state a
-    checkpoint would hold is measured from the trainer's tensors instead)."""
+    """The dry run's checkpoint part: nothing to resume from and nothing written. `save` assembles
+    this rank's state as global tensors over the (replica, tp) mesh as a real save does, refuses a local piece
+    on another device than the mesh's, and measures the host copy an asynchronous save stages (`host_bytes`)."""
 
     resume_path = None
     pending = False
 
+    def __init__(self, layout=None):
+        self.layout = layout
+        self.mesh = ckpt.make_mesh("meta", layout.world, layout.tp) if layout is not None else None
+        self.host_bytes = 0
+
     @classmethod
     def for_run(cls, cfg, resume, layout, device) -> MetaCheckpoints:
-        return cls()
+        return cls(layout)
 
     def save(self, trainer) -> None:
-        raise RuntimeError("the dry run writes no checkpoint")
+        L = self.layout  # (the save's barrier carries no tensor of the run: not played here)
+        to_global = ckpt._global
+        device = self.mesh.device_type
+
+        def checked(key, local, mesh, tp):  # DTensor.from_local would silently copy a stray piece to the device
+            if local.device.type != device:
+                raise CollectiveDeviceError(
+                    f"checkpoint save: {key} is a {local.device.type} tensor placed on the {device} device mesh "
+                    "(DTensor.from_local in checkpoint.state_dict, then DCP's save over the mesh's group); keep the "
+                    "trainer's state on the run's device"
+                )
+            return to_global(key, local, mesh, tp)
+
+        ckpt._global = checked
+        try:
+            sd = ckpt.state_dict(
+                model=trainer.model,
+                ema=trainer.ema,
+                optimizer=trainer.optimizer,
+                counters=trainer.counters_state(),
+                mesh=self.mesh,
+                tp=L.tp,
+                rank=L.rank,
+            )
+        finally:
+            ckpt._global = to_global
+        # _CopyStager: one host copy of every local piece (counters, RNG state and AdamW step counts are host
+        # tensors by design)
+        self.host_bytes = tensor_bytes(v.to_local() if isinstance(v, DTensor) else v for v in sd.values())
 
     def poll(self) -> None:
         pass
@@ -253,6 +313,43 @@ class MetaCheckpoints:
 
     def close(self) -> None:
         pass
+
+
+_COLLECTIVE_FILES = ("distributed_c10d.py", "c10d_logger.py")
+
+
+def collective_error(e: BaseException) -> CollectiveDeviceError | None:
+    """The fake group's refusal of a non-`meta` tensor as one line naming the collective and its caller
+    (from the traceback, or from the frames a C++ boundary such as DDP's reducer quotes in the message)."""
+    text = str(e)
+    if "No backend type associated with device type" not in text:
+        return None
+    device = text.split("No backend type associated with device type", 1)[1].split()[0].strip(".,")
+    frames: list[tuple[str, str]] = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name))
+        tb = tb.tb_next
+    if "At:" in text:  # pybind11 quotes the Python frames of an error raised in a callback, innermost first
+        quoted = []
+        for line in text.split("At:", 1)[1].splitlines():
+            line = line.strip()
+            if "(" in line and "):" in line:
+                quoted.append((line.split("(", 1)[0], line.rsplit(": ", 1)[-1]))
+        frames += quoted[::-1]
+    name, caller = "a collective", ""
+    for i in range(len(frames) - 1, -1, -1):
+        f, fn = frames[i]
+        if f.endswith(_COLLECTIVE_FILES) and fn != "wrapper":
+            name = f"torch.distributed.{fn}"
+            outer = [fr for fr in frames[:i] if "/torch/" not in fr[0]]
+            if outer:
+                caller = f" (called from {outer[-1][1]} in {outer[-1][0].rsplit('/', 1)[-1]})"
+            break
+    return CollectiveDeviceError(
+        f"dry run: a {device} tensor reached {name}{caller}: No backend type associated with device type {device}; "
+        "nccl/hccl refuse it at step 1, so every tensor of a collective must live on the run's device"
+    )
 
 
 def meta_host_sync(values: torch.Tensor) -> list[float]:
@@ -292,13 +389,17 @@ class DryRunReport:
     ema: int
     activations: dict  # checkpointing mode -> bytes saved for backward per micro-step
     peak: int
-    step_flops: float
+    step_flops: float  # hardware FLOPs counted by FlopCounterMode over one step (torch's own SDPA formulas)
     checkpoint_state: int  # bytes of model + EMA + optimizer state this rank contributes to a checkpoint
     card_gb: float
     seconds: float
     suggestions: list = field(default_factory=list)
     precision: str = "bf16"  # dtype of the activations (the model's compute_dtype)
     validation_peak: int = 0  # the high-water mark of a validation step ([validate] on; EMA swap + sampling)
+    model_flops: float = 0.0  # 3 x forward, no recompute (the MFU numerator), per rank per step
+    hardware_flops: float = 0.0  # + recompute, flash attention's backward at 2.5 x forward (HFU)
+    host_staging: int = 0  # host bytes an asynchronous checkpoint save stages on this rank
+    ddp_buckets: bool = False  # gradients held in DDP's buckets (DP x CP > 1)
 
     @property
     def usable(self) -> float:
@@ -322,7 +423,7 @@ class DryRunReport:
             f"{self.tokens} video tokens/sample  checkpointing {self.checkpointing}",
             f"{'per rank':<44}{unit:>9}",
             f"{'parameters':<44}{g(self.params)}",
-            f"{'gradients':<44}{g(self.grads)}",
+            f"{'gradients' + (' (DDP buckets)' if self.ddp_buckets else ''):<44}{g(self.grads)}",
             f"{'optimizer state (AdamW m, v)':<44}{g(self.optimizer)}",
             f"{'EMA':<44}{g(self.ema)}",
         ]
@@ -337,14 +438,17 @@ class DryRunReport:
                 else []
             ),
             f"{'checkpoint state written by this rank':<44}{g(self.checkpoint_state)}",
-            f"step FLOPs on this rank: {self.step_flops / 1e12:,.4g} TFLOP (forward + backward"
-            f"{' + recompute' if self.checkpointing != 'none' else ''})",
+            f"{'host: asynchronous checkpoint staging':<44}{g(self.host_staging)}",
+            f"step FLOPs on this rank: model {self.model_flops / 1e12:,.4g} TFLOP (3 x forward, no recompute: MFU); "
+            f"hardware {self.hardware_flops / 1e12:,.4g} TFLOP (recompute + flash backward 2.5 x forward: HFU); "
+            f"hardware counted {self.step_flops / 1e12:,.4g} TFLOP (FlopCounterMode, torch's SDPA formulas)",
             f"activations in {self.precision} (run.precision; auto = the accelerator regime, bf16)",
         ]
         budget = f"{self.card_gb:g} GiB card, {HEADROOM:.0%} kept free -> {self.usable / GIB:.1f} GiB usable"
         top = max(self.peak, self.validation_peak)  # a validation step, when on, may set the high-water mark
+        host = f"; host {self.host_staging / GIB:.3g} GiB per rank for checkpoint staging"
         if self.fits:
-            rows.append(f"verdict: FITS  peak {top / GIB:.3g} GiB on a {budget}")
+            rows.append(f"verdict: FITS  peak {top / GIB:.3g} GiB on a {budget}{host}")
         else:
             rows.append(f"verdict: DOES NOT FIT  peak {top / GIB:.3g} GiB on a {budget}; try:")
             rows += [f"  - {s}" for s in self.suggestions] or ["  - a card with more memory"]
@@ -376,9 +480,29 @@ def _suggestions(r: DryRunReport, cfg: TrainConfig, heads: int) -> list[str]:
 
 
 @contextlib.contextmanager
+def ddp_on_meta():
+    """torch DDP on `meta` tensors: its two steps that read values on the host are skipped, the parameter
+    shape check across ranks (one process plays every rank: the shapes agree by construction) and the
+    one-time bucket rebuild in gradient-ready order after the first step (it exchanges bucket indices by
+    value; the first assignment holds the same gradients in buckets of the same capacity)."""
+    import torch.nn.parallel.distributed as ddp_module
+    from torch._C._distributed_c10d import Reducer
+
+    verify, rebuild = ddp_module._verify_param_shape_across_processes, Reducer._rebuild_buckets
+    ddp_module._verify_param_shape_across_processes = lambda *a, **k: None
+    Reducer._rebuild_buckets = lambda self: False
+    try:
+        yield
+    finally:
+        ddp_module._verify_param_shape_across_processes = verify
+        Reducer._rebuild_buckets = rebuild
+
+
+@contextlib.contextmanager
 def fake_world(world: int, rank: int):
     """Be rank `rank` of `world` on `meta`: the fake process group, and megatron's buffers on `meta`
-    (the CPU shim, forced even where an accelerator exists and undone afterwards)."""
+    (the CPU shim, forced even where an accelerator exists and undone afterwards). A collective that
+    meets a tensor of another device fails with one line naming it (`CollectiveDeviceError`)."""
     from osp.common import megatron_cpu
 
     D.init_fake(world, rank)
@@ -386,7 +510,13 @@ def fake_world(world: int, rank: int):
     megatron_cpu.apply(force=True)  # megatron's CUDA entry points -> the dry run's device
     megatron_cpu.use_device("meta")
     try:
-        yield
+        with ddp_on_meta():
+            yield
+    except RuntimeError as e:
+        err = collective_error(e)
+        if err is None:
+            raise
+        raise err from None
     finally:
         D.shutdown()
         megatron_cpu.use_device("cpu")
@@ -410,6 +540,8 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             L = trainer.layout
             batch = next(trainer.loader)
             tokens = video_tokens(trainer.dit_cfg, batch.shape)
+            d, text_len, batch_size = trainer.dit_cfg, int(batch.text.shape[1]), cfg.data.batch_size
+            accum = cfg.optim.grad_accum
             activations = {m: saved_activation_bytes(trainer, batch, m) for m in CHECKPOINTING}
 
             grads = {}
@@ -423,12 +555,10 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             with FusedAttention(), flop_counter() as flops:  # step 1 creates the optimizer state
                 trainer.train_step()
             peak = PeakMemory("meta")
-            state = (
-                list(trainer.model.parameters()) + list(trainer.model.buffers()) + optimizer_tensors(trainer.optimizer)
-            )
-            peak.track(state + (list(trainer.ema.shadow.values()) if trainer.ema is not None else []))
+            peak.track(held_tensors(trainer))  # under DDP the gradients stay alive in its buckets
             with FusedAttention(), peak:  # a steady-state step: the peak with optimizer state in place
                 trainer.train_step()
+            trainer.checkpoints.save(trainer)  # the save's device side; measures the host staging
 
             validation_peak = 0
             if trainer.validation is not None:  # the sampling with the training state in place
@@ -475,6 +605,11 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                 seconds=0.0,
                 precision=str(trainer.model.compute_dtype).removeprefix("torch."),
                 validation_peak=validation_peak,
+                model_flops=accum * model_flops(d, tokens, text_len, batch_size, L.tp, L.cp),
+                hardware_flops=accum
+                * hardware_flops(d, tokens, text_len, batch_size, L.tp, L.cp, checkpointing=cfg.model.checkpointing),
+                host_staging=trainer.checkpoints.host_bytes,
+                ddp_buckets=trainer.dp.ddp is not None,
             )
             report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
             report.seconds = time.perf_counter() - t0

@@ -207,6 +207,7 @@ class Parts:
     metrics: Callable[[TrainConfig, Layout, Any], MetricsLogger] = MetricsLogger.for_run
     host_sync: Callable[[torch.Tensor], list[float]] = to_host
     validation: Callable[[TrainConfig, Layout, DiTConfig, Geometry], Validation | None] = Validation.for_run
+    dit_config: Callable[[TrainConfig], DiTConfig] | None = None  # None: model_config (osp plan: fewer blocks)
 
 
 RUN_PARTS = Parts()
@@ -563,7 +564,7 @@ def build_trainer(cfg: TrainConfig, resume: str = "", *, parts: Parts = RUN_PART
     console = console if console is not None else Console(quiet=rank != 0, highlight=False, soft_wrap=True)
     trainer = None
     try:
-        dit_cfg = model_config(cfg)
+        dit_cfg = (parts.dit_config or model_config)(cfg)
         geometry = parts.geometry(cfg, dit_cfg, console)
         p = cfg.parallel
         L = D.init_parallel(p.tp, p.sp, dit_cfg.num_attention_heads, geometry.tokens, p.init_timeout_s, cp=p.cp)

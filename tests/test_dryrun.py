@@ -253,3 +253,73 @@ def test_context_parallel_layout_splits_the_work():
     assert two.params == one.params  # parameters are replicated over CP
     assert 0.45 < two.step_flops / one.step_flops < 0.8
     assert two.activations["none"] < one.activations["none"]
+
+
+def test_ddp_buckets_hold_the_gradients_on_meta():
+    """DP x CP > 1: torch DDP builds on meta and its buckets keep every gradient alive between steps, so the
+    peak holds them; the negative control (DP = 1, no DDP) frees them at zero_grad."""
+    with_ddp = _dry("tiny", 1, False, 2, 0)
+    without = _dry("tiny", 1, False, 1, 0)
+    assert with_ddp.ddp_buckets and not without.ddp_buckets
+    assert with_ddp.grads == with_ddp.params == without.grads
+    static = with_ddp.params + with_ddp.optimizer + with_ddp.ema + with_ddp.grads
+    assert with_ddp.peak >= static + with_ddp.activations["none"]
+    assert "gradients (DDP buckets)" in with_ddp.table()
+    # host staging: one host copy of this rank's checkpoint pieces (model, EMA share, AdamW state)
+    assert with_ddp.host_staging >= with_ddp.params + with_ddp.ema
+    # FLOPs labelled: model (MFU) < hardware (HFU); counted beside them
+    assert 0 < with_ddp.model_flops < with_ddp.hardware_flops and with_ddp.step_flops > 0
+    assert "model " in with_ddp.table() and "hardware counted" in with_ddp.table()
+
+
+def _one_line(capsys, argv) -> str:
+    rc = DR.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cpu_tensor_in_the_ddp_bucket_all_reduce_is_named(monkeypatch, capsys):
+    from osp.stage2_train import data_parallel as DP
+
+    def reduce_on_cpu(state, bucket):
+        buf = torch.zeros(bucket.buffer().shape)  # the bug: the bucket copied to the host
+        work = dist.all_reduce(buf, group=state.group, async_op=True)
+        return work.get_future().then(lambda f: bucket.buffer())
+
+    monkeypatch.setattr(DP, "_reduce_bucket", reduce_on_cpu)
+    err = _one_line(capsys, ["--preset", "tiny", "--tp", "1", "--world", "2"])
+    assert "torch.distributed.all_reduce" in err and "reduce_on_cpu" in err and "cpu tensor" in err
+
+
+def test_cpu_tensor_in_the_checkpoint_save_is_named(monkeypatch, capsys):
+    from osp.stage2_train import checkpoint as ckpt
+
+    tensor_state = ckpt._tensor_state
+
+    def one_on_cpu(model):
+        sd = dict(tensor_state(model))
+        k = next(iter(sd))
+        sd[k] = torch.zeros(sd[k].shape)  # the bug: one piece of the state on the host
+        return sd
+
+    monkeypatch.setattr(ckpt, "_tensor_state", one_on_cpu)
+    err = _one_line(capsys, ["--preset", "tiny", "--tp", "2", "--sp", "--world", "4"])
+    assert "checkpoint save" in err and "cpu tensor" in err and "DTensor.from_local" in err
+
+
+def test_cpu_tensor_in_the_ema_update_fails(monkeypatch):
+    """The sharded EMA's shard on the host: the dry run fails in the step, as an accelerator run would."""
+    from osp.stage2_train import optim
+
+    init = optim.EMA.__init__
+
+    def on_host(self, model, max_decay, layout=None):
+        init(self, model, max_decay, layout)
+        self.shadow = {n: torch.zeros(t.shape) for n, t in self.shadow.items()}
+        self._shadow_list = [self.shadow[n] for n in self._names]
+
+    monkeypatch.setattr(optim.EMA, "__init__", on_host)
+    with pytest.raises(Exception, match="device|meta|cpu"):
+        _dry("tiny", 1, False, 2, 0)
+    assert not dist.is_initialized()
