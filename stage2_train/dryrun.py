@@ -563,7 +563,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             validation_peak = 0
             if trainer.validation is not None:  # the sampling with the training state in place
                 vpeak = PeakMemory("meta")
-                vpeak.track(state + (list(trainer.ema.shadow.values()) if trainer.ema is not None else []))
+                vpeak.track(held_tensors(trainer))
                 with FusedAttention(), vpeak:
                     trainer.validation.run(trainer)
                 validation_peak = vpeak.peak
