@@ -31,6 +31,7 @@ before any device context exists, i.e. before torchrun starts the ranks.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ import psutil  # imported here, not in a signal handler (a second signal must no
 from osp.common.errors import ConfigError
 from osp.common.process import DIE_WITH_PARENT_ENV, set_parent_death_signal
 from osp.stage2_train.config import TrainConfig
+from osp.stage2_train.elastic import EXIT_PEER_LOST, RESUME_ENV
 
 AGENT_FLAG = "--torchrun"  # python -m osp.stage2_train.launch --torchrun <torchrun arguments>: the agent
 
@@ -130,6 +132,15 @@ def agent(argv: list[str]) -> None:
         # (timestamps have whole-second resolution: ties are common)
         bad = sorted((f.exitcode < 0, f.timestamp, rank, f.exitcode) for rank, f in e.failures.items())
         _, _, rank, code = bad[0]
+        lost = [f.message for f in e.failures.values() if f.exitcode == EXIT_PEER_LOST and f.message]
+        if lost:  # the ranks said which peer went away; the node's own summary says it once more
+            what = lost[0].split("; ", 1)[0]
+            print(
+                f"error: {what}; this node's ranks stopped (how to resume: their line above)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(1)
         what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         print(
             f"error: rank {rank} failed first ({what}; its error is above); torchrun stopped the other ranks",
@@ -203,6 +214,7 @@ def launch(cfg: TrainConfig, *, restart: bool = False) -> int:
         claim_run_dir(cfg.run.path, cfg.run.resume, restart)
     env = child_env(os.environ, _device_type(cfg.run.device))
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so it prints no banner about it
+    env[RESUME_ENV] = resume_command(sys.argv)
     with tempfile.TemporaryDirectory(prefix="osp-launch-") as tmp:
         resolved = Path(tmp) / "config.toml"
         resolved.write_text(cfg.to_toml())
@@ -218,6 +230,20 @@ def launch(cfg: TrainConfig, *, restart: bool = False) -> int:
         ]
         sys.stdout.flush()
         return run_torchrun(cmd, env)
+
+
+def resume_command(argv: list[str]) -> str:
+    """This launcher's command line as the one that resumes the run: --restart and any --resume /
+    run.resume dropped, --resume auto added."""
+    out, skip = ["osp"], False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif a != "--restart" and not a.startswith(("--resume=", "run.resume=")):
+            out.append(a)
+    return shlex.join([*out, "--resume", "auto"])
 
 
 def _device_type(device: str) -> str:

@@ -15,6 +15,7 @@ from osp.common.errors import OspError, one_line
 from osp.common.process import die_with_parent
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
+from osp.stage2_train.elastic import EXIT_PEER_LOST, PeerLostError
 from osp.stage2_train.rundir import claim_run_dir
 from osp.stage2_train.trainer import build_trainer, catch_early_sigterm
 
@@ -40,7 +41,7 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
         sys.stderr.flush()
         if os.environ.get("OSP_TRACEBACK"):
             raise
-        return 1
+        return EXIT_PEER_LOST if isinstance(e, PeerLostError) else 1
     finally:
         if trainer is not None:
             trainer.close()
@@ -59,4 +60,9 @@ def rank_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(sys.argv[1:]))
+    code = rank_main(sys.argv[1:])
+    if code == EXIT_PEER_LOST:  # the process group is broken: no teardown that could wait on a dead peer
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -57,6 +57,7 @@ from osp.stage2_train.data import Batch, CorruptSampleError, ShardLoader, corrup
 from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, draw_samples
 from osp.stage2_train.diffusion import sample_posterior, step_seed
+from osp.stage2_train.elastic import PeerWatch
 from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
 from osp.stage2_train.layout import Layout
 from osp.stage2_train.lock import take_run_lock
@@ -139,6 +140,10 @@ class RunCheckpoints:
 
     def poll(self) -> None:
         self.writer.poll()
+
+    def abandon(self) -> None:
+        """Drop the save in flight without waiting (a peer is gone: it can never complete or be published)."""
+        self.writer.pending = None
 
     def wait(self) -> None:
         self.writer.wait()
@@ -228,6 +233,7 @@ class Trainer:
         self.corrupt = ""  # the first corrupt sample seen with data.skip_corrupt off (see _prepare)
         self.last_keys: list[str] = []
         self.watchdog = Watchdog(0, layout.rank)  # replaced in fit()
+        self.peers = PeerWatch.off()  # replaced in fit()
 
     # -- state -------------------------------------------------------------------------------
     def counters_state(self) -> dict[str, int]:
@@ -348,6 +354,7 @@ class Trainer:
             self.watchdog.beat(f"waiting for the data loader (step {self.step + 1})")
             batch, weight = self._prepare(next(self.loader))
             data_wait += time.perf_counter() - tw
+            self.watchdog.beat(f"in the forward/backward of step {self.step + 1}")
             with self.dp.sync(final=micro == accum - 1):  # DP reduction overlaps the last micro-step's backward
                 loss = self.micro_loss(batch, self.step, micro, train=True).mean() * (weight / accum)
                 loss.backward()
@@ -452,8 +459,12 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         self.stop_requested |= _EARLY_SIGTERM[0]  # a SIGTERM during start-up stops after the first step
         self.watchdog = Watchdog(run.watchdog_s, self.layout.rank)
-        try:
-            with self.metrics.progress(self.step):
+        self.peers = PeerWatch.start(self.cfg.launch.node_rank, self.cfg.launch.min_nodes > 0)
+        try:  # a collective failure because a peer went away: one line naming it (osp.stage2_train.elastic)
+            with (
+                self.peers.guard(lambda: self.watchdog.where, self.checkpoints.abandon),
+                self.metrics.progress(self.step),
+            ):
                 while self.step < run.steps:
                     self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
@@ -471,6 +482,7 @@ class Trainer:
                         break
         finally:
             self.watchdog.close()
+            self.peers.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return history
