@@ -234,6 +234,7 @@ class Trainer:
         self.last_keys: list[str] = []
         self.watchdog = Watchdog(0, layout.rank)  # replaced in fit()
         self.peers = PeerWatch.off()  # replaced in fit()
+        self.last_save_t, self.ckpt_time_due = time.monotonic(), False  # run.ckpt_every_minutes
 
     # -- state -------------------------------------------------------------------------------
     def counters_state(self) -> dict[str, int]:
@@ -273,6 +274,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.last_save_t = time.monotonic()
         path = self.checkpoints.save(self)
         pending = " (writing in the background)" if self.checkpoints.pending else ""
         self.metrics.print(f"checkpoint {path}{pending}")
@@ -379,6 +381,7 @@ class Trainer:
                 torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).to(sdt),
                 torch.full((), float(self.stop_requested), dtype=sdt, device=dev),
                 torch.full((), float(bool(self.corrupt)), dtype=sdt, device=dev),
+                torch.full((), float(self._ckpt_time_due()), dtype=sdt, device=dev),  # rank 0's clock decides
             ]
         )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -392,7 +395,8 @@ class Trainer:
         host = self.host_sync(
             torch.cat([flags, stats, norm.detach().to(sdt).reshape(1), nonfinite_t.to(sdt).reshape(1)])
         )
-        flag_bad, flag_stop, flag_corrupt, loss_total, global_samples, norm_value, nonfinite = host
+        flag_bad, flag_stop, flag_corrupt, flag_time, loss_total, global_samples, norm_value, nonfinite = host
+        self.ckpt_time_due = flag_time > 0  # run.ckpt_every_minutes: every rank saves after this step
 
         if flag_corrupt > 0:  # a corrupt sample on any rank and data.skip_corrupt off: every rank stops now
             found = [None] * L.world
@@ -440,6 +444,11 @@ class Trainer:
             **self.counters,
         }
 
+    def _ckpt_time_due(self) -> bool:
+        """Rank 0: run.ckpt_every_minutes have passed since the last checkpoint (or the start)."""
+        minutes = self.cfg.run.ckpt_every_minutes
+        return self.layout.is_main and minutes > 0 and time.monotonic() - self.last_save_t >= 60 * minutes
+
     def _skip_nonfinite(self, my_keys: list[str]) -> None:
         """A non-finite loss or gradient on some rank: stop (naming the samples) or skip the step."""
         bad: list[list[str]] = [[] for _ in range(self.layout.world)]
@@ -472,7 +481,7 @@ class Trainer:
                     self.metrics.log(m, self.last_keys)
                     self.checkpoints.poll()
                     last = self.stop_requested or self.step == run.steps
-                    if last or (run.ckpt_every and self.step % run.ckpt_every == 0):
+                    if last or self.ckpt_time_due or (run.ckpt_every and self.step % run.ckpt_every == 0):
                         self.watchdog.beat(f"writing the checkpoint of step {self.step}")
                         self.save()
                     if last:

@@ -175,3 +175,20 @@ def test_lost_node_is_one_line_on_every_surviving_rank(shards, tmp_path):
         assert "node 1 (ranks 2, 3) stopped answering" in line and "of step" in line, line
         assert "--resume auto` on every node" in line and f"--master-port {port}" in line, line
     assert len(lines) == 3 and lines[-1].startswith("error: node 1 (ranks 2, 3)"), err[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint cadence by time: rank 0's clock, agreed by every rank in the step's flags all-reduce
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.dist
+def test_ckpt_every_minutes_saves_on_rank0s_clock(shards, tmp_path):
+    def saved_steps(minutes: str, run: Path) -> list[int]:
+        cmd = [OSP, "train", "--nproc", "2", *_run_args(shards, run, "run.steps=4", "run.ckpt_every=0")]
+        p = subprocess.run(
+            cmd + [f"run.ckpt_every_minutes={minutes}"], env=ENV, capture_output=True, text=True, timeout=300
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        return [int(x.split("step-")[1][:7]) for x in p.stdout.splitlines() if x.startswith("checkpoint ")]
+
+    assert saved_steps("0.0001", tmp_path / "often") == [1, 2, 3, 4]  # 6 ms: due after every step
+    assert saved_steps("60", tmp_path / "hourly") == [4]  # control: not due within the run, only the final save
