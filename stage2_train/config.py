@@ -112,6 +112,7 @@ class LaunchConfig:
     )
     min_nodes: int = 0  # > 0: elastic, torchrun restarts the job on the nodes present (MIN..nnodes) after a change
     max_restarts: int = 3  # elastic: restarts after a failure (a lost node) before the job stops
+    join_wait_s: int = 30  # elastic: once MIN nodes are there, wait this long for more before (re)starting the ranks
     node_rank: int = 0
     master_addr: str = ""  # "" = MASTER_ADDR from the environment, else 127.0.0.1
     master_port: int = 0  # 0 = MASTER_PORT from the environment, else (one node) a free port; several nodes need one
@@ -256,6 +257,8 @@ class TrainConfig:
             )
         if la.max_restarts < 0:
             bad("launch.max_restarts must be >= 0")
+        if la.join_wait_s < 1:
+            bad("launch.join_wait_s must be >= 1 (seconds)")
         if self.run.ckpt_every_minutes < 0:
             bad("run.ckpt_every_minutes must be >= 0 (0 = off)")
         if not 0 <= la.master_port < 65536:

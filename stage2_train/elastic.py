@@ -11,14 +11,17 @@ line naming their node(s), the step and the command that resumes; the rank exits
 Elastic runs (`osp.stage2_train.launch` starts torchrun with its c10d rendezvous, --nnodes MIN:MAX and
 --max-restarts). torchrun restarts the ranks whenever the set of nodes changes: a node lost (the ranks
 fail as above) or a node that joins (the ranks get SIGTERM: checkpoint at the step boundary, exit 0).
-Each start of the ranks (`prepare`, before the trainer is built) then:
-  * on the job's first start: claims the run folder (a new run, or run.resume) and records the
-    target global batch, data.batch_size x optim.grad_accum x DP at MAX nodes, in <run>/elastic.json;
-  * on every later start: resumes from the latest complete checkpoint (run.resume=auto) and derives
-    optim.grad_accum = global batch / (data.batch_size x DP) for the nodes present, so the global batch,
-    the data order and the per-sample noise stay those of the uninterrupted run;
-  * writes an event record to metrics.jsonl (and one line on the console): the restart, the nodes,
-    the layout before and after, the checkpoint step and the number of steps lost.
+When the store itself stops answering, the lost node is the one that hosted it (the node of rank 0).
+The launcher checks the run folder as for a fixed job (a new run is refused in a folder with
+checkpoints unless --resume auto), except on a node that joins a live job (the run lock is held).
+Each start of the ranks (`prepare`, before the trainer is built, the same answer on every rank):
+  * resumes from the latest complete checkpoint when the run has one (run.resume otherwise);
+  * takes the run's global batch, data.batch_size x optim.grad_accum x DP at MAX nodes, recorded in
+    <run>/elastic.json by the start without a checkpoint, and derives optim.grad_accum = global batch /
+    (data.batch_size x DP) for the nodes present: the global batch, the data order and the per-sample
+    noise stay those of the uninterrupted run;
+  * (rank 0) writes an `elastic_start` event to metrics.jsonl and one line on the console: the nodes,
+    world, DP and grad_accum before and after, the checkpoint it resumes and the number of steps lost.
 `check_elastic` refuses, at launch, a MIN:MAX whose nodes cannot hold one TP x CP group or whose
 smaller layouts cannot reach the global batch with whole micro-batches.
 """
@@ -41,7 +44,6 @@ from osp.common.errors import ConfigError, OspError
 
 EXIT_PEER_LOST = 4  # a rank that stopped because a peer was lost (the watchdog's is 3)
 RESUME_ENV = "OSP_RESUME_COMMAND"  # set by the launcher: the command line that resumes this job
-RESTART_ENV = "OSP_RESTART"  # set by an elastic launch with --restart: the first start moves an earlier run aside
 STATE_FILE = "elastic.json"  # <run>/elastic.json: the target global batch of an elastic run
 BEAT_S = 0.25
 SILENT_S = 1.5  # a rank whose beat stands still this long after a failed collective stopped answering
@@ -178,12 +180,11 @@ class PeerWatch:
     def lost_error(self, where: str, cause: str) -> PeerLostError:
         """The one line of a rank that saw a peer go away while `where` (the watchdog's words)."""
         silent = self.silent_ranks() if self.store is not None else None
-        if silent is None:
-            who = (
-                f"the rendezvous host {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-                if self.store is not None
-                else "a peer"
-            )
+        if silent is None and self.store is not None:  # the store lives on the node of rank 0: that node is gone
+            host = [r for r, nh in enumerate(self.nodes) if nh == self.nodes[0]]
+            who = self.describe([r for r in host if r != self.rank]) if self.rank not in host else "the job's store"
+        elif silent is None:
+            who = "a peer"
         elif silent:
             who = self.describe(silent)
         else:
@@ -268,3 +269,103 @@ def grad_accum_for(global_batch: int, batch_size: int, dp: int) -> int:
             f"{batch_size} x DP {dp}; restart it with a launch.nnodes MIN:MAX that osp train accepts"
         )
     return global_batch // per_step
+
+
+# ------------------------------------------------------------------------------------------------
+# each start of an elastic job's ranks
+# ------------------------------------------------------------------------------------------------
+def _read_records(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut by a killed rank 0
+            continue
+    return out
+
+
+def target_global_batch(cfg, has_checkpoint: bool) -> int:
+    """The run's global batch: recorded in <run>/elastic.json by the job's first start (data.batch_size x
+    optim.grad_accum x DP at MAX nodes); read back by every start that resumes a checkpoint."""
+    f = cfg.run.path / STATE_FILE
+    if has_checkpoint and f.is_file():
+        return int(json.loads(f.read_text())["global_batch"])
+    p = cfg.parallel
+    return cfg.data.batch_size * cfg.optim.grad_accum * dp_at(cfg.launch.nnodes, cfg.nproc, p.tp, p.cp)
+
+
+def prepare(cfg, *, world: int, nproc: int, rank: int, say: Callable[[str], None] = print):
+    """An elastic start of the ranks (every rank, the same answer from the same files): resume from the
+    latest complete checkpoint when the run has one (run.resume otherwise: the launcher checked the
+    folder), optim.grad_accum for the nodes present, and on rank 0 the record of this start.
+    Returns the config the trainer is built with."""
+    from osp.stage2_train import checkpoint as ckpt
+
+    p, run_dir = cfg.parallel, cfg.run.path
+    latest = ckpt.find(run_dir, "auto") if (run_dir / ckpt.CHECKPOINTS).is_dir() else None
+    resume = "auto" if latest is not None else cfg.run.resume
+    target = target_global_batch(cfg, latest is not None)
+    dp = world // (p.tp * p.cp)
+    accum = grad_accum_for(target, cfg.data.batch_size, dp)
+    cfg.run.resume, cfg.optim.grad_accum = resume, accum
+    if rank != 0:
+        return cfg
+    if latest is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STATE_FILE).write_text(
+            json.dumps({"global_batch": target, "nnodes": f"{cfg.launch.min_nodes}:{cfg.launch.nnodes}"}) + "\n"
+        )
+    records = _read_records(run_dir)
+    starts = [r for r in records if r.get("event") == "elastic_start"]
+    steps = [r["step"] for r in records if "event" not in r and "step" in r]
+    resumed = int(ckpt.read_trainer_state(latest).get("step", 0)) if latest is not None else 0
+    lost = max(0, steps[-1] - resumed) if steps and starts else 0
+    prev = starts[-1] if starts else None
+    event = {
+        "event": "elastic_start",
+        "start": len(starts) + 1,
+        "step": resumed,
+        "resumed_from": latest.name if latest is not None else None,
+        "steps_lost": lost,
+        "nodes": world // nproc,
+        "world": world,
+        "dp": dp,
+        "grad_accum": accum,
+        "global_batch": target,
+        "previous": {k: prev[k] for k in ("nodes", "world", "dp", "grad_accum")} if prev else None,
+        "time": time.time(),
+    }
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
+    if prev is None and latest is None:
+        say(
+            f"elastic start on {event['nodes']} node(s): world {world}, DP {dp}, optim.grad_accum {accum} (global batch {target})"
+        )
+        return cfg
+    change = (
+        f"{prev['nodes']} -> {event['nodes']} node(s), world {prev['world']} -> {world}, DP {prev['dp']} -> {dp}, "
+        f"optim.grad_accum {prev['grad_accum']} -> {accum}"
+        if prev
+        else f"{event['nodes']} node(s), world {world}, DP {dp}, optim.grad_accum {accum}"
+    )
+    where = f"from {latest.name}" if latest is not None else "from step 0 (no checkpoint yet)"
+    say(
+        f"elastic restart {event['start'] - 1}: {change} (global batch {target}); resuming {where}, {lost} step(s) lost"
+    )
+    return cfg
+
+
+def run_is_live(run_dir: Path) -> bool:
+    """A job holds the run folder's lock (a node joining a running elastic job)."""
+    from osp.stage2_train.lock import LOCK_NAME, RunLock, RunLockedError
+
+    if not (Path(run_dir) / LOCK_NAME).is_file():
+        return False
+    try:
+        RunLock(run_dir).acquire().release()
+    except RunLockedError:
+        return True
+    return False

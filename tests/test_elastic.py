@@ -192,3 +192,115 @@ def test_ckpt_every_minutes_saves_on_rank0s_clock(shards, tmp_path):
 
     assert saved_steps("0.0001", tmp_path / "often") == [1, 2, 3, 4]  # 6 ms: due after every step
     assert saved_steps("60", tmp_path / "hourly") == [4]  # control: not due within the run, only the final save
+
+
+# ------------------------------------------------------------------------------------------------
+# elastic: continue on the node that remains; take in a node that joins
+# ------------------------------------------------------------------------------------------------
+STEPS = 8
+ELASTIC = ("launch.join_wait_s=3", "run.log_keys=true", f"run.steps={STEPS}", "run.ckpt_every=2")
+
+
+def _keys(run: Path, rank: int, *, last_start: bool = False) -> dict[int, list[str]]:
+    """Step -> keys of one rank's keys file; `last_start`: only what the last start of the ranks wrote
+    (the file goes on across restarts: a start that resumes begins again below the steps it has)."""
+    rows = [json.loads(x) for x in (run / f"keys-rank{rank:05d}.jsonl").read_text().splitlines()]
+    if last_start:
+        cut = max([i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"]], default=0)
+        rows = rows[cut:]
+    return {r["step"]: r["keys"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """The uninterrupted 2-node run (fixed NNODES=2, 2 processes per node, TP=2 in a node, DP=2)."""
+    work = tmp_path_factory.mktemp("reference")
+    run, port = work / "run", free_port()
+    nodes = [_launch("2", r, port, _run_args(shards, run, *ELASTIC), work / f"node{r}") for r in (1, 0)]
+    for n in nodes:
+        n.wait(timeout=400)
+    assert [n.returncode for n in nodes] == [0, 0], (work / "node0.err").read_text()[-3000:]
+    return run
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_elastic_job_continues_on_the_remaining_node(shards, reference, tmp_path):
+    run, port = tmp_path / "run", free_port()
+    args = _run_args(shards, run, *ELASTIC)
+    node0 = _launch("1:2", 0, port, args, tmp_path / "node0")
+    node1 = _launch("1:2", 1, port, args, tmp_path / "node1")
+    latest = run / "checkpoints" / "latest"
+
+    def running_on_both() -> bool:  # (a node that came late was taken in by a restart: then its first checkpoint)
+        ev = [e for e in _records(run) if e.get("event")]
+        return bool(ev) and ev[-1]["world"] == 4 and latest.exists() and ev[-1]["step"] < int(latest.read_text()[5:])
+
+    _wait_for(running_on_both, [node0, node1], what="the first checkpoint on both nodes")
+    before = len([e for e in _records(run) if e.get("event")])
+    _kill_node(node1)
+    node0.wait(timeout=400)
+    out, err = (tmp_path / "node0.out").read_text(), (tmp_path / "node0.err").read_text()
+    assert node0.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "GLHF" not in err, err[-3000:]
+    lost = [x for x in err.splitlines() if x.startswith("error (rank")]
+    assert lost and all("node 1 (" in x and "torchrun restarts the job" in x for x in lost), err[-3000:]
+
+    rec = _records(run)
+    at = [i for i, e in enumerate(rec) if e.get("event") == "elastic_start"]
+    assert len(at) == before + 1, rec
+    again = rec[at[-1]]
+    resumed = again["step"]
+    assert 2 <= resumed < STEPS and again["resumed_from"] == f"step-{resumed:07d}", again
+    assert (again["nodes"], again["world"], again["dp"], again["grad_accum"], again["global_batch"]) == (1, 2, 1, 2, 4)
+    assert again["previous"] == {"nodes": 2, "world": 4, "dp": 2, "grad_accum": 1}, again
+    reached = max(m["step"] for m in rec[: at[-1]] if "event" not in m)
+    assert again["steps_lost"] == reached - resumed, (again, reached)
+    assert f"elastic restart {len(at) - 1}: 2 -> 1 node(s), world 4 -> 2, DP 2 -> 1, optim.grad_accum 1 -> 2" in out
+
+    # after the restart: the samples and the losses of the uninterrupted 2-node run, step by step
+    after = _keys(run, 0, last_start=True)
+    assert sorted(s for s in after if s > resumed) == list(range(resumed + 1, STEPS + 1))
+    ref0, ref2 = _keys(reference, 0), _keys(reference, 2)  # the two DP ranks (TP groups [0, 1] and [2, 3])
+    for s in range(resumed + 1, STEPS + 1):
+        assert after[s] == ref0[s] + ref2[s], (s, after[s], ref0[s], ref2[s])  # DP 2 x 1 = 1 x 2 micro-batches
+        assert _keys(run, 1, last_start=True)[s] == after[s]  # its TP peer reads the same batch
+    mine = {m["step"]: m["loss"] for m in rec[at[-1] + 1 :]}
+    ref = {m["step"]: m["loss"] for m in _steps(reference)}
+    assert sorted(mine) == list(range(resumed + 1, STEPS + 1))
+    for s in mine:
+        assert mine[s] == pytest.approx(ref[s], rel=1e-5), (s, mine[s], ref[s])
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:07d}"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_node_that_joins_is_taken_in_at_a_checkpoint_restart(shards, tmp_path):
+    import signal
+
+    run, port = tmp_path / "run", free_port()
+    args = _run_args(shards, run, "launch.join_wait_s=2", "run.steps=100000", "run.ckpt_every=0")
+    node0 = _launch("1:2", 0, port, args, tmp_path / "node0")
+    _wait_for(lambda: len(_steps(run)) >= 2, [node0], what="2 steps on one node")
+    node1 = _launch("1:2", 1, port, args, tmp_path / "node1")
+
+    def joined() -> bool:
+        rec = _records(run)
+        at = [i for i, e in enumerate(rec) if e.get("event")]
+        return len(at) == 2 and len(rec) - at[1] > 2
+
+    _wait_for(joined, [node0, node1], what="a restart with both nodes and 2 steps after it")
+    for n in (node0, node1):  # a scheduler's stop: every process of both nodes
+        for p in _tree(n):
+            p.send_signal(signal.SIGTERM)
+    for n in (node0, node1):
+        n.wait(timeout=120)
+    errs = [(tmp_path / f"node{r}.err").read_text() for r in (0, 1)]
+    assert [node0.returncode, node1.returncode] == [0, 0], [e[-2000:] for e in errs]
+    events = [e for e in _records(run) if e.get("event") == "elastic_start"]
+    one, two = events[0], events[1]
+    assert (one["world"], one["dp"], one["grad_accum"], one["resumed_from"]) == (2, 1, 2, None), one
+    assert (two["world"], two["dp"], two["grad_accum"], two["global_batch"]) == (4, 2, 1, 4), two
+    # node 0's ranks wrote a checkpoint when torchrun stopped them for the new node: nothing was lost
+    assert two["resumed_from"] == f"step-{two['step']:07d}" and two["steps_lost"] == 0, two
+    assert two["previous"] == {"nodes": 1, "world": 2, "dp": 1, "grad_accum": 2}, two
