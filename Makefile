@@ -23,6 +23,8 @@ RUN       ?= runs/demo
 CONFIG    ?= stage2_train/configs/demo.toml
 INIT      ?=
 NNODES    ?= 1
+# NNODES=MIN:MAX: an elastic training job (torchrun's c10d rendezvous on MASTER_ADDR:MASTER_PORT): it goes on
+# with the nodes present after a node is lost, and takes in a node that (re)joins; encoding uses MAX nodes.
 NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
 # One node: a free rendezvous port unless MASTER_PORT is given; several nodes share MASTER_PORT.
@@ -50,8 +52,9 @@ CARD_GB   ?= 80
 NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),2)
 # Encoding: one process unless GPUS_PER_NODE/NPUS_PER_NODE or NNODES > 1 ask for more.
 ENCODE_NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),1)
-ENCODE_DIST := $(if $(filter-out 1,$(NNODES) $(ENCODE_NPROC)),yes,)
-ENCODE_RDZV = $(if $(MASTER_PORT),--nnodes $(NNODES) --node_rank $(NODE_RANK) --master_addr $(MASTER_ADDR) \
+ENCODE_NNODES := $(lastword $(subst :, ,$(NNODES)))
+ENCODE_DIST := $(if $(filter-out 1,$(ENCODE_NNODES) $(ENCODE_NPROC)),yes,)
+ENCODE_RDZV = $(if $(MASTER_PORT),--nnodes $(ENCODE_NNODES) --node_rank $(NODE_RANK) --master_addr $(MASTER_ADDR) \
               --master_port $(MASTER_PORT),--standalone)
 # `osp train` flags from make variables given on the command line or in the environment (the config
 # file keeps its own values otherwise); any other key or flag: TRAIN_ARGS="optim.lr=2e-5 run.ckpt_every=500".
@@ -113,7 +116,7 @@ encode: setup
 	@if [ "$(DATA)" = "$(DEMO_DATA)" ] && [ ! -f $(DATA)/annotation.json ]; then $(OSP) demo-data $(DATA); fi
 	@if [ "$(VAE)" = "$(MODELS)/vae" ] && [ "$(MODELS)" = "models/demo" ]; then $(OSP) demo-models $(MODELS); fi
 ifeq ($(ENCODE_DIST),yes)
-	$(if $(MASTER_PORT),$(OSP) precheck --nnodes $(NNODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT))
+	$(if $(MASTER_PORT),$(OSP) precheck --nnodes $(ENCODE_NNODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT))
 	$(TORCHRUN) $(ENCODE_RDZV) --nproc_per_node $(ENCODE_NPROC) --no-python $(OSP) encode \
 	    --data $(DATA) --out $(SHARDS) --preset $(PRESET) --vae $(VAE) --text-encoder $(TEXT_ENCODER) $(ENCODE_ARGS)
 else

@@ -673,7 +673,11 @@ def train_cmd(
     nproc: Optional[int] = typer.Option(
         None, "--nproc", help="launch.nproc: processes on this node (0 = tp x cp); > 1 launches torchrun."
     ),
-    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="launch.nnodes: nodes of the job."),
+    nnodes: Optional[str] = typer.Option(
+        None,
+        "--nnodes",
+        help="launch.nnodes: nodes of the job, or MIN:MAX for an elastic job (restarts on the nodes present).",
+    ),
     node_rank: Optional[int] = typer.Option(None, "--node-rank", help="launch.node_rank: this node's rank."),
     master_addr: Optional[str] = typer.Option(
         None, "--master-addr", help="launch.master_addr: address of node 0 (default: MASTER_ADDR, else 127.0.0.1)."

@@ -34,6 +34,7 @@ class RunConfig:
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM
     keep_last: int = 0  # keep the newest N checkpoints, delete older ones once a newer one is published; 0 = keep all
     keep_every: int = 0  # with keep_last: also keep every checkpoint whose step is a multiple of K, permanently
+    ckpt_every_minutes: float = 0.0  # also a checkpoint once this much time passed since the last one (0 = off)
     async_ckpt: bool = True  # write checkpoints in the background (DCP async_save); training waits only for a host copy
     device: str = "auto"  # auto | cuda | npu | cpu
     precision: str = "auto"  # auto | bf16 | fp32: activation dtype of the DiT (auto = bf16 on accelerators, fp32 on
@@ -109,7 +110,12 @@ class DiffusionConfig:
 @dataclass
 class LaunchConfig:
     nproc: int = 0  # processes on this node; 0 = parallel.tp x parallel.cp (the layout's smallest world)
-    nnodes: int = 1
+    nnodes: int = (
+        1  # nodes of the job; "MIN:MAX" (launch.nnodes=1:4, --nnodes 1:4) sets min_nodes = MIN and nnodes = MAX
+    )
+    min_nodes: int = 0  # > 0: elastic, torchrun restarts the job on the nodes present (MIN..nnodes) after a change
+    max_restarts: int = 3  # elastic: restarts after a failure (a lost node) before the job stops
+    join_wait_s: int = 30  # elastic: once MIN nodes are there, wait this long for more before (re)starting the ranks
     node_rank: int = 0
     master_addr: str = ""  # "" = MASTER_ADDR from the environment, else 127.0.0.1
     master_port: int = 0  # 0 = MASTER_PORT from the environment, else (one node) a free port; several nodes need one
@@ -219,6 +225,15 @@ class TrainConfig:
         names = {f.name: f for f in fields(section)}
         if parts[1] not in names:
             raise ConfigError(f"{source}: unknown key {dotted!r}; [{parts[0]}] has {sorted(names)}")
+        if dotted == "launch.nnodes" and isinstance(value, str) and ":" in value:  # elastic MIN:MAX
+            lo, _, hi = value.partition(":")
+            if not (lo.strip().isdigit() and hi.strip().isdigit()):
+                raise ConfigError(
+                    f"{source}: launch.nnodes = {value!r} must be a number of nodes or MIN:MAX (e.g. 1:4)"
+                )
+            self.launch.min_nodes, value = int(lo), int(hi)
+        elif dotted == "launch.nnodes" and isinstance(value, str) and value.strip().isdigit():
+            value = int(value)  # --nnodes N arrives as text (it also takes MIN:MAX)
         current = getattr(section, parts[1])
         setattr(section, parts[1], _coerce(value, current, dotted, source))
 
@@ -265,6 +280,16 @@ class TrainConfig:
             bad("launch.nproc must be >= 0 (0 = parallel.tp x parallel.cp)")
         if la.nnodes < 1 or not 0 <= la.node_rank < la.nnodes:
             bad(f"launch.node_rank={la.node_rank} must be in [0, launch.nnodes={la.nnodes})")
+        if not 0 <= la.min_nodes <= la.nnodes:
+            bad(
+                f"launch.nnodes={la.min_nodes}:{la.nnodes}: MIN must be in [1, MAX] (launch.min_nodes, 0 = not elastic)"
+            )
+        if la.max_restarts < 0:
+            bad("launch.max_restarts must be >= 0")
+        if la.join_wait_s < 1:
+            bad("launch.join_wait_s must be >= 1 (seconds)")
+        if self.run.ckpt_every_minutes < 0:
+            bad("run.ckpt_every_minutes must be >= 0 (0 = off)")
         if not 0 <= la.master_port < 65536:
             bad("launch.master_port must be a TCP port (0 = free port on one node)")
         if self.dryrun.shape not in DRY_RUN_SHAPES:

@@ -31,6 +31,7 @@ before any device context exists, i.e. before torchrun starts the ranks.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ import psutil  # imported here, not in a signal handler (a second signal must no
 from osp.common.errors import ConfigError
 from osp.common.process import DIE_WITH_PARENT_ENV, set_parent_death_signal
 from osp.stage2_train.config import TrainConfig
+from osp.stage2_train.elastic import EXIT_PEER_LOST, RESUME_ENV, check_elastic, run_is_live
 
 AGENT_FLAG = "--torchrun"  # python -m osp.stage2_train.launch --torchrun <torchrun arguments>: the agent
 
@@ -107,6 +109,7 @@ def agent(argv: list[str]) -> None:
     """torchrun's agent in this process, its failure reports cut to one line (the ranks print their own)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
     import logging
@@ -130,6 +133,15 @@ def agent(argv: list[str]) -> None:
         # (timestamps have whole-second resolution: ties are common)
         bad = sorted((f.exitcode < 0, f.timestamp, rank, f.exitcode) for rank, f in e.failures.items())
         _, _, rank, code = bad[0]
+        lost = [f.message for f in e.failures.values() if f.exitcode == EXIT_PEER_LOST and f.message]
+        if lost:  # the ranks said which peer went away; the node's own summary says it once more
+            what = lost[0].split("; ", 1)[0]
+            print(
+                f"error: {what}; this node's ranks stopped (how to resume: their line above)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(1)
         what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         print(
             f"error: rank {rank} failed first ({what}; its error is above); torchrun stopped the other ranks",
@@ -137,6 +149,16 @@ def agent(argv: list[str]) -> None:
             flush=True,
         )
         sys.exit(1)
+    except RendezvousError as e:  # elastic: too few nodes within the join timeout, an unreachable endpoint
+        endpoint = argv[argv.index("--rdzv_endpoint") + 1] if "--rdzv_endpoint" in argv else "MASTER_ADDR:MASTER_PORT"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(
+            f"error: the elastic rendezvous at {endpoint} failed ({first}); start at least MIN nodes with the same "
+            "MASTER_ADDR/MASTER_PORT (MASTER_ADDR: the node that hosts the rendezvous), or raise parallel.init_timeout_s",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(2)
     except SignalException as e:
         print(
             f"error: torchrun got {signal.Signals(e.sigval).name}; its ranks were stopped", file=sys.stderr, flush=True
@@ -160,7 +182,7 @@ def rendezvous(cfg: TrainConfig) -> tuple[str, int]:
     la = cfg.launch
     addr = la.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
     port = la.master_port or int(os.environ.get("MASTER_PORT") or 0)
-    if la.nnodes > 1 and not port:
+    if (la.nnodes > 1 or la.min_nodes) and not port:
         raise ConfigError(
             f"launch.nnodes={la.nnodes}: every node needs the same rendezvous port; pass --master-port PORT "
             "(MASTER_PORT=... for make train) on every node"
@@ -186,6 +208,22 @@ def torchrun_args(cfg: TrainConfig, addr: str, port: int) -> list[str]:
         else ["--standalone"]
     )
     timeout = f"timeout={int(cfg.parallel.init_timeout_s)}"
+    if la.min_nodes:  # elastic: torchrun's c10d rendezvous on MASTER_ADDR:MASTER_PORT, restarts on a change of nodes
+        wait = la.join_wait_s
+        conf = (
+            f"join_timeout={int(cfg.parallel.init_timeout_s)},last_call_timeout={wait},"
+            f"keep_alive_interval={max(1, min(5, wait))},keep_alive_max_attempt=3"
+        )
+        where = [
+            "--nnodes",
+            f"{la.min_nodes}:{la.nnodes}",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"{addr}:{port}",
+        ]
+        where += ["--rdzv_id", f"osp-{cfg.run.path.name}", "--max_restarts", str(la.max_restarts)]
+        return [*where, "--nproc_per_node", str(cfg.nproc), "--rdzv_conf", conf]
     return [*where, "--nproc_per_node", str(cfg.nproc), "--rdzv_conf", timeout]
 
 
@@ -197,12 +235,23 @@ def launch(cfg: TrainConfig, *, restart: bool = False) -> int:
 
     la = cfg.launch
     addr, port = rendezvous(cfg)
-    if port:
-        precheck(addr, port, la.node_rank, la.nnodes, min(la.precheck_timeout_s, cfg.parallel.init_timeout_s))
-    if la.node_rank == 0:
-        claim_run_dir(cfg.run.path, cfg.run.resume, restart)
     env = child_env(os.environ, _device_type(cfg.run.device))
+    if la.min_nodes:  # elastic: any node may start the job; a node joining a live job leaves its folder alone
+        check_elastic(cfg)
+        check_resolves(addr, port)
+        # torchrun's store shared between rounds publishes its address in the first round only, so a node
+        # that joins later waits for it until the join timeout: a store per round instead
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        if not run_is_live(cfg.run.path) and (la.node_rank == 0 or not restart):
+            claim_run_dir(cfg.run.path, cfg.run.resume, restart)
+    else:
+        if port:
+            precheck(addr, port, la.node_rank, la.nnodes, min(la.precheck_timeout_s, cfg.parallel.init_timeout_s))
+        if la.node_rank == 0:
+            claim_run_dir(cfg.run.path, cfg.run.resume, restart)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so it prints no banner about it
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's warnings with C++ stacks when a peer or the store is gone
+    env[RESUME_ENV] = resume_command(sys.argv)
     with tempfile.TemporaryDirectory(prefix="osp-launch-") as tmp:
         resolved = Path(tmp) / "config.toml"
         resolved.write_text(cfg.to_toml())
@@ -218,6 +267,34 @@ def launch(cfg: TrainConfig, *, restart: bool = False) -> int:
         ]
         sys.stdout.flush()
         return run_torchrun(cmd, env)
+
+
+def check_resolves(addr: str, port: int) -> None:
+    """MASTER_ADDR resolves: an elastic job's pre-check (its nodes may come later, or not all of them)."""
+    import socket
+
+    from osp.common.rendezvous import RendezvousError
+
+    try:
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RendezvousError(
+            f"MASTER_ADDR={addr!r} does not resolve ({e.strerror}); set it to the node that hosts the rendezvous"
+        ) from None
+
+
+def resume_command(argv: list[str]) -> str:
+    """This launcher's command line as the one that resumes the run: --restart and any --resume /
+    run.resume dropped, --resume auto added."""
+    out, skip = ["osp"], False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif a != "--restart" and not a.startswith(("--resume=", "run.resume=")):
+            out.append(a)
+    return shlex.join([*out, "--resume", "auto"])
 
 
 def _device_type(device: str) -> str:

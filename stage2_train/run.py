@@ -15,6 +15,8 @@ from osp.common.errors import OspError, one_line
 from osp.common.process import die_with_parent
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
+from osp.stage2_train import elastic
+from osp.stage2_train.elastic import EXIT_PEER_LOST, PeerLostError
 from osp.stage2_train.rundir import claim_run_dir
 from osp.stage2_train.trainer import build_trainer, catch_early_sigterm
 
@@ -30,7 +32,10 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
     rank = os.environ.get("RANK", "0")
     trainer = None
     try:
-        if rank == "0":  # one rank decides; the others wait for it in the process group's set-up
+        if cfg.launch.min_nodes and "TORCHELASTIC_RESTART_COUNT" in os.environ:  # an elastic job's (re)start
+            world, nproc = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+            cfg = elastic.prepare(cfg, world=world, nproc=nproc, rank=int(rank))
+        elif rank == "0":  # one rank decides; the others wait for it in the process group's set-up
             claim_run_dir(cfg.run.path, cfg.run.resume, restart)
         trainer = build_trainer(cfg, resume=cfg.run.resume)
         trainer.fit()
@@ -40,7 +45,7 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
         sys.stderr.flush()
         if os.environ.get("OSP_TRACEBACK"):
             raise
-        return 1
+        return EXIT_PEER_LOST if isinstance(e, PeerLostError) else 1
     finally:
         if trainer is not None:
             trainer.close()
@@ -59,4 +64,9 @@ def rank_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(sys.argv[1:]))
+    code = rank_main(sys.argv[1:])
+    if code == EXIT_PEER_LOST:  # the process group is broken: no teardown that could wait on a dead peer
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -57,6 +57,7 @@ from osp.stage2_train.data import Batch, CorruptSampleError, ShardLoader, corrup
 from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, draw_samples
 from osp.stage2_train.diffusion import sample_posterior, step_seed
+from osp.stage2_train.elastic import PeerWatch
 from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
 from osp.stage2_train.layout import Layout
 from osp.stage2_train.lock import take_run_lock
@@ -165,6 +166,10 @@ class RunCheckpoints:
     def poll(self) -> None:
         self.writer.poll()
 
+    def abandon(self) -> None:
+        """Drop the save in flight without waiting (a peer is gone: it can never complete or be published)."""
+        self.writer.pending = None
+
     def wait(self) -> None:
         self.writer.wait()
 
@@ -257,6 +262,8 @@ class Trainer:
         self.corrupt = ""  # the first corrupt sample seen with data.skip_corrupt off (see _prepare)
         self.last_keys: list[str] = []
         self.watchdog = Watchdog(0, layout.rank)  # replaced in fit()
+        self.peers = PeerWatch.off()  # replaced in fit()
+        self.last_save_t, self.ckpt_time_due = time.monotonic(), False  # run.ckpt_every_minutes
 
     # -- state -------------------------------------------------------------------------------
     def counters_state(self) -> dict[str, int]:
@@ -296,6 +303,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.last_save_t = time.monotonic()
         path = self.checkpoints.save(self)
         pending = " (writing in the background)" if self.checkpoints.pending else ""
         self.metrics.print(f"checkpoint {path}{pending}")
@@ -384,6 +392,7 @@ class Trainer:
             self.watchdog.beat(f"waiting for the data loader (step {self.step + 1})")
             batch, weight = self._prepare(next(self.loader))
             data_wait += time.perf_counter() - tw
+            self.watchdog.beat(f"in the forward/backward of step {self.step + 1}")
             with self.dp.sync(final=micro == accum - 1):  # DP reduction overlaps the last micro-step's backward
                 loss = self.micro_loss(batch, self.step, micro, train=True).mean() * (weight / accum)
                 loss.backward()
@@ -408,6 +417,7 @@ class Trainer:
                 torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).to(sdt),
                 torch.full((), float(self.stop_requested), dtype=sdt, device=dev),
                 torch.full((), float(bool(self.corrupt)), dtype=sdt, device=dev),
+                torch.full((), float(self._ckpt_time_due()), dtype=sdt, device=dev),  # rank 0's clock decides
             ]
         )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -421,7 +431,8 @@ class Trainer:
         host = self.host_sync(
             torch.cat([flags, stats, norm.detach().to(sdt).reshape(1), nonfinite_t.to(sdt).reshape(1)])
         )
-        flag_bad, flag_stop, flag_corrupt, loss_total, global_samples, norm_value, nonfinite = host
+        flag_bad, flag_stop, flag_corrupt, flag_time, loss_total, global_samples, norm_value, nonfinite = host
+        self.ckpt_time_due = flag_time > 0  # run.ckpt_every_minutes: every rank saves after this step
 
         if flag_corrupt > 0:  # a corrupt sample on any rank and data.skip_corrupt off: every rank stops now
             found = [None] * L.world
@@ -469,6 +480,11 @@ class Trainer:
             **self.counters,
         }
 
+    def _ckpt_time_due(self) -> bool:
+        """Rank 0: run.ckpt_every_minutes have passed since the last checkpoint (or the start)."""
+        minutes = self.cfg.run.ckpt_every_minutes
+        return self.layout.is_main and minutes > 0 and time.monotonic() - self.last_save_t >= 60 * minutes
+
     def _skip_nonfinite(self, my_keys: list[str]) -> None:
         """A non-finite loss or gradient on some rank: stop (naming the samples) or skip the step."""
         bad: list[list[str]] = [[] for _ in range(self.layout.world)]
@@ -488,8 +504,12 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         self.stop_requested |= _EARLY_SIGTERM[0]  # a SIGTERM during start-up stops after the first step
         self.watchdog = Watchdog(run.watchdog_s, self.layout.rank)
-        try:
-            with self.metrics.progress(self.step):
+        self.peers = PeerWatch.start(self.cfg.launch.node_rank, self.cfg.launch.min_nodes > 0)
+        try:  # a collective failure because a peer went away: one line naming it (osp.stage2_train.elastic)
+            with (
+                self.peers.guard(lambda: self.watchdog.where, self.checkpoints.abandon),
+                self.metrics.progress(self.step),
+            ):
                 while self.step < run.steps:
                     self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
@@ -500,7 +520,7 @@ class Trainer:
                     self.metrics.log(m, self.last_keys)
                     self.checkpoints.poll()
                     last = self.stop_requested or self.step == run.steps
-                    if last or (run.ckpt_every and self.step % run.ckpt_every == 0):
+                    if last or self.ckpt_time_due or (run.ckpt_every and self.step % run.ckpt_every == 0):
                         self.watchdog.beat(f"writing the checkpoint of step {self.step}")
                         self.save()
                     if last:
@@ -512,6 +532,7 @@ class Trainer:
             self.metrics.finish(self.step, stopped=self.stop_requested)
         finally:
             self.watchdog.close()
+            self.peers.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return history
