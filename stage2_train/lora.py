@@ -160,10 +160,10 @@ def _suffix(name: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # the plan
 # ------------------------------------------------------------------------------------------------
-def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+def apply_lora(model: nn.Module, spec: LoraSpec, cast_base: bool = True) -> nn.Module:
     """Add adapters to the linears `spec.targets` selects, freeze every base parameter (cast to
-    `spec.base_dtype`) and extend the forwards, in place, after the TP/SP and CP plans. On meta the
-    adapters stay on meta (their values come from `init_adapters` or a checkpoint)."""
+    `spec.base_dtype` unless not `cast_base`) and extend the forwards, in place, after the TP/SP and
+    CP plans. On meta the adapters stay on meta (their values come from `init_adapters` or a checkpoint)."""
     if has_lora(model):
         raise RuntimeError("LoRA is already applied to this model")
     cfg = cast(Any, model).config
@@ -185,9 +185,10 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
                 f"[1, {min(fan_in, fan_out)}]"
             )
     model.requires_grad_(False)
-    base_dtype = BASE_DTYPES[spec.base_dtype]
-    for p in model.parameters():
-        p.data = p.data.to(base_dtype)
+    if cast_base:
+        base_dtype = BASE_DTYPES[spec.base_dtype]
+        for p in model.parameters():
+            p.data = p.data.to(base_dtype)
     for name in names:
         lin = model.get_submodule(name)
         kind = LAYERS[_suffix(name)]
@@ -410,6 +411,22 @@ def check_base(adapters: dict[str, torch.Tensor], base_shapes: dict[str, Any], s
     if len(ranks) != 1:
         raise LoraError(f"{source}: the adapters have ranks {sorted(ranks)}; one rank per adapter folder is supported")
     return ranks.pop()
+
+
+def attach(model: nn.Module, spec: LoraSpec, adapters: dict[str, torch.Tensor], scale: float, source: str):
+    """Inference: apply full (TP=1) adapters to a loaded (possibly TP-split) DiT without merging them:
+    the base keeps its weights and dtype, the output scale is spec.scale x `scale`. Adapters trained on
+    another base are refused (one line naming the first key that does not fit)."""
+    from osp.common.models.dit import build_dit
+    from osp.stage2_train.state_dict_adapter import tensor_shapes
+
+    check_base(adapters, tensor_shapes(build_dit(cast(Any, model).config, device="meta")), source)
+    modules = tuple(sorted({adapter_module(k) for k in adapters}))
+    apply_lora(model, LoraSpec(spec.rank, spec.alpha, 0.0, modules), cast_base=False)
+    for name in adapted(model):
+        cast(_Info, model.get_submodule(name)._lora).scale *= scale
+    load_adapters(model, adapters, source)
+    return model.requires_grad_(False)
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ def dp_owners(sizes: list[int], dp_size: int) -> list[int]:
 
 
 class EMA:
-    """EMA of the (local, TP-sharded) parameters with diffusers 0.28 EMAModel's rule: at the k-th update
+    """EMA of the (local, TP-sharded) trainable parameters with diffusers 0.28 EMAModel's rule: at the k-th update
     decay = 0 for k = 1 (a copy), then min(max_decay, k / (k + 9)). The shadow is fp32; one update is a
     single `torch._foreach_lerp_` over all tensors (s += (1 - decay) (p - s)), not a Python loop of kernels.
 
@@ -78,7 +78,7 @@ class EMA:
         dp_group, dp_rank, dp_size = layout.dp_group, layout.dp_rank, layout.dp
         self.max_decay = max_decay
         self.updates = 0
-        named = list(model.named_parameters())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen (LoRA base): no EMA
         self.all_names = [n for n, _ in named]
         self.owner = dict(zip(self.all_names, dp_owners([p.numel() for _, p in named], dp_size)))
         self.group, self.dp_rank, self.dp_size = dp_group, dp_rank, dp_size

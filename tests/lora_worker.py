@@ -2,6 +2,7 @@
 TP=1 model on the output and every adapter gradient, all layouts in one launch.
 
     python tests/lora_worker.py OUT.json      (rank 0 writes, per layout, the worst error over all ranks)
+    torchrun --nproc_per_node 2 tests/lora_worker.py train SHARDS BASE OUT    (LoRA trainings, below)
 
 Each layout goes through the trainer's own code: dist.init_parallel -> parallelize ->
 apply_context_parallel -> apply_lora -> forward/backward through data_parallel.DataParallel (the DP x CP
@@ -146,5 +147,73 @@ def worker(rank: int, port: int, out_path: str) -> None:
     D.shutdown()
 
 
+# ------------------------------------------------------------------------------------------------
+# `train`: real trainings (the trainer, its checkpoints) with and without LoRA, 2 ranks
+# ------------------------------------------------------------------------------------------------
+TRAIN = {
+    "run": {"seed": 7, "log_every": 0, "tensorboard": False, "async_ckpt": False},
+    "data": {"batch_size": 2, "num_workers": 0},
+    "optim": {"lr": 1e-2},
+    "diffusion": {"cfg_dropout": 0.0},
+}
+# name: (overrides, steps, checkpoint every, resume from (run name, step))
+RUNS = {
+    "full": ({"parallel": {"tp": 2, "sp": True}}, 1, 0, None),
+    "lora": ({"parallel": {"tp": 2, "sp": True}, "lora": {"enabled": True, "rank": 1, "alpha": 2.0}}, 4, 2, None),
+    "lora_resume": (
+        {"parallel": {"tp": 2, "sp": True}, "lora": {"enabled": True, "rank": 1, "alpha": 2.0}},
+        4,
+        0,
+        ("lora", 2),
+    ),
+    "lora_resume_tp1": (
+        # DP 2 x 1 sample = the same global batch of 2 as TP 2 x DP 1 x 2 samples
+        {
+            "parallel": {"tp": 1, "sp": False},
+            "data": {"batch_size": 1},
+            "lora": {"enabled": True, "rank": 1, "alpha": 2.0},
+        },
+        4,
+        0,
+        ("lora", 2),
+    ),
+}
+
+
+def train(shards: str, base: str, out: Path) -> None:
+    from osp.stage2_train.config import TrainConfig
+    from osp.stage2_train.trainer import build_trainer
+
+    results = {}
+    for name, (over, steps, every, resume) in RUNS.items():
+        d = json.loads(json.dumps(TRAIN))
+        for sec, vals in over.items():
+            d.setdefault(sec, {}).update(vals)
+        d["run"].update({"steps": steps, "ckpt_every": every, "dir": str(out / name)})
+        d["data"]["shards"] = shards
+        if d.get("lora", {}).get("enabled"):
+            d["model"] = {"init": base}
+        src = str(out / resume[0] / "checkpoints" / f"step-{resume[1]:07d}") if resume else ""
+        trainer = build_trainer(TrainConfig.from_dict(d), resume=src)
+        try:
+            history = trainer.fit()
+            results[name] = {
+                "losses": [h["loss"] for h in history],
+                "optimized": sorted(trainer.optimizer.names),
+                "ema": sorted(trainer.ema.all_names) if trainer.ema is not None else [],
+                "trainable": sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad),
+                "base_dtypes": sorted(
+                    {str(p.dtype) for n, p in trainer.model.named_parameters() if not p.requires_grad}
+                ),
+            }
+        finally:
+            trainer.close()
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
 if __name__ == "__main__":
-    mp.spawn(worker, args=(free_port(), sys.argv[1]), nprocs=WORLD, join=True)
+    if sys.argv[1] == "train":
+        train(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+    else:
+        mp.spawn(worker, args=(free_port(), sys.argv[1]), nprocs=WORLD, join=True)
