@@ -313,7 +313,7 @@ def _tensor_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def _trained_state(model) -> dict[str, torch.Tensor]:
+def trained_state(model) -> dict[str, torch.Tensor]:
     """What a training checkpoint holds of the model: every tensor, or only the adapters of a LoRA
     model (its frozen base comes from model.init and is never saved)."""
     sd = _tensor_state(model)
@@ -350,7 +350,7 @@ def state_dict(*, model, ema, optimizer, counters: dict[str, int], mesh, tp: int
     """This rank's view of the training state as DCP global tensors (sharing storage with the live
     tensors: load fills them in place)."""
     sd: dict = {}
-    for k, v in _trained_state(model).items():
+    for k, v in trained_state(model).items():
         sd[f"model.{k}"] = _global(k, v, mesh, tp)
     if ema is not None:
         for k, v in ema.shadow.items():
@@ -627,7 +627,7 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
     path = Path(path)
     have = saved_keys(path)
     sd = {}
-    for k, v in _trained_state(model).items():
+    for k, v in trained_state(model).items():
         sd[f"model.{k}"] = _global(k, v, mesh, tp)
     if ema is not None:
         if not any(k.startswith("ema.") for k in have):

@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 from osp.common import config as C
 from osp.stage2_train import dist as D
 from osp.common.errors import ConfigError
+from osp.stage2_train.checkpoint import trained_state
 from osp.stage2_train.config import CHECKPOINTING, TrainConfig
 from osp.stage2_train.data import Batch
 from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
@@ -296,6 +297,7 @@ class DryRunReport:
     seconds: float
     suggestions: list = field(default_factory=list)
     precision: str = "bf16"  # dtype of the activations (the model's compute_dtype)
+    lora: str = ""  # a LoRA run: rank, trainable parameters, the frozen base's dtype
 
     @property
     def usable(self) -> float:
@@ -333,6 +335,8 @@ class DryRunReport:
             f"{' + recompute' if self.checkpointing != 'none' else ''})",
             f"activations in {self.precision} (run.precision; auto = the accelerator regime, bf16)",
         ]
+        if self.lora:
+            rows.append(f"LoRA: {self.lora}")
         budget = f"{self.card_gb:g} GiB card, {HEADROOM:.0%} kept free -> {self.usable / GIB:.1f} GiB usable"
         if self.fits:
             rows.append(f"verdict: FITS  peak {self.peak / GIB:.3g} GiB on a {budget}")
@@ -364,6 +368,16 @@ def _suggestions(r: DryRunReport, cfg: TrainConfig, heads: int) -> list[str]:
     if cfg.data.batch_size > 1:
         out.append("data.batch_size=1 with optim.grad_accum to keep the global batch")
     return out
+
+
+def _lora_line(trainer: Trainer) -> str:
+    params = list(trainer.model.parameters())
+    n = sum(p.numel() for p in params if p.requires_grad)
+    base = {str(p.dtype).removeprefix("torch.") for p in params if not p.requires_grad}
+    return (
+        f"rank {trainer.cfg.lora.rank}, {n:,} trainable adapter parameters (fp32; gradients, AdamW, EMA and checkpoints "
+        f"hold these only), base frozen in {', '.join(sorted(base))}"
+    )
 
 
 @contextlib.contextmanager
@@ -421,7 +435,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
             with FusedAttention(), peak:  # a steady-state step: the peak with optimizer state in place
                 trainer.train_step()
 
-            ckpt_state = trainer.model.state_dict()
+            ckpt_state = trained_state(trainer.model)  # a LoRA run saves its adapters only
             opt_sd = trainer.optimizer.state_dict()
             json.dumps(trainer.counters_state())  # the checkpoint's state.* integers
             ckpt_bytes = tensor_bytes(
@@ -457,6 +471,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                 card_gb=card_gb,
                 seconds=0.0,
                 precision=str(trainer.model.compute_dtype).removeprefix("torch."),
+                lora=_lora_line(trainer) if cfg.lora.enabled else "",
             )
             report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
             report.seconds = time.perf_counter() - t0

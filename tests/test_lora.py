@@ -357,3 +357,19 @@ def test_lora_checkpoint_without_its_base_is_one_line(trained, tmp_path):
     )
     assert res.exit_code == 1 and "lora_A.weight has shape" in res.output, res.output
     assert res.output.count("\n") == 1
+
+
+def test_dry_run_counts_a_frozen_bf16_base_and_adapter_state_only():
+    import warnings
+
+    from osp.stage2_train import dryrun as DR
+
+    cfg = DR.build_config(None, ["lora.enabled=true", "lora.rank=4", "optim.ema_decay=0.99"], "tiny", 1, None, "full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = DR.dry_run(cfg, 1, 0, 80.0)
+    n = 2 * (8 * 4 * (48 + 48) + 2 * 4 * (48 + 192))  # 2 blocks: 8 attention linears + 2 FFN linears, rank 4
+    assert r.params == 111520 * 2 + n * 4  # bf16 base + fp32 adapters
+    assert r.grads == r.ema == n * 4 and r.optimizer == 2 * n * 4
+    assert 4 * n * 4 <= r.checkpoint_state < 4 * n * 4 + 1024  # adapters, their EMA, m, v (+ AdamW step counters)
+    assert f"rank 4, {n:,} trainable adapter parameters" in r.table() and "base frozen in bfloat16" in r.table()
