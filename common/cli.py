@@ -292,17 +292,19 @@ def sample(
 
             parallel = init_sample_parallel(device, sp, dit.config.num_attention_heads)
             is_main = parallel[0].is_main
-        transform = parallel[1] if parallel else None
+        split = parallel[1] if parallel else None
+        transform = split
         if lora is not None:  # adapters on the (split) base, not merged
             from osp.stage2_train.checkpoint import open_adapters
             from osp.stage2_train.lora import attach
 
-            adapters, split = open_adapters(lora, prefer_ema=ema), transform
+            adapters = open_adapters(lora, prefer_ema=ema)
 
-            def transform(m):
+            def with_adapters(m):
                 m = split(m) if split is not None else m
                 return attach(m, adapters.spec, adapters.tensors, lora_scale, str(lora))
 
+            transform = with_adapters
         models = load_models(dit, vae, text_encoder, device=device, dtype=torch_dtype, dit_transform=transform)
         if lora is not None:
             models.identity["lora"] = {"path": str(lora), "scale": lora_scale}

@@ -202,20 +202,20 @@ def apply_lora(model: nn.Module, spec: LoraSpec, cast_base: bool = True) -> nn.M
         if sp:  # the factor that runs on sequence shards: its grad is summed over TP after backward
             tagged = lin.lora_A.weight if kind == "column" else lin.lora_B.weight
             tagged.sequence_parallel = True  # pyright: ignore[reportAttributeAccessIssue] (megatron's flag)
-        lin._lora = _Info(kind, spec.scale, spec.dropout, layout, sp)
+        cast(Any, lin)._lora = _Info(kind, spec.scale, spec.dropout, layout, sp)
     for i in range(cfg.num_layers):
         for suffix, kind in LAYERS.items():
             lin = model.get_submodule(f"{BLOCKS}.{i}.{suffix}")
             if kind == "column":
-                lin.forward = types.MethodType(_column_forward, lin)
+                cast(Any, lin).forward = types.MethodType(_column_forward, lin)
             elif hasattr(lin, "_lora"):
-                lin.forward = types.MethodType(_row_forward, lin)
+                cast(Any, lin).forward = types.MethodType(_row_forward, lin)
                 if suffix == "ff.net.2":
-                    lin.forward_gelu_input = types.MethodType(_row_forward_gelu_input, lin)
+                    cast(Any, lin).forward_gelu_input = types.MethodType(_row_forward_gelu_input, lin)
         for head, members in FUSED.items():
             lin = model.get_submodule(f"{BLOCKS}.{i}.{head}")
-            lin._lora_fused = tuple(model.get_submodule(f"{BLOCKS}.{i}.{m}") for m in members)
-            lin.fused_forward = types.MethodType(_fused_forward, lin)
+            cast(Any, lin)._lora_fused = tuple(model.get_submodule(f"{BLOCKS}.{i}.{m}") for m in members)
+            cast(Any, lin).fused_forward = types.MethodType(_fused_forward, lin)
     cast(Any, model)._osp_lora = spec
     return model
 
