@@ -222,6 +222,13 @@ def sample(
     sp: bool = typer.Option(
         False, "--sp", help="Under torchrun: sequence parallelism on top of tensor parallelism (the training plan)."
     ),
+    lora: Optional[Path] = typer.Option(
+        None,
+        "--lora",
+        help="LoRA adapters applied to the --checkpoint base without merging: a LoRA run dir / step folder or an "
+        "`osp convert export --lora-only` folder.",
+    ),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiplies the adapters' output (alpha / rank)."),
 ) -> None:
     """Prompts -> mT5 -> DiT with classifier-free guidance -> CausalVAE decode -> mp4 + JSON sidecar.
 
@@ -285,14 +292,22 @@ def sample(
 
             parallel = init_sample_parallel(device, sp, dit.config.num_attention_heads)
             is_main = parallel[0].is_main
-        models = load_models(
-            dit,
-            vae,
-            text_encoder,
-            device=device,
-            dtype=torch_dtype,
-            dit_transform=parallel[1] if parallel else None,
-        )
+        split = parallel[1] if parallel else None
+        transform = split
+        if lora is not None:  # adapters on the (split) base, not merged
+            from osp.stage2_train.checkpoint import open_adapters
+            from osp.stage2_train.lora import attach
+
+            adapters = open_adapters(lora, prefer_ema=ema)
+
+            def with_adapters(m):
+                m = split(m) if split is not None else m
+                return attach(m, adapters.spec, adapters.tensors, lora_scale, str(lora))
+
+            transform = with_adapters
+        models = load_models(dit, vae, text_encoder, device=device, dtype=torch_dtype, dit_transform=transform)
+        if lora is not None:
+            models.identity["lora"] = {"path": str(lora), "scale": lora_scale}
         if parallel:
             models.parallel = {"tp": parallel[0].tp, "sp": parallel[0].sp, "world": parallel[0].world}
         with warnings.catch_warnings(record=True) as caught:
@@ -366,15 +381,31 @@ def convert_export_cmd(
     src: Path = typer.Argument(..., help="osp checkpoint folder (any TP size) or a training checkpoint (step-*)."),
     out: Path = typer.Argument(..., help="Output diffusers folder."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights when the checkpoint has them."),
+    merge_lora: bool = typer.Option(
+        False, "--merge-lora", help="SRC is a LoRA run / adapter folder: write its base with the adapters merged."
+    ),
+    lora_only: bool = typer.Option(
+        False,
+        "--lora-only",
+        help="SRC is a LoRA run: write only the adapters (peft layout: adapter_model.safetensors).",
+    ),
+    base: Optional[Path] = typer.Option(
+        None, "--base", help="The base DiT for --merge-lora (default: the LoRA run's model.init)."
+    ),
 ) -> None:
     """osp checkpoint -> diffusers layout (config.json + diffusion_pytorch_model.safetensors).
 
     Example: osp convert export ckpt/merged export/93x480p
+    LoRA: osp convert export runs/lora export/merged --merge-lora | osp convert export runs/lora export/adapter --lora-only
     """
     from osp.stage2_train.checkpoint import convert_export
 
     try:
-        typer.echo(f"wrote {convert_export(src, out, prefer_ema=ema)}")
+        if merge_lora and lora_only:
+            fail("--merge-lora and --lora-only exclude each other; pick one")
+        typer.echo(
+            f"wrote {convert_export(src, out, prefer_ema=ema, merge_lora=merge_lora, lora_only=lora_only, base=base)}"
+        )
     except OspError as e:
         fail(one_line(e))
 

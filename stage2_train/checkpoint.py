@@ -77,6 +77,18 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from osp.common.errors import MissingFileError, one_line
 from osp.common.hashing import sha256_files
 from osp.common.models.dit import DiTConfig
+from osp.stage2_train.lora import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    LoraSpec,
+    check_base,
+    has_lora,
+    is_adapter_key,
+    is_peft_folder,
+    merge_state_dict,
+    read_peft,
+    write_peft,
+)
 from osp.stage2_train.state_dict_adapter import (
     CONFIG_FILE,
     DIFFUSERS_WEIGHTS,
@@ -307,6 +319,18 @@ def _tensor_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """What a training checkpoint holds of the model: every tensor, or only the adapters of a LoRA
+    model (its frozen base comes from model.init and is never saved)."""
+    sd = _tensor_state(model)
+    return {k: v for k, v in sd.items() if is_adapter_key(k)} if has_lora(model) else sd
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    """The DiT weights model.init fills (a LoRA model's adapters left out)."""
+    return {k: v for k, v in _tensor_state(model).items() if not is_adapter_key(k)}
+
+
 def _adamw(optimizer):
     """The torch optimizer holding this rank's AdamW state (None when this rank owns no parameter)."""
     return getattr(optimizer, "optim", None)
@@ -332,7 +356,7 @@ def state_dict(*, model, ema, optimizer, counters: dict[str, int], mesh, tp: int
     """This rank's view of the training state as DCP global tensors (sharing storage with the live
     tensors: load fills them in place)."""
     sd: dict = {}
-    for k, v in _tensor_state(model).items():
+    for k, v in trained_state(model).items():
         sd[f"model.{k}"] = _global(k, v, mesh, tp)
     if ema is not None:
         for k, v in ema.shadow.items():
@@ -682,7 +706,7 @@ def load(path: Path, *, model, ema, optimizer, mesh, tp: int, rank: int) -> dict
     path = Path(path)
     have = saved_keys(path)
     sd = {}
-    for k, v in _tensor_state(model).items():
+    for k, v in trained_state(model).items():
         sd[f"model.{k}"] = _global(k, v, mesh, tp)
     if ema is not None:
         if not any(k.startswith("ema.") for k in have):
@@ -739,7 +763,7 @@ def load_weights(path: str | Path, *, model, mesh, tp: int, prefer_ema: bool = T
     path = Path(path)
     have = saved_keys(path)
     prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in have) else "model."
-    sd = {f"{prefix}{k}": _global(k, v, mesh, tp) for k, v in _tensor_state(model).items()}
+    sd = {f"{prefix}{k}": _global(k, v, mesh, tp) for k, v in _base_state(model).items()}
     _check_present(path, sd, have, "use the model.preset / config.json it was trained with")
     _read(sd, path)
 
@@ -756,7 +780,7 @@ def fill_from_folder(
     full = tensor_shapes(build_dit(reader.config, device="meta"))
     on_disk = {k: torch.empty(reader.shape(k), device="meta") for k in reader.keys()}
     check_keys(full, on_disk, str(folder))
-    items = list(_tensor_state(model).items())
+    items = list(_base_state(model).items())
     if progress:
         from rich.progress import track
 
@@ -788,6 +812,11 @@ def load_training_weights(ckpt_dir: str | Path, prefer_ema: bool = True) -> tupl
     tensor from the chunks every rank wrote. EMA if present and preferred. Keys and shapes are checked
     against the config before anything is allocated."""
     d = Path(ckpt_dir)
+    if lora_run_config(d) is not None:
+        raise CheckpointError(
+            f"{d}: holds LoRA adapters only (their base is the run's model.init); sample with --checkpoint <base> "
+            f"--lora {d}, or write merged weights with osp convert export --merge-lora"
+        )
     config = DiTConfig.from_json(d / CONFIG_FILE)
     have = saved_keys(d)
     prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in have) else "model."
@@ -930,11 +959,77 @@ def convert_merge(src: str | Path, out: str | Path) -> Path:
     return save_dit_checkpoint(out, [full], config, ema_per_rank=ema, extra=meta.get("extra"))
 
 
-def convert_export(src: str | Path, out: str | Path, prefer_ema: bool = True) -> Path:
-    """Any accepted checkpoint -> diffusers layout (config.json + diffusion_pytorch_model.safetensors)."""
-    config, sd = load_dit_checkpoint(src, prefer_ema)
+def convert_export(
+    src: str | Path,
+    out: str | Path,
+    prefer_ema: bool = True,
+    *,
+    merge_lora: bool = False,
+    lora_only: bool = False,
+    base: str | Path | None = None,
+) -> Path:
+    """Any accepted checkpoint -> diffusers layout (config.json + diffusion_pytorch_model.safetensors).
+    LoRA adapters (a LoRA run / step folder, or an adapter folder): `merge_lora` folds them into their
+    base (`base`, default the run's model.init) in fp32; `lora_only` writes the adapters in peft's layout."""
+    if merge_lora or lora_only:
+        a = open_adapters(src, prefer_ema)
+        base_path = str(base) if base else a.base
+        if lora_only:
+            return write_peft(out, a.tensors, a.spec, base_path)
+        if not base_path:
+            raise MissingFileError(f"{src}: records no base model for its adapters; pass --base <base DiT folder>")
+        config, sd = load_dit_checkpoint(base_path, prefer_ema=True)  # the base as model.init loads it
+        check_base(a.tensors, {k: v.shape for k, v in sd.items()}, str(a.source))
+        sd = merge_state_dict(sd, a.tensors, a.spec.scale)
+    else:
+        config, sd = load_dit_checkpoint(src, prefer_ema)
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     config.to_json(o / CONFIG_FILE)
     save_tensors(sd, o / DIFFUSERS_WEIGHTS)
     return o
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA adapters offline: a LoRA run's training checkpoint, or a peft-layout adapter folder
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Adapters:
+    spec: LoraSpec
+    tensors: dict[str, torch.Tensor]  # full (TP=1) adapters under osp's names
+    base: str | None  # the base model they were trained on (the run's model.init), when recorded
+    source: Path
+
+
+def lora_run_config(folder: str | Path) -> dict | None:
+    """The run config of a training checkpoint written with lora.enabled (None for any other folder)."""
+    if not is_training_checkpoint(folder):
+        return None
+    c = read_trainer_state(folder).get("config") or {}
+    return c if (c.get("lora") or {}).get("enabled") else None
+
+
+def open_adapters(path: str | Path, prefer_ema: bool = True) -> Adapters:
+    """The adapters of a LoRA run (run dir or step folder: EMA if present and preferred) or of an
+    adapter folder in peft's layout (`osp convert export --lora-only`)."""
+    p = Path(path)
+    if is_peft_folder(p):
+        spec, tensors = read_peft(p)
+        base = json.loads((p / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
+        return Adapters(spec, tensors, base, p)
+    folder = resolve(p)
+    c = lora_run_config(folder)
+    if c is None:
+        raise MissingFileError(
+            f"{path}: neither a LoRA run's checkpoint (trained with lora.enabled=true) nor an adapter folder "
+            f"({PEFT_CONFIG} + {PEFT_WEIGHTS}); pass the run dir, a step-* folder or an osp convert export --lora-only folder"
+        )
+    have = saved_keys(folder)
+    prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in have) else "model."
+    mine = {k: m for k, m in have.items() if k.startswith(prefix) and is_adapter_key(k[len(prefix) :])}
+    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in mine.items()}
+    _read(sd, folder, no_dist=True)
+    lo = c["lora"]
+    spec = LoraSpec(int(lo["rank"]), float(lo["alpha"]), float(lo.get("dropout", 0.0)), tuple(lo.get("targets", ())))
+    base = (c.get("model") or {}).get("init") or None
+    return Adapters(spec, {k[len(prefix) :]: v for k, v in sd.items()}, base, folder)

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass per TOML section, a TOML file plus `section.key=value` overrides.
 
-    [run] [data] [model] [parallel] [optim] [diffusion] [launch] [dryrun] [log] [validate]
+    [run] [data] [model] [parallel] [optim] [diffusion] [lora] [launch] [dryrun] [log] [validate]
 
 Defaults are the upstream v1.2 recipe (constants from `osp.common.config`); the demo config in
 `stage2_train/configs/demo.toml` only changes what the tiny CPU demo needs. Every `osp train` flag
@@ -21,6 +21,8 @@ from osp.common.config import CHECKPOINTING, PRECISIONS
 from osp.common.errors import ConfigError
 
 DRY_RUN_SHAPES = ("preset", "shards")  # dryrun.shape
+# lora.targets default: self/cross attention q, k, v, out and the FFN of every block (osp.stage2_train.lora)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
 @dataclass
@@ -108,6 +110,18 @@ class DiffusionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA fine-tuning (osp.stage2_train.lora): adapters trained in fp32, the base (model.init) frozen."""
+
+    enabled: bool = False  # true: train adapters only; model.init (the base) is required and never saved
+    rank: int = 64
+    alpha: float = 64.0  # adapter output scale alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # layer names / suffixes / fnmatch
+    base_dtype: str = "bf16"  # bf16 | fp32: dtype of the frozen base weights
+
+
+@dataclass
 class LaunchConfig:
     nproc: int = 0  # processes on this node; 0 = parallel.tp x parallel.cp (the layout's smallest world)
     nnodes: int = (
@@ -159,6 +173,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     dryrun: DryRunConfig = field(default_factory=DryRunConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -292,6 +307,15 @@ class TrainConfig:
             bad("run.ckpt_every_minutes must be >= 0 (0 = off)")
         if not 0 <= la.master_port < 65536:
             bad("launch.master_port must be a TCP port (0 = free port on one node)")
+        lo = self.lora
+        if lo.rank < 1:
+            bad(f"lora.rank={lo.rank} must be >= 1 (and at most the width of the adapted layers)")
+        if lo.alpha <= 0:
+            bad(f"lora.alpha={lo.alpha} must be > 0")
+        if not 0.0 <= lo.dropout < 1.0:
+            bad(f"lora.dropout={lo.dropout} must be in [0, 1)")
+        if lo.base_dtype not in ("bf16", "fp32"):
+            bad("lora.base_dtype must be 'bf16' or 'fp32'")
         if self.dryrun.shape not in DRY_RUN_SHAPES:
             bad(f"dryrun.shape must be one of {', '.join(DRY_RUN_SHAPES)}")
         v = self.validate
@@ -362,7 +386,12 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
     elif kind is str:
         return str(value)
     elif kind is list:
-        if isinstance(value, list):
+        if current and all(isinstance(v, str) for v in current):  # a list of names (lora.targets)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list):
+                return [str(v) for v in value]
+        elif isinstance(value, list):
             return [float(v) for v in value]
     raise ConfigError(f"{source}: {key} = {value!r} must be of type {kind.__name__}")
 

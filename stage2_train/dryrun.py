@@ -55,6 +55,7 @@ from osp.common.errors import OspError
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
 from osp.common.errors import ConfigError
+from osp.stage2_train.checkpoint import trained_state
 from osp.stage2_train.config import CHECKPOINTING, TrainConfig
 from osp.stage2_train.data import Batch
 from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
@@ -400,6 +401,7 @@ class DryRunReport:
     hardware_flops: float = 0.0  # + recompute, flash attention's backward at 2.5 x forward (HFU)
     host_staging: int = 0  # host bytes an asynchronous checkpoint save stages on this rank
     ddp_buckets: bool = False  # gradients held in DDP's buckets (DP x CP > 1)
+    lora: str = ""  # a LoRA run: rank, trainable parameters, the frozen base's dtype
 
     @property
     def usable(self) -> float:
@@ -444,6 +446,8 @@ class DryRunReport:
             f"hardware counted {self.step_flops / 1e12:,.4g} TFLOP (FlopCounterMode, torch's SDPA formulas)",
             f"activations in {self.precision} (run.precision; auto = the accelerator regime, bf16)",
         ]
+        if self.lora:
+            rows.append(f"LoRA: {self.lora}")
         budget = f"{self.card_gb:g} GiB card, {HEADROOM:.0%} kept free -> {self.usable / GIB:.1f} GiB usable"
         top = max(self.peak, self.validation_peak)  # a validation step, when on, may set the high-water mark
         host = f"; host {self.host_staging / GIB:.3g} GiB per rank for checkpoint staging"
@@ -477,6 +481,16 @@ def _suggestions(r: DryRunReport, cfg: TrainConfig, heads: int) -> list[str]:
     if cfg.data.batch_size > 1:
         out.append("data.batch_size=1 with optim.grad_accum to keep the global batch")
     return out
+
+
+def _lora_line(trainer: Trainer) -> str:
+    params = list(trainer.model.parameters())
+    n = sum(p.numel() for p in params if p.requires_grad)
+    base = {str(p.dtype).removeprefix("torch.") for p in params if not p.requires_grad}
+    return (
+        f"rank {trainer.cfg.lora.rank}, {n:,} trainable adapter parameters (fp32; gradients, AdamW, EMA and checkpoints "
+        f"hold these only), base frozen in {', '.join(sorted(base))}"
+    )
 
 
 @contextlib.contextmanager
@@ -568,7 +582,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                     trainer.validation.run(trainer)
                 validation_peak = vpeak.peak
 
-            ckpt_state = trainer.model.state_dict()
+            ckpt_state = trained_state(trainer.model)  # a LoRA run saves its adapters only
             opt_sd = trainer.optimizer.state_dict()
             json.dumps(trainer.counters_state())  # the checkpoint's state.* integers
             ckpt_bytes = tensor_bytes(
@@ -610,6 +624,7 @@ def dry_run(cfg: TrainConfig, world: int, rank: int, card_gb: float, shards: str
                 * hardware_flops(d, tokens, text_len, batch_size, L.tp, L.cp, checkpointing=cfg.model.checkpointing),
                 host_staging=trainer.checkpoints.host_bytes,
                 ddp_buckets=trainer.dp.ddp is not None,
+                lora=_lora_line(trainer) if cfg.lora.enabled else "",
             )
             report.suggestions = _suggestions(report, cfg, trainer.dit_cfg.num_attention_heads)
             report.seconds = time.perf_counter() - t0

@@ -67,7 +67,7 @@ def dp_owners(sizes: list[int], dp_size: int) -> list[int]:
 
 
 class EMA:
-    """EMA of the (local, TP-sharded) parameters with diffusers EMAModel's rule (`update_after_step` =
+    """EMA of the (local, TP-sharded) trainable parameters with diffusers EMAModel's rule (`update_after_step` =
     `start_step`, upstream's `ema_start_step`): at the k-th update, with j = k - start_step - 1,
     decay = 0 for j <= 0 (the shadow copies the weights), then min(max_decay, (1 + j) / (10 + j)).
     start_step = 0 gives a copy at k = 1, then min(max_decay, k / (k + 9)). The shadow is fp32; one update
@@ -83,7 +83,7 @@ class EMA:
         self.max_decay = max_decay
         self.start_step = start_step
         self.updates = 0
-        named = list(model.named_parameters())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen (LoRA base): no EMA
         self.all_names = [n for n, _ in named]
         self.owner = dict(zip(self.all_names, dp_owners([p.numel() for _, p in named], dp_size)))
         self.group, self.dp_rank, self.dp_size = dp_group, dp_rank, dp_size

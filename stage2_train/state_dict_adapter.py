@@ -14,6 +14,10 @@ Key rule table (the one place; `osp.stage2_train.parallel` and the training chec
     replicated:                     everything else (row biases, tables, pos_embed, adaln_single,
                                     caption_projection, proj_out)
 
+LoRA adapters (osp.stage2_train.lora; `<linear>.lora_A.weight` [r, in], `<linear>.lora_B.weight` [out, r]):
+B of a column-parallel linear is split like its output (dim 0), A of a row-parallel linear like its
+input (dim 1); the other factor is replicated.
+
 Rank r of TP size N holds the contiguous piece r of torch.chunk(N) along the split dim; since q/k/v
 are separate linears, that is exactly heads [r*h/N, (r+1)*h/N).
 
@@ -57,8 +61,8 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_FILE = "config.json"  # the DiT config (diffusers field names) of every layout
 
-_COLUMN = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_[qkv]|ff\.net\.0\.proj)\.(weight|bias)$")
-_ROW = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_out\.0|ff\.net\.2)\.weight$")
+_COLUMN = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_[qkv]|ff\.net\.0\.proj)\.(weight|bias|lora_B\.weight)$")
+_ROW = re.compile(r"^transformer_blocks\.\d+\.(attn[12]\.to_out\.0|ff\.net\.2)\.(weight|lora_A\.weight)$")
 
 
 class CheckpointError(OspError, ValueError):

@@ -45,11 +45,12 @@ from rich.console import Console
 
 from osp.common import config as C
 from osp.common.device import Device
-from osp.common.errors import MissingFileError, OspError
+from osp.common.errors import ConfigError, MissingFileError, OspError
 from osp.common.models.attention import resolve_backend
 from osp.common.models.dit import DiTConfig, get_dit_config, resolve_precision
 from osp.stage2_train import build
 from osp.stage2_train import checkpoint as ckpt
+from osp.stage2_train import lora
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
 from osp.stage2_train.context_parallel import scale_replicated_grads
@@ -594,11 +595,21 @@ def build_trainer(cfg: TrainConfig, resume: str = "", *, parts: Parts = RUN_PART
 
         dev = device.torch_device(L.local_rank)
         model = build.build_local(dit_cfg, L).train()
+        if cfg.lora.enabled:  # adapters only: the base is frozen (lora.base_dtype) and comes from model.init
+            if not cfg.model.init and not meta:
+                raise ConfigError(
+                    "lora.enabled=true trains adapters on a base model: set model.init (--init) to the base weights "
+                    "(a released DiT folder, an osp checkpoint or a training checkpoint)"
+                )
+            lora.apply_lora(model, lora.LoraSpec.of(cfg.lora))
         # every activation in this dtype (run.precision); the dry run (meta) measures the accelerator regime
         model.compute_dtype = resolve_precision(cfg.run.precision, device.is_accelerator or meta)
         if not meta:
             build.materialize(model, dev)
-            if checkpoints.resume_path is None:
+            if cfg.lora.enabled:  # the base on every start (checkpoints hold adapters only), then fresh adapters
+                checkpoints.load_init(model, cfg.model.init)
+                lora.init_adapters(model, cfg.run.seed)
+            elif checkpoints.resume_path is None:
                 _init_weights(model, cfg, dit_cfg, L, checkpoints)
         heads = dit_cfg.num_attention_heads // (L.tp * L.cp)
         kernel = resolve_backend(
@@ -653,6 +664,7 @@ def build_trainer(cfg: TrainConfig, resume: str = "", *, parts: Parts = RUN_PART
             f"[bold]run[/] {cfg.run.path}  layout tp={L.tp} cp={L.cp} dp={L.dp} sp={L.sp} zero1={p.zero1} "
             f"device={device.type} activations={str(model.compute_dtype).removeprefix('torch.')} attention={kernel} "
             f"checkpointing={cfg.model.checkpointing} compile={cfg.model.compile}"
+            + (f" lora=rank {cfg.lora.rank} on {len(lora.adapted(model))} layers" if cfg.lora.enabled else "")
         )
         if checkpoints.resume_path is not None:
             where = (
