@@ -80,7 +80,7 @@ def test_kill9_during_a_deletion_leaves_latest_loadable(tmp_path):
         time.sleep(0.05)
     time.sleep(0.5)  # inside the removal: half of the files are gone
     p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
+    p.communicate(timeout=60)  # reaps it and closes its pipes
     (doomed,) = ckroot.glob(".deleting-step-*")
     latest = ckpt.read_latest(ckroot)
     assert latest is not None and latest.name == "step-0000002" and doomed.name == ".deleting-step-0000001"

@@ -196,6 +196,8 @@ def test_watch_decodes_while_the_run_is_live_and_exits_with_it(setup, tmp_path):
         for p in (t, w):
             if p is not None and p.poll() is None:
                 p.kill()
+            if p is not None:
+                p.communicate()  # reaps it and closes its pipes
     assert w.returncode == 0, err[-3000:]
     assert all((run / f"validation/step-{s:07d}/decoded.json").is_file() for s in (2, 4, 6, 8))
     assert "8 validation videos written" in out
