@@ -41,7 +41,7 @@ def caches(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("sources")
     return {
         "video": make_shards(base / "video", 24, per_shard=8, seed=1),
-        "image": make_shards(base / "image", 40, per_shard=8, latent=IMAGE, seed=2),
+        "image": make_shards(base / "image", 40, per_shard=8, latent=IMAGE, seed=2, prefix="img"),
     }
 
 
@@ -194,7 +194,7 @@ def _train(run: Path, caches, nproc: int, tp: int, *extra: str) -> subprocess.Co
     srcs = f'[{{shards = "{caches["video"]}", weight = 3.0}}, {{shards = "{caches["image"]}", weight = 1.0}}]'
     cmd += [f"data.sources={srcs}", f"run.dir={run}", f"run.steps={STEPS}", "run.ckpt_every=3"]
     cmd += ["data.num_workers=0", "run.log_every=0", "run.tensorboard=false", "run.log_keys=true"]
-    cmd += ["data.tokens_per_batch=36", "run.async_ckpt=false", *extra]
+    cmd += ["data.batch_size=1", "run.async_ckpt=false", *extra]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
@@ -233,7 +233,7 @@ def test_tp2_dp2_groups_share_shapes_and_other_layouts_read_the_same_keys(caches
 
     ckpt = run / "checkpoints" / "step-0000003"
     global_keys = {s: keys[0][s] + keys[2][s] for s in range(4, STEPS + 1)}
-    for name, extra in (("twice", ["data.tokens_per_batch=72"]), ("accum", ["optim.grad_accum=2"])):
+    for name, extra in (("twice", ["data.batch_size=2"]), ("accum", ["optim.grad_accum=2"])):
         other = tmp_path / name
         _train(other, caches, 1, 1, "--resume", str(ckpt), "run.ckpt_every=1", *extra)
         got = _keys(other, 0)
@@ -247,7 +247,7 @@ def test_tp2_dp2_groups_share_shapes_and_other_layouts_read_the_same_keys(caches
         1,
         "--resume",
         str(tmp_path / "twice" / "checkpoints" / "step-0000004"),
-        "data.tokens_per_batch=72",
+        "data.batch_size=2",
     )
     ref, got = _metrics(tmp_path / "twice"), _metrics(again)
     assert [got[s]["loss"] for s in (5, 6)] == [ref[s]["loss"] for s in (5, 6)]
