@@ -938,7 +938,7 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         for name in sorted(set(by_name) - expected):
             problems.append(f"{path}: member {name} is not in the index (foreign member; never decoded)")
 
-    if refs:
+    if refs and manifest is not None:
         problems += _text_ref_problems(out, manifest, index)
     if manifest is not None:
         counts = manifest.get("counts", {})
@@ -1077,6 +1077,9 @@ def text_key(caption_clean: str, text_id: str, max_length: int) -> str:
 
 class TextShardWriter(ShardWriter):
     """One shard of a text cache: `write(key, text [L, D], meta)`; publish/abort as ShardWriter."""
+
+    def __enter__(self) -> "TextShardWriter":
+        return self
 
     def write(self, key: str, text: torch.Tensor, meta: dict) -> dict:  # type: ignore[override]
         if self._done:

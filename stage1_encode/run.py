@@ -204,6 +204,7 @@ class Encoders:
         self.text_dtype = self.dev.autocast_dtype
         self.tiling = TILING_TRAIN if tiling else None
         self.text_pad_to_max = text_pad_to_max
+        self.batch_size = 8  # captions per text forward in the text-cache pass (the run sets --batch-size)
         self._vae = self._text = None
 
     @property

@@ -74,7 +74,7 @@ def fill_text_cache(text_dir: str | Path, captions: list[str], enc, *, per_shard
     cache = S.TextCache.open(text_dir, allow_empty=True)
     unique = sorted({S.text_key(c, text_id, TEXT_MAX_LENGTH): c for c in captions}.items())
     missing = [(k, c) for k, c in unique if k not in cache]
-    bs = max(1, enc.batch_size if hasattr(enc, "batch_size") else 8)
+    bs = max(1, int(enc.batch_size))
     next_id = max(S.published_shards(text_dir), default=-1) + 1
     for lo in range(0, len(missing), per_shard):
         chunk = missing[lo : lo + per_shard]

@@ -56,6 +56,7 @@ def shard_geometry(cfg, dit_cfg, console) -> Geometry:
         if len(index) == 0:
             raise ConfigError(f"{root}: the index holds no samples; encode some clips first (osp encode)")
         first = _first_readable(root, index, cfg.data.skip_corrupt, manifest)
+        assert first.text is not None  # filled from the text cache when referred
         ident = {
             "latent channels": int(first.latent.shape[0]),
             "VAE": (manifest.get("vae") or {}).get("weights_sha256"),
