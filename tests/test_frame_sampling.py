@@ -51,3 +51,16 @@ def test_short_clips_error_by_default_or_kept_at_a_shorter_1_plus_4k():
     assert [it.frames for it in kept.shards[0].items] == [0, 5]  # 6 frames -> 5 (1 + 4k); 3 and 1 < 5: errors
     assert len(kept.shards[0].errors) == 2 and "or >= 5 with short_clips=keep" in kept.shards[0].errors[0]["reason"]
     assert kept.digest() != strided.digest() != plan.digest()
+
+
+def test_decoded_clip_follows_the_stride(tmp_path):
+    from osp.common.demo_data import write_mp4
+    from osp.stage1_encode.clips import read_video_clip
+
+    frames = np.random.default_rng(0).integers(0, 255, (48, 48, 64, 3), dtype=np.uint8)
+    write_mp4(tmp_path / "v.mp4", frames, 24)
+    _, plain = read_video_clip(str(tmp_path / "v.mp4"), 9, 48, 64)
+    _, strided = read_video_clip(str(tmp_path / "v.mp4"), 9, 48, 64, frame_step=2.0)
+    assert np.diff(plain.indices).tolist() == [1] * 8 and np.diff(strided.indices).tolist() == [2] * 8
+    assert strided.as_meta()["clip_stride"] == 2.0  # centred: 24 strided frames, the middle 9
+    assert strided.indices[0] == 2 * ((48 // 2 - 9) // 2)
