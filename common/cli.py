@@ -99,10 +99,20 @@ def shards_inspect(
     table.add_row("tar bytes", f"{info['tar_bytes']:,}")
     table.add_row("bytes / sample", f"{info['bytes_per_sample']:,.0f}")
     table.add_row("text length min / mean / max", f"{tl['min']} / {tl['mean']:.1f} / {tl['max']}")
+    table.add_row(
+        "kind", f"{info['kind']} cache" + (" (text inline)" if info["kind"] != "text" and not info["text_refs"] else "")
+    )
+    if info.get("text_id"):
+        table.add_row("text encoder id", info["text_id"][:16])
+    for ref in info["text_refs"]:
+        state = f"{ref['samples']} captions" if ref.get("ok") else ref.get("error", "other text encoder")
+        table.add_row("text cache", f"{ref.get('resolved') or ref.get('path')}: {state}")
     for k in ("latent_dtype", "text_dtype", "preset"):
         if info.get(k) is not None:
             table.add_row(k.replace("_", " "), str(info[k]))
     console.print(table)
+    if info["kind"] == "text":
+        return
     hist = Table(title="latent shapes")
     hist.add_column("T x H x W")
     hist.add_column("samples", justify="right")
@@ -359,6 +369,26 @@ def convert_import_cmd(
         fail(one_line(e))
 
 
+@convert_app.command("text-encoder")
+def convert_text_encoder_cmd(
+    src: Path = typer.Argument(
+        ..., help="A local mT5 folder (google/mt5-xxl: encoder + decoder, .bin or safetensors)."
+    ),
+    dst: Path = typer.Argument(..., help="Output folder: encoder-only bf16 model.safetensors + tokenizer."),
+) -> None:
+    """Write the encoder of SRC as a bf16 safetensors folder that loads memory-mapped (the ranks of a node
+    share it); osp encode and osp sample take it as --text-encoder, and a text cache made with either is
+    valid with the other. Example: osp convert text-encoder google/mt5-xxl models/mt5-xxl-encoder
+    """
+    from osp.common.models.text import convert_text_encoder
+
+    try:
+        rec = convert_text_encoder(src, dst)
+    except OspError as e:
+        fail(one_line(e))
+    typer.echo(f"wrote {dst} (encoder only, {rec['dtype']}, from {src})")
+
+
 @convert_app.command("merge")
 def convert_merge_cmd(
     src: Path = typer.Argument(..., help="osp checkpoint folder at any TP size, or a training checkpoint (step-*)."),
@@ -483,8 +513,11 @@ def encode_cmd(
         "--data",
         help="Dataset root with annotation.json (pixabay_v2), an annotation .json, or a list file of DATA_ROOT,ANNOTATION_JSON lines.",
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Shard directory to write (resumes when it holds shards of the same plan)."
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Shard directory to write (resumes when it holds shards of the same plan); --text-only may leave it out.",
     ),
     preset: Preset = typer.Option("tiny", "--preset", help="Pipeline preset: clip geometry and the models' sizes."),
     vae: Optional[Path] = typer.Option(
@@ -504,6 +537,31 @@ def encode_cmd(
     ),
     drop_long: bool = typer.Option(
         False, "--drop-long", help="Apply upstream's filter: drop videos longer than 2 x frames / 24 s."
+    ),
+    frame_stride: int = typer.Option(
+        1, "--frame-stride", help="Every k-th frame of the 24 fps sequence (upstream's sample_rate)."
+    ),
+    speed_factor: float = typer.Option(
+        1.0, "--speed-factor", help="> 1: subsample the 24 fps sequence evenly to len / speed (upstream)."
+    ),
+    short_clips: str = typer.Option(
+        "error",
+        "--short-clips",
+        help="A video shorter than the frames: error (an error row) | keep (its longest 1 + 4k frames >= --min-frames).",
+    ),
+    min_frames: int = typer.Option(1, "--min-frames", help="With --short-clips keep: the shortest clip kept (1 + 4k)."),
+    text_cache: Optional[Path] = typer.Option(
+        None,
+        "--text-cache",
+        help="Text cache folder: captions it lacks are encoded into it, the latent cache refers to it (no text inside).",
+    ),
+    text_only: bool = typer.Option(
+        False, "--text-only", help="No VAE: fill --text-cache with the dataset's captions (re-captioning)."
+    ),
+    latents_from: Optional[Path] = typer.Option(
+        None,
+        "--latents-from",
+        help="With --text-only: write --out as this latent cache's latents with the dataset's (new) captions.",
     ),
     samples_per_shard: int = typer.Option(
         256, "--samples-per-shard", help="Valid inputs per shard (fixes shard membership)."
@@ -532,7 +590,7 @@ def encode_cmd(
 
     opts = EncodeOptions(
         data=str(data),
-        out=str(out),
+        out=str(out) if out else "",
         preset=preset.value,
         vae=str(vae) if vae else None,
         text_encoder=str(text_encoder) if text_encoder else None,
@@ -542,6 +600,13 @@ def encode_cmd(
         clips_per_video=clips_per_video,
         all_captions=all_captions,
         drop_long=drop_long,
+        frame_stride=frame_stride,
+        speed_factor=speed_factor,
+        short_clips=short_clips,
+        min_frames=min_frames,
+        text_cache=str(text_cache) if text_cache else None,
+        text_only=text_only,
+        latents_from=str(latents_from) if latents_from else None,
         samples_per_shard=samples_per_shard,
         batch_size=batch_size,
         workers=workers,

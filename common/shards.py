@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import math
@@ -290,8 +291,11 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
         return self._tar.offset - math.ceil(len(data) / tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data offset
 
-    def write(self, key: str, latent: torch.Tensor, text: torch.Tensor, meta: dict) -> dict:
-        """Append one sample; returns its index row."""
+    def write(
+        self, key: str, latent: torch.Tensor, text: torch.Tensor | None, meta: dict, *, text_len: int | None = None
+    ) -> dict:
+        """Append one sample; returns its index row. `text=None`: the text lives in a text cache, `meta`
+        names it by `text_key` and `text_len` is its token count (see "text caches" below)."""
         if self._done:
             raise ShardError(f"{self.final_tar.name}: writer already published or aborted")
         validate_key(key)
@@ -299,16 +303,16 @@ class ShardWriter:
             raise ShardError(f"{self.final_tar.name}: duplicate key {key!r} in one shard; keys must be unique")
         if latent.ndim != 4 or latent.shape[0] not in (8, 4):
             raise ShardError(f"{key}: latent must be [8|4, T, H, W], got {tuple(latent.shape)}")
-        if text.ndim != 2 or text.shape[0] < 1:
+        if text is not None and (text.ndim != 2 or text.shape[0] < 1):
             raise ShardError(f"{key}: text must be unpadded [L>=1, D], got {tuple(text.shape)}")
         if not isinstance(meta, dict):
             raise ShardError(f"{key}: meta must be a dict, got {type(meta).__name__}")
-        st_bytes = st_save(
-            {
-                "latent": latent.detach().to("cpu", self.latent_dtype).contiguous(),
-                "text": text.detach().to("cpu").contiguous(),
-            }
-        )
+        if text is None and (not isinstance(meta.get(TEXT_KEY_FIELD), str) or not text_len or text_len < 1):
+            raise ShardError(f"{key}: a sample without text needs meta[{TEXT_KEY_FIELD!r}] and text_len >= 1")
+        tensors = {"latent": latent.detach().to("cpu", self.latent_dtype).contiguous()}
+        if text is not None:
+            tensors["text"] = text.detach().to("cpu").contiguous()
+        st_bytes = st_save(tensors)
         json_bytes = _dump_json(meta, f"{self.final_tar.name}: meta of {key}")
         with self._storage():
             row = {
@@ -320,7 +324,7 @@ class ShardWriter:
                 "latent_t": int(latent.shape[1]),
                 "latent_h": int(latent.shape[2]),
                 "latent_w": int(latent.shape[3]),
-                "text_len": int(text.shape[0]),
+                "text_len": int(text.shape[0]) if text is not None else int(text_len or 0),
             }
         row["checksum"] = checksum(st_bytes, json_bytes, {**row, "shard": self.shard_id})
         self._keys.add(key)
@@ -580,19 +584,20 @@ def load_safetensors_bytes(
 class Sample:
     key: str
     latent: torch.Tensor  # [8, T, H, W] moments (or [4, T, H, W]), stored dtype
-    text: torch.Tensor  # [L, D] unpadded mT5 hidden states
-    meta: dict
+    text: torch.Tensor | None  # [L, D] unpadded mT5 hidden states; None when it lives in a text cache
+    meta: dict  # (then meta["text_key"] names it: TextCache.get)
 
 
 def _sample_from_members(key: str, st: bytes, js: bytes, where: str) -> Sample:
     tensors = load_safetensors_bytes(st, f"{where}: {key}.safetensors", owned=True)
-    if "latent" not in tensors or "text" not in tensors:
-        raise ShardError(f"{where}: {key}.safetensors lacks 'latent' or 'text'; re-encode this shard")
     try:
         meta = json.loads(bytes(js))
     except ValueError as e:
         raise ShardError(f"{where}: {key}.json is not valid JSON ({e}); re-encode this shard") from None
-    return Sample(key, tensors["latent"], tensors["text"], meta)
+    by_ref = "text" not in tensors and isinstance(meta, dict) and isinstance(meta.get(TEXT_KEY_FIELD), str)
+    if "latent" not in tensors or ("text" not in tensors and not by_ref):
+        raise ShardError(f"{where}: {key}.safetensors lacks 'latent' or 'text'; re-encode this shard")
+    return Sample(key, tensors["latent"], tensors.get("text"), meta)
 
 
 def _shard_problem(out_dir: str | os.PathLike, index: ShardIndex, sid: int) -> str | None:
@@ -637,6 +642,12 @@ def read_sample(out_dir: str | os.PathLike, index: ShardIndex, i: int, *, verify
     """Random access: read both members at their indexed offsets, check what `verify` checks for this
     row (shard published and untruncated, tar headers, checksum over the row's fields and bytes), decode.
     The tensors are views of a private buffer (no copy beyond the read itself)."""
+    key, st, js, path = _read_row_members(out_dir, index, i, verify)
+    return _sample_from_members(key, st, js, path)
+
+
+def _read_row_members(out_dir: str | os.PathLike, index: ShardIndex, i: int, verify: bool) -> tuple:
+    """(key, safetensors bytes, json bytes, tar path) of row i, checked as `read_sample` says."""
     r = index.row(i)
     path = shard_path(out_dir, r.shard)
     fix = "re-encode this shard (osp shards verify)"
@@ -664,7 +675,7 @@ def read_sample(out_dir: str | os.PathLike, index: ShardIndex, i: int, *, verify
         raise ShardError(
             f"{path}: checksum mismatch for key {r.key} (bytes or index row changed); the shard or index is corrupt, {fix}"
         )
-    return _sample_from_members(r.key, st, js, str(path))
+    return r.key, st, js, str(path)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -857,8 +868,10 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         index = ShardIndex.open(out)
     except ShardError as e:
         return problems + [str(e)]
+    refs = text_refs(manifest) if manifest is not None else []
     if not (out / UNCOND_NAME).exists():
-        problems.append(f"{out / UNCOND_NAME}: missing; stage 1 writes it (re-run osp encode)")
+        if not refs:  # a cache that refers to text caches finds "" there
+            problems.append(f"{out / UNCOND_NAME}: missing; stage 1 writes it (re-run osp encode)")
     elif manifest is not None and (problem := _uncond_problem(out, (out / UNCOND_NAME).read_bytes())):
         problems.append(f"{out / UNCOND_NAME}: {problem}; re-run osp encode")
 
@@ -925,6 +938,8 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         for name in sorted(set(by_name) - expected):
             problems.append(f"{path}: member {name} is not in the index (foreign member; never decoded)")
 
+    if refs and manifest is not None:
+        problems += _text_ref_problems(out, manifest, index)
     if manifest is not None:
         counts = manifest.get("counts", {})
         n_err = (
@@ -1029,5 +1044,239 @@ def inspect(out_dir: str | os.PathLike) -> dict:
         "latent_dtype": (side or {}).get("latent_dtype"),
         "text_dtype": (m.get("text") or {}).get("dtype") if isinstance(m.get("text"), dict) else None,
         "preset": (m.get("geometry") or {}).get("preset") if isinstance(m.get("geometry"), dict) else None,
+        "kind": m.get("kind", "latent"),
+        "text_id": m.get("text_id"),
+        "text_refs": [_ref_summary(out, ref) for ref in text_refs(m)],
         "manifest": manifest,
     }
+
+
+# --- text caches (one embedding per cleaned caption, shared by latent caches) ------------------------
+#
+# A text cache is a shard directory of the same format (tars, sidecars, index.zarr, manifest, uncond)
+# whose samples hold only `text` [L, D]; its manifest says `"kind": "text"` and `text_id`, the
+# identity of the encoder that made the embeddings (`text_encoder_id` in osp.common.models.text).
+# Each sample's key is `text_key(cleaned caption, text_id, max_length)`, so one caption is encoded
+# once per encoder, whichever dataset or geometry asks for it. Index rows have latent T x H x W 0 x 0 x 0.
+#
+# A latent cache that refers to text caches stores no text: its samples' json names `text_key`, the
+# index keeps `text_len`, and its manifest lists the caches (`text_refs`: path relative to the latent
+# cache and absolute, and the text_id each was made with) and the `text_id` all of them share. The
+# empty caption "" is the text cache's uncond.safetensors. `verify` checks that every reference
+# resolves; caches with text inline (no `text_refs`) read as before.
+
+TEXT_KIND = "text"
+TEXT_KEY_FIELD = "text_key"
+
+
+def text_key(caption_clean: str, text_id: str, max_length: int) -> str:
+    """The key of one cleaned caption's embedding: a hash of the caption, the encoder and the length."""
+    body = json.dumps([caption_clean, text_id, int(max_length)], ensure_ascii=False, separators=(",", ":"))
+    return "t" + hashlib.sha256(body.encode("utf-8")).hexdigest()[:40]
+
+
+class TextShardWriter(ShardWriter):
+    """One shard of a text cache: `write(key, text [L, D], meta)`; publish/abort as ShardWriter."""
+
+    def __enter__(self) -> "TextShardWriter":
+        return self
+
+    def write(self, key: str, text: torch.Tensor, meta: dict) -> dict:  # type: ignore[override]
+        if self._done:
+            raise ShardError(f"{self.final_tar.name}: writer already published or aborted")
+        validate_key(key)
+        if key in self._keys:
+            raise ShardError(f"{self.final_tar.name}: duplicate key {key!r} in one shard; keys must be unique")
+        if text.ndim != 2 or text.shape[0] < 1:
+            raise ShardError(f"{key}: text must be unpadded [L>=1, D], got {tuple(text.shape)}")
+        st_bytes = st_save({"text": text.detach().to("cpu").contiguous()})
+        json_bytes = _dump_json(meta, f"{self.final_tar.name}: meta of {key}")
+        with self._storage():
+            row = {
+                "key": key,
+                "st_offset": self._add_member(f"{key}.safetensors", st_bytes),
+                "st_size": len(st_bytes),
+                "json_offset": self._add_member(f"{key}.json", json_bytes),
+                "json_size": len(json_bytes),
+                "latent_t": 0,
+                "latent_h": 0,
+                "latent_w": 0,
+                "text_len": int(text.shape[0]),
+            }
+        row["checksum"] = checksum(st_bytes, json_bytes, {**row, "shard": self.shard_id})
+        self._keys.add(key)
+        self._rows.append(row)
+        return row
+
+
+class TextCache:
+    """A text cache opened for lookups: `key in cache`, `cache.get(key)` -> [L, D] (checked as
+    read_sample checks), `cache.uncond()`. Holds numpy columns only (pickles into loader workers)."""
+
+    def __init__(self, root: str | os.PathLike, manifest: dict, index: ShardIndex):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.index = index
+        self.text_id: str = manifest.get("text_id", "")
+        keys = np.asarray([str(k) for k in index.key], dtype=str)  # fixed-width unicode: searchsorted works
+        self._order = np.argsort(keys, kind="stable")
+        self._sorted = keys[self._order]
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, allow_empty: bool = False) -> "TextCache":
+        root = Path(root)
+        if allow_empty and not (root / MANIFEST_NAME).exists():
+            manifest = {"kind": TEXT_KIND}  # a new text cache: nothing in it yet
+        else:
+            manifest = read_manifest(root)
+        if manifest.get("kind") != TEXT_KIND:
+            raise ShardError(f"{root}: not a text cache (manifest kind {manifest.get('kind', 'latent')!r})")
+        if allow_empty and not (root / INDEX_NAME / "zarr.json").exists():
+            return cls(root, manifest, ShardIndex({c: np.asarray([], dtype=_np_dtype(c)) for c in INDEX_COLUMNS}))
+        return cls(root, manifest, ShardIndex.open(root))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def row_of(self, key: str) -> int | None:
+        j = int(np.searchsorted(self._sorted, key))
+        if j < len(self._sorted) and self._sorted[j] == key:
+            return int(self._order[j])
+        return None
+
+    def __contains__(self, key: str) -> bool:
+        return self.row_of(key) is not None
+
+    def text_len(self, key: str) -> int:
+        i = self.row_of(key)
+        if i is None:
+            raise ShardError(f"{self.root}: no text for key {key}")
+        return int(self.index.text_len[i])
+
+    def get(self, key: str, *, verify: bool = True) -> torch.Tensor:
+        i = self.row_of(key)
+        if i is None:
+            raise ShardError(f"{self.root}: no text for key {key}; re-run osp encode --text-cache {self.root}")
+        k, st, _js, where = _read_row_members(self.root, self.index, i, verify)
+        tensors = load_safetensors_bytes(st, f"{where}: {k}.safetensors", owned=True)
+        if "text" not in tensors:
+            raise ShardError(f"{where}: {k}.safetensors lacks 'text'; re-encode the text cache")
+        return tensors["text"]
+
+    def uncond(self) -> torch.Tensor:
+        return read_uncond(self.root)
+
+
+def _np_dtype(column: str):
+    return str if INDEX_COLUMNS[column] == "str" else INDEX_COLUMNS[column]
+
+
+def text_refs(manifest: dict | None) -> list[dict]:
+    """The text caches a latent cache's manifest refers to ([] for text inline)."""
+    refs = (manifest or {}).get("text_refs") or []
+    return [r for r in refs if isinstance(r, dict)]
+
+
+def make_text_ref(latent_dir: str | os.PathLike, text_dir: str | os.PathLike, text_id: str) -> dict:
+    text_abs = Path(text_dir).resolve()
+    return {
+        "path": os.path.relpath(text_abs, Path(latent_dir).resolve()),
+        "abs_path": str(text_abs),
+        "text_id": text_id,
+    }
+
+
+def resolve_text_ref(latent_dir: str | os.PathLike, ref: dict) -> Path:
+    """The folder of a text reference: relative to the latent cache first, then the absolute path."""
+    for cand in (Path(latent_dir) / ref.get("path", ""), Path(ref.get("abs_path", ""))):
+        if ref.get("path") is not None and (cand / MANIFEST_NAME).is_file():
+            return cand
+    raise ShardError(
+        f"{latent_dir}: refers to the text cache {ref.get('path')} ({ref.get('abs_path')}), which is missing; "
+        f"copy it next to the latent cache or re-run osp encode --text-cache DIR"
+    )
+
+
+def open_text_refs(latent_dir: str | os.PathLike, manifest: dict | None = None) -> list[TextCache]:
+    """The text caches of a latent cache, each checked to be the one referred to (same text_id)."""
+    manifest = read_manifest(latent_dir) if manifest is None else manifest
+    caches = []
+    for ref in text_refs(manifest):
+        tc = TextCache.open(resolve_text_ref(latent_dir, ref))
+        if tc.text_id != ref.get("text_id"):
+            raise ShardError(
+                f"{latent_dir}: its text cache {tc.root} holds embeddings of text encoder {tc.text_id[:12]}, the "
+                f"latents were referred to {str(ref.get('text_id'))[:12]}; re-run osp encode --text-cache {tc.root}"
+            )
+        caches.append(tc)
+    return caches
+
+
+class TextLookup:
+    """text_key -> embedding over the text caches of one latent cache (first that holds it)."""
+
+    def __init__(self, caches: list[TextCache]):
+        self.caches = caches
+
+    def get(self, key: str, *, verify: bool = True) -> torch.Tensor:
+        for c in self.caches:
+            if key in c:
+                return c.get(key, verify=verify)
+        raise ShardError(
+            f"text key {key} is in none of the text caches {[str(c.root) for c in self.caches]}; "
+            f"re-run osp encode --text-cache DIR (osp shards verify names every missing reference)"
+        )
+
+
+def cache_uncond(out_dir: str | os.PathLike) -> torch.Tensor:
+    """The encoding of "" for a latent cache: its own uncond.safetensors, or its text cache's."""
+    manifest = read_manifest(out_dir)
+    caches = open_text_refs(out_dir, manifest) if text_refs(manifest) else []
+    return caches[0].uncond() if caches else read_uncond(out_dir)
+
+
+def cache_text_id(out_dir: str | os.PathLike, manifest: dict | None = None) -> str | None:
+    """The text-encoder identity of a cache (text cache, referring latent cache, or inline text)."""
+    m = read_manifest(out_dir) if manifest is None else manifest
+    if m.get("text_id"):
+        return str(m["text_id"])
+    te = m.get("text_encoder")
+    return str(te["text_id"]) if isinstance(te, dict) and te.get("text_id") else None
+
+
+def _text_ref_problems(out: Path, manifest: dict, index: ShardIndex) -> list[str]:
+    """Every row's text_key must be in one of the referred text caches."""
+    try:
+        lookup = TextLookup(open_text_refs(out, manifest))
+    except ShardError as e:
+        return [str(e)]
+    problems = []
+    for i in range(len(index)):
+        r = index.row(i)
+        try:
+            with open(shard_path(out, r.shard), "rb") as f:
+                f.seek(r.json_offset)
+                meta = json.loads(f.read(r.json_size))
+        except (OSError, ValueError):
+            continue  # the row's own problem is reported by the checks above
+        key = meta.get(TEXT_KEY_FIELD) if isinstance(meta, dict) else None
+        if key is None:
+            continue
+        cache = next((c for c in lookup.caches if key in c), None)
+        if cache is None:
+            problems.append(
+                f"{shard_path(out, r.shard)}: key {r.key}: text {key} is in none of the referred text caches "
+                f"{[str(c.root) for c in lookup.caches]}; re-run osp encode --text-cache DIR"
+            )
+        elif cache.text_len(key) != r.text_len:
+            problems.append(f"{shard_path(out, r.shard)}: key {r.key}: text_len {r.text_len} != {cache.text_len(key)}")
+    return problems
+
+
+def _ref_summary(out: Path, ref: dict) -> dict:
+    try:
+        root = resolve_text_ref(out, ref)
+        tc = TextCache.open(root)
+        return {**ref, "resolved": str(root), "samples": len(tc), "ok": tc.text_id == ref.get("text_id")}
+    except ShardError as e:
+        return {**ref, "resolved": None, "ok": False, "error": str(e)}

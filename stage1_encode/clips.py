@@ -57,23 +57,30 @@ def media_kind(path: str) -> str:
     )
 
 
-def _step(fps: float, train_fps: float) -> float:
-    return 1.0 if abs(fps - train_fps) < 0.1 else fps / train_fps
+def _step(fps: float, train_fps: float, frame_step: float = 1.0) -> float:
+    """Source frames per clip frame: the fps resampling step (upstream: 1 within 0.1 fps of the target),
+    times `frame_step` = frame stride x speed factor (upstream's sample_rate and speed_factor)."""
+    return (1.0 if abs(fps - train_fps) < 0.1 else fps / train_fps) * frame_step
 
 
-def resample_count(n_frames: int, fps: float, train_fps: float = TRAIN_FPS) -> int:
+def resample_count(n_frames: int, fps: float, train_fps: float = TRAIN_FPS, frame_step: float = 1.0) -> int:
     """len(resample_indices(n_frames, fps)), without allocating it."""
-    return max(0, math.ceil(n_frames / _step(fps, train_fps))) if n_frames > 0 else 0
+    return max(0, math.ceil(n_frames / _step(fps, train_fps, frame_step))) if n_frames > 0 else 0
 
 
 def resample_indices(
-    n_frames: int, fps: float, train_fps: float = TRAIN_FPS, start: int = 0, stop: int | None = None
+    n_frames: int,
+    fps: float,
+    train_fps: float = TRAIN_FPS,
+    start: int = 0,
+    stop: int | None = None,
+    frame_step: float = 1.0,
 ) -> np.ndarray:
     """Source frame indices [start, stop) of the video resampled to `train_fps` (floor(i * step), the
     values of floor(arange(0, n_frames, step))); only the window asked for is allocated."""
-    n = resample_count(n_frames, fps, train_fps)
+    n = resample_count(n_frames, fps, train_fps, frame_step)
     stop = n if stop is None else min(stop, n)
-    return np.floor(np.arange(start, stop, dtype=np.float64) * _step(fps, train_fps)).astype(np.int64)
+    return np.floor(np.arange(start, stop, dtype=np.float64) * _step(fps, train_fps, frame_step)).astype(np.int64)
 
 
 def check_size(h: int, w: int, height: int, width: int) -> None:
@@ -261,7 +268,14 @@ def check_regular_file(path: str) -> None:
 
 
 def read_video_clip(
-    path: str, num_frames: int, height: int, width: int, clips: int = 1, clip: int = 0, train_fps: float = TRAIN_FPS
+    path: str,
+    num_frames: int,
+    height: int,
+    width: int,
+    clips: int = 1,
+    clip: int = 0,
+    train_fps: float = TRAIN_FPS,
+    frame_step: float = 1.0,
 ) -> tuple[torch.Tensor, ClipInfo]:
     """Clip `clip` of `clips` of a video -> ([3, num_frames, height, width] in [-1, 1], info)."""
     check_regular_file(path)
@@ -277,8 +291,8 @@ def read_video_clip(
             fps = DEFAULT_FPS
         if fps > MAX_FPS:
             raise ClipError(f"the file claims {fps:g} fps, more than {MAX_FPS:g}")
-        start, stop = clip_window(resample_count(n, fps, train_fps), num_frames, clips, clip)
-        return resample_indices(n, fps, train_fps, start, stop)
+        start, stop = clip_window(resample_count(n, fps, train_fps, frame_step), num_frames, clips, clip)
+        return resample_indices(n, fps, train_fps, start, stop, frame_step)
 
     failures = []
     for name, reader in (("decord", _decord_read), ("pyav", _pyav_read)):  # noqa: B007 (the decoder that worked is used after the loop)

@@ -35,6 +35,7 @@ from .dataset import RawRecord, inside_root, safe_relpath
 from osp.common.errors import ConfigError
 
 PLAN_VERSION = 1
+SHORT_CLIPS = ("error", "keep")
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -49,9 +50,29 @@ class EncodeSpec:
     clips_per_video: int = 1
     all_captions: bool = False
     drop_long: bool = False  # upstream's "longer than 2 * num_frames / fps seconds" filter; off by default
+    frame_stride: int = 1  # every k-th frame of the fps-resampled sequence (upstream's sample_rate)
+    speed_factor: float = 1.0  # > 1 subsamples evenly to len / speed_factor (upstream's speed_factor)
+    short_clips: str = "error"  # error | keep (the longest 1 + 4k frames >= min_frames that the video has)
+    min_frames: int = 1  # the shortest clip short_clips=keep keeps
 
     def __post_init__(self):
         latent_frames(self.num_frames)  # raises unless 1 + 4k
+        if self.frame_stride < 1:
+            raise ConfigError(f"frame_stride must be >= 1, got {self.frame_stride}")
+        if not (math.isfinite(self.speed_factor) and self.speed_factor >= 1.0):
+            raise ConfigError(
+                f"speed_factor must be >= 1 (upstream subsamples, never repeats), got {self.speed_factor}"
+            )
+        if self.short_clips not in SHORT_CLIPS:
+            raise ConfigError(f"short_clips must be one of {', '.join(SHORT_CLIPS)}, got {self.short_clips!r}")
+        latent_frames(self.min_frames)
+        if self.min_frames > self.num_frames:
+            raise ConfigError(f"min_frames {self.min_frames} is above the frames {self.num_frames}")
+
+    @property
+    def frame_step(self) -> float:
+        """Source-frame step multiplier on top of the fps resampling."""
+        return self.frame_stride * self.speed_factor
         if self.height % 8 or self.width % 8 or self.height <= 0 or self.width <= 0:
             raise ConfigError(f"height and width must be positive multiples of 8, got {self.height}x{self.width}")
         if self.clips_per_video < 1:
@@ -75,6 +96,7 @@ class WorkItem:
     clips: int
     annotation: str = ""
     record: int = -1
+    frames: int = 0  # 0 = the spec's num_frames; a shorter 1 + 4k with short_clips=keep
 
 
 @dataclass
@@ -110,11 +132,8 @@ class Plan:
         )
         for s in self.shards:
             for it in s.items:
-                h.update(
-                    json.dumps(
-                        [s.id, it.seq, it.key, it.path, it.caption, it.clip, it.clips], ensure_ascii=True
-                    ).encode()
-                )
+                fields_ = [s.id, it.seq, it.key, it.path, it.caption, it.clip, it.clips]
+                h.update(json.dumps(fields_ + ([it.frames] if it.frames else []), ensure_ascii=True).encode())
             for e in s.errors:
                 h.update(json.dumps([s.id, e], sort_keys=True, ensure_ascii=True).encode())
         return h.hexdigest()
@@ -181,8 +200,9 @@ def _resolution(rec: dict, required: bool) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
-def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:
-    """Validate metadata; return the number of clips this record yields (per caption)."""
+def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> tuple[int, int]:
+    """Validate metadata; return the number of clips this record yields (per caption) and their frames
+    (0 = the spec's; a shorter 1 + 4k for a short video under short_clips=keep)."""
     res = _resolution(rec, required=(kind == "video"))
     if res is not None and not aspect_ok(res[0], res[1], spec.height, spec.width):
         a = spec.height / spec.width
@@ -192,17 +212,24 @@ def _check_record(rec: dict, kind: str, spec: EncodeSpec) -> int:
     if res is not None:
         check_size(res[0], res[1], spec.height, spec.width)
     if kind == "image":
-        return 1
+        return 1, 0
     fps, duration = _positive(rec, "fps", MAX_FPS), _positive(rec, "duration", MAX_DURATION_S)
     n_src = int(math.floor(fps * duration + 1e-6))
     if spec.drop_long and n_src > 2 * spec.num_frames * fps / spec.fps:
         raise ClipError(f"longer than {2 * spec.num_frames / spec.fps:.2f} s (upstream length filter, --drop-long)")
-    n_res = resample_count(n_src, fps, spec.fps)
+    n_res = resample_count(n_src, fps, spec.fps, spec.frame_step)
     if n_res < spec.num_frames:
-        raise ClipError(
-            f"too short: {duration:g} s at {fps:g} fps gives {n_res} frames at {spec.fps} fps, need {spec.num_frames}"
+        kept = 1 + (n_res - 1) // 4 * 4 if n_res >= 1 else 0  # the longest 1 + 4k it has
+        step = f" (frame step {spec.frame_step:g})" if spec.frame_step != 1 else ""
+        if spec.short_clips == "keep" and kept >= spec.min_frames:
+            return 1, kept
+        need = f"need {spec.num_frames}" + (
+            f" (or >= {spec.min_frames} with short_clips=keep)" if spec.short_clips == "keep" else ""
         )
-    return min(spec.clips_per_video, n_res // spec.num_frames)
+        raise ClipError(
+            f"too short: {duration:g} s at {fps:g} fps gives {n_res} frames at {spec.fps} fps{step}, {need}"
+        )
+    return min(spec.clips_per_video, n_res // spec.num_frames), 0
 
 
 def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int) -> Plan:
@@ -237,7 +264,7 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
             inside_root(r.root, rel)
             kind = media_kind(rel)
             caps = _captions(rec)
-            clips = _check_record(rec, kind, spec)
+            clips, frames = _check_record(rec, kind, spec)
             first = seen.get((r.root, rel))
             if first is not None:
                 raise ClipError(
@@ -272,6 +299,7 @@ def make_plan(records: list[RawRecord], spec: EncodeSpec, samples_per_shard: int
                             clips=clips,
                             annotation=r.annotation,
                             record=r.index,
+                            frames=frames,
                         ),
                     )
                 )

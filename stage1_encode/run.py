@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -31,6 +32,7 @@ import torch
 from osp.common import shards as S
 from osp.common.config import (
     LATENT_CHANNELS,
+    TEXT_MAX_LENGTH,
     TILING_TRAIN,
     VAE_SCALE_FACTOR,
     get_preset,
@@ -38,6 +40,7 @@ from osp.common.config import (
 )
 
 from .clips import ClipError, read_image, read_video_clip
+from .text_cache import TextKeys, fill_text_cache, wait_for_text
 from .dataset import list_records, resolve_sources
 from .plan import Plan, ShardPlan, WorkItem, EncodeSpec, make_plan
 from osp.common.errors import OspError
@@ -69,6 +72,13 @@ class EncodeOptions:
     clips_per_video: int = 1
     all_captions: bool = False
     drop_long: bool = False
+    frame_stride: int = 1  # take every k-th frame of the 24 fps sequence (upstream's sample_rate)
+    speed_factor: float = 1.0  # > 1: subsample evenly to len / speed (upstream's speed_factor)
+    short_clips: str = "error"  # error | keep: a clip shorter than the frames -> error row, or the longest 1 + 4k
+    min_frames: int = 1  # with short_clips=keep: the shortest clip kept (1 + 4k)
+    text_cache: str | None = None  # a text cache folder: embeddings by caption key, none in the latent cache
+    text_only: bool = False  # no VAE: fill the text cache (and, with latents_from, write a re-captioned cache)
+    latents_from: str | None = None  # text_only: the latent cache whose latents the re-captioned cache reuses
     samples_per_shard: int = 256
     batch_size: int = 4
     workers: int = 2
@@ -92,6 +102,10 @@ class EncodeOptions:
             clips_per_video=self.clips_per_video,
             all_captions=self.all_captions,
             drop_long=self.drop_long,
+            frame_stride=self.frame_stride,
+            speed_factor=self.speed_factor,
+            short_clips=self.short_clips,
+            min_frames=self.min_frames,
         )
 
 
@@ -117,7 +131,10 @@ class ClipDataset(torch.utils.data.Dataset):
             if it.kind == "image":
                 clip, info = read_image(it.path, sp.height, sp.width)
             else:
-                clip, info = read_video_clip(it.path, sp.num_frames, sp.height, sp.width, it.clips, it.clip, sp.fps)
+                frames = it.frames or sp.num_frames
+                clip, info = read_video_clip(
+                    it.path, frames, sp.height, sp.width, it.clips, it.clip, sp.fps, sp.frame_step
+                )
         except ClipError as e:
             return {"seq": it.seq, "error": str(e)}
         except Exception as e:  # an unexpected decoder failure is still one error row, not a dead run
@@ -173,21 +190,51 @@ def decoded_stream(items: list[WorkItem], spec: EncodeSpec, workers: int, pin_me
 
 
 class Encoders:
-    """CausalVAE + mT5 on one device; batched forward of clips and captions."""
+    """CausalVAE + mT5 on one device; batched forward of clips and captions. Each model loads on first
+    use, so a run whose captions are all in the text cache never loads the text encoder, and a
+    re-captioning run never loads the VAE."""
 
     def __init__(self, vae_dir: str, text_dir: str, device: str, vae_dtype: str, tiling: bool, text_pad_to_max: bool):
         from osp.common.device import pick_device
-        from osp.common.models.text import TextEncoder
-        from osp.common.models.vae import load_vae, vae_identity
 
         self.dev = pick_device(device)
         self.device = self.dev.set_current()
+        self.vae_dir, self.text_dir = vae_dir, text_dir
         self.vae_dtype = getattr(torch, vae_dtype)
-        self.vae = load_vae(vae_dir).to(self.device, self.vae_dtype).eval().requires_grad_(False)
-        self.vae_identity = vae_identity(vae_dir)
-        self.text = TextEncoder.from_pretrained(text_dir, device=self.device, dtype=self.dev.autocast_dtype)
+        self.text_dtype = self.dev.autocast_dtype
         self.tiling = TILING_TRAIN if tiling else None
         self.text_pad_to_max = text_pad_to_max
+        self.batch_size = 8  # captions per text forward in the text-cache pass (the run sets --batch-size)
+        self._vae = self._text = None
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from osp.common.models.vae import load_vae
+
+            self._vae = load_vae(self.vae_dir).to(self.device, self.vae_dtype).eval().requires_grad_(False)
+        return self._vae
+
+    @property
+    def vae_identity(self) -> dict:
+        from osp.common.models.vae import vae_identity
+
+        return vae_identity(self.vae_dir)
+
+    @property
+    def text(self):
+        if self._text is None:
+            from osp.common.models.text import TextEncoder
+
+            self._text = TextEncoder.from_pretrained(self.text_dir, device=self.device, dtype=self.text_dtype)
+        return self._text
+
+    def text_id(self) -> str:
+        """The text encoder's identity without loading it (files only)."""
+        from osp.common.config import TEXT_MAX_LENGTH
+        from osp.common.models.text import text_encoder_id
+
+        return text_encoder_id(self.text_dir, self.text_dtype, TEXT_MAX_LENGTH)
 
     @torch.no_grad()
     def encode_clips(self, clips: list[torch.Tensor]) -> torch.Tensor:
@@ -207,6 +254,7 @@ class Encoders:
 
 
 def sample_meta(it: WorkItem, caption_clean: str, spec: EncodeSpec, info: dict) -> dict:
+    frames = it.frames or spec.num_frames
     return {
         "key": it.key,
         "input": it.seq,
@@ -217,7 +265,7 @@ def sample_meta(it: WorkItem, caption_clean: str, spec: EncodeSpec, info: dict) 
         "caption_index": it.caption_index,
         "clip": it.clip,
         "clips": it.clips,
-        "num_frames": spec.num_frames if it.kind == "video" else 1,
+        "num_frames": frames if it.kind == "video" else 1,
         "height": spec.height,
         "width": spec.width,
         "fps": spec.fps,
@@ -250,10 +298,12 @@ class ShardEncoder:
         batch_size: int,
         latent_dtype: str,
         on_done=None,
+        texts: "TextKeys | None" = None,
     ):
         from osp.common.models.text import clean_caption
 
         self.clean = clean_caption
+        self.texts = texts  # a text cache: samples refer to it by key, no text forward here
         self.shard, self.spec, self.enc, self.batch_size = shard, spec, enc, batch_size
         self.writer = S.ShardWriter(out, shard.id, latent_dtype=latent_dtype)
         self.items = {it.seq: it for it in shard.items}
@@ -271,6 +321,9 @@ class ShardEncoder:
         self._insert(seq)
         if "error" in result:
             self.pending[seq] = ("error", _decode_error(it, result["error"]))
+        elif "latent" in result:  # re-captioning: the moments of another cache
+            cap = self.clean(it.caption)
+            self.pending[seq] = ("sample", result["latent"], None, {**result["meta"], **self._meta(seq, cap, {})})
         else:
             clip = result["clip"]
             bucket = self.buckets.setdefault(tuple(clip.shape), [])
@@ -290,7 +343,7 @@ class ShardEncoder:
     def _run(self, batch: list[tuple[int, torch.Tensor, dict]]) -> None:
         moments = self.enc.encode_clips([c for _, c, _ in batch])
         captions = [self.clean(self.items[s].caption) for s, _, _ in batch]
-        texts = self.enc.encode_text(captions)
+        texts = self.enc.encode_text(captions) if self.texts is None else [None] * len(batch)
         for (seq, _, info), m, t, cap in zip(batch, moments, texts, captions):
             if not torch.isfinite(m).all():
                 self.pending[seq] = (
@@ -307,7 +360,13 @@ class ShardEncoder:
                     ),
                 )
             else:
-                self.pending[seq] = ("sample", m, t, sample_meta(self.items[seq], cap, self.spec, info))
+                self.pending[seq] = ("sample", m, t, self._meta(seq, cap, info))
+
+    def _meta(self, seq: int, cap: str, info: dict) -> dict:
+        meta = sample_meta(self.items[seq], cap, self.spec, info)
+        if self.texts is not None:
+            meta[S.TEXT_KEY_FIELD] = self.texts.key(cap)
+        return meta
 
     def _emit(self, final: bool = False) -> None:
         while self.pending:
@@ -323,7 +382,8 @@ class ShardEncoder:
                 self.on_done(0, 1)
             else:
                 _, m, t, meta = entry
-                self.writer.write(meta["key"], m, t, meta)
+                text_len = self.texts.length(meta[S.TEXT_KEY_FIELD]) if t is None and self.texts else None
+                self.writer.write(meta["key"], m, t, meta, text_len=text_len)
                 self.n_samples += 1
                 self.on_done(1, 0)
 
@@ -409,6 +469,8 @@ def _plan_summary(plan: Plan, opts: EncodeOptions) -> dict:
         "vae_dtype": opts.vae_dtype,
         "tiling": opts.tiling,
         "text_pad_to_max": opts.text_pad_to_max,
+        "text_cache": str(Path(opts.text_cache).resolve()) if opts.text_cache else None,
+        "latents_from": str(Path(opts.latents_from).resolve()) if opts.latents_from else None,
         "vae": _vae_sha(opts.vae),
         "text_encoder": str(Path(opts.text_encoder).resolve()) if opts.text_encoder else None,
         "caption_cleaner": cleaner_identity(),  # a resume must clean captions the same way
@@ -468,7 +530,8 @@ def encode(opts: EncodeOptions) -> dict:
     """Run (or resume) the encode of this rank; rank 0 also merges. Returns a summary dict."""
     die_with_parent()  # under the launcher: this rank dies with it, however it dies
     rank, world = _rank_world(opts)
-    out = Path(opts.out)
+    _check_text_options(opts)
+    out = Path(opts.out or opts.text_cache or ".")
     if opts.batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.latent_dtype not in ("float16", "float32"):
@@ -488,6 +551,27 @@ def encode(opts: EncodeOptions) -> dict:
         if err is None:
             raise
         raise err from None
+
+
+def _check_text_options(opts: EncodeOptions) -> None:
+    if opts.text_only and not opts.text_cache:
+        raise EncodeError("--text-only needs --text-cache DIR (the captions' embeddings go there)")
+    if opts.latents_from and not opts.text_only:
+        raise EncodeError("--latents-from is for re-captioning; pass it with --text-only --text-cache DIR")
+    if opts.latents_from and not opts.out:
+        raise EncodeError("--latents-from needs --out: the re-captioned latent cache to write")
+    if not opts.out and not opts.text_only:
+        raise EncodeError("--out is required (the latent cache to write); only --text-only may leave it out")
+    if opts.latents_from:
+        old = S.read_manifest(opts.latents_from).get("geometry", {})
+        spec = opts.spec()
+        if [old.get(k) for k in ("num_frames", "height", "width")] != [spec.num_frames, spec.height, spec.width]:
+            raise EncodeError(
+                f"{opts.latents_from}: encoded at {old.get('num_frames')}x{old.get('height')}x{old.get('width')}, this "
+                f"plan is {spec.num_frames}x{spec.height}x{spec.width}; pass the same --preset/--frames/--height/--width"
+            )
+    if opts.text_cache and opts.out and Path(opts.text_cache).resolve() == Path(opts.out).resolve():
+        raise EncodeError("--text-cache and --out must be different folders")
 
 
 def _ranges(ids: list[int]) -> str:
@@ -518,11 +602,12 @@ def _failure_line(e: BaseException, out: Path, n_shards: int) -> OspError | None
 
 
 def _encode_planned(opts: EncodeOptions, plan: Plan, rank: int, world: int, vae_dir: str, text_dir: str) -> dict:
-    out = Path(opts.out)
+    out = Path(opts.out or ".")
     summary = _plan_summary(plan, opts)
-    _check_plan_file(out, summary, rank)
+    if not (opts.text_only and not opts.latents_from):
+        _check_plan_file(out, summary, rank)
 
-    done = S.published_shards(out)
+    done = S.published_shards(out) if opts.out else set()
     mine = [s for s in plan.shards if s.id % world == rank and s.id not in done]
     t0 = time.perf_counter()
     stats: dict[str, float] = {
@@ -531,26 +616,53 @@ def _encode_planned(opts: EncodeOptions, plan: Plan, rank: int, world: int, vae_
         "shards": 0,
         "skipped_shards": sum(1 for s in plan.shards if s.id % world == rank) - len(mine),
     }
-    enc = None
-    if mine or rank == 0:
-        enc = Encoders(vae_dir, text_dir, opts.device, opts.vae_dtype, opts.tiling, opts.text_pad_to_max)
+    enc = Encoders(vae_dir, text_dir, opts.device, opts.vae_dtype, opts.tiling, opts.text_pad_to_max)
+    enc.batch_size = opts.batch_size  # the text pass batches captions as clips are batched
+    texts = _text_pass(opts, plan, enc, rank, stats) if opts.text_cache else None
     stats["load_seconds"] = round(time.perf_counter() - t0, 3)
+    result = {"rank": rank, "world_size": world, "out": str(out), "plan": summary["digest"]}
+    if opts.text_only and not opts.latents_from:
+        return {**result, **stats}  # the text cache is filled: nothing else to write
     t1 = time.perf_counter()
     if mine:
-        assert enc is not None
-        _encode_shards(mine, plan.spec, enc, opts, rank, world, stats)
+        _encode_shards(mine, plan.spec, enc, opts, rank, world, stats, texts)
         enc.dev.synchronize()
     stats["encode_seconds"] = round(time.perf_counter() - t1, 3)
-    result = {"rank": rank, "world_size": world, "out": str(out), "plan": summary["digest"], **stats}
+    result.update(stats)
     if rank == 0:
         _wait_for_shards(out, len(plan.shards), opts.merge_timeout, world)
-        assert enc is not None
-        result["manifest"] = finalize(out, plan, opts, enc)
+        result["manifest"] = finalize(out, plan, opts, enc, texts)
     return result
 
 
+def _text_pass(opts: EncodeOptions, plan: Plan, enc: Encoders, rank: int, stats: dict) -> TextKeys:
+    """Rank 0 fills the text cache with the plan's captions; the other ranks wait for it."""
+    from osp.common.models.text import clean_caption
+
+    assert opts.text_cache is not None
+    captions = [clean_caption(it.caption) for s in plan.shards for it in s.items]
+    text_dir = Path(opts.text_cache)
+    if rank == 0:
+        stats.update(fill_text_cache(text_dir, captions, enc, per_shard=max(opts.samples_per_shard, 64)))
+        print(
+            f"text cache {text_dir}: {stats['text_encoded']} captions encoded, {stats['text_reused']} reused",
+            file=sys.stderr,
+        )
+    else:
+        text_id = enc.text_id()
+        wait_for_text(text_dir, {S.text_key(c, text_id, TEXT_MAX_LENGTH) for c in captions}, opts.merge_timeout)
+    return TextKeys(S.TextCache.open(text_dir), enc.text_id())
+
+
 def _encode_shards(
-    mine: list[ShardPlan], spec: EncodeSpec, enc: Encoders, opts: EncodeOptions, rank: int, world: int, stats: dict
+    mine: list[ShardPlan],
+    spec: EncodeSpec,
+    enc: Encoders,
+    opts: EncodeOptions,
+    rank: int,
+    world: int,
+    stats: dict,
+    texts: TextKeys | None = None,
 ) -> None:
     items = [it for s in mine for it in s.items]
     total = len(items) + sum(len(s.errors) for s in mine)
@@ -566,9 +678,12 @@ def _encode_shards(
             rate = stats["samples"] / max(time.perf_counter() - t_start, 1e-9)
             prog.update(task, completed=done, speed=f"{rate:.2f}", errors=stats["errors"])
 
-        stream = iter(decoded_stream(items, spec, opts.workers, pin_memory=enc.dev.type == "cuda"))
+        if opts.latents_from:  # re-captioning: the latents of another cache, no decode, no VAE
+            stream = iter(reused_latents(items, opts.latents_from))
+        else:
+            stream = iter(decoded_stream(items, spec, opts.workers, pin_memory=enc.dev.type == "cuda"))
         for shard in mine:
-            se = ShardEncoder(opts.out, shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done)
+            se = ShardEncoder(opts.out, shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done, texts)
             try:
                 for _ in range(len(shard.items)):
                     se.add(next(stream))
@@ -594,14 +709,17 @@ def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> No
         time.sleep(2.0)
 
 
-def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
+def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders, texts: TextKeys | None = None) -> dict:
     """uncond + index + errors + manifest; idempotent (a rerun on a finished folder rewrites the same bytes)."""
     assert opts.vae is not None  # encode() resolved the model folders
     for p in out.iterdir():  # leftovers of a run killed while merging (all shards are published by now)
         if ".tmp-" in p.name:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    uncond = enc.encode_text([""])[0]
-    S.write_uncond(out, uncond)
+    if texts is None:
+        uncond = enc.encode_text([""])[0]
+        S.write_uncond(out, uncond)
+    else:  # the text cache holds "" (and every caption): no text bytes here
+        uncond = texts.cache.uncond()
     n_samples = S.merge_index(out)
     n_errors = sum(1 for line in (out / S.ERRORS_NAME).read_bytes().splitlines() if line.strip())
     if n_samples + n_errors != plan.n_inputs:
@@ -610,18 +728,23 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
             f"the folder holds foreign shards, delete it and re-encode"
         )
     spec = plan.spec
+    old = S.read_manifest(opts.latents_from) if opts.latents_from else None
     manifest = {
         "tool": TOOL,
         "tool_version": _tool_version(),
         "plan_digest": plan.digest(),
-        "vae": {
+        "vae": old["vae"]
+        if old
+        else {
             **enc.vae_identity,
             "path": str(Path(opts.vae).resolve()),
             "dtype": opts.vae_dtype,
             "tiling": asdict(TILING_TRAIN) if opts.tiling else None,
             "scale_factor": VAE_SCALE_FACTOR,
         },
-        "text_encoder": {**enc.text.identity(), "pad_to_max": opts.text_pad_to_max},
+        "text_encoder": {**enc.text.identity(), "pad_to_max": opts.text_pad_to_max}
+        if texts is None
+        else texts.cache.manifest["text_encoder"],
         "caption_cleaner": cleaner_identity(),
         "geometry": {
             "num_frames": spec.num_frames,
@@ -631,6 +754,13 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
             "clips_per_video": spec.clips_per_video,
             "all_captions": spec.all_captions,
             "drop_long": spec.drop_long,
+            "frame_stride": spec.frame_stride,
+            "speed_factor": spec.speed_factor,
+            "short_clips": spec.short_clips,
+            "min_frames": spec.min_frames,
+            "frame_counts": sorted(
+                {it.frames or spec.num_frames for s in plan.shards for it in s.items if it.kind == "video"}
+            ),
             "preset": opts.preset,
         },
         "latent": {
@@ -641,10 +771,10 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
             "scale_factor": VAE_SCALE_FACTOR,
         },
         "text": {
-            "dtype": str(enc.text.dtype).removeprefix("torch."),
-            "dim": enc.text.dim,
+            "dtype": str(uncond.dtype).removeprefix("torch."),
+            "dim": int(uncond.shape[1]),
             "unpadded": True,
-            "max_length": enc.text.max_length,
+            "max_length": enc.text.max_length if texts is None else texts.max_length,
             "uncond_len": int(uncond.shape[0]),
         },
         "counts": {
@@ -655,8 +785,45 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
             "shards": len(plan.shards),
         },
     }
+    if texts is not None:
+        manifest["text_id"] = texts.text_id
+        manifest["text_refs"] = [S.make_text_ref(out, texts.cache.root, texts.text_id)]
+        manifest["latents_from"] = str(Path(opts.latents_from).resolve()) if opts.latents_from else None
     S.write_manifest(out, manifest)
     return manifest
+
+
+def reused_latents(items: list[WorkItem], latents_from: str):
+    """Re-captioning: the moments and metadata of each planned key from an earlier latent cache (an error
+    row for a key it lacks); the same order and form as decoded_stream, without decoding anything."""
+    index = S.ShardIndex.open(latents_from)
+    rows = {str(k): i for i, k in enumerate(index.key)}
+    for it in items:
+        i = rows.get(it.key)
+        if i is None:
+            yield {"seq": it.seq, "error": f"not in the latent cache {latents_from} (--latents-from)"}
+            continue
+        try:
+            sample = S.read_sample(latents_from, index, i)
+        except S.ShardError as e:
+            yield {"seq": it.seq, "error": f"latent unreadable in {latents_from}: {e}"}
+            continue
+        keep = (
+            "src_frames",
+            "src_fps",
+            "src_size",
+            "clip_start",
+            "clip_stride",
+            "clip_frames",
+            "frame_indices",
+            "crop",
+            "decoder",
+        )
+        yield {
+            "seq": it.seq,
+            "latent": sample.latent.float(),
+            "meta": {k: sample.meta[k] for k in keep if k in sample.meta},
+        }
 
 
 def _tool_version() -> str:

@@ -916,7 +916,8 @@ class DiTCheckpoint:
         if not f.is_file():
             return None, None
         try:
-            manifest = read_manifest(read_trainer_state(self.folder)["config"]["data"]["shards"])
+            data = read_trainer_state(self.folder)["config"]["data"]
+            manifest = read_manifest((data.get("sources") or [{}])[0].get("shards") or data["shards"])  # first cache
         except (KeyError, TypeError, ValueError, ShardError):
             return None, None
         vae, text = ((manifest.get(k) or {}).get("path") for k in ("vae", "text_encoder"))

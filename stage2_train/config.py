@@ -63,6 +63,10 @@ class DataConfig:
     skip_corrupt: bool = False  # a checksum failure skips the sample (counted) instead of stopping
     images: bool = False  # also train on single-frame samples (T = 1) as their own buckets (upstream v1.2
     #                       trained images in separate stages, so video runs leave them out)
+    sources: list[dict] = field(default_factory=list)  # several caches mixed by weight, e.g.
+    #   [{shards = "shards/29x480p", weight = 3}, {shards = "shards/images", weight = 1}]; empty = data.shards
+    tokens_per_batch: int = 0  # > 0: samples per rank per micro-step = tokens_per_batch // video tokens of the
+    #                            bucket's shape (image buckets get larger batches); 0 = data.batch_size
 
 
 @dataclass
@@ -270,6 +274,12 @@ class TrainConfig:
             bad(f"model.attention_backend must be one of {', '.join(BACKENDS)}")
         if self.data.batch_size < 1:
             bad("data.batch_size must be >= 1")
+        if self.data.tokens_per_batch < 0:
+            bad("data.tokens_per_batch must be >= 0 (0 = data.batch_size)")
+        for i, src in enumerate(self.data.sources):
+            w = src.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+                bad(f"data.sources[{i}] ({src.get('shards')}): weight {w!r} must be a number > 0")
         if self.parallel.tp < 1:
             bad("parallel.tp must be >= 1")
         if self.parallel.cp < 1:
@@ -385,6 +395,8 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
             return float(value)
     elif kind is str:
         return str(value)
+    elif kind is list and key == "data.sources":
+        return _sources(value, source)
     elif kind is list:
         if current and all(isinstance(v, str) for v in current):  # a list of names (lora.targets)
             if isinstance(value, str):
@@ -396,7 +408,26 @@ def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key} = {value!r} must be of type {kind.__name__}")
 
 
+def _sources(value: Any, source: str) -> list[dict]:
+    """data.sources: a list of {shards = "DIR", weight = W} tables (weight defaults to 1)."""
+    fix = 'use data.sources = [{shards = "DIR", weight = 1.0}, ...]'
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{source}: data.sources = {value!r} is not a list of tables; {fix}")
+    out = []
+    for i, v in enumerate(value):
+        extra = sorted(set(v) - {"shards", "weight"})
+        if extra or not isinstance(v.get("shards"), str) or not v["shards"]:
+            raise ConfigError(f"{source}: data.sources[{i}] = {v!r} needs shards (a folder) and weight only; {fix}")
+        w = v.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ConfigError(f"{source}: data.sources[{i}] weight {w!r} is not a number; {fix}")
+        out.append({"shards": v["shards"], "weight": float(w)})
+    return out
+
+
 def _toml_value(v: Any) -> str:
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return "[" + ", ".join("{" + ", ".join(f"{k} = {_toml_value(x[k])}" for k in x) + "}" for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, str)):

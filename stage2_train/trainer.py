@@ -59,7 +59,7 @@ from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, draw_samples
 from osp.stage2_train.diffusion import sample_posterior, step_seed
 from osp.stage2_train.elastic import PeerWatch
-from osp.stage2_train.geometry import Geometry, shard_geometry, video_tokens
+from osp.stage2_train.geometry import Geometry, make_loader, shard_geometry, video_tokens
 from osp.stage2_train.layout import Layout
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.metrics import MetricsLogger, peak_memory_gb
@@ -182,20 +182,8 @@ class RunCheckpoints:
 # the parts of a real run
 # ------------------------------------------------------------------------------------------------
 def shard_loader(cfg: TrainConfig, layout: Layout, geometry: Geometry) -> ShardLoader:
-    """This rank's resumable loader over `data.shards` (split over DP)."""
-    loader = ShardLoader(
-        cfg.data.shards,
-        batch_size=cfg.data.batch_size,
-        dp_rank=layout.dp_rank,
-        dp_size=layout.dp,
-        seed=cfg.run.seed,
-        num_workers=cfg.data.num_workers,
-        skip_corrupt=cfg.data.skip_corrupt,  # (a corrupt row left out by the shape filter stops here)
-        shapes=set(geometry.shapes),
-        grad_accum=cfg.optim.grad_accum,
-    )
-    loader.skip_corrupt = True  # from here on corrupt samples come back in Batch.skipped; the trainer decides
-    return loader
+    """This rank's resumable loader over `data.shards` or `data.sources` (split over DP)."""
+    return make_loader(cfg, layout, geometry)
 
 
 def to_host(values: torch.Tensor) -> list[float]:
@@ -461,6 +449,7 @@ class Trainer:
         hw_tflops = hardware_flops(self.dit_cfg, tokens, text_len, checkpointing=cfg.model.checkpointing) * per_device
         peak = cfg.run.peak_tflops
         self.last_keys = keys
+        per_source = self.loader.step_stats() if hasattr(self.loader, "step_stats") else {}
         return {
             "step": self.step,
             "loss": None if skipped else loss_total / L.dp,
@@ -478,6 +467,7 @@ class Trainer:
             "data_wait_s": data_wait,
             "attention_kernel": self.attention_kernel,
             "epoch": self.loader.epoch,
+            **per_source,
             **self.counters,
         }
 

@@ -26,6 +26,7 @@ def make_shards(
     seed: int = 0,
     nan_keys: tuple[str, ...] = (),
     extra_shapes: dict[str, tuple[int, int, int]] | None = None,
+    prefix: str = "clip",
 ) -> Path:
     """n samples of random posterior moments [8, T, H, W] (fp16) and unpadded text [L, D] (bf16) in
     shards of `per_shard`, plus manifest, uncond and index. `nan_keys` get an Inf in their mean."""
@@ -35,7 +36,7 @@ def make_shards(
 
         latent = get_preset("tiny").latent_shape[1:]
     g = torch.Generator().manual_seed(seed)
-    keys = [f"clip{i:04d}" for i in range(n)]
+    keys = [f"{prefix}{i:04d}" for i in range(n)]
     for sid in range(0, n, per_shard):
         w = S.ShardWriter(out, sid // per_shard)
         for key in keys[sid : sid + per_shard]:

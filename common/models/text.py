@@ -15,6 +15,8 @@ records the cleaner's identity (`cleaner_identity()`: rules + ftfy and beautiful
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import html
 import io
 import json
@@ -227,7 +229,10 @@ class TextEncoder:
         try:
             check_bin_weights(path)  # before transformers reads a .bin: a refusal names the file
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = MT5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+            if (path / CONVERTED_NAME).is_file():  # encoder-only bf16 safetensors: memory-mapped
+                model = _load_converted(path, dtype)
+            else:
+                model = MT5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         except pickle.UnpicklingError as e:  # a .bin whose pickle holds more than tensors: refused, one line
             raise ConfigError(f"{path}: {_refusal(e)}") from None
         finally:
@@ -315,7 +320,162 @@ class TextEncoder:
             "d_model": self.dim,
             "max_length": self.max_length,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "source": source_identity(root),
+            "text_id": text_encoder_id(root, self.dtype, self.max_length),
         }
+
+
+# --------------------------------------------------------------------------------------------------
+# identity shared by a full mT5 folder and its encoder-only conversion; the converted folder
+# --------------------------------------------------------------------------------------------------
+
+CONVERTED_NAME = "osp_text_encoder.json"  # in a folder written by convert_text_encoder: what it came from
+CONVERTED_WEIGHTS = "model.safetensors"
+_ENCODER_CONFIG_KEYS = (
+    "vocab_size",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_heads",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+    "feed_forward_proj",
+    "layer_norm_epsilon",
+    "pad_token_id",
+    "eos_token_id",
+)
+
+
+def source_identity(path: str | Path) -> dict:
+    return dict(_source_identity(str(Path(path).resolve())))
+
+
+@functools.lru_cache(maxsize=8)
+def _source_identity(path: str) -> dict:
+    """The identity of the weights an encoder folder holds, the same for a google/mt5-* download and
+    for its conversion (`osp convert text-encoder` records the source's): encoder config fields,
+    tokenizer digest and the source's weight digest."""
+    root = Path(path)
+    conv = root / CONVERTED_NAME
+    if conv.is_file():
+        try:
+            return dict(json.loads(conv.read_text())["source"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{conv}: unreadable ({e}); re-run osp convert text-encoder") from None
+    config = json.loads((root / "config.json").read_text())
+    weights = [p for p in root.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)]
+    tok_files = [root / n for n in _TOKENIZER_FILES if (root / n).is_file()]
+    return {
+        "encoder_config": {k: config.get(k) for k in _ENCODER_CONFIG_KEYS},
+        "tokenizer_sha256": sha256_files(tok_files, root),
+        "weights_sha256": sha256_files(weights, root),
+        "weights_dtype": str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+    }
+
+
+def _stored_dtype(path: Path) -> str | None:
+    conv = path / CONVERTED_NAME
+    return json.loads(conv.read_text()).get("dtype") if conv.is_file() else None
+
+
+def text_encoder_id(path: str | Path, dtype: torch.dtype, max_length: int = TEXT_MAX_LENGTH) -> str:
+    """The text encoder's identity as a text cache key uses it: the source weights, the compute dtype and
+    the max length. A converted (bf16) folder run in bf16 computes what its source computes in bf16, so
+    both give the same id; run in fp32 it is marked as bf16-rounded weights (another id)."""
+    root = Path(path)
+    compute = str(dtype).removeprefix("torch.")
+    stored = _stored_dtype(root)
+    effective = compute if stored is None or stored == compute else f"{compute}-from-{stored}-weights"
+    src = source_identity(root)
+    body = json.dumps(
+        {
+            "source": {k: src.get(k) for k in ("encoder_config", "tokenizer_sha256", "weights_sha256")},
+            "compute_dtype": effective,
+            "max_length": int(max_length),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _load_converted(path: Path, dtype: torch.dtype):
+    """An encoder-only safetensors folder onto meta, then its tensors assigned as memory-mapped views:
+    the ranks of a node share the page cache instead of each holding a copy (a dtype other than the
+    stored one casts, and then copies)."""
+    from safetensors.torch import load_file
+    from transformers import MT5Config, MT5EncoderModel
+
+    config = MT5Config.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = MT5EncoderModel(config)
+    state = load_file(str(path / CONVERTED_WEIGHTS))  # mmap-backed on the CPU
+    state = {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in state.items()}
+    if "shared.weight" in state and "encoder.embed_tokens.weight" not in state:
+        state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k not in ("encoder.embed_tokens.weight", "shared.weight")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"{path / CONVERTED_WEIGHTS}: does not match its config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); re-run osp convert text-encoder"
+        )
+    model.tie_weights()
+    return model
+
+
+def convert_text_encoder(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A full mT5 folder (encoder + decoder, any dtype, .bin or safetensors) -> DST: the encoder only,
+    `dtype` safetensors, the tokenizer files and CONVERTED_NAME (the source's identity). Returns the
+    record written."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import MT5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise MissingFileError(f"{src}/config.json not found: SRC must be a local mT5 folder (google/mt5-xxl)")
+    if dst.exists() and any(dst.iterdir()):
+        raise ConfigError(f"{dst}: exists and is not empty; pass a new output folder")
+    check_bin_weights(src)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = MT5EncoderModel.from_pretrained(src, local_files_only=True, dtype=torch.float32)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{src}: {_refusal(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight
+    save_file(state, str(tmp / CONVERTED_WEIGHTS), metadata={"format": "pt"})
+    model.config.torch_dtype = dtype
+    model.config.save_pretrained(tmp)
+    for f in src.iterdir():  # the tokenizer's files (not weights, not the model configs)
+        if (
+            f.is_file()
+            and not f.name.endswith(_WEIGHT_SUFFIXES)
+            and f.name not in ("config.json", "generation_config.json")
+            and not f.name.endswith(".index.json")
+        ):
+            shutil.copy2(f, tmp / f.name)
+    record = {
+        "format": 1,
+        "dtype": str(dtype).removeprefix("torch."),
+        "source": source_identity(src),
+        "from": str(src.resolve()),
+    }
+    (tmp / CONVERTED_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.rmdir()
+    tmp.rename(dst)
+    return record
 
 
 # --------------------------------------------------------------------------------------------------
