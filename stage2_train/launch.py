@@ -107,11 +107,14 @@ def _latest(run_dir: Path) -> str | None:
         return None
 
 
-def _stopped_line(signame: str, before: str | None, after: str | None) -> str:
+def _stopped_line(signame: str, before: str | None, after: str | None, started: bool = True) -> str:
     if after is not None and after != before:
         return f"stopped on {signame}: every rank wrote checkpoint {after} and exited 0 (resume with --resume auto)"
     kept = f"{after} is still the latest (resume with --resume auto)" if after else "this run has no checkpoint yet"
-    return f"stopped on {signame} before the first step: no new checkpoint needed, every rank exited 0; {kept}"
+    when = "before the first step: no new checkpoint needed, every rank exited 0"
+    if not started:
+        when = "before any rank started: no new checkpoint needed"
+    return f"stopped on {signame} {when}; {kept}"
 
 
 def run_torchrun(cmd: list[str], env: dict[str, str] | None = None, run_dir: Path | None = None) -> int:
@@ -125,7 +128,7 @@ def _run_torchrun(cmd: list[str], env: dict[str, str] | None, stops: _Stops, run
     env = {**(os.environ if env is None else env), DIE_WITH_PARENT_ENV: "1"}
     before = _latest(run_dir) if run_dir is not None else None
     if stops.names:  # a stop before any rank started: nothing to start, nothing to save
-        print(_stopped_line(stops.names[0], before, before), flush=True)
+        print(_stopped_line(stops.names[0], before, before, started=False), flush=True)
         return 0
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_start_blocked)
     forwarded = 0

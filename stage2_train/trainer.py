@@ -148,8 +148,8 @@ class RunCheckpoints:
     def wait(self) -> None:
         self.writer.wait()
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, failing: bool = False) -> None:
+        self.writer.close(failing)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,9 +503,14 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:  # a signal handler: set a flag, nothing else
         self.sigterm_received = True
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Release every part; `failing` (stopping on an error): a save in flight that cannot finish is
+        abandoned instead of raising over that error."""
         self.watchdog.close()
-        self.checkpoints.close()
+        if failing:
+            self.checkpoints.close(failing=True)
+        else:
+            self.checkpoints.close()
         self.loader.close()
         self.metrics.close()
         if self.lock is not None:
