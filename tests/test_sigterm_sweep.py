@@ -237,6 +237,7 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 22 launches: about 4 min on an idle 2-core machine, far more on a loaded one
 def test_sigterm_at_every_moment_exits_0_and_resumes_bit_identically(shards, tmp_path):
     ref_run = tmp_path / "reference"
     p = _launch(shards, ref_run)
@@ -256,7 +257,7 @@ def test_sigterm_at_every_moment_exits_0_and_resumes_bit_identically(shards, tmp
             failed.append((m.name, problems))
         span = f"{steps[0]}-{steps[-1]}" if steps else "-"
         rows.append(f"{m.name:58s} steps {span:>7s}  {took:5.1f} s  {'ok' if not problems else '; '.join(problems)}")
-    print("\n".join(rows))
+        print(rows[-1], flush=True)
 
     p = _launch(shards, run)  # to the end
     out, err = p.communicate(timeout=600)
