@@ -624,8 +624,15 @@ class Checkpointer:
             )
         return deleted
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, failing: bool = False) -> None:
+        """Finish the save in flight and publish it. `failing` (the job stops on an error): a save that
+        cannot finish is abandoned unpublished (`latest` keeps the previous checkpoint; the next start
+        removes its folder) instead of raising over the error that stopped the job."""
+        try:
+            self.wait()
+        except Exception:
+            if not failing:
+                raise
 
 
 # ------------------------------------------------------------------------------------------------

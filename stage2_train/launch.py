@@ -17,8 +17,14 @@ node is missing, dies with a traceback on SIGTERM, and leaves its ranks running 
     (osp.stage2_train.rundir), once, on node 0, before any rank starts;
   * runs torchrun in its own session with a parent-death signal, and every rank (and loader worker)
     sets one too (`osp.common.process.die_with_parent`): however the launcher dies, kill -9 included, the job dies;
-  * on SIGTERM/SIGINT/SIGHUP forwards SIGTERM to the ranks only: they checkpoint at the next step
-    boundary and exit 0, torchrun exits 0, and the launcher prints one line and exits 0;
+  * on SIGTERM/SIGINT/SIGHUP, at any moment and any number of times, stops the job cleanly: the ranks
+    agree on a step, checkpoint it and exit 0 (or, stopped during start-up, exit 0 before the first
+    step with nothing new to save), torchrun exits 0, and the launcher prints one line and exits 0.
+    No signal handler does work: the launcher's records the signal and its wait loop forwards SIGTERM
+    to torchrun; torchrun's agent and the ranks start with the stop signals blocked (inherited
+    through exec), the agent takes them in a thread (`sigtimedwait`) and SIGTERMs each rank once, and
+    a rank unblocks SIGTERM only when its train loop can act on it (a SIGTERM sent to every process of
+    the job at once, as a scheduler does, meets the same paths);
   * when a rank fails, its own message (one line for a user error, a traceback for a bug) is already
     on stderr, so torchrun's traceback block is replaced by one line (rank, exit code).
 parallel.init_timeout_s bounds torchrun's own rendezvous and the ranks' process-group setup.
@@ -36,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,8 +52,12 @@ from osp.common.errors import ConfigError
 from osp.common.process import DIE_WITH_PARENT_ENV, set_parent_death_signal
 from osp.stage2_train.config import TrainConfig
 from osp.stage2_train.elastic import EXIT_PEER_LOST, RESUME_ENV, check_elastic, run_is_live
+from osp.stage2_train.rundir import CHECKPOINTS
 
 AGENT_FLAG = "--torchrun"  # python -m osp.stage2_train.launch --torchrun <torchrun arguments>: the agent
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each stops the job cleanly
 
 
 def _children(pid: int) -> list[int]:
@@ -56,57 +67,118 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _term_children(pid: int) -> None:
-    """SIGTERM to the direct children of `pid` (the ranks, seen from torchrun's agent)."""
-    for child in _children(pid):
-        try:
-            os.kill(child, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+def _term(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
-def _set_pdeathsig() -> None:  # preexec_fn of torchrun: it dies with the launcher
-    set_parent_death_signal(signal.SIGKILL)
+def _start_blocked() -> None:  # preexec_fn of torchrun: it dies with the launcher, stop signals held back
+    if sys.platform.startswith("linux"):
+        set_parent_death_signal(signal.SIGKILL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
 
 
-def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Run torchrun in its own session; forward a stop signal to its ranks as SIGTERM; return its rc."""
+class _Stops:
+    """Stop signals received by the launcher. The handler only records the signal; `run_torchrun`'s
+    wait loop forwards them (a handler that imports or walks processes can meet a second signal)."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.previous: dict[int, object] = {}
+
+    def _record(self, signum, _frame) -> None:  # a signal handler: record, nothing else
+        self.names.append(signal.Signals(signum).name)
+
+    def __enter__(self) -> _Stops:
+        for s in STOP_SIGNALS:
+            self.previous[s] = signal.signal(s, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)  # pyright: ignore[reportArgumentType]
+
+
+def _latest(run_dir: Path) -> str | None:
+    """The name `<run>/checkpoints/latest` holds (None without one); read without torch."""
+    try:
+        return (Path(run_dir) / CHECKPOINTS / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _stopped_line(signame: str, before: str | None, after: str | None, started: bool = True) -> str:
+    if after is not None and after != before:
+        return f"stopped on {signame}: every rank wrote checkpoint {after} and exited 0 (resume with --resume auto)"
+    kept = f"{after} is still the latest (resume with --resume auto)" if after else "this run has no checkpoint yet"
+    when = "before the first step: no new checkpoint needed, every rank exited 0"
+    if not started:
+        when = "before any rank started: no new checkpoint needed"
+    return f"stopped on {signame} {when}; {kept}"
+
+
+def run_torchrun(cmd: list[str], env: dict[str, str] | None = None, run_dir: Path | None = None) -> int:
+    """Run torchrun in its own session, its stop signals blocked until its agent takes them; forward
+    every stop signal to it as SIGTERM; return its rc (0 after a clean stop, said in one line)."""
+    with _Stops() as stops:
+        return _run_torchrun(cmd, env, stops, run_dir)
+
+
+def _run_torchrun(cmd: list[str], env: dict[str, str] | None, stops: _Stops, run_dir: Path | None) -> int:
     env = {**(os.environ if env is None else env), DIE_WITH_PARENT_ENV: "1"}
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None
-    )
-    stopping: list[str] = []
-
-    def on_signal(signum, _frame):
-        if not stopping:
-            stopping.append(signal.Signals(signum).name)
-        _term_children(proc.pid)  # the ranks; torchrun itself would answer with a traceback
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    before = _latest(run_dir) if run_dir is not None else None
+    if stops.names:  # a stop before any rank started: nothing to start, nothing to save
+        print(_stopped_line(stops.names[0], before, before, started=False), flush=True)
+        return 0
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_start_blocked)
+    forwarded = 0
     while True:
         try:
-            rc = proc.wait()
+            rc = proc.wait(timeout=0.05)
             break
-        except InterruptedError:
-            continue
-    if stopping:
+        except subprocess.TimeoutExpired:
+            pass
+        if len(stops.names) > forwarded:  # each new signal, once: torchrun's agent passes it on
+            forwarded = len(stops.names)
+            _term(proc.pid)
+    if stops.names:
         if rc == 0:
-            print(
-                f"stopped on {stopping[0]}: every rank wrote its checkpoint and exited 0 (resume with --resume auto)",
-                flush=True,
-            )
+            after = _latest(run_dir) if run_dir is not None else None
+            print(_stopped_line(stops.names[0], before, after), flush=True)
         else:
             print(
-                f"error: stopped on {stopping[0]}, but torchrun exited {rc}; see the rank errors above",
+                f"error: stopped on {stops.names[0]}, but torchrun exited {rc}; see the rank errors above",
                 file=sys.stderr,
                 flush=True,
             )
     return rc
 
 
+def _forward_stops(stop: threading.Event) -> None:
+    """The agent's signal thread: every stop signal (blocked in all of the agent's threads) is taken
+    here, outside any signal handler; from the first one on, every rank torchrun has started, or
+    starts later, gets SIGTERM once."""
+    me, signalled = os.getpid(), set()
+    while True:
+        if signal.sigtimedwait(STOP_SIGNALS, 0.05) is not None:
+            stop.set()
+        if stop.is_set():
+            for child in _children(me):
+                if child not in signalled:
+                    signalled.add(child)
+                    _term(child)
+
+
 def agent(argv: list[str]) -> None:
     """torchrun's agent in this process, its failure reports cut to one line (the ranks print their own)."""
+    # stop signals: blocked here (the launcher starts this process with them blocked already) and so
+    # in every thread and rank started from here; `_forward_stops` takes them. torchrun's own handlers
+    # (SignalException: traceback, exit 1) are limited to SIGQUIT.
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    threading.Thread(target=_forward_stops, args=(threading.Event(),), daemon=True, name="osp-stop").start()
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
@@ -117,17 +189,8 @@ def agent(argv: list[str]) -> None:
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its chatter; the outcome is said in one line below
 
-    # A stop signal that reaches the agent too (a scheduler signalling every process of the job) is
-    # passed to the ranks as SIGTERM, instead of torchrun's SignalException (traceback, exit 1): the
-    # ranks checkpoint and exit 0, so the agent does too.
-
-    def forward(_signum, _frame):
-        _term_children(os.getpid())
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, forward)
     try:
-        run(parse_args(["--signals-to-handle", "SIGQUIT", *argv]))  # SIGTERM/INT/HUP: `forward` above
+        run(parse_args(["--signals-to-handle", "SIGQUIT", *argv]))
     except ChildFailedError as e:
         # a rank that exited with an error comes before ranks torchrun then stopped with a signal
         # (timestamps have whole-second resolution: ties are common)
@@ -230,6 +293,11 @@ def torchrun_args(cfg: TrainConfig, addr: str, port: int) -> list[str]:
 def launch(cfg: TrainConfig, *, restart: bool = False) -> int:
     """Run `cfg` as this node's share of a torchrun job (cfg.nproc processes of cfg.world); returns the
     exit code. User errors before any rank starts raise OspError (RendezvousError: exit code 2)."""
+    with _Stops() as stops:  # from here on a stop signal is recorded, never fatal
+        return _launch(cfg, restart, stops)
+
+
+def _launch(cfg: TrainConfig, restart: bool, stops: _Stops) -> int:
     from osp.common.rendezvous import precheck
     from osp.stage2_train.rundir import claim_run_dir
 
@@ -266,7 +334,7 @@ def launch(cfg: TrainConfig, *, restart: bool = False) -> int:
             str(resolved),
         ]
         sys.stdout.flush()
-        return run_torchrun(cmd, env)
+        return _run_torchrun(cmd, env, stops, cfg.run.path)
 
 
 def check_resolves(addr: str, port: int) -> None:

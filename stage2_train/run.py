@@ -28,9 +28,9 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
     """Train with `cfg` in this process (one rank; under torchrun, every rank calls it). A user error is one
     line on stderr and exit code 1; a bug keeps its traceback. `restart`: move an earlier run aside first."""
     die_with_parent()  # under the launcher: this rank dies with it, however it dies
-    catch_early_sigterm()  # until fit() installs its own handler
+    catch_early_sigterm()  # held back until fit() can act on it (under the launcher: blocked since exec)
     rank = os.environ.get("RANK", "0")
-    trainer = None
+    trainer, finished = None, False
     try:
         if cfg.launch.min_nodes and "TORCHELASTIC_RESTART_COUNT" in os.environ:  # an elastic job's (re)start
             world, nproc = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
@@ -38,7 +38,8 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
         elif rank == "0":  # one rank decides; the others wait for it in the process group's set-up
             claim_run_dir(cfg.run.path, cfg.run.resume, restart)
         trainer = build_trainer(cfg, resume=cfg.run.resume)
-        trainer.fit()
+        trainer.fit()  # also after a SIGTERM: every rank stops after the same step, its checkpoint written
+        finished = True
         return 0
     except OspError as e:  # a user error: one line (OSP_TRACEBACK=1 adds the traceback); bugs keep theirs
         sys.stderr.write(f"error (rank {rank}): {one_line(e)}\n")  # one write: ranks sharing a pipe keep whole lines
@@ -48,7 +49,7 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
         return EXIT_PEER_LOST if isinstance(e, PeerLostError) else 1
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close(failing=not finished)
         D.shutdown()
 
 

@@ -9,8 +9,13 @@ One optimizer step = `optim.grad_accum` micro-steps; per micro-step:
     -> DiT forward (activations in run.precision: bf16 on accelerators, fp32 on CPU) -> min-SNR eps loss -> backward
 with grads averaged over DP by torch DDP during the last micro-step's backward (bucketed, overlapped),
 then: SP-tagged grads summed over TP, global grad norm (TP-aware), non-finite check (agreed by all
-ranks), clip, AdamW (torch ZeroRedundancyOptimizer with parallel.zero1), EMA, LR schedule. A SIGTERM sets a flag
-that all ranks agree on at the next step boundary: checkpoint, exit 0.
+ranks), clip, AdamW (torch ZeroRedundancyOptimizer with parallel.zero1), EMA, LR schedule.
+
+SIGTERM: the handler only sets a flag of this rank (`sigterm_received`); every rank sends its flag in the
+step's one agreement all-reduce and acts on the agreed value only (`stop_requested`), so all ranks stop
+after the same step, save it together, wait for that save and leave. During start-up SIGTERM stays
+blocked (`catch_early_sigterm`; under the launcher the ranks start with it blocked): it is delivered when
+fit() unblocks it, and all ranks then agree before the first step to stop without a new checkpoint.
 
 The Trainer holds parts it is given (`build_trainer` makes them from the config; `Parts` says how):
 the data's geometry, the loader, the host sync, the metrics logger and the checkpoints. `osp train
@@ -174,8 +179,8 @@ class RunCheckpoints:
     def wait(self) -> None:
         self.writer.wait()
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, failing: bool = False) -> None:
+        self.writer.close(failing)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,7 +252,8 @@ class Trainer:
         self.abar = alphas_cumprod().to(self.dev)
         self.step = 0
         self.counters = {"skipped_corrupt": 0, "skipped_nonfinite": 0}
-        self.stop_requested = False
+        self.sigterm_received = False  # this rank got SIGTERM (set by the handler, nothing else)
+        self.stop_requested = False  # every rank agreed to stop after this step (set from the agreement only)
         self.corrupt = ""  # the first corrupt sample seen with data.skip_corrupt off (see _prepare)
         self.last_keys: list[str] = []
         self.watchdog = Watchdog(0, layout.rank)  # replaced in fit()
@@ -404,7 +410,7 @@ class Trainer:
         flags = torch.stack(
             [
                 torch.logical_or(nonfinite_t, torch.logical_not(torch.isfinite(norm))).to(sdt),
-                torch.full((), float(self.stop_requested), dtype=sdt, device=dev),
+                torch.full((), float(self.sigterm_received), dtype=sdt, device=dev),
                 torch.full((), float(bool(self.corrupt)), dtype=sdt, device=dev),
                 torch.full((), float(self._ckpt_time_due()), dtype=sdt, device=dev),  # rank 0's clock decides
             ]
@@ -492,8 +498,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         run, history = self.cfg.run, []
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        self.stop_requested |= _EARLY_SIGTERM[0]  # a SIGTERM during start-up stops after the first step
+        previous = _take_sigterm(self._on_sigterm)  # a SIGTERM held back during start-up arrives here
+        self.sigterm_received |= _EARLY_SIGTERM[0]
         self.watchdog = Watchdog(run.watchdog_s, self.layout.rank)
         self.peers = PeerWatch.start(self.cfg.launch.node_rank, self.cfg.launch.min_nodes > 0)
         try:  # a collective failure because a peer went away: one line naming it (osp.stage2_train.elastic)
@@ -501,6 +507,11 @@ class Trainer:
                 self.peers.guard(lambda: self.watchdog.where, self.checkpoints.abandon),
                 self.metrics.progress(self.step),
             ):
+                if self._agree_stop():  # a SIGTERM during start-up, on any rank: stop before the first step
+                    self.metrics.print(
+                        f"stopping on SIGTERM before step {self.step + 1}: no new checkpoint needed ({self._kept()})"
+                    )
+                    return history
                 while self.step < run.steps:
                     self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
@@ -510,12 +521,15 @@ class Trainer:
                     history.append(m)
                     self.metrics.log(m, self.last_keys)
                     self.checkpoints.poll()
+                    # stop_requested is the value every rank agreed on in train_step; a SIGTERM arriving
+                    # after that agreement is acted on after the next step, by every rank alike
                     last = self.stop_requested or self.step == run.steps
                     if last or self.ckpt_time_due or (run.ckpt_every and self.step % run.ckpt_every == 0):
                         self.watchdog.beat(f"writing the checkpoint of step {self.step}")
                         self.save()
                     if last:
-                        self.checkpoints.wait()
+                        self.watchdog.beat(f"waiting for the checkpoint of step {self.step}")
+                        self.checkpoints.wait()  # every rank: no rank leaves while a save is in flight
                     self._checkpoint_notes()
                     if self.stop_requested:
                         self.metrics.print(f"stopping on SIGTERM after step {self.step} (checkpoint written)")
@@ -535,12 +549,28 @@ class Trainer:
         self.metrics.print(f"validation latents of step {self.step} ({seconds:.1f} s)")
         return seconds
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+    def _agree_stop(self) -> bool:
+        """Whether any rank got SIGTERM (one all-reduce; every rank calls it at the same point)."""
+        flag = torch.full((1,), float(self.sigterm_received), dtype=self.device.stats_dtype, device=self.dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_requested = self.host_sync(flag)[0] > 0
+        return self.stop_requested
 
-    def close(self) -> None:
+    def _kept(self) -> str:
+        path = self.checkpoints.resume_path
+        return f"{Path(path).name} is still the latest" if path is not None else "this run has no checkpoint yet"
+
+    def _on_sigterm(self, signum, frame) -> None:  # a signal handler: set a flag, nothing else
+        self.sigterm_received = True
+
+    def close(self, failing: bool = False) -> None:
+        """Release every part; `failing` (stopping on an error): a save in flight that cannot finish is
+        abandoned instead of raising over that error."""
         self.watchdog.close()
-        self.checkpoints.close()
+        if failing:
+            self.checkpoints.close(failing=True)
+        else:
+            self.checkpoints.close()
         self.loader.close()
         self.metrics.close()
         if self.lock is not None:
@@ -682,12 +712,12 @@ def _init_weights(model, cfg: TrainConfig, dit_cfg: DiTConfig, L: Layout, checkp
 
 
 # ------------------------------------------------------------------------------------------------
-# a SIGTERM before fit() installs its handler
+# SIGTERM before fit() installs its handler
 # ------------------------------------------------------------------------------------------------
 _EARLY_SIGTERM = [False]
 
 
-def _early_sigterm(signum, frame) -> None:
+def _early_sigterm(signum, frame) -> None:  # a signal handler: set a flag, nothing else
     _EARLY_SIGTERM[0] = True
 
 
@@ -696,6 +726,20 @@ def _main_thread() -> bool:
 
 
 def catch_early_sigterm() -> None:
-    """Remember a SIGTERM that arrives during start-up: fit() then stops after its first step."""
+    """Hold SIGTERM back during start-up: blocked in this thread (and so in every thread started from
+    here: process-group set-up, loaders, checkpoint threads), so no system call of the start-up is
+    interrupted; fit() unblocks it. The flag handler catches one delivered to a thread that was
+    started before (it is then acted on at fit()'s first agreement as well)."""
     if _main_thread():
         signal.signal(signal.SIGTERM, _early_sigterm)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _take_sigterm(handler) -> Any:
+    """Install `handler` for SIGTERM and unblock it (a pending one is delivered now); returns the
+    previous handler (None off the main thread, where signals cannot be handled)."""
+    if not _main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    return previous

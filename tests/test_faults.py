@@ -290,7 +290,7 @@ def test_lock_then_sigterm_exits_0_then_kill9_leaves_no_rank(shards, tmp_path):
         p.send_signal(signal.SIGTERM)
     out, err = a.communicate(timeout=120)
     assert a.returncode == 0, err[-3000:]
-    assert "stopping on SIGTERM" in out and "every rank wrote its checkpoint and exited 0" in out, out[-2000:]
+    assert "stopping on SIGTERM" in out and "every rank wrote checkpoint step-" in out, out[-2000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     assert (run / "checkpoints" / "latest").exists()
 
