@@ -35,7 +35,7 @@ from osp.common import shards as S
 from osp.common.denoise import denoise, initial_noise, make_scheduler, text_batch
 from osp.common.errors import ConfigError
 from osp.common.prompt_cache import PromptCache, PromptCacheError, read_prompt_cache, same_text_encoder
-from osp.common.validate import COMPLETE, LATENTS, SETTINGS, latent_key, step_dir  # the format (no VAE import)
+from osp.common.validation_files import COMPLETE, LATENTS, SETTINGS, latent_key, step_dir
 from osp.stage2_train.geometry import Geometry, data_sources, video_tokens
 from osp.stage2_train.layout import Layout
 
