@@ -290,6 +290,29 @@ def test_a_converted_text_encoder_serves_the_caches_of_its_source(setup, tmp_pat
         check(tmp_path / "p-fp32", shards)
 
 
+def test_training_caches_without_a_text_id_are_matched_by_their_encoder_record(setup, tmp_path):
+    import shutil
+
+    from osp.common.prompt_cache import PromptCacheError
+    from osp.stage2_train.config import TrainConfig
+    from osp.stage2_train.trainer import model_config
+    from osp.stage2_train.validation import cached_prompts
+
+    def check(te: dict) -> None:
+        shards = tmp_path / f"shards-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(setup["shards"], shards)
+        S.write_manifest(shards, {**S.read_manifest(shards), "text_encoder": te})
+        cfg = TrainConfig.load(
+            None, [f"data.shards={shards}", "validate.every=2", f"validate.prompts={setup['prompts']}"]
+        )
+        cached_prompts(cfg, model_config(cfg))
+
+    legacy = {k: v for k, v in S.read_manifest(setup["shards"])["text_encoder"].items() if k not in ("text_id",)}
+    check(legacy)  # written before text ids: the same weights, tokenizer, length and dtype
+    with pytest.raises(PromptCacheError, match="not recorded"):
+        check({**legacy, "weights_sha256": "0" * 64})  # other weights
+
+
 def test_refusals_in_one_line(setup, worker, tmp_path):
     from osp.common.demo_models import write_demo_models
     from osp.common.models.vae import CausalVAEConfig, build_vae, save_vae
