@@ -669,19 +669,22 @@ def encode_prompts_cmd(
     text_encoder: Path = typer.Option(
         ..., "--text-encoder", help="The mT5 folder that encoded the training shards (see their manifest.json)."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Prompt cache folder to write (validate.prompts)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Text cache folder to write or extend (validate.prompts); an existing one is reused."
+    ),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="Default: the upstream negative prompt."
     ),
     template: bool = typer.Option(True, "--template/--no-template", help="Wrap prompts in the upstream template."),
     device: str = typer.Option("auto", "--device", help="auto | cuda | npu | cpu"),
 ) -> None:
-    """Encode validation prompts (and the negative prompt) once, for validation during training.
+    """Encode validation prompts (and the negative prompt) once into a text cache, for validation during training.
 
     Example: osp encode-prompts prompts.txt --text-encoder models/demo/text_encoder --out prompts/demo
     (then train with validate.every=N validate.prompts=prompts/demo)
     """
     from osp.common.config import NEGATIVE_PROMPT
+    from osp.common.prompt_cache import PROMPTS_FIELD
     from osp.common.sampling import read_prompt_file
     from osp.stage1_encode.prompts import encode_prompts
 
@@ -696,8 +699,10 @@ def encode_prompts_cmd(
         )
     except OspError as e:
         fail(one_line(e))
+    listed = manifest[PROMPTS_FIELD]
     typer.echo(
-        f"{out}: {len(manifest['prompts'])} prompts + the negative prompt ({manifest['dim']}-d, {manifest['checksum']})"
+        f"{out}: {len(listed['prompts'])} prompts + the negative prompt in a text cache ({manifest['text']['dim']}-d, "
+        f"text_id {manifest['text_id'][:12]})"
     )
 
 

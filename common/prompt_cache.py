@@ -1,14 +1,17 @@
-"""The prompt cache: validation prompts encoded once by the text encoder (`osp encode-prompts`, stage 1),
-read by stage 2's validation, which therefore never loads the text encoder. Format (shards/README.md):
+"""Validation prompts in a text cache: `osp encode-prompts` (stage 1) puts each prepared prompt and the
+negative prompt into a text cache (the format of `osp encode --text-cache`, `osp.common.shards`: keys
+`text_key(prepared prompt, text_id, max_length)`) and writes their order into its manifest; stage 2's
+validation reads them here through `TextCache` / `TextLookup`, so it never loads the text encoder.
 
-    <dir>/prompts.safetensors   "prompt.0000", "prompt.0001", ... [L_i, D] and "negative" [L, D]:
-                                unpadded last hidden states, as the shards' `text` tensors
-    <dir>/manifest.json         format, text encoder identity (with max_length), caption cleaner,
-                                template, the prompts (as given and as encoded), each tensor's length,
-                                and the CRC-32C of prompts.safetensors (the shards' checksum function)
+    manifest.json "validation_prompts": {
+        "prompts":  [{"prompt": as given, "used": as encoded, "key": text key, "length": L}, ...],
+        "negative": {"prompt": ..., "used": ..., "key": ..., "length": L},
+        "template": bool, "clean": bool, "max_length": int
+    }
 
-Written tensors first, manifest last (each atomically): a folder without a manifest is not a cache,
-and a manifest pins the exact tensor file it describes.
+The embeddings are covered by the shards' checksums (read with verify); the list is checked against
+them: every key must be `text_key` of its `used` text under the cache's `text_id`, and every key must
+be in the cache with the recorded length.
 """
 
 from __future__ import annotations
@@ -18,102 +21,120 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 from osp.common import shards as S
 from osp.common.errors import OspError
 
-FORMAT = "osp-prompt-cache/1"
-TENSORS, MANIFEST = "prompts.safetensors", "manifest.json"
-NEGATIVE = "negative"
-# the text encoder identity fields that decide the embeddings (the path may differ between machines)
-IDENTITY_KEYS = ("config_sha256", "weights_sha256", "tokenizer_sha256", "max_length")
+PROMPTS_FIELD = "validation_prompts"
+LEGACY_FORMAT = "osp-prompt-cache/1"  # the single-file prompt cache of earlier osp versions
 
 
 class PromptCacheError(OspError, ValueError):
-    """A prompt cache that is missing, damaged or does not fit the run (message names the file)."""
-
-
-def prompt_key(i: int) -> str:
-    return f"prompt.{i:04d}"
+    """Validation prompts that are missing, damaged or do not fit the run (message names the file)."""
 
 
 @dataclass
 class PromptCache:
     path: Path
     prompts: list[str]  # as given
-    texts: list[torch.Tensor]  # [L_i, D] per prompt
+    texts: list[torch.Tensor]  # [L_i, D] per prompt, in validation order
     negative: torch.Tensor  # [L, D]
-    manifest: dict
+    manifest: dict  # the text cache's
 
     @property
     def dim(self) -> int:
         return int(self.negative.shape[1])
 
     @property
-    def checksum(self) -> str:
-        return self.manifest["checksum"]
+    def text_id(self) -> str:
+        return str(self.manifest.get("text_id", ""))
+
+    @property
+    def record(self) -> dict:
+        """What a validation step records of its prompts: the cache, the encoder id and the keys."""
+        entry = self.manifest[PROMPTS_FIELD]
+        return {
+            "path": str(self.path),
+            "text_id": self.text_id,
+            "keys": [p["key"] for p in entry["prompts"]],
+            "negative_key": entry["negative"]["key"],
+            "text_encoder": self.manifest.get("text_encoder"),
+        }
 
 
-def write_prompt_cache(
-    out: str | Path, prompts: list[str], texts: list[torch.Tensor], negative: torch.Tensor, info: dict
-) -> Path:
-    """Write the tensors, then the manifest (`info` holds the encoder identity and the encoding settings)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {prompt_key(i): t.detach().cpu().contiguous() for i, t in enumerate(texts)}
-    tensors[NEGATIVE] = negative.detach().cpu().contiguous()
-    data = st_save(tensors)
-    S._atomic_write_bytes(out / TENSORS, data)
-    manifest = {
-        **info,
-        "format": FORMAT,
-        "prompts": [{"prompt": p, "length": int(t.shape[0])} for p, t in zip(prompts, texts)],
-        "negative_length": int(negative.shape[0]),
-        "dim": int(negative.shape[1]),
-        "dtype": str(negative.dtype).removeprefix("torch."),
-        "checksum": S.checksum(data, b""),
+def prompt_entry(prompt: str, used: str, text_id: str, max_length: int, length: int) -> dict:
+    return {"prompt": prompt, "used": used, "key": S.text_key(used, text_id, max_length), "length": int(length)}
+
+
+def write_prompt_list(
+    out: str | Path, prompts: list[dict], negative: dict, *, template: bool, clean: bool, max_length: int
+) -> dict:
+    """Record the validation order (entries of `prompt_entry`) in the text cache's manifest; the
+    embeddings must already be in the cache. Returns the manifest written."""
+    manifest = S.read_manifest(out)
+    manifest[PROMPTS_FIELD] = {
+        "prompts": prompts,
+        "negative": negative,
+        "template": template,
+        "clean": clean,
+        "max_length": int(max_length),
     }
-    body = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    S._atomic_write_bytes(out / MANIFEST, body.encode("utf-8"))
-    return out
+    S.write_manifest(out, manifest)
+    return manifest
+
+
+def _fix(path: Path) -> str:
+    return f"write it with `osp encode-prompts PROMPTS.txt --text-encoder DIR --out {path}`"
 
 
 def read_prompt_cache(path: str | Path) -> PromptCache:
-    """The cache at `path`, its tensor file checked against the manifest's checksum."""
+    """The validation prompts of the text cache at `path`, each embedding checked (shard checksums) and
+    each key checked against its text."""
     path = Path(path)
-    mf, tf = path / MANIFEST, path / TENSORS
+    mf = path / S.MANIFEST_NAME
     try:
-        manifest = json.loads(mf.read_bytes())
+        raw = json.loads(mf.read_bytes())
     except FileNotFoundError:
-        raise PromptCacheError(
-            f"{mf}: missing; {path} is not a prompt cache: write one with `osp encode-prompts PROMPTS.txt "
-            f"--text-encoder DIR --out {path}`"
-        ) from None
+        raise PromptCacheError(f"{mf}: missing; {path} holds no validation prompts: {_fix(path)}") from None
     except ValueError as e:
-        raise PromptCacheError(f"{mf}: not valid JSON ({e}); re-run osp encode-prompts") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise PromptCacheError(f"{mf}: format {got!r}, this osp reads {FORMAT!r}; re-run osp encode-prompts")
-    try:
-        data = tf.read_bytes()
-    except FileNotFoundError:
-        raise PromptCacheError(f"{tf}: missing; re-run osp encode-prompts") from None
-    if S.checksum(data, b"") != manifest.get("checksum"):
+        raise PromptCacheError(f"{mf}: not valid JSON ({e}); {_fix(path)}") from None
+    if isinstance(raw, dict) and raw.get("format") == LEGACY_FORMAT:
         raise PromptCacheError(
-            f"{tf}: checksum {S.checksum(data, b'')} != {manifest.get('checksum')} in {MANIFEST} (modified or "
-            "corrupt); re-run osp encode-prompts"
+            f"{mf}: a prompt cache of an earlier osp (prompts.safetensors); osp now keeps validation prompts in a "
+            f"text cache: delete {path} and {_fix(path)}"
         )
-    tensors = S.load_safetensors_bytes(bytearray(data), str(tf))
-    entries = manifest.get("prompts") or []
-    keys = [prompt_key(i) for i in range(len(entries))]
-    if NEGATIVE not in tensors or any(k not in tensors for k in keys):
-        raise PromptCacheError(f"{tf}: lacks tensors its manifest lists; re-run osp encode-prompts")
-    return PromptCache(path, [e["prompt"] for e in entries], [tensors[k] for k in keys], tensors[NEGATIVE], manifest)
+    cache = S.TextCache.open(path)
+    entry = cache.manifest.get(PROMPTS_FIELD)
+    if not isinstance(entry, dict) or not entry.get("prompts") or not isinstance(entry.get("negative"), dict):
+        raise PromptCacheError(f"{mf}: a text cache without validation prompts; {_fix(path)}")
+    max_length = int(entry.get("max_length", 0))
+    items = [*entry["prompts"], entry["negative"]]
+    for e in items:
+        if S.text_key(e.get("used", ""), cache.text_id, max_length) != e.get("key"):
+            raise PromptCacheError(
+                f"{mf}: validation prompt {e.get('prompt')!r} does not match its key {e.get('key')} under the "
+                f"cache's text_id (edited?); {_fix(path)}"
+            )
+        if e["key"] not in cache or cache.text_len(e["key"]) != e.get("length"):
+            raise PromptCacheError(
+                f"{path}: lacks the embedding of validation prompt {e.get('prompt')!r} ({e['key']}) its manifest "
+                f"lists; {_fix(path)}"
+            )
+    lookup = S.TextLookup([cache])
+    texts = [lookup.get(e["key"]) for e in items]
+    return PromptCache(path, [e["prompt"] for e in entry["prompts"]], texts[:-1], texts[-1], cache.manifest)
 
 
-def same_text_encoder(a: dict | None, b: dict | None) -> bool:
-    """Whether two text encoder identities (manifest records) produce the same embeddings."""
-    if not a or not b:
-        return False
-    return all(a.get(k) == b.get(k) for k in IDENTITY_KEYS)
+# The identity fields that decided the embeddings in manifests written before text ids existed.
+_LEGACY_KEYS = ("weights_sha256", "tokenizer_sha256", "max_length", "dtype")
+
+
+def same_text_encoder(prompts: dict, run_text_id: str | None, run_text_encoder: dict | None) -> bool:
+    """Whether a prompt cache (its manifest) was made by the run's text encoder: by `text_id` (a bf16
+    conversion has its source's id), or, for training caches that record no text_id, by the source
+    weights, tokenizer, max length and dtype of their `text_encoder` record."""
+    if run_text_id:
+        return prompts.get("text_id") == run_text_id
+    te, run = prompts.get("text_encoder") or {}, run_text_encoder or {}
+    ours = {**te, **{k: v for k, v in (te.get("source") or {}).items() if k in _LEGACY_KEYS}}
+    return bool(run) and all(run.get(k) is not None and ours.get(k) == run.get(k) for k in _LEGACY_KEYS)

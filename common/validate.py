@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 from osp.common.errors import MissingFileError, OspError
+from osp.common.validation_files import COMPLETE, DECODED, LATENTS, SETTINGS, VALIDATION, latent_key
 
-VALIDATION = "validation"  # <run>/validation
-LATENTS, SETTINGS, COMPLETE, DECODED = "latents.safetensors", "settings.json", "complete", "decoded.json"
 FINISHED = "finished.json"  # written by the trainer when its process is done
 WANDB_ID_FILE = "wandb-id"
 STEP_PATTERN = re.compile(r"^step-(\d{7})$")
@@ -41,14 +40,6 @@ STEP_PATTERN = re.compile(r"^step-(\d{7})$")
 
 class ValidationError(OspError, ValueError):
     """Validation latents that cannot be decoded as asked (message names the run and the fix)."""
-
-
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / VALIDATION / f"step-{step:07d}"
-
-
-def latent_key(i: int) -> str:
-    return f"latents.{i:04d}"
 
 
 def complete_steps(run_dir: str | Path) -> dict[int, Path]:

@@ -161,7 +161,7 @@ class LogConfig:
 @dataclass
 class ValidateConfig:
     every: int = 0  # sample validation latents every N optimizer steps with the EMA weights; 0 = off
-    prompts: str = ""  # prompt cache folder written by `osp encode-prompts` (same text encoder as data.shards)
+    prompts: str = ""  # text cache folder written by `osp encode-prompts` (same text encoder as the training caches)
     steps: int = 50  # denoising steps
     guidance: float = C.GUIDANCE_SCALE  # 1.0 = conditional only
     scheduler: str = C.DEFAULT_SCHEDULER
@@ -333,7 +333,7 @@ class TrainConfig:
             bad("validate.every must be >= 0 (0 = no validation)")
         if v.every and not v.prompts:
             bad(
-                "validate.every > 0 needs validate.prompts = a prompt cache folder (osp encode-prompts PROMPTS.txt ...)"
+                "validate.every > 0 needs validate.prompts = the text cache of osp encode-prompts PROMPTS.txt ... --out DIR"
             )
         if v.steps < 1 or (v.scheduler == "pndm" and v.steps < 4):
             bad("validate.steps must be >= 1 (>= 4 with the pndm scheduler)")

@@ -6,12 +6,12 @@ replica samples the same videos), rank 0 writes them, and training goes on.
         latents.safetensors   "latents.0000", ... [1, C, t, h, w] fp32: final latents in DiT space
                               (scaled by the VAE scale factor, as `osp sample` produces them)
         settings.json         step, prompts, seeds, steps, guidance, scheduler, frames, size, weights,
-                              the prompt cache (path, checksum, text encoder), seconds
+                              the prompts' text cache (path, text_id, keys), seconds
         complete              written last: the step folder is whole (`osp validate` waits for it)
 
-The denoising loop is `osp.common.denoise` (no VAE, no text encoder): the prompts come from a prompt
-cache (`osp encode-prompts`) whose text encoder must be the one that encoded `data.shards`, checked
-at start. The training state is left exactly as it was: the model's weights are restored bit for bit
+The denoising loop is `osp.common.denoise` (no VAE, no text encoder): the prompts come from a text
+cache written by `osp encode-prompts` (`osp.common.prompt_cache`), whose `text_id` must be the one of
+the training caches (manifest data only), checked at start. The training state is left exactly as it was: the model's weights are restored bit for bit
 after the EMA swap, the global RNG is forked (the sampling noise comes from its own CPU generators)
 and the data loader is not touched, so the losses of a run with validation equal those without.
 `osp validate RUN --vae DIR` (osp.common.validate) decodes the latents to mp4 next to the run.
@@ -35,8 +35,8 @@ from osp.common import shards as S
 from osp.common.denoise import denoise, initial_noise, make_scheduler, text_batch
 from osp.common.errors import ConfigError
 from osp.common.prompt_cache import PromptCache, PromptCacheError, read_prompt_cache, same_text_encoder
-from osp.common.validate import COMPLETE, LATENTS, SETTINGS, latent_key, step_dir  # the format (no VAE import)
-from osp.stage2_train.geometry import Geometry, video_tokens
+from osp.common.validation_files import COMPLETE, LATENTS, SETTINGS, latent_key, step_dir
+from osp.stage2_train.geometry import Geometry, data_sources, video_tokens
 from osp.stage2_train.layout import Layout
 
 
@@ -51,24 +51,33 @@ class Prompts:
 
 
 def cached_prompts(cfg, dit_cfg) -> Prompts:
-    """validate.prompts, refused in one line when its text encoder is not the one of data.shards or
-    its width is not the DiT's caption width."""
+    """validate.prompts, refused in one line when its text encoder is not the one of the training caches
+    (by text_id: a bf16 conversion of the encoder matches its source) or its width is not the DiT's."""
     cache: PromptCache = read_prompt_cache(cfg.validate.prompts)
-    shards_te = S.read_manifest(cfg.data.shards).get("text_encoder")
-    if not same_text_encoder(cache.manifest.get("text_encoder"), shards_te):
-        ours = (cache.manifest.get("text_encoder") or {}).get("path", "?")
-        theirs = (shards_te or {}).get("path", "none recorded")
+    root = Path(data_sources(cfg)[0]["shards"])  # the sources share one text encoder (checked with the geometry)
+    manifest = S.read_manifest(root)
+    run_id = S.cache_text_id(root, manifest)
+    if not same_text_encoder(cache.manifest, run_id, manifest.get("text_encoder")):
+        ours = _encoder_name(cache.manifest.get("text_encoder"), cache.text_id)
+        theirs = _encoder_name(manifest.get("text_encoder"), run_id)
         raise PromptCacheError(
-            f"validate.prompts={cfg.validate.prompts}: encoded by the text encoder {ours}, but {cfg.data.shards} was "
-            f"encoded by {theirs}; re-run osp encode-prompts with --text-encoder {theirs}"
+            f"validate.prompts={cfg.validate.prompts}: encoded by the text encoder {ours}, but {root} was encoded by "
+            f"{theirs}; re-run osp encode-prompts with --text-encoder {_encoder_path(manifest.get('text_encoder'))}"
         )
     if cache.dim != dit_cfg.caption_channels:
         raise PromptCacheError(
             f"validate.prompts={cfg.validate.prompts}: {cache.dim}-d text states, the DiT's caption_channels is "
             f"{dit_cfg.caption_channels}; encode the prompts with the run's text encoder"
         )
-    record = {"path": str(cache.path), "checksum": cache.checksum, "text_encoder": cache.manifest.get("text_encoder")}
-    return Prompts(cache.prompts, cache.texts, cache.negative, record)
+    return Prompts(cache.prompts, cache.texts, cache.negative, cache.record)
+
+
+def _encoder_path(te: dict | None) -> str:
+    return str((te or {}).get("path") or "<the training caches' text encoder>")
+
+
+def _encoder_name(te: dict | None, text_id: str | None) -> str:
+    return f"{_encoder_path(te)} (text_id {str(text_id)[:12] if text_id else 'not recorded'})"
 
 
 class Validation:

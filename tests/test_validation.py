@@ -85,7 +85,8 @@ def worker(setup) -> dict:
     return {"out": out, **{r: json.loads((out / f"result-rank{r}.json").read_text()) for r in (0, 1)}}
 
 
-def test_prompt_cache_holds_the_prompts_and_the_negative(setup):
+def test_prompts_are_a_text_cache_with_the_negative_and_their_order(setup):
+    from osp.common.config import NEGATIVE_PROMPT, TEXT_MAX_LENGTH
     from osp.common.models.text import TextEncoder
     from osp.common.prompt_cache import read_prompt_cache
     from osp.common.sampling import prepare_prompt
@@ -93,16 +94,72 @@ def test_prompt_cache_holds_the_prompts_and_the_negative(setup):
     cache = read_prompt_cache(setup["prompts"])
     assert cache.prompts == PROMPTS and len(cache.texts) == 2 and cache.negative.shape[1] == 64
     te = TextEncoder.from_pretrained(setup["text"], device="cpu")
-    expect = te.encode_unpadded([prepare_prompt(PROMPTS[1])])[0]  # an independent encoding of prompt 1
-    torch.testing.assert_close(cache.texts[1], expect)
-    data = bytearray((setup["prompts"] / "prompts.safetensors").read_bytes())
-    data[-1] ^= 0xFF  # a flipped byte is refused in one line
-    bad = setup["root"] / "bad-prompts"
-    bad.mkdir()
-    (bad / "prompts.safetensors").write_bytes(bytes(data))
-    (bad / "manifest.json").write_bytes((setup["prompts"] / "manifest.json").read_bytes())
-    with pytest.raises(Exception, match="checksum"):
-        read_prompt_cache(bad)
+    used = [prepare_prompt(p) for p in PROMPTS] + [prepare_prompt(NEGATIVE_PROMPT, template=False)]
+    expect = te.encode_unpadded(used)  # an independent encoding (padded to the longest, not to 512)
+    for got, want in zip([*cache.texts, cache.negative], expect):
+        torch.testing.assert_close(got, want)
+    # the text cache format of captions: entries keyed by text_key of the prepared prompt, found by TextLookup
+    tc = S.TextCache.open(setup["prompts"])
+    text_id = te.identity()["text_id"]
+    assert tc.text_id == text_id and len(tc) == 3
+    keys = [S.text_key(u, text_id, TEXT_MAX_LENGTH) for u in used]
+    lookup = S.TextLookup([tc])
+    assert all(torch.equal(lookup.get(k), t) for k, t in zip(keys, [*cache.texts, cache.negative]))
+    assert cache.record["keys"] == keys[:2] and cache.record["negative_key"] == keys[2]
+    assert S.verify(setup["prompts"]) == []
+
+
+def test_damaged_or_edited_prompts_are_refused_in_one_line(setup, tmp_path):
+    import shutil
+
+    from osp.common.prompt_cache import PROMPTS_FIELD, PromptCacheError, read_prompt_cache
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(setup["prompts"], flipped)
+    tar = S.shard_path(flipped, 0)
+    idx = S.ShardIndex.open(flipped)
+    data = bytearray(tar.read_bytes())
+    data[int(idx.st_offset[0]) + int(idx.st_size[0]) - 1] ^= 0xFF  # a flipped byte in an embedding
+    tar.write_bytes(bytes(data))
+    with pytest.raises(S.ShardError, match="checksum") as e:
+        read_prompt_cache(flipped)
+    assert "\n" not in str(e.value)
+
+    edited = tmp_path / "edited"  # the list names a prompt whose text is not what was encoded
+    shutil.copytree(setup["prompts"], edited)
+    m = S.read_manifest(edited)
+    m[PROMPTS_FIELD]["prompts"][0]["used"] = "a blue ball"
+    S.write_manifest(edited, m)
+    with pytest.raises(PromptCacheError, match="does not match its key"):
+        read_prompt_cache(edited)
+
+    plain = tmp_path / "plain"  # a text cache without a validation list
+    shutil.copytree(setup["prompts"], plain)
+    m = S.read_manifest(plain)
+    del m[PROMPTS_FIELD]
+    S.write_manifest(plain, m)
+    with pytest.raises(PromptCacheError, match="without validation prompts"):
+        read_prompt_cache(plain)
+    read_prompt_cache(setup["prompts"])  # positive control
+
+
+def test_prompts_into_an_existing_text_cache_reuse_what_it_holds(setup, tmp_path):
+    import shutil
+
+    from osp.common.prompt_cache import read_prompt_cache
+
+    both = tmp_path / "both"
+    shutil.copytree(setup["prompts"], both)
+    (tmp_path / "more.txt").write_text(PROMPTS[1] + "\na dog runs on the beach\n")
+    r = CliRunner().invoke(
+        app,
+        ["encode-prompts", str(tmp_path / "more.txt"), "--text-encoder", str(setup["text"]), "--out", str(both)],
+    )
+    assert r.exit_code == 0, r.output
+    assert "validation prompts 1 encoded, 2 reused" in r.output
+    cache, first = read_prompt_cache(both), read_prompt_cache(setup["prompts"])
+    assert cache.prompts == [PROMPTS[1], "a dog runs on the beach"] and len(S.TextCache.open(both)) == 4
+    assert torch.equal(cache.texts[0], first.texts[1]) and torch.equal(cache.negative, first.negative)
 
 
 @pytest.mark.dist
@@ -203,6 +260,59 @@ def test_watch_decodes_while_the_run_is_live_and_exits_with_it(setup, tmp_path):
     assert "8 validation videos written" in out
 
 
+def test_a_converted_text_encoder_serves_the_caches_of_its_source(setup, tmp_path):
+    import shutil
+
+    from osp.common.models.text import TextEncoder, convert_text_encoder
+    from osp.common.prompt_cache import PromptCacheError
+    from osp.stage1_encode.prompts import encode_prompts
+    from osp.stage2_train.config import TrainConfig
+    from osp.stage2_train.trainer import model_config
+    from osp.stage2_train.validation import cached_prompts
+
+    conv = tmp_path / "text-bf16"
+    convert_text_encoder(setup["text"], conv)  # encoder-only bf16 safetensors
+    shards = tmp_path / "shards-bf16"  # training caches encoded in bf16 by the original folder
+    shutil.copytree(setup["shards"], shards)
+    source = TextEncoder.from_pretrained(setup["text"], device="cpu", dtype=torch.bfloat16).identity()
+    S.write_manifest(shards, {**S.read_manifest(shards), "text_encoder": source})
+
+    def check(prompts: Path, data: Path) -> None:
+        cfg = TrainConfig.load(None, [f"data.shards={data}", "validate.every=2", f"validate.prompts={prompts}"])
+        cached_prompts(cfg, model_config(cfg))
+
+    encode_prompts(PROMPTS, conv, tmp_path / "p-bf16", device="cpu", dtype=torch.bfloat16)
+    check(tmp_path / "p-bf16", shards)  # same text_id: accepted
+    with pytest.raises(PromptCacheError, match="text_id"):
+        check(tmp_path / "p-bf16", setup["shards"])  # the fp32 caches of the same weights are another encoder
+    encode_prompts(PROMPTS, conv, tmp_path / "p-fp32", device="cpu")  # bf16 weights run in fp32: another id
+    with pytest.raises(PromptCacheError, match="text_id"):
+        check(tmp_path / "p-fp32", shards)
+
+
+def test_training_caches_without_a_text_id_are_matched_by_their_encoder_record(setup, tmp_path):
+    import shutil
+
+    from osp.common.prompt_cache import PromptCacheError
+    from osp.stage2_train.config import TrainConfig
+    from osp.stage2_train.trainer import model_config
+    from osp.stage2_train.validation import cached_prompts
+
+    def check(te: dict) -> None:
+        shards = tmp_path / f"shards-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(setup["shards"], shards)
+        S.write_manifest(shards, {**S.read_manifest(shards), "text_encoder": te})
+        cfg = TrainConfig.load(
+            None, [f"data.shards={shards}", "validate.every=2", f"validate.prompts={setup['prompts']}"]
+        )
+        cached_prompts(cfg, model_config(cfg))
+
+    legacy = {k: v for k, v in S.read_manifest(setup["shards"])["text_encoder"].items() if k not in ("text_id",)}
+    check(legacy)  # written before text ids: the same weights, tokenizer, length and dtype
+    with pytest.raises(PromptCacheError, match="not recorded"):
+        check({**legacy, "weights_sha256": "0" * 64})  # other weights
+
+
 def test_refusals_in_one_line(setup, worker, tmp_path):
     from osp.common.demo_models import write_demo_models
     from osp.common.models.vae import CausalVAEConfig, build_vae, save_vae
@@ -233,6 +343,7 @@ def test_refusals_in_one_line(setup, worker, tmp_path):
     with pytest.raises(PromptCacheError, match="re-run osp encode-prompts with --text-encoder") as e:
         cached_prompts(cfg, model_config(cfg))
     assert "\n" not in str(e.value)
+    assert str(Path(other["text_encoder"]).resolve()) in str(e.value) and str(setup["text"].resolve()) in str(e.value)
     cached_prompts(
         TrainConfig.load(
             None, [f"data.shards={setup['shards']}", "validate.every=2", f"validate.prompts={setup['prompts']}"]
