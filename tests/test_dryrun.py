@@ -272,8 +272,10 @@ def test_ddp_buckets_hold_the_gradients_on_meta():
     assert "model " in with_ddp.table() and "hardware counted" in with_ddp.table()
 
 
-def _one_line(capsys, argv) -> str:
-    rc = DR.main(argv)
+def _one_line(capsys, preset, tp, sp, world, overrides=()) -> str:
+    """`osp train --dry-run`'s entry point (dryrun.run) on a failing run: exit code 1 and one line."""
+    cfg = DR.build_config(None, [f"launch.nproc={world}", *overrides], preset, tp, sp, None)
+    rc = DR.run(cfg)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     return err
@@ -288,7 +290,7 @@ def test_cpu_tensor_in_the_ddp_bucket_all_reduce_is_named(monkeypatch, capsys):
         return work.get_future().then(lambda f: bucket.buffer())
 
     monkeypatch.setattr(DP, "_reduce_bucket", reduce_on_cpu)
-    err = _one_line(capsys, ["--preset", "tiny", "--tp", "1", "--world", "2"])
+    err = _one_line(capsys, "tiny", 1, False, 2)
     assert "torch.distributed.all_reduce" in err and "reduce_on_cpu" in err and "cpu tensor" in err
 
 
@@ -304,7 +306,7 @@ def test_cpu_tensor_in_the_checkpoint_save_is_named(monkeypatch, capsys):
         return sd
 
     monkeypatch.setattr(ckpt, "_tensor_state", one_on_cpu)
-    err = _one_line(capsys, ["--preset", "tiny", "--tp", "2", "--sp", "--world", "4"])
+    err = _one_line(capsys, "tiny", 2, True, 4)
     assert "checkpoint save" in err and "cpu tensor" in err and "DTensor.from_local" in err
 
 
