@@ -2,12 +2,18 @@
 
 Real width: osp12-93x480p at TP=2+SP, DP=2 (ranks 0 and 3) with ZeRO-1, and osp12-93x720p at TP=8+SP.
 Negative control: a CPU tensor passed to a collective inside the train step fails the dry run.
-Accuracy: the dry run's figures for the tiny preset against a real CPU run of the same Trainer (<= 10 %).
+Accuracy: the dry run's figures for the tiny preset against a real CPU run of the same Trainer (<= 10 %), and
+the per-rank peak of a real 2-process run (DDP at DP=2, ZeRO-1, sharded EMA, asynchronous save) within 3 %,
+with a negative control (DDP's gradients left out of the prediction).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import make_shards  # noqa: E402
+from train_helpers import free_port, make_shards  # noqa: E402
 
 from osp.stage2_train import dryrun as DR  # noqa: E402
 from osp.stage2_train import trainer as R  # noqa: E402
@@ -272,8 +278,10 @@ def test_ddp_buckets_hold_the_gradients_on_meta():
     assert "model " in with_ddp.table() and "hardware counted" in with_ddp.table()
 
 
-def _one_line(capsys, argv) -> str:
-    rc = DR.main(argv)
+def _one_line(capsys, preset, tp, sp, world, overrides=()) -> str:
+    """`osp train --dry-run`'s entry point (dryrun.run) on a failing run: exit code 1 and one line."""
+    cfg = DR.build_config(None, [f"launch.nproc={world}", *overrides], preset, tp, sp, None)
+    rc = DR.run(cfg)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     return err
@@ -288,7 +296,7 @@ def test_cpu_tensor_in_the_ddp_bucket_all_reduce_is_named(monkeypatch, capsys):
         return work.get_future().then(lambda f: bucket.buffer())
 
     monkeypatch.setattr(DP, "_reduce_bucket", reduce_on_cpu)
-    err = _one_line(capsys, ["--preset", "tiny", "--tp", "1", "--world", "2"])
+    err = _one_line(capsys, "tiny", 1, False, 2)
     assert "torch.distributed.all_reduce" in err and "reduce_on_cpu" in err and "cpu tensor" in err
 
 
@@ -304,7 +312,7 @@ def test_cpu_tensor_in_the_checkpoint_save_is_named(monkeypatch, capsys):
         return sd
 
     monkeypatch.setattr(ckpt, "_tensor_state", one_on_cpu)
-    err = _one_line(capsys, ["--preset", "tiny", "--tp", "2", "--sp", "--world", "4"])
+    err = _one_line(capsys, "tiny", 2, True, 4)
     assert "checkpoint save" in err and "cpu tensor" in err and "DTensor.from_local" in err
 
 
@@ -322,4 +330,132 @@ def test_cpu_tensor_in_the_ema_update_fails(monkeypatch):
     monkeypatch.setattr(optim.EMA, "__init__", on_host)
     with pytest.raises(Exception, match="device|meta|cpu"):
         _dry("tiny", 1, False, 2, 0)
+    assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------------
+# a real 2-process run against the dry run's prediction, rank by rank
+# ------------------------------------------------------------------------------------------------
+HERE = Path(__file__).parent
+PEAK_TOL = 0.03
+DP2 = ["run.precision=fp32", "parallel.zero1=true"]  # the worker's layout and CPU precision (tp 1, no SP)
+
+
+@pytest.fixture(scope="module")
+def real_dp2(shards, tmp_path_factory) -> dict:
+    """tests/dryrun_real_worker.py under torch.distributed.run: 2 gloo ranks, each measured with the dry run's
+    accounting on its real CPU tensors."""
+    out = tmp_path_factory.mktemp("dryrun_real")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "dryrun_real_worker.py"),
+        str(shards),
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {r: json.loads((out / f"result-rank{r}.json").read_text()) for r in range(2)}
+
+
+def _within(predicted: int, real: int, tol: float) -> bool:
+    return abs(predicted - real) <= tol * real
+
+
+@pytest.mark.dist
+def test_real_dp2_zero1_sharded_ema_async_save_peaks_as_the_dry_run_predicts(real_dp2, shards, monkeypatch):
+    """Per rank: the peak of a real steady-state step (DDP buckets, ZeRO-1 AdamW share, EMA shard, activations)
+    within 3 % of the dry run's, and the host copy the asynchronous save staged equal to the predicted one.
+    Negative control: the same prediction with DDP's gradients not held (the dry run before it built DDP on
+    meta) misses the real peak by more than 3 %."""
+    dry = {r: _dry("tiny", 1, False, 2, r, overrides=DP2, shards=str(shards)) for r in range(2)}
+    for r in range(2):
+        real, d = real_dp2[r], dry[r]
+        assert real["layout"] == {"world": 2, "rank": r, "dp": 2, "dp_rank": r, "tp": 1}
+        assert real["ddp"] and real["zero"] and real["ema_sharded"] and real["async_pending"], real
+        assert d.ddp_buckets and (d.layout["dp"], d.layout["dp_rank"], d.layout["zero1"]) == (2, r, True)
+        # the held parts: the same bytes (AdamW's step counters are host tensors: on CPU they sit beside the
+        # parameters, on an accelerator they do not, hence the tolerance on the optimizer share)
+        assert (d.params, d.grads, d.ema) == (real["params"], real["grads"], real["ema"])
+        assert 0 < d.ema < d.params and 0 < d.optimizer < 2 * d.params  # sharded over DP
+        assert _within(d.optimizer, real["optimizer"], 0.01), (d.optimizer, real["optimizer"])
+        for m, v in real["activations"].items():
+            assert _within(d.activations[m], v, PEAK_TOL), (m, d.activations[m], v)
+        assert _within(d.peak, real["peak"], PEAK_TOL), (r, d.peak, real["peak"])
+        # one staged host copy per save; the same bytes the dry run reports beside the device peak
+        assert len(real["host_staging"]) == 1 and _within(d.host_staging, real["host_staging"][0], 0.01), (
+            d.host_staging,
+            real["host_staging"],
+        )
+        assert d.host_staging >= d.params + d.ema + d.optimizer
+
+    from osp.stage2_train import data_parallel as DP
+
+    init = DP.DataParallel.__init__
+
+    def bare_module_on_meta(self, model, layout, **kw):  # the dry run as it was: no DDP on meta
+        on_meta = any(p.is_meta for p in model.parameters())
+        init(self, model, dataclasses.replace(layout, dp_cp_group=None) if on_meta else layout, **kw)
+
+    monkeypatch.setattr(DP.DataParallel, "__init__", bare_module_on_meta)
+    for r in range(2):
+        blind = _dry("tiny", 1, False, 2, r, overrides=DP2, shards=str(shards))
+        assert not blind.ddp_buckets and blind.grads == dry[r].grads  # the gradients exist, freed at zero_grad
+        assert not _within(blind.peak, real_dp2[r]["peak"], PEAK_TOL), (r, blind.peak, real_dp2[r]["peak"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the sharded EMA's collectives
+# ------------------------------------------------------------------------------------------------
+VALIDATE = ["validate.every=100", "validate.prompts=unused-by-the-dry-run"]
+
+
+def test_cpu_tensor_in_the_ema_collectives_is_named(monkeypatch, capsys):
+    """DP=2: the EMA is sharded, so a validation step swaps it in by a broadcast from each owner over DP, and a
+    full EMA is gathered onto DP rank 0 point to point (`EMA.gathered`). A shard staged on the host for either
+    fails the dry run with one line naming the collective; the trainer's own code passes."""
+    from osp.stage2_train import dist as D
+    from osp.stage2_train import optim
+
+    cfg = DR.build_config(None, ["launch.nproc=2", *VALIDATE], "tiny", 1, False, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert DR.run(cfg) == 0  # the control: the EMA swap runs on meta over the fake DP group
+    capsys.readouterr()
+
+    @contextlib.contextmanager
+    def swapped_in_from_host(self, model):
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in self.all_names:
+                host = torch.empty(params[n].shape)  # the bug: the owner's shard staged on the host
+                dist.broadcast(host, src=dist.get_global_rank(self.group, self.owner[n]), group=self.group)
+                params[n].copy_(host)
+        yield
+
+    monkeypatch.setattr(optim.EMA, "swapped_in", swapped_in_from_host)
+    err = _one_line(capsys, "tiny", 1, False, 2, VALIDATE)
+    assert "torch.distributed.broadcast" in err and "swapped_in_from_host" in err and "cpu tensor" in err, err
+    assert not dist.is_initialized()
+
+    # the gather of a full EMA onto DP rank 0: rank 1 sends the shards it owns
+    with pytest.raises(DR.CollectiveDeviceError) as e, DR.fake_world(2, 1):
+        layout = D.init_parallel(1, False, 2, None)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to("meta")
+        ema = optim.EMA(model, 0.9, layout)
+        assert ema.dp_size == 2 and ema.shadow and len(ema.shadow) < len(ema.all_names)
+        assert ema.gathered(model) is None  # the control: every shard on meta, rank 1 only sends
+        ema.shadow = {n: torch.zeros(t.shape) for n, t in ema.shadow.items()}  # the bug: the shards on the host
+        ema.gathered(model)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "cpu tensor" in msg, msg
+    assert "torch.distributed.isend" in msg and "gathered in optim.py" in msg, msg
     assert not dist.is_initialized()
