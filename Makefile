@@ -48,8 +48,8 @@ DRY_RUN   ?=
 DRY_RANK  ?= 0
 CARD_GB   ?= 80
 
-# Processes per node: GPUS_PER_NODE, else NPUS_PER_NODE, else 2 CPU processes (the demo's TP=2).
-NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),2)
+# Processes per node: GPUS_PER_NODE, else NPUS_PER_NODE, else 0 = parallel.tp x parallel.cp (launch.nproc).
+NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),0)
 # Encoding: one process unless GPUS_PER_NODE/NPUS_PER_NODE or NNODES > 1 ask for more.
 ENCODE_NPROC := $(or $(GPUS_PER_NODE),$(NPUS_PER_NODE),1)
 ENCODE_NNODES := $(lastword $(subst :, ,$(NNODES)))

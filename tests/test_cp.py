@@ -109,7 +109,7 @@ def test_config_and_make_variable():
     make = subprocess.run(
         ["make", "-n", "train", "CP=2", "TP=2"], cwd=HERE.parent, capture_output=True, text=True, env=ENV
     )
-    assert "parallel.cp=2" in make.stdout and "parallel.tp=2" in make.stdout, make.stdout + make.stderr
+    assert "--cp 2" in make.stdout and "--tp 2" in make.stdout, make.stdout + make.stderr
 
 
 def test_launcher_sets_cuda_device_max_connections():
