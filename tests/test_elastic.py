@@ -55,13 +55,8 @@ def _run_args(shards: Path, run: Path, *extra: str) -> list[str]:
 def _launch(nnodes: str, node_rank: int, port: int, run_args: list[str], log: Path) -> subprocess.Popen:
     cmd = [OSP, "train", "--nnodes", nnodes, "--node-rank", str(node_rank), "--nproc", "2"]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), *run_args]
-    return subprocess.Popen(
-        cmd,
-        env=ENV,
-        stdout=open(log.with_suffix(".out"), "w"),
-        stderr=open(log.with_suffix(".err"), "w"),
-        start_new_session=True,
-    )
+    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
+        return subprocess.Popen(cmd, env=ENV, stdout=out, stderr=err, start_new_session=True)  # the child keeps its copies
 
 
 def _records(run: Path) -> list[dict]:
