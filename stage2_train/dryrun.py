@@ -276,9 +276,10 @@ class MetaCheckpoints:
         return cls(layout)
 
     def save(self, trainer) -> None:
-        L = self.layout  # (the save's barrier carries no tensor of the run: not played here)
+        L, mesh = self.layout, self.mesh  # (the save's barrier carries no tensor of the run: not played here)
+        assert L is not None and mesh is not None, "MetaCheckpoints.save needs the run's layout"
         to_global = ckpt._global
-        device = self.mesh.device_type
+        device = mesh.device_type
 
         def checked(key, local, mesh, tp):  # DTensor.from_local would silently copy a stray piece to the device
             if local.device.type != device:
@@ -296,7 +297,7 @@ class MetaCheckpoints:
                 ema=trainer.ema,
                 optimizer=trainer.optimizer,
                 counters=trainer.counters_state(),
-                mesh=self.mesh,
+                mesh=mesh,
                 tp=L.tp,
                 rank=L.rank,
             )
@@ -502,13 +503,14 @@ def ddp_on_meta():
     import torch.nn.parallel.distributed as ddp_module
     from torch._C._distributed_c10d import Reducer
 
-    verify, rebuild = ddp_module._verify_param_shape_across_processes, Reducer._rebuild_buckets
-    ddp_module._verify_param_shape_across_processes = lambda *a, **k: None
+    check = "_verify_param_shape_across_processes"  # a private helper of torch's DDP module
+    verify, rebuild = getattr(ddp_module, check), Reducer._rebuild_buckets
+    setattr(ddp_module, check, lambda *a, **k: None)
     Reducer._rebuild_buckets = lambda self: False
     try:
         yield
     finally:
-        ddp_module._verify_param_shape_across_processes = verify
+        setattr(ddp_module, check, verify)
         Reducer._rebuild_buckets = rebuild
 
 

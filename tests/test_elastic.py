@@ -56,7 +56,9 @@ def _launch(nnodes: str, node_rank: int, port: int, run_args: list[str], log: Pa
     cmd = [OSP, "train", "--nnodes", nnodes, "--node-rank", str(node_rank), "--nproc", "2"]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), *run_args]
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
-        return subprocess.Popen(cmd, env=ENV, stdout=out, stderr=err, start_new_session=True)  # the child keeps its copies
+        return subprocess.Popen(
+            cmd, env=ENV, stdout=out, stderr=err, start_new_session=True
+        )  # the child keeps its copies
 
 
 def _records(run: Path) -> list[dict]:
