@@ -61,6 +61,20 @@ def _launch(nnodes: str, node_rank: int, port: int, run_args: list[str], log: Pa
         )  # the child keeps its copies
 
 
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until something accepts connections on 127.0.0.1:port (the rendezvous store of `proc`'s node)."""
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the node hosting the rendezvous ended early"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
 def _records(run: Path) -> list[dict]:
     f = run / "metrics.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
@@ -226,6 +240,7 @@ def test_elastic_job_continues_on_the_remaining_node(shards, reference, tmp_path
     run, port = tmp_path / "run", free_port()
     args = _run_args(shards, run, *ELASTIC)
     node0 = _launch("1:2", 0, port, args, tmp_path / "node0")
+    _wait_listening(port, node0)  # node 0 hosts the rendezvous store (the MASTER_ADDR node must stay up)
     node1 = _launch("1:2", 1, port, args, tmp_path / "node1")
     latest = run / "checkpoints" / "latest"
 

@@ -118,6 +118,11 @@ def ranks_started(job: Job) -> None:
     _until(job, lambda: len(job.ranks()) >= 2, "the ranks started")
 
 
+def lock_taken(job: Job) -> None:  # rank 0 took the run lock: the trainer is being built (set-up)
+    f = job.run / ".lock"
+    _until(job, lambda: f.exists() and f.stat().st_mtime >= job.t0, "the run lock taken")
+
+
 def trainer_built(job: Job) -> None:  # rank 0 wrote the run's config.toml: the trainer is built
     f = job.run / "config.toml"
     _until(job, lambda: f.exists() and f.stat().st_mtime >= job.t0, "the trainer built")
@@ -162,7 +167,7 @@ MOMENTS = [
     Moment("ranks just started (importing)", ranks_started),
     Moment("ranks importing, whole job", ranks_started, "tree", delay=0.5),
     Moment("ranks in rendezvous / set-up, whole job, twice", ranks_started, "tree", delay=3.0, times=2),
-    Moment("ranks in set-up", ranks_started, delay=6.0),
+    Moment("ranks in set-up (run lock taken)", lock_taken),
     Moment("trainer built, before step 1, whole job", trainer_built, "tree"),
     Moment("checkpoint step logged", step("ckpt")),
     Moment("checkpoint step logged, whole job", step("ckpt"), "tree"),
