@@ -56,6 +56,12 @@ class DataConfig:
     skip_corrupt: bool = False  # a checksum failure skips the sample (counted) instead of stopping
     images: bool = False  # also train on single-frame samples (T = 1) as their own buckets (upstream v1.2
     #                       trained images in separate stages, so video runs leave them out)
+    # object storage (data.shards = "s3://bucket/prefix"); credentials: the standard AWS chain only
+    endpoint_url: str = ""  # S3-compatible endpoint (MinIO, R2, ...); "" = AWS_ENDPOINT_URL or AWS itself
+    cache_dir: str = ""  # local cache of the samples read from object storage (checked on reuse); "" = none
+    cache_bytes: int = 0  # size bound of cache_dir (least recently used ranges go first); 0 = unbounded
+    timeout_s: float = 30.0  # per object-store request (a stalled connection fails over to a retry)
+    retries: int = 8  # transient object-store errors retried per request (exponential backoff)
 
 
 @dataclass

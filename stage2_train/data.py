@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from osp.common import shards as S
+from osp.common import storage
 from osp.common.errors import ConfigError, OspError
 
 
@@ -125,10 +126,22 @@ class ShardDataset(Dataset):
         try:
             return int(i), S.read_sample(self.root, self.index, i)
         except (S.ShardError, OSError) as e:  # failed check, truncated tar, bad header, missing file ...
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            tar = str(S.shard_path(self.root, int(self.index.shard[i])))
-            reason = reason.removeprefix(f"{tar}: ").split("; ")[0]  # the fix is said once, by corrupt_message
-            return {"corrupt": True, "key": str(self.index.key[i]), "row": int(i), "tar": tar, "error": reason}
+            return self._corrupt(i, e)
+
+    def __getitems__(self, rows: list[int]) -> list:
+        """A micro-batch at once (DataLoader's batched fetch): rows of one shard are read together, so
+        an object store serves adjacent samples with one request. Same items as __getitem__."""
+        try:
+            got = S.read_samples(self.root, self.index, rows)
+        except (S.ShardError, OSError):  # a failure of the shard as a whole: per row, as __getitem__
+            return [self[i] for i in rows]
+        return [self._corrupt(i, s) if isinstance(s, Exception) else (int(i), s) for i, s in zip(rows, got)]
+
+    def _corrupt(self, i: int, e: Exception) -> dict:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        tar = S.shard_location(self.root, int(self.index.shard[i]))
+        reason = reason.removeprefix(f"{tar}: ").split("; ")[0]  # the fix is said once, by corrupt_message
+        return {"corrupt": True, "key": str(self.index.key[i]), "row": int(i), "tar": tar, "error": reason}
 
 
 class Collate:
@@ -174,7 +187,7 @@ class ShardLoader:
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path,  # a shard folder or an object-store URL (s3://bucket/prefix)
         *,
         batch_size: int,
         dp_rank: int,
@@ -187,7 +200,7 @@ class ShardLoader:
         grad_accum: int = 1,
     ):
         """`shapes`: the latent (T, H, W) shapes to train on (None = all); other rows are left out."""
-        self.root = Path(root)
+        self.root = root if storage.is_url(root) else Path(root)  # an object-store URL stays a string
         index = S.ShardIndex.open(self.root)
         self.shapes = np.stack(
             [np.asarray(index.latent_t), np.asarray(index.latent_h), np.asarray(index.latent_w)], 1

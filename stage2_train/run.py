@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from osp.common import config as C
 from osp.common import shards as S
+from osp.common import storage
 from osp.common.errors import ConfigError, MissingFileError, OspError, one_line
 from osp.stage2_train import checkpoint as ckpt
 from osp.stage2_train import dist as D
@@ -91,7 +92,7 @@ class Trainer:
 
         # --- model config and the data's geometry ---
         self.dit_cfg = self._model_config()
-        self.shards = Path(cfg.data.shards)
+        self.shards = _shards_location(cfg.data)
         self.uncond, self.latent_channels, tokens = self._check_geometry()
 
         self.layout = D.init_parallel(
@@ -596,6 +597,8 @@ class Trainer:
                 while self.step < cfg.run.steps:
                     self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
+                    if storage.is_url(self.shards):  # this rank's object-store requests, retries, cache
+                        m["storage"] = storage.counters()
                     history.append(m)
                     if L.is_main:
                         with open(metrics_path, "a") as f:
@@ -664,6 +667,21 @@ _EARLY_SIGTERM = [False]
 
 def _early_sigterm(signum, frame) -> None:
     _EARLY_SIGTERM[0] = True
+
+
+def _shards_location(data) -> "Path | str":
+    """data.shards as a folder, or an object-store URL with the data section's store settings applied
+    (process-wide, inherited by the loader workers)."""
+    if not storage.is_url(data.shards):
+        return Path(data.shards)
+    storage.configure(
+        endpoint_url=data.endpoint_url or None,
+        cache_dir=data.cache_dir or None,
+        cache_bytes=data.cache_bytes,
+        timeout_s=data.timeout_s,
+        retries=data.retries,
+    )
+    return data.shards
 
 
 def _main_thread() -> bool:
