@@ -90,6 +90,14 @@ def upload_cache(local: str | os.PathLike, url: str) -> None:
     upload_final(local, url)
 
 
+def upload_plan(path: str | os.PathLike, url: str) -> None:
+    """The encode's plan.json (which plan the shards belong to), unless the same is already there."""
+    data = Path(path).read_bytes()
+    store = storage.open_store(url)
+    if _remote_bytes(store, Path(path).name) != data:
+        store.put_atomic(Path(path).name, data)
+
+
 def pull_file(url: str, name: str, local: str | os.PathLike) -> bool:
     """Copy one small object into the staging folder (plan.json on resume); False when absent."""
     data = _remote_bytes(storage.open_store(url), name)

@@ -439,7 +439,7 @@ class _Fsspec:
             options = {
                 "endpoint_url": endpoint,
                 "config_kwargs": {
-                    "retries": {"max_attempts": 1, "mode": "standard"},
+                    "retries": {"total_max_attempts": 1, "mode": "standard"},  # retried (and counted) here
                     "connect_timeout": min(s.timeout_s, 10.0),
                     "read_timeout": s.timeout_s,
                 },

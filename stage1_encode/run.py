@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from osp.common import remote_cache
 from osp.common import shards as S
+from osp.common import storage
 from osp.common.config import (
     LATENT_CHANNELS,
     TILING_TRAIN,
@@ -53,7 +55,8 @@ class EncodeError(OspError, RuntimeError):
 @dataclass
 class EncodeOptions:
     data: str
-    out: str
+    out: str  # a folder, or an object-store URL (written through the local `staging` folder)
+    staging: str | None = None
     preset: str = "tiny"
     vae: str | None = None
     text_encoder: str | None = None
@@ -447,7 +450,10 @@ def _progress(enabled: bool, rank: int, world: int):
 def encode(opts: EncodeOptions) -> dict:
     """Run (or resume) the encode of this rank; rank 0 also merges. Returns a summary dict."""
     rank, world = _rank_world(opts)
-    out = Path(opts.out)
+    # an object-store --out: shards are written in a local staging folder and uploaded as they are
+    # published (sidecar, tar), the index and manifest.json last (osp.common.remote_cache)
+    remote = opts.out if storage.is_url(opts.out) else None
+    out = Path(opts.staging or remote_cache.default_staging(remote)) if remote else Path(opts.out)
     if opts.batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.latent_dtype not in ("float16", "float32"):
@@ -459,9 +465,15 @@ def encode(opts: EncodeOptions) -> dict:
     opts.vae, opts.text_encoder = vae_dir, text_dir
     plan = build_plan(opts)  # before loading the models: a bad --data fails fast
     summary = _plan_summary(plan, opts)
+    if remote:
+        remote_cache.pull_file(remote, PLAN_NAME, out)
     _check_plan_file(out, summary, rank)
+    if remote and rank == 0 and (out / PLAN_NAME).exists():
+        remote_cache.upload_plan(out / PLAN_NAME, remote)
+    if remote:
+        remote_cache.upload_shards(out, remote)  # published here by a run killed before their upload
 
-    done = S.published_shards(out)
+    done = S.published_shards(out) | (S.published_shards(remote) if remote else set())
     mine = [s for s in plan.shards if s.id % world == rank and s.id not in done]
     t0 = time.perf_counter()
     stats: dict[str, float] = {
@@ -477,20 +489,31 @@ def encode(opts: EncodeOptions) -> dict:
     t1 = time.perf_counter()
     if mine:
         assert enc is not None
-        _encode_shards(mine, plan.spec, enc, opts, rank, world, stats)
+        _encode_shards(mine, plan.spec, enc, opts, rank, world, stats, out, remote)
         enc.dev.synchronize()
     stats["encode_seconds"] = round(time.perf_counter() - t1, 3)
-    result = {"rank": rank, "world_size": world, "out": str(out), "plan": summary["digest"], **stats}
+    result = {"rank": rank, "world_size": world, "out": str(remote or out), "plan": summary["digest"], **stats}
     if rank == 0:
-        _wait_for_shards(out, len(plan.shards), opts.merge_timeout, world)
+        _wait_for_shards(remote or out, len(plan.shards), opts.merge_timeout, world)
         assert enc is not None
-        result["manifest"] = finalize(out, plan, opts, enc)
+        result["manifest"] = finalize(out, plan, opts, enc, source=remote)
+        if remote:
+            remote_cache.upload_final(out, remote)
     return result
 
 
 def _encode_shards(
-    mine: list[ShardPlan], spec: EncodeSpec, enc: Encoders, opts: EncodeOptions, rank: int, world: int, stats: dict
+    mine: list[ShardPlan],
+    spec: EncodeSpec,
+    enc: Encoders,
+    opts: EncodeOptions,
+    rank: int,
+    world: int,
+    stats: dict,
+    out: Path | None = None,
+    remote: str | None = None,
 ) -> None:
+    out = out or Path(opts.out)
     items = [it for s in mine for it in s.items]
     total = len(items) + sum(len(s.errors) for s in mine)
     prog = _progress(opts.progress, rank, world)
@@ -507,7 +530,7 @@ def _encode_shards(
 
         stream = iter(decoded_stream(items, spec, opts.workers, pin_memory=enc.dev.type == "cuda"))
         for shard in mine:
-            se = ShardEncoder(opts.out, shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done)
+            se = ShardEncoder(str(out), shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done)
             try:
                 for _ in range(len(shard.items)):
                     se.add(next(stream))
@@ -515,10 +538,12 @@ def _encode_shards(
             except BaseException:
                 se.abort()
                 raise
+            if remote:
+                remote_cache.upload_shard(out, remote, shard.id)
             stats["shards"] += 1
 
 
-def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> None:
+def _wait_for_shards(out: Path | str, n_shards: int, timeout: float, world: int) -> None:
     t0 = time.monotonic()
     while True:
         missing = sorted(set(range(n_shards)) - S.published_shards(out))
@@ -533,7 +558,7 @@ def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> No
         time.sleep(2.0)
 
 
-def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
+def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders, source: str | None = None) -> dict:
     """uncond + index + errors + manifest; idempotent (a rerun on a finished folder rewrites the same bytes)."""
     assert opts.vae is not None  # encode() resolved the model folders
     for p in out.iterdir():  # leftovers of a run killed while merging (all shards are published by now)
@@ -541,7 +566,7 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders) -> dict:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     uncond = enc.encode_text([""])[0]
     S.write_uncond(out, uncond)
-    n_samples = S.merge_index(out)
+    n_samples = S.merge_index(out, source)
     n_errors = sum(1 for line in (out / S.ERRORS_NAME).read_bytes().splitlines() if line.strip())
     if n_samples + n_errors != plan.n_inputs:
         raise EncodeError(

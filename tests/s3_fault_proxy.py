@@ -4,6 +4,7 @@
     proxy = FaultProxy(server.port, seed=3, rates={"503": 0.05, "slowdown": 0.05}, stall_rate=0.01).start()
     ... point AWS_ENDPOINT_URL / data.endpoint_url at proxy.endpoint ...
     proxy.injected            # {"503": n, "slowdown": n, "reset": n, "stall": n, "truncate": n}
+    proxy.surfaced            # the same faults minus the resets the HTTP client replays by itself (below)
     proxy.requests            # {"GET": n, "HEAD": n, "PUT": n, ...} requests that reached the proxy
 
 Faults (drawn per request, in arrival order, from random.Random(seed)):
@@ -15,6 +16,11 @@ Faults (drawn per request, in arrival order, from random.Random(seed)):
 `hold`: a predicate on (method, path); a matching request is held (never answered) and `held` is set,
 so a test can kill a client at that exact moment (e.g. before the manifest is uploaded).
 Keep-alive works as in a real server, so a client's connection reuse is what it would be.
+
+aiohttp (under s3fs) replays an idempotent request once when its connection fails before the reply
+(RFC 9112, "retrying requests"), so a reset on a first attempt never reaches osp; a reset of the
+replay does. `surfaced` applies that rule to the request stream, which is exact for one client
+issuing one request at a time (a replay follows its reset at once).
 """
 
 from __future__ import annotations
@@ -116,6 +122,8 @@ class FaultProxy:
         self.hold = hold
         self.held = threading.Event()
         self.injected = {k: 0 for k in FAULTS}
+        self.surfaced = {k: 0 for k in FAULTS}
+        self._replay_next = False  # the previous request was reset on its first attempt
         self.requests: dict[str, int] = {}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -130,6 +138,7 @@ class FaultProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self.injected = {k: 0 for k in FAULTS}
+            self.surfaced = {k: 0 for k in FAULTS}
             self.requests = {}
 
     def _draw(self, method: str, path: str) -> str | None:
@@ -138,11 +147,20 @@ class FaultProxy:
             if self.hold is not None and self.hold(method, path):
                 return "hold"
             u, acc = self._rng.random(), 0.0
+            drawn = None
             for kind in FAULTS:
                 acc += self.rates.get(kind, 0.0)
                 if u < acc:
-                    return kind
-            return None
+                    drawn = kind
+                    break
+            if drawn == "reset" and not self._replay_next:
+                self._replay_next = True  # replayed by the client itself
+            else:
+                self._replay_next = False
+                if drawn is not None and drawn != "truncate":  # a truncation is counted once applied
+                    # a HEAD reply has no body to say SlowDown in: the client sees a plain HTTP 503
+                    self.surfaced["503" if drawn == "slowdown" and method == "HEAD" else drawn] += 1
+            return drawn
 
     def _count(self, kind: str) -> None:
         with self._lock:
@@ -229,15 +247,18 @@ class FaultProxy:
                 status, reason, headers, data = self._forward()
                 truncate = kind == "truncate" and self.command == "GET" and len(data) >= 2
                 self.send_response(status, reason)
-                for k, v in headers:
-                    if k.lower() not in _HOP and k.lower() != "content-length":
+                for k, v in headers:  # a HEAD reply keeps the object's Content-Length
+                    if k.lower() not in _HOP and (k.lower() != "content-length" or self.command == "HEAD"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command == "HEAD":
                     return
                 if truncate:
                     proxy._count(kind)
+                    with proxy._lock:
+                        proxy.surfaced["truncate"] += 1
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self._reset()
