@@ -449,6 +449,7 @@ class _Fsspec:
         if hasattr(self.fs, "retries"):
             self.fs.retries = 1  # s3fs: one attempt per call; retries are counted here
         self.root = rest.rstrip("/")
+        self.s3 = scheme in ("s3", "s3a")
 
     def _p(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -457,9 +458,15 @@ class _Fsspec:
         return self.fs.cat_file(self._p(key), start=start, end=end)
 
     def get(self, key: str) -> bytes:
+        if self.s3:  # one GET (s3fs would HEAD first to split a large object into parallel ranges)
+            return self.fs.cat_file(self._p(key), max_concurrency=1)
         return self.fs.cat_file(self._p(key))
 
     def head(self, key: str) -> tuple[int, str]:
+        if self.s3:  # one HEAD (fs.info falls back to a LIST of its own after a failed HEAD)
+            bucket, _, path = self._p(key).partition("/")
+            r = self.fs.call_s3("head_object", Bucket=bucket, Key=path)
+            return int(r["ContentLength"]), str(r.get("ETag") or "")
         info = self.fs.info(self._p(key))
         return int(info["size"]), str(info.get("ETag") or info.get("etag") or "")
 

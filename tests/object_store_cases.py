@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import sys
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +42,13 @@ def main() -> None:
     for case in cases:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            rc = run.main([*base, f"data.shards={case['shards']}", f"run.dir={work / case['run']}", *case["extra"]])
+            try:
+                rc = run.main([*base, f"data.shards={case['shards']}", f"run.dir={work / case['run']}", *case["extra"]])
+            except Exception:  # a bug: its traceback, and the other cases still run
+                rc = "exception"
+                err.write(traceback.format_exc())
         results[case["name"]] = {"rc": rc, "stderr": err.getvalue(), "metrics": metrics(work / case["run"])}
-    (work / "cases.json").write_text(json.dumps(results))
+        (work / "cases.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
