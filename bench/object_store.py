@@ -1,6 +1,6 @@
 """Object-storage bench: samples/s and requests per sample reading 93x480p-sized samples (latent
 moments [8, 24, 60, 80] fp16, text ~150 x 4096 bf16: ~3.1 MB each) from an S3-compatible server on
-loopback (moto, in process) vs from local disk, in one run: both S3 clients (s3fs through fsspec, the
+loopback (moto, in its own process) vs from local disk, in one run: both S3 clients (s3fs through fsspec, the
 default, and obstore), with and without the local read cache (cold, then warm).
 
     python bench/object_store.py [--samples 24] [--passes 2]
@@ -8,7 +8,7 @@ default, and obstore), with and without the local read cache (cold, then warm).
 Each sample is read with `read_sample` (checksum verified, tensors decoded) in a shuffled order, one
 ranged GET per sample. Requests are counted at a pass-through proxy in front of the server (every
 HTTP request, including the client's own), so "requests/sample" is what the store sees. Loopback
-numbers measure client overhead, not a network; moto serves from memory in this process.
+numbers measure client and server overhead, not a network; moto (a Python server) serves from memory.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2, help="timed passes per setting (best is reported)")
     args = ap.parse_args()
 
-    server = S3Server().start()
+    server = S3Server(process=True).start()
     os.environ.update(server.env)
     proxy = FaultProxy(server.port).start()  # no faults: it counts requests
     with tempfile.TemporaryDirectory(prefix="osp-bench-s3-") as tmp:

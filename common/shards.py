@@ -112,7 +112,7 @@ def rows_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
     return Path(out_dir) / f"shard-{int(shard_id):06d}.rows.json"
 
 
-def _read_rows(out_dir: Path, shard_id: int) -> dict | None:
+def _read_rows(out_dir: str | os.PathLike, shard_id: int) -> dict | None:
     """The sidecar of a published shard, or None when the shard is absent, partial or inconsistent."""
     store = storage.open_store(out_dir)
     try:

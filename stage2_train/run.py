@@ -316,7 +316,7 @@ class Trainer:
         tokens = (want[0] // pt) * (want[1] // p) * (want[2] // p)
         return uncond, c, tokens
 
-    def _first_readable(self, root: Path, index) -> "S.Sample":
+    def _first_readable(self, root: "Path | str", index) -> "S.Sample":
         """The first row that passes its checks (a corrupt row 0 stops the run unless data.skip_corrupt)."""
         ds = ShardDataset(root, index)
         for i in range(len(index)):

@@ -48,10 +48,13 @@ def _free_port() -> int:
 class S3Server:
     """moto's threaded S3-compatible server on 127.0.0.1 with one bucket; test credentials in `env`."""
 
-    def __init__(self, bucket: str = "osp-test"):
+    def __init__(self, bucket: str = "osp-test", *, process: bool = False):
+        """`process`: run moto in a child process (a bench's client then does not share the GIL with it)."""
         self.bucket = bucket
+        self.process = process
         self.port = 0
         self._server = None
+        self._proc = None
 
     @property
     def endpoint(self) -> str:
@@ -72,8 +75,25 @@ class S3Server:
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.port = _free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        if self.process:
+            import subprocess
+            import sys
+            import time
+
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or self._proc.poll() is not None:
+                        raise RuntimeError("moto server did not start") from None
+                    time.sleep(0.1)
+        else:
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self._server.start()
         self.client().create_bucket(Bucket=self.bucket)
         return self
 
@@ -101,6 +121,10 @@ class S3Server:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+            self._proc = None
 
 
 class FaultProxy:
