@@ -59,9 +59,11 @@ def _remote_size(store: storage.Store, name: str) -> int | None:
         return None
 
 
-def upload_shards(local: str | os.PathLike, url: str) -> int:
-    """Publish every shard published in `local` and not yet (or differently) in `url`; returns how many."""
-    return sum(upload_shard(local, url, sid) for sid in sorted(S.published_shards(local)))
+def upload_shards(local: str | os.PathLike, url: str, rank: int = 0, world: int = 1) -> int:
+    """Publish the shards (of this rank: id % world == rank) published in `local` and not yet (or
+    differently) in `url`; returns how many."""
+    mine = sorted(sid for sid in S.published_shards(local) if sid % world == rank)
+    return sum(upload_shard(local, url, sid) for sid in mine)
 
 
 def upload_final(local: str | os.PathLike, url: str) -> None:

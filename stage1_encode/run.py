@@ -471,7 +471,7 @@ def encode(opts: EncodeOptions) -> dict:
     if remote and rank == 0 and (out / PLAN_NAME).exists():
         remote_cache.upload_plan(out / PLAN_NAME, remote)
     if remote:
-        remote_cache.upload_shards(out, remote)  # published here by a run killed before their upload
+        remote_cache.upload_shards(out, remote, rank, world)  # published by a run killed before upload
 
     done = S.published_shards(out) | (S.published_shards(remote) if remote else set())
     mine = [s for s in plan.shards if s.id % world == rank and s.id not in done]
