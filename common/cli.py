@@ -67,7 +67,7 @@ def demo_data(
 
 @shards_app.command("inspect")
 def shards_inspect(
-    dir: Path = typer.Argument(..., help="Shard directory (written by osp encode)."),
+    dir: str = typer.Argument(..., help="Shard directory (written by osp encode) or its s3:// URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Samples, shards, latent-shape histogram, bytes per sample, text-length stats.
@@ -122,14 +122,19 @@ def shards_inspect(
 
 
 @shards_app.command("verify")
-def shards_verify(dir: Path = typer.Argument(..., help="Shard directory (written by osp encode).")) -> None:
+def shards_verify(
+    dir: str = typer.Argument(..., help="Shard directory (written by osp encode) or its s3:// URL."),
+) -> None:
     """Check every index row and checksum against the tars; exit 1 on any problem.
 
     Example: osp shards verify shards/demo
     """
     from osp.common.shards import verify
 
-    problems = verify(dir)
+    try:
+        problems = verify(dir)
+    except OspError as e:  # an unreachable store or denied access: one line
+        fail(one_line(e))
     for p in problems:
         typer.secho(p, fg=typer.colors.RED, err=True)
     if problems:
@@ -513,11 +518,18 @@ def encode_cmd(
         "--data",
         help="Dataset root with annotation.json (pixabay_v2), an annotation .json, or a list file of DATA_ROOT,ANNOTATION_JSON lines.",
     ),
-    out: Optional[Path] = typer.Option(
+    out: Optional[str] = typer.Option(
         None,
         "--out",
         "-o",
-        help="Shard directory to write (resumes when it holds shards of the same plan); --text-only may leave it out.",
+        help="Shard directory to write (resumes when it holds shards of the same plan), or an object-store URL "
+        "(s3://bucket/prefix; endpoint: AWS_ENDPOINT_URL, credentials: the standard AWS chain); --text-only may "
+        "leave it out.",
+    ),
+    staging: Optional[Path] = typer.Option(
+        None,
+        "--staging",
+        help="With an s3:// --out: the local folder shards are written to before upload (default: one per URL under ~/.cache/osp).",
     ),
     preset: Preset = typer.Option("tiny", "--preset", help="Pipeline preset: clip geometry and the models' sizes."),
     vae: Optional[Path] = typer.Option(
@@ -591,6 +603,7 @@ def encode_cmd(
     opts = EncodeOptions(
         data=str(data),
         out=str(out) if out else "",
+        staging=str(staging) if staging else None,
         preset=preset.value,
         vae=str(vae) if vae else None,
         text_encoder=str(text_encoder) if text_encoder else None,

@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import re
 import shutil
 import struct
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
+from osp.common import storage
 from osp.common.errors import OspError
 
 SCHEMA_VERSION = 2
@@ -147,12 +149,16 @@ def rows_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
     return Path(out_dir) / f"shard-{int(shard_id):06d}.rows.json"
 
 
-def _read_rows(out_dir: Path, shard_id: int) -> dict | None:
+def _read_rows(out_dir: str | os.PathLike, shard_id: int) -> dict | None:
     """The sidecar of a published shard, or None when the shard is absent, partial or inconsistent."""
-    tar, rows = shard_path(out_dir, shard_id), rows_path(out_dir, shard_id)
+    store = storage.open_store(out_dir)
     try:
-        side = json.loads(rows.read_bytes())
-        size = tar.stat().st_size
+        side = json.loads(store.read_bytes(rows_path("", shard_id).name))
+        size = store.size(shard_path("", shard_id).name)
+    except storage.ObjectMissing:
+        return None
+    except storage.StoreError:  # an unreachable store is not an unpublished shard
+        raise
     except (OSError, ValueError):
         return None
     if side.get("schema_version") != SCHEMA_VERSION or side.get("shard") != shard_id or side.get("tar_size") != size:
@@ -163,10 +169,14 @@ def _read_rows(out_dir: Path, shard_id: int) -> dict | None:
 def published_shards(out_dir: str | os.PathLike) -> set[int]:
     """Ids of shards whose tar and rows sidecar are both present and agree on the tar's size."""
     out = Path(out_dir)
-    if not out.is_dir():
+    if storage.is_url(out_dir):
+        names = [n for n in storage.open_store(out_dir).list() if "/" not in n]
+    elif not out.is_dir():
         return set()
-    ids = {int(m.group(1)) for p in out.iterdir() if (m := SHARD_PATTERN.match(p.name))}
-    return {i for i in ids if _read_rows(out, i) is not None}
+    else:
+        names = [p.name for p in out.iterdir()]
+    ids = {int(m.group(1)) for n in names if (m := SHARD_PATTERN.match(n))}
+    return {i for i in ids if _read_rows(out_dir, i) is not None}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -398,24 +408,26 @@ class ShardWriter:
 # --- index -------------------------------------------------------------------------------------------
 
 
-def merge_index(out_dir: str | os.PathLike) -> int:
+def merge_index(out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> int:
     """Merge the published shards' rows into index.zarr (shard order, then insertion order) and their
     error rows into errors.jsonl (same order, each with its shard id). Updates manifest counts when a
-    manifest exists. Returns the number of samples."""
+    manifest exists. Returns the number of samples. `source`: where the shards are published when not
+    in `out_dir` (an object-store URL whose index is staged locally)."""
     import zarr
 
     out = Path(out_dir)
     cols: dict[str, list] = {c: [] for c in INDEX_COLUMNS}
     errors: list[bytes] = []
     seen: dict[str, int] = {}
-    shards = sorted(published_shards(out))
+    src = out if source is None else source
+    shards = sorted(published_shards(src))
     for sid in shards:
-        side = _read_rows(out, sid)
+        side = _read_rows(src, sid)
         assert side is not None  # published_shards lists only shards whose rows file reads
         for r in side["rows"]:
             if r["key"] in seen:
                 raise ShardError(
-                    f"{shard_path(out, sid).name}: key {r['key']!r} also in shard {seen[r['key']]}; keys must be unique"
+                    f"{shard_path(src, sid).name}: key {r['key']!r} also in shard {seen[r['key']]}; keys must be unique"
                 )
             seen[r["key"]] = sid
             r = {**r, "shard": sid}
@@ -498,6 +510,8 @@ class ShardIndex:
     def open(cls, out_dir: str | os.PathLike) -> "ShardIndex":
         import zarr
 
+        if storage.is_url(out_dir):
+            return _open_remote_index(str(out_dir))
         out = Path(out_dir)
         path = out / INDEX_NAME
         if not out.is_dir():
@@ -521,6 +535,30 @@ class ShardIndex:
             f.name: (str if f.name in ("key", "checksum") else int)(self.columns[f.name][i]) for f in fields(IndexRow)
         }
         return IndexRow(**values)
+
+
+def _open_remote_index(url: str) -> ShardIndex:
+    """The index of a cache in an object store, read only when the encode finished: the manifest is
+    published last, so a cache without one is still being written (or was abandoned)."""
+    import tempfile
+
+    store = storage.open_store(url)
+    if not store.exists(MANIFEST_NAME):
+        raise ShardError(
+            f"{store.where(MANIFEST_NAME)}: missing, the encode into {url} did not finish (or is still running); "
+            "run the same osp encode again (it resumes)"
+        )
+    names = [n for n in store.list(INDEX_NAME) if n.startswith(INDEX_NAME + "/")]
+    if f"{INDEX_NAME}/zarr.json" not in names:
+        raise ShardError(f"{store.where(INDEX_NAME)}: missing; run the same osp encode again (it resumes)")
+    with tempfile.TemporaryDirectory(prefix="osp-index-") as tmp:
+        for n in names:
+            dst = Path(tmp) / n
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(store.read_bytes(n))
+        index = ShardIndex.open(tmp)
+    index.out_dir = url  # pyright: ignore[reportAttributeAccessIssue]
+    return index
 
 
 # --- readers -----------------------------------------------------------------------------------------
@@ -600,37 +638,51 @@ def _sample_from_members(key: str, st: bytes, js: bytes, where: str) -> Sample:
     return Sample(key, tensors["latent"], tensors.get("text"), meta)
 
 
+def shard_location(out_dir: str | os.PathLike, shard_id: int) -> str:
+    """A shard's tar as messages name it: its local path or its object URL."""
+    return storage.join(out_dir, shard_path("", shard_id).name)
+
+
+def _store_gone(e: OSError) -> None:
+    """Re-raise an object-store failure that says nothing about the object (unreachable, denied)."""
+    if isinstance(e, storage.StoreError) and not isinstance(e, storage.ObjectMissing):
+        raise e
+
+
 def _shard_problem(out_dir: str | os.PathLike, index: ShardIndex, sid: int) -> str | None:
     """What `verify` says of the shard as a whole (sidecar missing/invalid, size differs from the one
     recorded at publish), checked once per shard per process (cached on the index)."""
     cache = index.__dict__.setdefault("_shard_problems", {})
     if sid not in cache:
-        tar, rows = shard_path(out_dir, sid), rows_path(out_dir, sid)
+        store = storage.open_store(out_dir)
+        tar, rows = shard_path("", sid).name, rows_path("", sid).name
         problem = None
         try:
-            side = json.loads(rows.read_bytes())
-        except (OSError, ValueError):
-            side, problem = None, f"no valid {rows.name} sidecar"
+            side = json.loads(store.read_bytes(rows))
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError):
+                _store_gone(e)
+            side, problem = None, f"no valid {rows} sidecar"
         try:
-            size = tar.stat().st_size
-        except OSError:
+            size = store.size(tar)
+        except OSError as e:
+            _store_gone(e)
             size, problem = None, "tar missing"
         if problem is None and (not isinstance(side, dict) or side.get("schema_version") != SCHEMA_VERSION):
-            problem = f"{rows.name} has schema version {side.get('schema_version') if isinstance(side, dict) else None}, not {SCHEMA_VERSION}"
+            problem = f"{rows} has schema version {side.get('schema_version') if isinstance(side, dict) else None}, not {SCHEMA_VERSION}"
         elif problem is None and isinstance(side, dict) and side.get("tar_size") != size:
             problem = f"size {size} != {side.get('tar_size')} recorded at publish (truncated or modified)"
         cache[sid] = problem
     return cache[sid]
 
 
-def _header_problem(f, name: str, offset: int, size: int) -> str | None:
+def _header_problem(block: bytes, name: str, offset: int, size: int) -> str | None:
     """The ustar header block in front of a member's data must be intact (its own checksum), and name
     that member with that size, as `verify`'s tar scan requires."""
     if offset < tarfile.BLOCKSIZE:
         return f"{name}: offset {offset} leaves no room for its tar header"
-    f.seek(offset - tarfile.BLOCKSIZE)
     try:
-        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
     except tarfile.HeaderError as e:
         return f"{name}: damaged tar header ({e})"
     if info.size != size or (len(name) < 100 and info.name != name):
@@ -638,44 +690,107 @@ def _header_problem(f, name: str, offset: int, size: int) -> str | None:
     return None
 
 
+def _sample_ranges(r: IndexRow, verify: bool) -> list[tuple[int, int]]:
+    """The byte ranges of a row: [header, safetensors, header, json] (verify) or [safetensors, json]."""
+    members = [(r.st_offset, r.st_size), (r.json_offset, r.json_size)]
+    if not verify:
+        return members
+    H = tarfile.BLOCKSIZE
+    return [(max(r.st_offset - H, 0), H), members[0], (max(r.json_offset - H, 0), H), members[1]]
+
+
+def _checked_members(r: IndexRow, parts: list[bytes], path: str, verify: bool) -> tuple[bytes, bytes] | ShardError:
+    """(safetensors bytes, json bytes) of a row read as `_sample_ranges` says, checked as `read_sample` says."""
+    fix = "re-encode this shard (osp shards verify)"
+    if verify:
+        h_st, st, h_js, js = parts
+        for name, block, off, sz in (
+            (f"{r.key}.safetensors", h_st, r.st_offset, r.st_size),
+            (f"{r.key}.json", h_js, r.json_offset, r.json_size),
+        ):
+            if problem := _header_problem(block, name, off, sz):
+                return ShardError(f"{path}: key {r.key}: {problem}; {fix}")
+    else:
+        st, js = parts
+    if len(st) != r.st_size or len(js) != r.json_size:
+        return ShardError(f"{path}: truncated at key {r.key}; {fix}")
+    if verify and checksum(st, js, r) != r.checksum:
+        return ShardError(
+            f"{path}: checksum mismatch for key {r.key} (bytes or index row changed); the shard or index is corrupt, {fix}"
+        )
+    return st, js
+
+
+def _read_members(
+    out_dir: str | os.PathLike, index: ShardIndex, rows: list[int], verify: bool
+) -> list[tuple[IndexRow, bytes, bytes, str] | ShardError]:
+    """(row, safetensors bytes, json bytes, tar location) of each row, checked as `read_sample` says: the
+    byte ranges of the rows of one shard are read in one call (adjacent ones, and in an object store near
+    ones, as one request); a failing row's ShardError stands in its place."""
+    store = storage.open_store(out_dir)
+    fix = "re-encode this shard (osp shards verify)"
+    rs = [index.row(int(i)) for i in rows]
+    out: list[tuple[IndexRow, bytes, bytes, str] | ShardError | None] = [None] * len(rs)
+    by_shard: dict[int, list[int]] = {}
+    for j, r in enumerate(rs):
+        if verify and (problem := _shard_problem(out_dir, index, r.shard)):
+            out[j] = ShardError(f"{shard_location(out_dir, r.shard)}: {problem} (key {r.key}); {fix}")
+        else:
+            by_shard.setdefault(r.shard, []).append(j)
+    n = 4 if verify else 2
+    for sid, js in by_shard.items():
+        path = shard_location(out_dir, sid)
+        try:
+            parts = store.read_ranges(shard_path("", sid).name, [g for j in js for g in _sample_ranges(rs[j], verify)])
+        except FileNotFoundError:
+            for j in js:
+                out[j] = ShardError(f"{path}: missing (key {rs[j].key}); {fix}")
+            continue
+        except storage.StoreError as e:  # unreachable or denied: named with the first key it stops
+            for j in js:
+                out[j] = ShardError(f"{path}: key {rs[j].key}: {str(e).removeprefix(path + ': ')}")
+            continue
+        for k, j in enumerate(js):
+            got = _checked_members(rs[j], parts[k * n : (k + 1) * n], path, verify)
+            out[j] = got if isinstance(got, ShardError) else (rs[j], got[0], got[1], path)
+    return [o for o in out if o is not None]
+
+
+def read_samples(
+    out_dir: str | os.PathLike, index: ShardIndex, rows: list[int], *, verify: bool = True
+) -> list[Sample | ShardError]:
+    """`read_sample` for several rows: the rows of one shard are read together (`_read_members`); every
+    row is checked and decoded on its own and a failing row's ShardError stands in its place."""
+    out: list[Sample | ShardError] = []
+    for got in _read_members(out_dir, index, rows, verify):
+        if isinstance(got, ShardError):
+            out.append(got)
+            continue
+        r, st, js, path = got
+        try:
+            out.append(_sample_from_members(r.key, st, js, path))
+        except ShardError as e:
+            out.append(e)
+    return out
+
+
 def read_sample(out_dir: str | os.PathLike, index: ShardIndex, i: int, *, verify: bool = True) -> Sample:
     """Random access: read both members at their indexed offsets, check what `verify` checks for this
     row (shard published and untruncated, tar headers, checksum over the row's fields and bytes), decode.
     The tensors are views of a private buffer (no copy beyond the read itself)."""
-    key, st, js, path = _read_row_members(out_dir, index, i, verify)
-    return _sample_from_members(key, st, js, path)
+    s = read_samples(out_dir, index, [i], verify=verify)[0]
+    if isinstance(s, ShardError):
+        raise s
+    return s
 
 
 def _read_row_members(out_dir: str | os.PathLike, index: ShardIndex, i: int, verify: bool) -> tuple:
-    """(key, safetensors bytes, json bytes, tar path) of row i, checked as `read_sample` says."""
-    r = index.row(i)
-    path = shard_path(out_dir, r.shard)
-    fix = "re-encode this shard (osp shards verify)"
-    if verify and (problem := _shard_problem(out_dir, index, r.shard)):
-        raise ShardError(f"{path}: {problem} (key {r.key}); {fix}")
-    try:
-        f = open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise ShardError(f"{path}: missing (key {r.key}); {fix}") from None
-    with f:
-        if verify:
-            for name, off, sz in (
-                (f"{r.key}.safetensors", r.st_offset, r.st_size),
-                (f"{r.key}.json", r.json_offset, r.json_size),
-            ):
-                if problem := _header_problem(f, name, off, sz):
-                    raise ShardError(f"{path}: key {r.key}: {problem}; {fix}")
-        f.seek(r.st_offset)
-        st = f.read(r.st_size)
-        f.seek(r.json_offset)
-        js = f.read(r.json_size)
-    if len(st) != r.st_size or len(js) != r.json_size:
-        raise ShardError(f"{path}: truncated at key {r.key}; {fix}")
-    if verify and checksum(st, js, r) != r.checksum:
-        raise ShardError(
-            f"{path}: checksum mismatch for key {r.key} (bytes or index row changed); the shard or index is corrupt, {fix}"
-        )
-    return r.key, st, js, str(path)
+    """(key, safetensors bytes, json bytes, tar location) of row i, checked as `read_sample` says."""
+    got = _read_members(out_dir, index, [i], verify)[0]
+    if isinstance(got, ShardError):
+        raise got
+    r, st, js, path = got
+    return r.key, st, js, path
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -775,9 +890,10 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / MANIFEST_NAME
+    store = storage.open_store(out_dir)
+    path = store.where(MANIFEST_NAME)
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(store.read_bytes(MANIFEST_NAME))
     except FileNotFoundError:
         raise ShardError(f"{path}: missing; this is not a finished shard directory (run osp encode)") from None
     except ValueError as e:
@@ -804,25 +920,26 @@ def uncond_checksum(data: bytes) -> str:
     return checksum(data, b"")
 
 
-def _uncond_problem(out: Path, data: bytes) -> str | None:
+def _uncond_problem(out: Path | str | os.PathLike, data: bytes) -> str | None:
     try:
         pinned = read_manifest(out).get("uncond_checksum")
     except ShardError:
         return None  # the manifest's own problem is reported where it is read
     if pinned is None:
-        return f"{out / MANIFEST_NAME} pins no uncond_checksum"
+        return f"{storage.join(out, MANIFEST_NAME)} pins no uncond_checksum"
     if uncond_checksum(data) != pinned:
         return f"checksum {uncond_checksum(data)} != {pinned} pinned in {MANIFEST_NAME} (modified or corrupt)"
     return None
 
 
 def read_uncond(out_dir: str | os.PathLike) -> torch.Tensor:
-    out = Path(out_dir)
-    path = out / UNCOND_NAME
-    if not path.exists():
-        raise ShardError(f"{path}: missing; stage 1 writes it (re-run osp encode)")
-    data = path.read_bytes()
-    if problem := _uncond_problem(out, data):
+    store = storage.open_store(out_dir)
+    path = store.where(UNCOND_NAME)
+    try:
+        data = store.read_bytes(UNCOND_NAME)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing; stage 1 writes it (re-run osp encode)") from None
+    if problem := _uncond_problem(out_dir, data):
         raise ShardError(f"{path}: {problem}; re-run osp encode")
     tensors = load_safetensors_bytes(bytearray(data), str(path))
     if "text" not in tensors:
@@ -833,15 +950,15 @@ def read_uncond(out_dir: str | os.PathLike) -> torch.Tensor:
 # --- verify, inspect ---------------------------------------------------------------------------------
 
 
-def _scan_tar(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
+def _scan_tar(store: storage.Store, name: str) -> tuple[list[tuple[str, int, int]], str | None]:
     """(member name, data offset, size) of every member, and the error that stopped the scan, if any."""
     members = []
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with store.open(name) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
                 members.append((info.name, info.offset_data, info.size))
             end = tar.offset
-            size = path.stat().st_size
+            size = store.size(name)
             for info in tar.getmembers():  # every member's data must lie inside the file
                 if info.offset_data + info.size > size:
                     return members, f"member {info.name} runs past the end of the file (truncated)"
@@ -856,60 +973,61 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
     """Check index rows against the tars (member names, offsets, sizes, checksums), tars against their
     sidecars (truncation, foreign members), and the manifest counts. Returns the problems found."""
     out = Path(out_dir)
+    store = storage.open_store(out_dir)
     problems: list[str] = []
-    if not out.is_dir():
+    if not storage.is_url(out_dir) and not out.is_dir():
         return [f"{out}: not a directory"]
     manifest = None
     try:
-        manifest = read_manifest(out)
+        manifest = read_manifest(out_dir)
     except ShardError as e:
         problems.append(str(e))
     try:
-        index = ShardIndex.open(out)
+        index = ShardIndex.open(out_dir)
     except ShardError as e:
         return problems + [str(e)]
     refs = text_refs(manifest) if manifest is not None else []
-    if not (out / UNCOND_NAME).exists():
+    if not store.exists(UNCOND_NAME):
         if not refs:  # a cache that refers to text caches finds "" there
-            problems.append(f"{out / UNCOND_NAME}: missing; stage 1 writes it (re-run osp encode)")
-    elif manifest is not None and (problem := _uncond_problem(out, (out / UNCOND_NAME).read_bytes())):
-        problems.append(f"{out / UNCOND_NAME}: {problem}; re-run osp encode")
+            problems.append(f"{store.where(UNCOND_NAME)}: missing; stage 1 writes it (re-run osp encode)")
+    elif manifest is not None and (problem := _uncond_problem(out_dir, store.read_bytes(UNCOND_NAME))):
+        problems.append(f"{store.where(UNCOND_NAME)}: {problem}; re-run osp encode")
 
-    tar_names = sorted(p.name for p in out.iterdir() if SHARD_PATTERN.match(p.name))
+    tar_names = sorted(n for n in store.list() if "/" not in n and SHARD_PATTERN.match(n))
     on_disk = {int(m.group(1)) for n in tar_names if (m := SHARD_PATTERN.match(n))}
-    published = published_shards(out)
+    published = published_shards(out_dir)
     for sid in sorted(on_disk - published):
-        tar = shard_path(out, sid)
+        tar = shard_location(out_dir, sid)
         side = None
         try:
-            side = json.loads(rows_path(out, sid).read_bytes())
+            side = json.loads(store.read_bytes(rows_path("", sid).name))
         except (OSError, ValueError):
             problems.append(f"{tar}: no valid {rows_path(out, sid).name} sidecar; re-encode this shard")
         if side is not None:
             problems.append(
-                f"{tar}: size {tar.stat().st_size} != {side.get('tar_size')} recorded at publish (truncated or modified); re-encode this shard"
+                f"{tar}: size {store.size(shard_path('', sid).name)} != {side.get('tar_size')} recorded at publish (truncated or modified); re-encode this shard"
             )
     index_shards = set(int(s) for s in np.unique(index.shard)) if len(index) else set()
     for sid in sorted(published - index_shards):
-        side = _read_rows(out, sid)
+        side = _read_rows(out_dir, sid)
         if side and side["rows"]:
-            problems.append(f"{shard_path(out, sid)}: published but not in {INDEX_NAME}; run merge_index")
+            problems.append(f"{shard_location(out_dir, sid)}: published but not in {INDEX_NAME}; run merge_index")
 
     rows_by_shard: dict[int, list[int]] = {}
     for i in range(len(index)):
         rows_by_shard.setdefault(int(index.shard[i]), []).append(i)
     for sid, rows in sorted(rows_by_shard.items()):
-        path = shard_path(out, sid)
-        if not path.exists():
+        path, tar_name = shard_location(out_dir, sid), shard_path("", sid).name
+        if not store.exists(tar_name):
             problems.append(f"{path}: missing but {len(rows)} index rows point at it (first key {index.key[rows[0]]})")
             continue
-        members, err = _scan_tar(path)
+        members, err = _scan_tar(store, tar_name)
         if err:
             problems.append(f"{path}: {err}")
         by_name = {name: (off, size) for name, off, size in members}
         expected = set()
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        size = store.size(tar_name)
+        with store.open(tar_name) as f:
             for i in rows:
                 r = index.row(i)
                 expected |= {f"{r.key}.safetensors", f"{r.key}.json"}
@@ -939,23 +1057,25 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
             problems.append(f"{path}: member {name} is not in the index (foreign member; never decoded)")
 
     if refs and manifest is not None:
-        problems += _text_ref_problems(out, manifest, index)
+        problems += _text_ref_problems(out_dir, manifest, index)
     if manifest is not None:
         counts = manifest.get("counts", {})
         n_err = (
-            sum(1 for line in (out / ERRORS_NAME).read_text("utf-8").splitlines() if line.strip())
-            if (out / ERRORS_NAME).exists()
+            sum(1 for line in store.read_bytes(ERRORS_NAME).decode("utf-8").splitlines() if line.strip())
+            if store.exists(ERRORS_NAME)
             else 0
         )
         if "samples" in counts and counts["samples"] != len(index):
-            problems.append(f"{out / MANIFEST_NAME}: counts.samples {counts['samples']} != {len(index)} index rows")
+            problems.append(
+                f"{store.where(MANIFEST_NAME)}: counts.samples {counts['samples']} != {len(index)} index rows"
+            )
         if "errors" in counts and counts["errors"] != n_err:
             problems.append(
-                f"{out / MANIFEST_NAME}: counts.errors {counts['errors']} != {n_err} lines of {ERRORS_NAME}"
+                f"{store.where(MANIFEST_NAME)}: counts.errors {counts['errors']} != {n_err} lines of {ERRORS_NAME}"
             )
         if "inputs" in counts and counts["inputs"] != len(index) + n_err:
             problems.append(
-                f"{out / MANIFEST_NAME}: counts.inputs {counts['inputs']} != samples {len(index)} + errors {n_err}"
+                f"{store.where(MANIFEST_NAME)}: counts.inputs {counts['inputs']} != samples {len(index)} + errors {n_err}"
             )
     return problems
 
@@ -1010,27 +1130,28 @@ def upgrade(out_dir: str | os.PathLike) -> int:
 
 def inspect(out_dir: str | os.PathLike) -> dict:
     """Summary of a shard directory: counts, latent-shape histogram, bytes per sample, text lengths."""
-    out = Path(out_dir)
-    index = ShardIndex.open(out)
+    store = storage.open_store(out_dir)
+    index = ShardIndex.open(out_dir)
     n = len(index)
     shards = sorted(set(int(s) for s in np.unique(index.shard))) if n else []
-    tar_bytes = sum(shard_path(out, s).stat().st_size for s in shards if shard_path(out, s).exists())
+    tars = [shard_path("", s).name for s in shards]
+    tar_bytes = sum(store.size(t) for t in tars if store.exists(t))
     shapes: dict[str, int] = {}
     for t, h, w in zip(index.latent_t.tolist(), index.latent_h.tolist(), index.latent_w.tolist()):
         k = f"{t}x{h}x{w}"
         shapes[k] = shapes.get(k, 0) + 1
     tl = index.text_len
     errors = 0
-    if (out / ERRORS_NAME).exists():
-        errors = sum(1 for line in (out / ERRORS_NAME).read_text("utf-8").splitlines() if line.strip())
+    if store.exists(ERRORS_NAME):
+        errors = sum(1 for line in store.read_bytes(ERRORS_NAME).decode("utf-8").splitlines() if line.strip())
     try:
-        manifest = read_manifest(out)
+        manifest = read_manifest(out_dir)
     except ShardError:
         manifest = None
     m = manifest or {}
-    side = _read_rows(out, shards[0]) if shards else None
+    side = _read_rows(out_dir, shards[0]) if shards else None
     return {
-        "dir": str(out),
+        "dir": store.url,
         "samples": n,
         "shards": len(shards),
         "errors": errors,
@@ -1046,7 +1167,7 @@ def inspect(out_dir: str | os.PathLike) -> dict:
         "preset": (m.get("geometry") or {}).get("preset") if isinstance(m.get("geometry"), dict) else None,
         "kind": m.get("kind", "latent"),
         "text_id": m.get("text_id"),
-        "text_refs": [_ref_summary(out, ref) for ref in text_refs(m)],
+        "text_refs": [_ref_summary(out_dir, ref) for ref in text_refs(m)],
         "manifest": manifest,
     }
 
@@ -1114,7 +1235,7 @@ class TextCache:
     read_sample checks), `cache.uncond()`. Holds numpy columns only (pickles into loader workers)."""
 
     def __init__(self, root: str | os.PathLike, manifest: dict, index: ShardIndex):
-        self.root = Path(root)
+        self.root: Path | str = str(root) if storage.is_url(root) else Path(root)  # a URL stays a string
         self.manifest = manifest
         self.index = index
         self.text_id: str = manifest.get("text_id", "")
@@ -1124,14 +1245,15 @@ class TextCache:
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, allow_empty: bool = False) -> "TextCache":
-        root = Path(root)
-        if allow_empty and not (root / MANIFEST_NAME).exists():
+        root = str(root) if storage.is_url(root) else Path(root)
+        store = storage.open_store(root)
+        if allow_empty and not store.exists(MANIFEST_NAME):
             manifest = {"kind": TEXT_KIND}  # a new text cache: nothing in it yet
         else:
             manifest = read_manifest(root)
         if manifest.get("kind") != TEXT_KIND:
             raise ShardError(f"{root}: not a text cache (manifest kind {manifest.get('kind', 'latent')!r})")
-        if allow_empty and not (root / INDEX_NAME / "zarr.json").exists():
+        if allow_empty and not store.exists(f"{INDEX_NAME}/zarr.json"):
             return cls(root, manifest, ShardIndex({c: np.asarray([], dtype=_np_dtype(c)) for c in INDEX_COLUMNS}))
         return cls(root, manifest, ShardIndex.open(root))
 
@@ -1178,6 +1300,15 @@ def text_refs(manifest: dict | None) -> list[dict]:
 
 
 def make_text_ref(latent_dir: str | os.PathLike, text_dir: str | os.PathLike, text_id: str) -> dict:
+    if storage.is_url(latent_dir) or storage.is_url(text_dir):  # object-store URLs: relative within one bucket
+        latent, text = str(latent_dir).rstrip("/"), str(text_dir).rstrip("/")
+        (lb, lk), (tb, tk) = _bucket_key(latent), _bucket_key(text)
+        if lb != tb:
+            raise ShardError(
+                f"{latent}: its text cache {text} is not in the same object store bucket; "
+                "keep the latent and the text cache side by side (one bucket, or both local)"
+            )
+        return {"path": posixpath.relpath("/" + tk, "/" + lk), "abs_path": text, "text_id": text_id}
     text_abs = Path(text_dir).resolve()
     return {
         "path": os.path.relpath(text_abs, Path(latent_dir).resolve()),
@@ -1186,10 +1317,30 @@ def make_text_ref(latent_dir: str | os.PathLike, text_dir: str | os.PathLike, te
     }
 
 
-def resolve_text_ref(latent_dir: str | os.PathLike, ref: dict) -> Path:
-    """The folder of a text reference: relative to the latent cache first, then the absolute path."""
-    for cand in (Path(latent_dir) / ref.get("path", ""), Path(ref.get("abs_path", ""))):
-        if ref.get("path") is not None and (cand / MANIFEST_NAME).is_file():
+def _bucket_key(url: str) -> tuple[str, str]:
+    """('scheme://bucket', 'key/prefix') of an object-store URL; ('', path) of a local path."""
+    if not storage.is_url(url):
+        return "", url
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    return f"{scheme}://{bucket}", key
+
+
+def _ref_candidates(latent_dir: str | os.PathLike, ref: dict) -> list[str | Path]:
+    rel, absolute = ref.get("path", ""), ref.get("abs_path", "")
+    if storage.is_url(latent_dir):
+        bucket, key = _bucket_key(str(latent_dir).rstrip("/"))
+        near: str | Path = f"{bucket}/{posixpath.normpath(posixpath.join('/' + key, rel)).lstrip('/')}".rstrip("/")
+    else:
+        near = Path(latent_dir) / rel
+    return [near, absolute if storage.is_url(absolute) else Path(absolute)]
+
+
+def resolve_text_ref(latent_dir: str | os.PathLike, ref: dict) -> Path | str:
+    """The folder (or object-store URL) of a text reference: relative to the latent cache first, then the
+    absolute one."""
+    for cand in _ref_candidates(latent_dir, ref):
+        if ref.get("path") is not None and storage.open_store(cand).exists(MANIFEST_NAME):
             return cand
     raise ShardError(
         f"{latent_dir}: refers to the text cache {ref.get('path')} ({ref.get('abs_path')}), which is missing; "
@@ -1244,20 +1395,21 @@ def cache_text_id(out_dir: str | os.PathLike, manifest: dict | None = None) -> s
     return str(te["text_id"]) if isinstance(te, dict) and te.get("text_id") else None
 
 
-def _text_ref_problems(out: Path, manifest: dict, index: ShardIndex) -> list[str]:
+def _text_ref_problems(out: str | os.PathLike, manifest: dict, index: ShardIndex) -> list[str]:
     """Every row's text_key must be in one of the referred text caches."""
     try:
         lookup = TextLookup(open_text_refs(out, manifest))
     except ShardError as e:
         return [str(e)]
     problems = []
+    store = storage.open_store(out)
     for i in range(len(index)):
         r = index.row(i)
         try:
-            with open(shard_path(out, r.shard), "rb") as f:
-                f.seek(r.json_offset)
-                meta = json.loads(f.read(r.json_size))
-        except (OSError, ValueError):
+            meta = json.loads(store.read_range(shard_path("", r.shard).name, r.json_offset, r.json_size))
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError):
+                _store_gone(e)
             continue  # the row's own problem is reported by the checks above
         key = meta.get(TEXT_KEY_FIELD) if isinstance(meta, dict) else None
         if key is None:
@@ -1265,15 +1417,17 @@ def _text_ref_problems(out: Path, manifest: dict, index: ShardIndex) -> list[str
         cache = next((c for c in lookup.caches if key in c), None)
         if cache is None:
             problems.append(
-                f"{shard_path(out, r.shard)}: key {r.key}: text {key} is in none of the referred text caches "
+                f"{shard_location(out, r.shard)}: key {r.key}: text {key} is in none of the referred text caches "
                 f"{[str(c.root) for c in lookup.caches]}; re-run osp encode --text-cache DIR"
             )
         elif cache.text_len(key) != r.text_len:
-            problems.append(f"{shard_path(out, r.shard)}: key {r.key}: text_len {r.text_len} != {cache.text_len(key)}")
+            problems.append(
+                f"{shard_location(out, r.shard)}: key {r.key}: text_len {r.text_len} != {cache.text_len(key)}"
+            )
     return problems
 
 
-def _ref_summary(out: Path, ref: dict) -> dict:
+def _ref_summary(out: str | os.PathLike, ref: dict) -> dict:
     try:
         root = resolve_text_ref(out, ref)
         tc = TextCache.open(root)

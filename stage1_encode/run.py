@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from osp.common import remote_cache
 from osp.common import shards as S
+from osp.common import storage
 from osp.common.config import (
     LATENT_CHANNELS,
     TEXT_MAX_LENGTH,
@@ -62,7 +64,8 @@ class EncodeError(OspError, RuntimeError):
 @dataclass
 class EncodeOptions:
     data: str
-    out: str
+    out: str  # a folder, or an object-store URL (written through the local `staging` folder)
+    staging: str | None = None
     preset: str = "tiny"
     vae: str | None = None
     text_encoder: str | None = None
@@ -531,7 +534,11 @@ def encode(opts: EncodeOptions) -> dict:
     die_with_parent()  # under the launcher: this rank dies with it, however it dies
     rank, world = _rank_world(opts)
     _check_text_options(opts)
-    out = Path(opts.out or opts.text_cache or ".")
+    # an object-store --out: shards are written in a local staging folder and uploaded as they are
+    # published (sidecar, tar), the index and manifest.json last (osp.common.remote_cache)
+    remote = opts.out if opts.out and storage.is_url(opts.out) else None
+    staging = Path(opts.staging or remote_cache.default_staging(remote)) if remote else None
+    out = staging or Path(opts.out or opts.text_cache or ".")
     if opts.batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.latent_dtype not in ("float16", "float32"):
@@ -545,7 +552,7 @@ def encode(opts: EncodeOptions) -> dict:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit: an error naming the file, not a kill
     try:
-        return _encode_planned(opts, plan, rank, world, vae_dir, text_dir)
+        return _encode_planned(opts, plan, rank, world, vae_dir, text_dir, staging, remote)
     except (OSError, RuntimeError) as e:
         err = _failure_line(e, out, len(plan.shards))
         if err is None:
@@ -570,6 +577,13 @@ def _check_text_options(opts: EncodeOptions) -> None:
                 f"{opts.latents_from}: encoded at {old.get('num_frames')}x{old.get('height')}x{old.get('width')}, this "
                 f"plan is {spec.num_frames}x{spec.height}x{spec.width}; pass the same --preset/--frames/--height/--width"
             )
+    if opts.text_cache and storage.is_url(opts.text_cache):
+        raise EncodeError("--text-cache must be a local folder; upload it next to the latent cache when it is done")
+    if opts.text_cache and opts.out and storage.is_url(opts.out):
+        raise EncodeError(
+            "--text-cache with an object-store --out: encode both into local folders side by side, then upload "
+            "them side by side (the latent cache finds its text cache by relative path)"
+        )
     if opts.text_cache and opts.out and Path(opts.text_cache).resolve() == Path(opts.out).resolve():
         raise EncodeError("--text-cache and --out must be different folders")
 
@@ -601,13 +615,29 @@ def _failure_line(e: BaseException, out: Path, n_shards: int) -> OspError | None
     return EncodeError(f"{what}; {kept}; free some space, then {RERUN}")
 
 
-def _encode_planned(opts: EncodeOptions, plan: Plan, rank: int, world: int, vae_dir: str, text_dir: str) -> dict:
-    out = Path(opts.out or ".")
+def _encode_planned(
+    opts: EncodeOptions,
+    plan: Plan,
+    rank: int,
+    world: int,
+    vae_dir: str,
+    text_dir: str,
+    staging: Path | None = None,
+    remote: str | None = None,
+) -> dict:
+    """`remote`: the object-store URL of --out, written through the local `staging` folder."""
+    out = staging or Path(opts.out or ".")
     summary = _plan_summary(plan, opts)
     if not (opts.text_only and not opts.latents_from):
+        if remote:
+            remote_cache.pull_file(remote, PLAN_NAME, out)
         _check_plan_file(out, summary, rank)
+        if remote and rank == 0 and (out / PLAN_NAME).exists():
+            remote_cache.upload_plan(out / PLAN_NAME, remote)
+        if remote:
+            remote_cache.upload_shards(out, remote, rank, world)  # published by a run killed before upload
 
-    done = S.published_shards(out) if opts.out else set()
+    done = (S.published_shards(out) | (S.published_shards(remote) if remote else set())) if opts.out else set()
     mine = [s for s in plan.shards if s.id % world == rank and s.id not in done]
     t0 = time.perf_counter()
     stats: dict[str, float] = {
@@ -620,18 +650,20 @@ def _encode_planned(opts: EncodeOptions, plan: Plan, rank: int, world: int, vae_
     enc.batch_size = opts.batch_size  # the text pass batches captions as clips are batched
     texts = _text_pass(opts, plan, enc, rank, stats) if opts.text_cache else None
     stats["load_seconds"] = round(time.perf_counter() - t0, 3)
-    result = {"rank": rank, "world_size": world, "out": str(out), "plan": summary["digest"]}
+    result = {"rank": rank, "world_size": world, "out": str(remote or out), "plan": summary["digest"]}
     if opts.text_only and not opts.latents_from:
         return {**result, **stats}  # the text cache is filled: nothing else to write
     t1 = time.perf_counter()
     if mine:
-        _encode_shards(mine, plan.spec, enc, opts, rank, world, stats, texts)
+        _encode_shards(mine, plan.spec, enc, opts, rank, world, stats, texts, out, remote)
         enc.dev.synchronize()
     stats["encode_seconds"] = round(time.perf_counter() - t1, 3)
     result.update(stats)
     if rank == 0:
-        _wait_for_shards(out, len(plan.shards), opts.merge_timeout, world)
-        result["manifest"] = finalize(out, plan, opts, enc, texts)
+        _wait_for_shards(remote or out, len(plan.shards), opts.merge_timeout, world)
+        result["manifest"] = finalize(out, plan, opts, enc, texts, source=remote)
+        if remote:
+            remote_cache.upload_final(out, remote)
     return result
 
 
@@ -663,7 +695,10 @@ def _encode_shards(
     world: int,
     stats: dict,
     texts: TextKeys | None = None,
+    out: Path | None = None,
+    remote: str | None = None,
 ) -> None:
+    out = out or Path(opts.out or ".")
     items = [it for s in mine for it in s.items]
     total = len(items) + sum(len(s.errors) for s in mine)
     prog = _progress(opts.progress, rank, world)
@@ -683,7 +718,7 @@ def _encode_shards(
         else:
             stream = iter(decoded_stream(items, spec, opts.workers, pin_memory=enc.dev.type == "cuda"))
         for shard in mine:
-            se = ShardEncoder(opts.out, shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done, texts)
+            se = ShardEncoder(str(out), shard, spec, enc, opts.batch_size, opts.latent_dtype, on_done, texts)
             try:
                 for _ in range(len(shard.items)):
                     se.add(next(stream))
@@ -691,10 +726,12 @@ def _encode_shards(
             except BaseException:
                 se.abort()
                 raise
+            if remote:
+                remote_cache.upload_shard(out, remote, shard.id)
             stats["shards"] += 1
 
 
-def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> None:
+def _wait_for_shards(out: Path | str, n_shards: int, timeout: float, world: int) -> None:
     t0 = time.monotonic()
     while True:
         missing = sorted(set(range(n_shards)) - S.published_shards(out))
@@ -709,7 +746,14 @@ def _wait_for_shards(out: Path, n_shards: int, timeout: float, world: int) -> No
         time.sleep(2.0)
 
 
-def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders, texts: TextKeys | None = None) -> dict:
+def finalize(
+    out: Path,
+    plan: Plan,
+    opts: EncodeOptions,
+    enc: Encoders,
+    texts: TextKeys | None = None,
+    source: str | None = None,
+) -> dict:
     """uncond + index + errors + manifest; idempotent (a rerun on a finished folder rewrites the same bytes)."""
     assert opts.vae is not None  # encode() resolved the model folders
     for p in out.iterdir():  # leftovers of a run killed while merging (all shards are published by now)
@@ -720,7 +764,7 @@ def finalize(out: Path, plan: Plan, opts: EncodeOptions, enc: Encoders, texts: T
         S.write_uncond(out, uncond)
     else:  # the text cache holds "" (and every caption): no text bytes here
         uncond = texts.cache.uncond()
-    n_samples = S.merge_index(out)
+    n_samples = S.merge_index(out, source)
     n_errors = sum(1 for line in (out / S.ERRORS_NAME).read_bytes().splitlines() if line.strip())
     if n_samples + n_errors != plan.n_inputs:
         raise EncodeError(

@@ -67,6 +67,12 @@ class DataConfig:
     #   [{shards = "shards/29x480p", weight = 3}, {shards = "shards/images", weight = 1}]; empty = data.shards
     tokens_per_batch: int = 0  # > 0: samples per rank per micro-step = tokens_per_batch // video tokens of the
     #                            bucket's shape (image buckets get larger batches); 0 = data.batch_size
+    # object storage (data.shards = "s3://bucket/prefix"); credentials: the standard AWS chain only
+    endpoint_url: str = ""  # S3-compatible endpoint (MinIO, R2, ...); "" = AWS_ENDPOINT_URL or AWS itself
+    cache_dir: str = ""  # local cache of the samples read from object storage (checked on reuse); "" = none
+    cache_bytes: int = 0  # size bound of cache_dir (least recently used ranges go first); 0 = unbounded
+    timeout_s: float = 30.0  # per object-store request (a stalled connection fails over to a retry)
+    retries: int = 8  # transient object-store errors retried per request (exponential backoff)
 
 
 @dataclass

@@ -59,6 +59,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from osp.common import shards as S
+from osp.common import storage
 from osp.common.errors import ConfigError, OspError
 from osp.common.process import die_with_parent
 from osp.common.loader_guard import WorkerFix, loader_error, share_in_worker, watch_workers
@@ -193,17 +194,38 @@ class ShardDataset(Dataset):
         """(row, Sample), or for a sample that fails its checks a dict {"corrupt", key, row, tar, error}
         (never an exception: see the module docstring)."""
         try:
-            sample = S.read_sample(self.root, self.index, i)
-            if sample.text is None:
-                if self.texts is None:
-                    raise S.ShardError(f"{self.root}: sample without text and no text cache referred to")
-                sample.text = self.texts.get(sample.meta[S.TEXT_KEY_FIELD])
-            return int(i), sample
+            return self._with_text(i, S.read_sample(self.root, self.index, i))
         except (S.ShardError, OSError) as e:  # failed check, truncated tar, bad header, missing file ...
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            tar = str(S.shard_path(self.root, int(self.index.shard[i])))
-            reason = reason.removeprefix(f"{tar}: ").split("; ")[0]  # the fix is said once, by corrupt_message
-            return {"corrupt": True, "key": str(self.index.key[i]), "row": int(i), "tar": tar, "error": reason}
+            return self._corrupt(i, e)
+
+    def __getitems__(self, rows: list[int]) -> list:
+        """A micro-batch at once (DataLoader's batched fetch): rows of one shard are read together, so
+        an object store serves adjacent samples with one request. Same items as __getitem__."""
+        try:
+            got = S.read_samples(self.root, self.index, rows)
+        except (S.ShardError, OSError):  # a failure of the shard as a whole: per row, as __getitem__
+            return [self[i] for i in rows]
+        out = []
+        for i, s in zip(rows, got):
+            try:
+                out.append(self._corrupt(i, s) if isinstance(s, Exception) else self._with_text(i, s))
+            except (S.ShardError, OSError) as e:
+                out.append(self._corrupt(i, e))
+        return out
+
+    def _with_text(self, i: int, sample: "S.Sample") -> tuple:
+        """(row, sample) with the text of a sample that refers to a text cache looked up there."""
+        if sample.text is None:
+            if self.texts is None:
+                raise S.ShardError(f"{self.root}: sample without text and no text cache referred to")
+            sample.text = self.texts.get(sample.meta[S.TEXT_KEY_FIELD])
+        return int(i), sample
+
+    def _corrupt(self, i: int, e: Exception) -> dict:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        tar = S.shard_location(self.root, int(self.index.shard[i]))
+        reason = reason.removeprefix(f"{tar}: ").split("; ")[0]  # the fix is said once, by corrupt_message
+        return {"corrupt": True, "key": str(self.index.key[i]), "row": int(i), "tar": tar, "error": reason}
 
 
 class MixedDataset(Dataset):
@@ -222,6 +244,17 @@ class MixedDataset(Dataset):
         if isinstance(item, dict):
             return {**item, "row": int(i)}
         return int(i), item[1]
+
+    def __getitems__(self, rows: list[int]) -> list:
+        """Batched fetch: the rows of each source read together (`ShardDataset.__getitems__`)."""
+        src = np.searchsorted(self.offsets, np.asarray(rows, dtype=np.int64), side="right") - 1
+        out: list = [None] * len(rows)
+        for s in np.unique(src).tolist():
+            js = [j for j in range(len(rows)) if src[j] == s]
+            got = self.parts[s].__getitems__([int(rows[j] - self.offsets[s]) for j in js])
+            for j, item in zip(js, got):
+                out[j] = {**item, "row": int(rows[j])} if isinstance(item, dict) else (int(rows[j]), item[1])
+        return out
 
 
 class Collate:
@@ -265,30 +298,35 @@ def _worker_init(_worker_id: int) -> None:
 class Source:
     """One cache of a run: its folder, its weight in the mix and a name for the logs."""
 
-    root: Path
+    root: Path | str  # a folder, or an object-store URL (s3://bucket/prefix) kept as a string
     weight: float = 1.0
     name: str = ""
 
 
+def _location(root) -> Path | str:
+    return str(root) if storage.is_url(root) else Path(root)
+
+
 def as_sources(root) -> list[Source]:
-    """A folder, or a list of Source / (folder, weight) / {"shards", "weight"} -> Sources (named)."""
+    """A folder or URL, or a list of Source / (folder, weight) / {"shards", "weight"} -> Sources (named)."""
     if isinstance(root, (str, Path)):
-        items = [Source(Path(root))]
+        items = [Source(_location(root))]
     else:
         items = []
         for x in root:
             if isinstance(x, Source):
                 items.append(x)
             elif isinstance(x, dict):
-                items.append(Source(Path(x["shards"]), float(x.get("weight", 1.0))))
+                items.append(Source(_location(x["shards"]), float(x.get("weight", 1.0))))
             else:
-                items.append(Source(Path(x[0]), float(x[1])))
+                items.append(Source(_location(x[0]), float(x[1])))
     names: list[str] = []
     out = []
     for i, src in enumerate(items):
         if not src.weight > 0:
             raise ConfigError(f"data.sources[{i}] ({src.root}): weight {src.weight:g} must be > 0")
-        name = src.name or src.root.name or f"source{i}"
+        base = src.root.rstrip("/").rsplit("/", 1)[-1] if isinstance(src.root, str) else src.root.name
+        name = src.name or base or f"source{i}"
         name = name if name not in names else f"{name}#{i}"
         names.append(name)
         out.append(Source(src.root, src.weight, name))
@@ -300,7 +338,7 @@ class ShardLoader:
 
     def __init__(
         self,
-        root,
+        root,  # a cache folder or object-store URL (s3://bucket/prefix), or several (see `as_sources`)
         *,
         batch_size: int,
         dp_rank: int,
@@ -322,7 +360,7 @@ class ShardLoader:
         parts, shapes_, keys, origin = [], [], [], []
         for k, src in enumerate(self.sources):
             index = S.ShardIndex.open(src.root)
-            manifest = S.read_manifest(src.root) if (src.root / S.MANIFEST_NAME).exists() else {}
+            manifest = S.read_manifest(src.root) if storage.open_store(src.root).exists(S.MANIFEST_NAME) else {}
             texts = S.TextLookup(S.open_text_refs(src.root, manifest)) if S.text_refs(manifest) else None
             parts.append(ShardDataset(src.root, index, texts))
             shapes_.append(

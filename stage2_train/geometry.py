@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from osp.common import shards as S
+from osp.common import storage
 from osp.common.errors import ConfigError
 from osp.stage2_train.data import CorruptSampleError, ShardDataset, corrupt_message
 
@@ -34,10 +35,35 @@ def data_sources(cfg) -> list[dict]:
     return list(cfg.data.sources) or [{"shards": cfg.data.shards, "weight": 1.0}]
 
 
+def shards_location(shards: str | Path) -> Path | str:
+    """A cache of the run as a folder, or its object-store URL kept as a string."""
+    return str(shards) if storage.is_url(shards) else Path(shards)
+
+
+def remote_data(cfg) -> bool:
+    """Whether any cache of the run is in an object store."""
+    return any(storage.is_url(src["shards"]) for src in data_sources(cfg))
+
+
+def configure_storage(cfg) -> None:
+    """The data section's object-store settings, applied (process-wide, inherited by the loader workers)
+    when a cache of the run is an object-store URL."""
+    if remote_data(cfg):
+        d = cfg.data
+        storage.configure(
+            endpoint_url=d.endpoint_url or None,
+            cache_dir=d.cache_dir or None,
+            cache_bytes=d.cache_bytes,
+            timeout_s=d.timeout_s,
+            retries=d.retries,
+        )
+
+
 def shard_geometry(cfg, dit_cfg, console) -> Geometry:
     """The manifest/index geometry of the run's caches (`data.shards`, or every cache of `data.sources`),
     which must match the DiT and each other (one-line errors naming the caches)."""
     sources = data_sources(cfg)
+    configure_storage(cfg)
     d = dit_cfg
     want = (int(d.sample_size_t), int(d.sample_size[0]), int(d.sample_size[1]))
     mixed = bool(cfg.data.sources)
@@ -46,7 +72,7 @@ def shard_geometry(cfg, dit_cfg, console) -> Geometry:
     uncond = None
     c = 0
     for i, src in enumerate(sources):
-        root = Path(src["shards"])
+        root = shards_location(src["shards"])
         if float(src.get("weight", 1.0)) <= 0:
             raise ConfigError(f"data.sources[{i}] ({root}): weight {src.get('weight')} must be > 0")
         manifest = S.read_manifest(root)
@@ -112,7 +138,7 @@ def shard_geometry(cfg, dit_cfg, console) -> Geometry:
     return Geometry(uncond, c, frozenset(train), max(n for _, n in per_shape), per_shape)
 
 
-def _first_readable(root: Path, index, skip_corrupt: bool, manifest: dict | None = None) -> S.Sample:
+def _first_readable(root: Path | str, index, skip_corrupt: bool, manifest: dict | None = None) -> S.Sample:
     """The first row that passes its checks (a corrupt row 0 stops the run unless data.skip_corrupt)."""
     refs = S.text_refs(manifest)
     ds = ShardDataset(root, index, S.TextLookup(S.open_text_refs(root, manifest)) if refs else None)

@@ -49,6 +49,7 @@ from megatron.core import tensor_parallel
 from rich.console import Console
 
 from osp.common import config as C
+from osp.common import storage
 from osp.common.device import Device
 from osp.common.errors import ConfigError, MissingFileError, OspError
 from osp.common.models.attention import resolve_backend
@@ -64,7 +65,7 @@ from osp.stage2_train.data_parallel import DataParallel, ShardedAdamW
 from osp.stage2_train.diffusion import add_noise, alphas_cumprod, diffusion_loss, draw, draw_samples
 from osp.stage2_train.diffusion import sample_posterior, step_seed
 from osp.stage2_train.elastic import PeerWatch
-from osp.stage2_train.geometry import Geometry, make_loader, shard_geometry, video_tokens
+from osp.stage2_train.geometry import Geometry, make_loader, remote_data, shard_geometry, shards_location, video_tokens
 from osp.stage2_train.layout import Layout
 from osp.stage2_train.lock import take_run_lock
 from osp.stage2_train.metrics import MetricsLogger, peak_memory_gb
@@ -244,6 +245,7 @@ class Trainer:
         self.cfg, self.device, self.layout, self.dit_cfg, self.geometry = cfg, device, layout, dit_cfg, geometry
         self.model, self.dp, self.optimizer, self.ema, self.loader = model, dp, optimizer, ema, loader
         self.checkpoints, self.metrics, self.host_sync, self.lock = checkpoints, metrics, host_sync, lock
+        self.remote_data = remote_data(cfg)  # metrics.jsonl then carries the object-store counters
         self.console = console if console is not None else Console(quiet=True)
         self.dev = device.torch_device(layout.local_rank)  # the communication device of every group
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -317,7 +319,7 @@ class Trainer:
         collectives stay aligned across ranks."""
         for s in batch.skipped:
             if not self.cfg.data.skip_corrupt:  # every rank stops at this step's agreement (train_step)
-                self.corrupt = self.corrupt or corrupt_message(s, Path(self.cfg.data.shards))
+                self.corrupt = self.corrupt or corrupt_message(s, shards_location(self.cfg.data.shards))
                 continue
             self.counters["skipped_corrupt"] += 1
             self.console.print(f"[yellow]skipped corrupt sample[/] {s['key']} in {s['tar']}: {s['error']}")
@@ -515,6 +517,8 @@ class Trainer:
                 while self.step < run.steps:
                     self.watchdog.beat(f"in step {self.step + 1}")
                     m = self.train_step()
+                    if self.remote_data:  # this rank's object-store requests, retries and cache use
+                        m["storage"] = storage.counters()
                     if self.validation is not None and self.validation.due(self.step):
                         self.watchdog.beat(f"sampling the validation latents of step {self.step}")
                         m["validation_time_s"] = self.validate()  # not part of step_time_s
