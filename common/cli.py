@@ -812,6 +812,9 @@ def train_cmd(
         None, "--card-gb", help="dryrun.card_gb: accelerator memory per rank (GiB) a dry run checks against."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print a dry run's report as JSON."),
+    world: Optional[int] = typer.Option(
+        None, "--world", hidden=True, help="The earlier spelling of --nnodes 1 --nproc N (kept for scripts)."
+    ),
 ) -> None:
     """Train the DiT on cached shards. The resolved config is printed and saved in the run folder.
 
@@ -825,6 +828,10 @@ def train_cmd(
     """
     from osp.stage2_train.config import TrainConfig
 
+    if world is not None:  # one node of `world` processes: the same keys --nnodes 1 --nproc N set
+        if nproc is not None or nnodes is not None:
+            fail("--world N is --nnodes 1 --nproc N: give either --world or --nnodes/--nproc, not both")
+        nnodes, nproc = "1", world
     flags = {
         "run.resume": resume,
         "model.init": init,

@@ -151,6 +151,17 @@ def test_mode_flags_choose_the_entry_point(entry, tmp_path):
     assert len(entry) == 5
 
 
+def test_world_is_the_earlier_spelling_of_one_node(entry):
+    """The hidden --world N sets what --nnodes 1 --nproc N sets; combined with them it is refused."""
+    a = _invoke("--config", str(DEMO), "--dry-run", "--world", "8", "--rank", "3")
+    b = _invoke("--config", str(DEMO), "--dry-run", "--nnodes", "1", "--nproc", "8", "--rank", "3")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    (_, cfg_a, _), (_, cfg_b, _) = entry
+    assert cfg_a == cfg_b and cfg_a.world == 8
+    bad = _invoke("--config", str(DEMO), "--dry-run", "--world", "8", "--nproc", "4")
+    assert bad.exit_code != 0 and "not both" in bad.output
+
+
 def test_every_flag_of_the_help_is_tested():
     """A new `osp train` flag without a case above fails here."""
     import typer.main
@@ -159,7 +170,8 @@ def test_every_flag_of_the_help_is_tested():
 
     group = typer.main.get_command(app)
     cmd = group.commands["train"]  # pyright: ignore[reportAttributeAccessIssue]
-    shown = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+    shown = {o for p in cmd.params if not getattr(p, "hidden", False) for o in (*p.opts, *p.secondary_opts)}
+    shown = {o for o in shown if o.startswith("--")}  # --world (hidden): test_world_is_the_earlier_spelling
     tested = {a for args, _ in FLAG_CASES + DRY_CASES for a in args if a.startswith("--")}
     modes = {"--config", "--dry-run", "--json", "--restart"}  # test_mode_flags_choose_the_entry_point
     assert shown == tested | modes, shown ^ (tested | modes)
