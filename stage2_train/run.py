@@ -12,7 +12,7 @@ import os
 import sys
 
 from osp.common.errors import OspError, one_line
-from osp.common.process import die_with_parent
+from osp.common.process import DIE_WITH_PARENT_ENV, die_with_parent
 from osp.stage2_train import dist as D
 from osp.stage2_train.config import TrainConfig
 from osp.stage2_train import elastic
@@ -28,7 +28,7 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
     """Train with `cfg` in this process (one rank; under torchrun, every rank calls it). A user error is one
     line on stderr and exit code 1; a bug keeps its traceback. `restart`: move an earlier run aside first."""
     die_with_parent()  # under the launcher: this rank dies with it, however it dies
-    catch_early_sigterm()  # held back until fit() can act on it (under the launcher: blocked since exec)
+    restore_sigterm = catch_early_sigterm()  # held back until fit() can act on it (launcher: blocked since exec)
     rank = os.environ.get("RANK", "0")
     trainer, finished = None, False
     try:
@@ -51,6 +51,8 @@ def main(cfg: TrainConfig, *, restart: bool = False) -> int:
         if trainer is not None:
             trainer.close(failing=not finished)
         D.shutdown()
+        if not os.environ.get(DIE_WITH_PARENT_ENV):  # an in-process run (not a launcher's rank) lives on:
+            restore_sigterm()  # its later DataLoader workers must not inherit a blocked SIGTERM
 
 
 def rank_main(argv: list[str]) -> int:

@@ -729,14 +729,22 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def catch_early_sigterm() -> None:
+def catch_early_sigterm() -> Callable[[], None]:
     """Hold SIGTERM back during start-up: blocked in this thread (and so in every thread started from
     here: process-group set-up, loaders, checkpoint threads), so no system call of the start-up is
     interrupted; fit() unblocks it. The flag handler catches one delivered to a thread that was
-    started before (it is then acted on at fit()'s first agreement as well)."""
-    if _main_thread():
-        signal.signal(signal.SIGTERM, _early_sigterm)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    started before (it is then acted on at fit()'s first agreement as well). Returns what puts the
+    previous handler and signal mask back (for a caller that goes on living, e.g. one in-process run)."""
+    if not _main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _early_sigterm)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    return restore
 
 
 def _take_sigterm(handler) -> Any:
